@@ -1,0 +1,47 @@
+# opsgate: `make test` on a fresh clone installs everything it needs and runs every test.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test unit integration lint typecheck system-deps postgres venv bench demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+	@bash scripts/system-deps.sh
+
+postgres:
+	@bash scripts/ensure-postgres.sh
+
+lint: venv
+	$(BIN)/ruff check opsgate tests bench
+	$(BIN)/ruff format --check opsgate tests bench
+	$(BIN)/mypy
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest tests/unit -q
+
+integration: venv system-deps postgres
+	$(BIN)/pytest tests/integration -q
+
+test: venv system-deps postgres
+	$(BIN)/ruff check opsgate tests bench
+	$(BIN)/mypy
+	$(BIN)/opsgate policy test --policies policies
+	$(BIN)/pytest -q
+
+bench: venv postgres
+	$(BIN)/python bench/propose.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,375 @@
+"""Immutable domain models: the catalog, proposals, decisions, approvals and evidence."""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+MAX_REASON_LENGTH = 2000
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+TARGET_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `90`, `90s`, `2m`, `1h`, `500ms`; negative or garbage is refused."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 2m or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError("expected a duration like 30s, 2m or 1h")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+# --- lifecycle ---------------------------------------------------------------------------
+
+
+class ActionState(enum.StrEnum):
+    """States of an action; the edges live in `opsgate.lifecycle.TRANSITIONS`."""
+
+    PROPOSED = "proposed"  # never stored: the decision is made in the same transaction
+    BLOCKED = "blocked"  # terminal: policy denied at proposal
+    PENDING_APPROVAL = "pending_approval"  # -> approved | rejected | expired | cancelled
+    APPROVED = "approved"  # -> executing | blocked_at_execution | cancelled | expired
+    REJECTED = "rejected"  # terminal
+    EXPIRED = "expired"  # terminal
+    CANCELLED = "cancelled"  # terminal
+    BLOCKED_AT_EXECUTION = "blocked_at_execution"  # terminal: world changed since approval
+    EXECUTING = "executing"  # -> verifying | rolling_back | failed
+    VERIFYING = "verifying"  # -> succeeded | rolling_back | failed
+    SUCCEEDED = "succeeded"  # terminal, verified (a manual rollback may still follow)
+    ROLLING_BACK = "rolling_back"  # -> rolled_back | rollback_failed
+    ROLLED_BACK = "rolled_back"  # terminal
+    ROLLBACK_FAILED = "rollback_failed"  # terminal
+    FAILED = "failed"  # terminal: irreversible action that could not be verified
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {
+        ActionState.BLOCKED,
+        ActionState.REJECTED,
+        ActionState.EXPIRED,
+        ActionState.CANCELLED,
+        ActionState.BLOCKED_AT_EXECUTION,
+        ActionState.SUCCEEDED,
+        ActionState.ROLLED_BACK,
+        ActionState.ROLLBACK_FAILED,
+        ActionState.FAILED,
+    }
+)
+
+# States in which an action holds (or is about to hold) its target.
+ACTIVE_STATES = frozenset(
+    {
+        ActionState.APPROVED,
+        ActionState.EXECUTING,
+        ActionState.VERIFYING,
+        ActionState.ROLLING_BACK,
+    }
+)
+
+
+# --- the catalog -------------------------------------------------------------------------
+
+
+class ParamSpec(Frozen):
+    """A JSON-schema subset for one parameter."""
+
+    type: Literal["string", "integer", "number", "boolean"]
+    description: str = ""
+    pattern: str | None = None
+    min_length: int | None = Field(default=None, alias="minLength", ge=0)
+    max_length: int | None = Field(default=256, alias="maxLength", ge=1)
+    minimum: float | None = None
+    maximum: float | None = None
+    enum: tuple[str | int | float | bool, ...] | None = None
+    required: bool = True
+    default: str | int | float | bool | None = None
+    secret: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from exc
+        return value
+
+
+class HttpSpec(Frozen):
+    """An HTTP call: method, URL template, JSON body template, expected status."""
+
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    url: str
+    body: dict[str, Any] | None = None
+    expect_status: tuple[int, ...] = (200, 201, 202, 204)
+    timeout: Duration = 30.0
+    as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN)
+
+
+class Step(Frozen):
+    """One runnable step: exactly one of `argv` (shell runner) or `http`."""
+
+    runner: str = "shell"
+    argv: tuple[str, ...] | None = None
+    http: HttpSpec | None = None
+    timeout: Duration = 60.0
+    as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN)
+
+    @field_validator("argv", mode="before")
+    @classmethod
+    def _argv_is_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("argv must be a list of strings, not a shell string")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Step:
+        if self.argv is None and self.http is None:
+            raise ValueError("a step needs argv (shell runner) or http")
+        if self.argv is not None and len(self.argv) == 0:
+            raise ValueError("argv cannot be empty")
+        return self
+
+
+class Range(Frozen):
+    """Flagger-style range: min and/or max, both inclusive."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Range:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is greater than max")
+        return self
+
+    def contains(self, value: float) -> bool:
+        if self.min is not None and value < self.min:
+            return False
+        return not (self.max is not None and value > self.max)
+
+
+class Signal(Frozen):
+    """A PromQL query whose value must stay in `pass` for the action to be verified."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    query: str = Field(min_length=1, max_length=4000)
+    pass_: Range = Field(alias="pass")
+
+
+class StopCondition(Frozen):
+    """A PromQL query; one measurement in `halt` stops the action and rolls it back."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    query: str = Field(min_length=1, max_length=4000)
+    halt: Range
+
+
+class VerificationSpec(Frozen):
+    interval: Duration = 10.0
+    hold: Duration = 120.0
+    timeout: Duration = 600.0
+    signals: tuple[Signal, ...] = ()
+    stop_conditions: tuple[StopCondition, ...] = ()
+    failure_limit: int = Field(default=2, ge=0)
+    error_limit: int = Field(default=3, ge=0)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> VerificationSpec:
+        if self.interval <= 0:
+            raise ValueError("interval must be positive")
+        if self.timeout < self.hold:
+            raise ValueError("timeout must be at least hold")
+        names = [s.name for s in self.signals] + [c.name for c in self.stop_conditions]
+        if len(names) != len(set(names)):
+            raise ValueError("signal and stop condition names must be unique")
+        return self
+
+    @property
+    def defined(self) -> bool:
+        return bool(self.signals) and bool(self.stop_conditions)
+
+
+class ActionType(Frozen):
+    """One entry of the action catalog: what may be proposed at all."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    risk: Literal["low", "medium", "high", "critical"] = "medium"
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    capture: Step | None = None
+    run: Step
+    undo: Step | None = None
+    preconditions: tuple[str, ...] = ()
+    verification: VerificationSpec = Field(default_factory=VerificationSpec)
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, value: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        for key in value:
+            if not re.match(NAME_PATTERN, key) or key in {"target", "environment"}:
+                raise ValueError(f"invalid parameter name {key!r}")
+        return value
+
+    @property
+    def reversible(self) -> bool:
+        return self.undo is not None
+
+
+# --- proposals and actions ---------------------------------------------------------------
+
+
+class Incident(Frozen):
+    id: str | None = Field(default=None, max_length=128)
+    severity: Literal["sev1", "sev2", "sev3", "sev4"] | None = None
+    class_: str | None = Field(default=None, alias="class", max_length=64)
+    tier: Literal["critical", "standard", "internal"] | None = None
+
+
+class Proposal(Frozen):
+    """What a proposer submits; validated against the catalog before policy sees it."""
+
+    action: str = Field(pattern=NAME_PATTERN, max_length=64)
+    target: str = Field(pattern=TARGET_PATTERN)
+    environment: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    reason: str = Field(min_length=1, max_length=MAX_REASON_LENGTH)
+    incident: Incident = Field(default_factory=Incident)
+    verification: VerificationSpec | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @field_validator("params")
+    @classmethod
+    def _param_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not re.match(NAME_PATTERN, key):
+                raise ValueError(f"invalid parameter name {key!r}")
+        return value
+
+
+class Identity(Frozen):
+    id: str = Field(min_length=1, max_length=128)
+    kind: Literal["human", "agent"] = "human"
+
+
+class DenyReason(Frozen):
+    code: str
+    message: str = ""
+
+
+class Decision(Frozen):
+    """A policy verdict with everything needed to reproduce it."""
+
+    id: str
+    action_id: str | None
+    phase: Literal["propose", "execute", "approval", "dry_run"]
+    allow: bool
+    deny: tuple[DenyReason, ...] = ()
+    required_approvals: int = 1
+    approver_roles: tuple[str, ...] = ()
+    engine: str
+    bundle_revision: str
+    input: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None = None
+    decided_at: datetime
+    duration_ms: float = 0.0
+
+    @property
+    def deny_codes(self) -> list[str]:
+        return [d.code for d in self.deny]
+
+
+class Action(Frozen):
+    """A proposal as stored, with its lifecycle state."""
+
+    id: str
+    action_type: str
+    target: str
+    environment: str
+    params: dict[str, Any]
+    reason: str
+    incident: Incident
+    verification: VerificationSpec
+    risk: str
+    reversible: bool
+    spec_hash: str
+    proposer: Identity
+    state: ActionState
+    required_approvals: int = 1
+    approver_roles: tuple[str, ...] = ()
+    idempotency_key: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None = None
+
+
+class Approval(Frozen):
+    id: str
+    action_id: str
+    approver: Identity
+    spec_hash: str
+    comment: str = ""
+    created_at: datetime
+
+
+class AuditEvent(Frozen):
+    """One link of the hash-chained audit log."""
+
+    seq: int
+    id: str
+    at: datetime
+    action_id: str | None
+    kind: str
+    actor: str
+    from_state: str | None = None
+    to_state: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    prev_hash: str
+    hash: str
+
+
+class Measurement(Frozen):
+    """One query result at one time: the evidence behind every pass and fail."""
+
+    action_id: str
+    phase: Literal["verify", "rollback"] = "verify"
+    name: str
+    kind: Literal["signal", "stop_condition"]
+    at: datetime
+    value: float | None
+    outcome: Literal["pass", "fail", "inconclusive", "error"]
+    detail: str = ""
