@@ -1,0 +1,138 @@
+"""The action catalog: one YAML file per action type, validated on load."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from opsgate.errors import InvalidInput
+from opsgate.models import ActionType, ParamSpec, Step
+
+_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+BUILTIN_PLACEHOLDERS = frozenset({"target", "environment"})
+
+
+def first_error(exc: ValidationError, prefix: str = "") -> InvalidInput:
+    """One line naming the first bad field of a pydantic error."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+    field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "input")
+    message = str(err["msg"])
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif err["type"] == "missing":
+        message = "required field missing"
+    return InvalidInput(field, message)
+
+
+def load_yaml_text(raw: bytes, source: str) -> Any:
+    """Parse YAML or JSON bytes; non-UTF-8 and syntax errors are InvalidInput."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(source, f"not UTF-8 (byte {exc.start})") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML/JSON"
+        raise InvalidInput(source, f"{problem}{where}") from exc
+
+
+def step_placeholders(step: Step | None) -> set[str]:
+    if step is None:
+        return set()
+    parts: list[str] = list(step.argv or ())
+    if step.http is not None:
+        parts.append(step.http.url)
+        parts.append(repr(step.http.body))
+    return {m for part in parts for m in _PLACEHOLDER.findall(part)}
+
+
+def _check_placeholders(action: ActionType, source: str) -> None:
+    known = set(action.params) | BUILTIN_PLACEHOLDERS
+    for label, step in (("capture", action.capture), ("run", action.run)):
+        unknown = step_placeholders(step) - known
+        if unknown:
+            raise InvalidInput(
+                f"{source}: {label}", f"unknown placeholder {{{sorted(unknown)[0]}}}"
+            )
+    captured = {action.capture.as_} if action.capture and action.capture.as_ else set()
+    unknown = step_placeholders(action.undo) - known - captured
+    if unknown:
+        raise InvalidInput(f"{source}: undo", f"unknown placeholder {{{sorted(unknown)[0]}}}")
+
+
+def parse_action_type(document: Any, source: str) -> ActionType:
+    if not isinstance(document, dict):
+        raise InvalidInput(source, "expected a mapping at the top level")
+    try:
+        action = ActionType.model_validate(document)
+    except ValidationError as exc:
+        raise first_error(exc, source) from exc
+    _check_placeholders(action, source)
+    return action
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The action types that may be proposed, by name."""
+
+    types: Mapping[str, ActionType]
+    revision: str
+    directory: Path | None = None
+
+    def get(self, name: str) -> ActionType:
+        try:
+            return self.types[name]
+        except KeyError:
+            known = ", ".join(sorted(self.types)) or "none"
+            raise InvalidInput("action", f"unknown action type {name!r} (known: {known})") from None
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self.types.values(), key=lambda t: t.name))
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+
+def load_catalog(directory: Path) -> Catalog:
+    """Load every *.yaml / *.yml under `directory`; a broken file names file and field."""
+    if not directory.is_dir():
+        raise InvalidInput("catalog", f"{directory} is not a directory (set OPSGATE_CATALOG)")
+    types: dict[str, ActionType] = {}
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"})
+    for path in files:
+        raw = path.read_bytes()
+        digest.update(path.name.encode() + b"\0" + raw + b"\0")
+        action = parse_action_type(load_yaml_text(raw, str(path)), str(path))
+        if action.name in types:
+            raise InvalidInput(str(path), f"action type {action.name!r} is defined twice")
+        types[action.name] = action
+    return Catalog(types=types, revision="sha256:" + digest.hexdigest(), directory=directory)
+
+
+def param_json_schema(spec: ParamSpec) -> dict[str, Any]:
+    """The JSON-schema view of a parameter, for `catalog show` and agents."""
+    schema: dict[str, Any] = {"type": spec.type}
+    for key in ("pattern", "minimum", "maximum", "enum", "default", "description"):
+        value = getattr(spec, key)
+        if value not in (None, ""):
+            schema[key] = list(value) if key == "enum" else value
+    if spec.type == "string":
+        if spec.min_length is not None:
+            schema["minLength"] = spec.min_length
+        if spec.max_length is not None:
+            schema["maxLength"] = spec.max_length
+    if spec.secret:
+        schema["secret"] = True
+    return schema

@@ -1,0 +1,137 @@
+"""init, catalog list/show, audit verify/export."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.table import Table
+
+from opsgate.audit import verify_chain
+from opsgate.catalog import param_json_schema
+from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.render import console, event_json
+from opsgate.errors import OpsgateError
+
+
+@click.command()
+@json_option
+@pass_config
+def init(config: CliConfig, as_json: bool) -> None:
+    """Create or upgrade the store to the newest schema."""
+    config.store.migrate()
+    if as_json:
+        echo_json({"store": _redacted(config.settings.db), "migrated": True})
+    else:
+        click.echo(f"store ready: {_redacted(config.settings.db)}")
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+@click.group()
+def catalog() -> None:
+    """The action types that may be proposed."""
+
+
+@catalog.command("list")
+@json_option
+@pass_config
+def catalog_list(config: CliConfig, as_json: bool) -> None:
+    """Action types in OPSGATE_CATALOG."""
+    types = list(config.catalog)
+    if as_json:
+        echo_json(
+            [
+                {
+                    "name": t.name,
+                    "risk": t.risk,
+                    "reversible": t.reversible,
+                    "description": t.description,
+                    "params": sorted(t.params),
+                }
+                for t in types
+            ]
+        )
+        return
+    table = Table(title=f"{len(types)} action types", title_justify="left")
+    for column in ("name", "risk", "reversible", "params", "description"):
+        table.add_column(column, overflow="fold")
+    for t in types:
+        table.add_row(
+            t.name, t.risk, "yes" if t.reversible else "NO", ", ".join(t.params), t.description
+        )
+    console().print(table)
+
+
+@catalog.command("show")
+@click.argument("name")
+@json_option
+@pass_config
+def catalog_show(config: CliConfig, name: str, as_json: bool) -> None:
+    """One action type: parameters, steps, default verification."""
+    action_type = config.catalog.get(name)
+    document = action_type.model_dump(mode="json", by_alias=True, exclude_none=True)
+    document["reversible"] = action_type.reversible
+    document["params"] = {k: param_json_schema(v) for k, v in action_type.params.items()}
+    if as_json:
+        echo_json(document)
+        return
+    import yaml
+
+    click.echo(yaml.safe_dump(document, sort_keys=False, width=100))
+
+
+@click.group()
+def audit() -> None:
+    """The hash-chained audit trail."""
+
+
+class ChainBroken(OpsgateError):
+    exit_code = 5
+
+
+@audit.command("verify")
+@json_option
+@pass_config
+def audit_verify(config: CliConfig, as_json: bool) -> None:
+    """Check the hash chain; name the first bad event."""
+    report = verify_chain(config.store.audit_events())
+    if as_json:
+        echo_json(
+            {
+                "ok": report.ok,
+                "events": report.events,
+                "first_bad_seq": report.first_bad_seq,
+                "first_bad_id": report.first_bad_id,
+                "problem": report.problem,
+            }
+        )
+        if not report.ok:
+            raise SystemExit(ChainBroken.exit_code)
+        return
+    if report.ok:
+        click.echo(f"audit chain ok: {report.events} events")
+        return
+    raise ChainBroken(
+        f"audit chain broken at event seq {report.first_bad_seq} (id {report.first_bad_id}): "
+        f"{report.problem}"
+    )
+
+
+@audit.command("export")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default="jsonl")
+@click.option("--action", "action_id", help="Only this action's events.")
+@pass_config
+def audit_export(config: CliConfig, fmt: str, action_id: str | None) -> None:
+    """Every event with its hashes, in sequence order."""
+    events = (event_json(e) for e in config.store.audit_events(action_id=action_id))
+    if fmt == "json":
+        echo_json(list(events))
+        return
+    for event in events:
+        click.echo(json.dumps(event, sort_keys=True, separators=(",", ":"), default=str))

@@ -1,0 +1,119 @@
+"""The one config object every command gets, built lazily from OPSGATE_* and opsgate.toml."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import click
+
+from opsgate.catalog import Catalog, load_catalog
+from opsgate.config import Settings
+from opsgate.errors import ConfigError
+from opsgate.gate import Gate
+from opsgate.identity import identity_provider
+from opsgate.models import Identity
+from opsgate.policies.embedded import EmbeddedEngine
+from opsgate.policies.engine import PolicyEngine, load_bundle_data
+from opsgate.store import Store, open_store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliConfig:
+    """Settings plus the store, catalog, engine and identity they point at, opened on use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._store: Store | None = None
+        self._catalog: Catalog | None = None
+        self._engine: PolicyEngine | None = None
+        self._gate: Gate | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings.db)
+        return self._store
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = load_catalog(self.settings.catalog)
+        return self._catalog
+
+    @property
+    def engine(self) -> PolicyEngine:
+        if self._engine is None:
+            if not self.settings.policies.is_dir():
+                raise ConfigError(
+                    f"policy bundle {self.settings.policies} is not a directory "
+                    "(set OPSGATE_POLICIES)"
+                )
+            if self.settings.policy_engine != "embedded":
+                raise ConfigError(
+                    f"OPSGATE_POLICY_ENGINE={self.settings.policy_engine} is not available; "
+                    "use embedded"
+                )
+            self._engine = EmbeddedEngine(self.settings.policies)
+        return self._engine
+
+    @property
+    def gate(self) -> Gate:
+        if self._gate is None:
+            policies = self.settings.policies
+            self._gate = Gate(
+                store=self.store,
+                catalog=self.catalog,
+                engine=self.engine,
+                approval_ttl=self.settings.approval_ttl,
+                freeze_windows=lambda: _freeze_windows(policies),
+            )
+        return self._gate
+
+    def identity(self) -> Identity:
+        return identity_provider(self.settings, self.store).current()
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def _freeze_windows(policies: Path) -> list[Any]:
+    try:
+        windows = load_bundle_data(policies).get("freeze_windows", [])
+    except (OSError, ValueError) as exc:
+        # Unreadable freeze data must not read as "no freeze": fail closed.
+        return [
+            {
+                "name": f"unreadable freeze data: {exc}",
+                "start": "0001-01-01T00:00:00+00:00",
+                "end": "9999-12-31T23:59:59+00:00",
+                "environments": ["*"],
+            }
+        ]
+    return list(windows) if isinstance(windows, list) else []
+
+
+def pass_config(func: F) -> F:
+    """Give a command the shared CliConfig as its first argument."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        return func(ctx.find_object(CliConfig), *args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
+        func
+    )
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))

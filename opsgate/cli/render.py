@@ -1,0 +1,189 @@
+"""Shared renderers: rich tables for people, plain JSON documents for tools."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from opsgate.catalog import Catalog
+from opsgate.gate import ActionDetails
+from opsgate.models import Action, Approval, AuditEvent, Decision
+from opsgate.policies.input import mask_params
+
+
+def console() -> Console:
+    return Console(soft_wrap=True, highlight=False)
+
+
+def ts(at: datetime | None) -> str | None:
+    """UTC RFC 3339 with a Z, for people and tools alike."""
+    if at is None:
+        return None
+    return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def masked(action: Action, catalog: Catalog | None) -> dict[str, Any]:
+    if catalog is None or action.action_type not in catalog.types:
+        return dict(action.params)
+    return mask_params(action.params, catalog.types[action.action_type].params)
+
+
+def action_json(action: Action, catalog: Catalog | None = None) -> dict[str, Any]:
+    return {
+        "id": action.id,
+        "action": action.action_type,
+        "target": action.target,
+        "environment": action.environment,
+        "params": masked(action, catalog),
+        "reason": action.reason,
+        "incident": action.incident.model_dump(by_alias=True),
+        "risk": action.risk,
+        "reversible": action.reversible,
+        "spec_hash": action.spec_hash,
+        "proposer": action.proposer.model_dump(),
+        "state": action.state.value,
+        "required_approvals": action.required_approvals,
+        "approver_roles": list(action.approver_roles),
+        "idempotency_key": action.idempotency_key,
+        "created_at": ts(action.created_at),
+        "updated_at": ts(action.updated_at),
+        "expires_at": ts(action.expires_at),
+        "verification": action.verification.model_dump(mode="json", by_alias=True),
+    }
+
+
+def decision_json(decision: Decision) -> dict[str, Any]:
+    return {
+        "id": decision.id,
+        "action_id": decision.action_id,
+        "phase": decision.phase,
+        "allow": decision.allow,
+        "deny": [d.model_dump() for d in decision.deny],
+        "required_approvals": decision.required_approvals,
+        "approver_roles": list(decision.approver_roles),
+        "engine": decision.engine,
+        "bundle_revision": decision.bundle_revision,
+        "decided_at": ts(decision.decided_at),
+        "duration_ms": round(decision.duration_ms, 3),
+        "input": decision.input,
+        "result": decision.result,
+        "error": decision.error,
+    }
+
+
+def approval_json(approval: Approval) -> dict[str, Any]:
+    return {
+        "id": approval.id,
+        "approver": approval.approver.model_dump(),
+        "spec_hash": approval.spec_hash,
+        "comment": approval.comment,
+        "created_at": ts(approval.created_at),
+    }
+
+
+def event_json(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "id": event.id,
+        "at": ts(event.at),
+        "at_precise": event.at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "action_id": event.action_id,
+        "kind": event.kind,
+        "actor": event.actor,
+        "from_state": event.from_state,
+        "to_state": event.to_state,
+        "data": event.data,
+        "prev_hash": event.prev_hash,
+        "hash": event.hash,
+    }
+
+
+def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
+    return {
+        "action": action_json(details.action, catalog),
+        "decisions": [decision_json(d) for d in details.decisions],
+        "approvals": [approval_json(a) for a in details.approvals],
+        "events": [event_json(e) for e in details.events],
+    }
+
+
+def deny_lines(decision: Decision) -> list[str]:
+    return [f"  deny {d.code}: {d.message}" for d in decision.deny]
+
+
+def actions_table(actions: Sequence[Action], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("id", "action", "target", "env", "state", "approvals", "proposer", "created"):
+        table.add_column(column, overflow="fold")
+    for action in actions:
+        table.add_row(
+            action.id,
+            action.action_type,
+            action.target,
+            action.environment,
+            action.state.value,
+            f"{action.required_approvals} ({'|'.join(action.approver_roles) or 'any'})",
+            f"{action.proposer.id} ({action.proposer.kind})",
+            ts(action.created_at) or "",
+        )
+    console().print(table)
+
+
+def kv_table(rows: Mapping[str, Any], title: str | None = None) -> None:
+    table = Table(show_header=False, title=title, title_justify="left", box=None)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in rows.items():
+        table.add_row(key, "" if value is None else str(value))
+    console().print(table)
+
+
+def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
+    action = details.action
+    params = ", ".join(f"{k}={v}" for k, v in masked(action, catalog).items())
+    kv_table(
+        {
+            "id": action.id,
+            "action": action.action_type,
+            "target": f"{action.target} ({action.environment})",
+            "params": params,
+            "state": action.state.value,
+            "reason": action.reason,
+            "incident": " ".join(
+                str(v) for v in action.incident.model_dump(by_alias=True).values() if v
+            ),
+            "proposer": f"{action.proposer.id} ({action.proposer.kind})",
+            "risk": f"{action.risk}, {'reversible' if action.reversible else 'IRREVERSIBLE'}",
+            "approvals": f"{len(details.approvals)} of {action.required_approvals} "
+            f"({'|'.join(action.approver_roles) or 'any role'})",
+            "spec_hash": action.spec_hash,
+            "created": ts(action.created_at),
+            "expires": ts(action.expires_at),
+            "signals": ", ".join(s.name for s in action.verification.signals) or "none",
+            "stop conditions": ", ".join(s.name for s in action.verification.stop_conditions)
+            or "none",
+        }
+    )
+    for decision in details.decisions:
+        verdict = "allow" if decision.allow else "deny"
+        click.echo(
+            f"\ndecision {decision.phase}: {verdict} at {ts(decision.decided_at)} "
+            f"(engine {decision.engine}, bundle {decision.bundle_revision[:19]})"
+        )
+        for line in deny_lines(decision):
+            click.echo(line)
+    for approval in details.approvals:
+        note = f": {approval.comment}" if approval.comment else ""
+        click.echo(f"\napproved by {approval.approver.id} at {ts(approval.created_at)}{note}")
+    table = Table(title="\naudit events", title_justify="left")
+    for column in ("seq", "at", "kind", "actor", "transition"):
+        table.add_column(column)
+    for event in details.events:
+        transition = f"{event.from_state} -> {event.to_state}" if event.to_state else ""
+        table.add_row(str(event.seq), ts(event.at) or "", event.kind, event.actor, transition)
+    console().print(table)

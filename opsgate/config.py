@@ -1,0 +1,74 @@
+"""Settings from OPSGATE_* environment variables and an optional opsgate.toml."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from opsgate.errors import ConfigError
+from opsgate.models import parse_duration
+
+DEFAULT_DB = "sqlite:///opsgate.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One config object for every command (rq's pass_cli_config habit)."""
+
+    db: str = DEFAULT_DB
+    catalog: Path = Path("catalog")
+    policies: Path = Path("policies")
+    identity: str = "os"  # os | postgres | env
+    user: str | None = None  # only read when identity == "env"
+    user_kind: str = "human"  # only read when identity == "env"
+    approval_ttl: float = 3600.0
+    policy_engine: str = "embedded"
+    prometheus_url: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        path = toml_path or Path(env.get("OPSGATE_CONFIG", "opsgate.toml"))
+        if path.is_file():
+            try:
+                document = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+            values.update(document.get("opsgate", document))
+        names = {f.name for f in fields(cls)} - {"extra"}
+        for name in names:
+            key = f"OPSGATE_{name.upper()}"
+            if key in env:
+                values[name] = env[key]
+        unknown = set(values) - names
+        if unknown:
+            raise ConfigError(f"unknown setting {sorted(unknown)[0]!r} in {path}")
+        return cls().with_overrides(values)
+
+    def with_overrides(self, values: Mapping[str, Any]) -> Settings:
+        converted: dict[str, Any] = {}
+        for name, value in values.items():
+            if name in {"catalog", "policies"}:
+                converted[name] = Path(str(value))
+            elif name == "approval_ttl":
+                try:
+                    converted[name] = parse_duration(value)
+                except ValueError as exc:
+                    raise ConfigError(f"OPSGATE_APPROVAL_TTL: {exc}") from exc
+            elif name == "identity":
+                if value not in {"os", "postgres", "env"}:
+                    raise ConfigError("OPSGATE_IDENTITY: expected os, postgres or env")
+                converted[name] = value
+            elif name == "user_kind":
+                if value not in {"human", "agent"}:
+                    raise ConfigError("OPSGATE_USER_KIND: expected human or agent")
+                converted[name] = value
+            else:
+                converted[name] = str(value)
+        return replace(self, **converted)

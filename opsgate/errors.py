@@ -1,0 +1,44 @@
+"""Exceptions that carry their CLI exit code, so one handler maps them all."""
+
+from __future__ import annotations
+
+
+class OpsgateError(Exception):
+    """Base: an expected failure with a one-line message that says what to do."""
+
+    exit_code = 1
+
+
+class InvalidInput(OpsgateError):
+    """The input is malformed or outside the schema; the message names the field."""
+
+    exit_code = 2
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}" if field else problem)
+
+
+class Refused(OpsgateError):
+    """Policy or a hard rule said no."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, codes: list[str] | None = None) -> None:
+        self.codes = codes or []
+        super().__init__(message)
+
+
+class NotFound(OpsgateError):
+    exit_code = 4
+
+
+class StateConflict(OpsgateError):
+    """The action is not in a state that allows this (or the idempotency key clashes)."""
+
+    exit_code = 5
+
+
+class ConfigError(OpsgateError):
+    exit_code = 2

@@ -1,0 +1,64 @@
+"""Who is acting. Chosen in config, never by a flag: there is no `--as`."""
+
+from __future__ import annotations
+
+import getpass
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from opsgate.config import Settings
+from opsgate.errors import ConfigError
+from opsgate.models import Identity
+from opsgate.store.base import Store
+
+
+class IdentityProvider(Protocol):
+    def current(self) -> Identity: ...
+
+
+class OsIdentity:
+    """The operating-system user running the command (the default)."""
+
+    def current(self) -> Identity:
+        try:
+            return Identity(id=getpass.getuser(), kind="human")
+        except (OSError, KeyError) as exc:
+            raise ConfigError(f"cannot tell the OS user: {exc}") from exc
+
+
+class PostgresIdentity:
+    """Team mode: PostgreSQL authenticated the session, so its session_user is who acts."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def current(self) -> Identity:
+        user = self.store.session_user()
+        if not user:
+            raise ConfigError("OPSGATE_IDENTITY=postgres needs a PostgreSQL store (OPSGATE_DB)")
+        return Identity(id=user, kind="human")
+
+
+class EnvIdentity:
+    """Trusted automation and the demo: OPSGATE_USER, only when OPSGATE_IDENTITY=env."""
+
+    def __init__(self, user: str | None, kind: str) -> None:
+        self.user = user
+        self.kind = kind
+
+    def current(self) -> Identity:
+        if not self.user:
+            raise ConfigError("OPSGATE_IDENTITY=env needs OPSGATE_USER")
+        try:
+            return Identity.model_validate({"id": self.user, "kind": self.kind})
+        except ValidationError as exc:
+            raise ConfigError(f"OPSGATE_USER: {exc.errors()[0]['msg']}") from exc
+
+
+def identity_provider(settings: Settings, store: Store) -> IdentityProvider:
+    if settings.identity == "env":
+        return EnvIdentity(settings.user, settings.user_kind)
+    if settings.identity == "postgres":
+        return PostgresIdentity(store)
+    return OsIdentity()

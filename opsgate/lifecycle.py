@@ -1,0 +1,96 @@
+"""The lifecycle graph and the one way to move an action along it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from ulid import ULID
+
+from opsgate.audit import AuditDraft
+from opsgate.errors import StateConflict
+from opsgate.models import Action, ActionState
+from opsgate.store.base import StoreTx
+
+S = ActionState
+
+# Every edge of DESIGN.md's lifecycle; anything else is refused, never applied.
+TRANSITIONS: dict[ActionState, frozenset[ActionState]] = {
+    S.PROPOSED: frozenset({S.BLOCKED, S.PENDING_APPROVAL}),
+    S.PENDING_APPROVAL: frozenset({S.APPROVED, S.REJECTED, S.EXPIRED, S.CANCELLED}),
+    S.APPROVED: frozenset({S.EXECUTING, S.BLOCKED_AT_EXECUTION, S.CANCELLED, S.EXPIRED}),
+    S.EXECUTING: frozenset({S.VERIFYING, S.ROLLING_BACK, S.FAILED}),
+    S.VERIFYING: frozenset({S.SUCCEEDED, S.ROLLING_BACK, S.FAILED}),
+    # A manual rollback of a verified action is allowed (`opsgate rollback`).
+    S.SUCCEEDED: frozenset({S.ROLLING_BACK}),
+    S.ROLLING_BACK: frozenset({S.ROLLED_BACK, S.ROLLBACK_FAILED}),
+}
+
+
+def can_transition(from_state: ActionState, to_state: ActionState) -> bool:
+    return to_state in TRANSITIONS.get(from_state, frozenset())
+
+
+def check_transition(action: Action, to_state: ActionState) -> None:
+    if not can_transition(action.state, to_state):
+        raise StateConflict(
+            f"action {action.id} is {action.state.value}; it cannot become {to_state.value}"
+        )
+
+
+def new_id() -> str:
+    return str(ULID())
+
+
+def record_transition(
+    tx: StoreTx,
+    action: Action,
+    to_state: ActionState,
+    *,
+    actor: str,
+    now: datetime,
+    data: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Action:
+    """Move a locked action to `to_state` and append its audit event, in the caller's tx."""
+    check_transition(action, to_state)
+    updated = tx.update_action(action.id, state=to_state, updated_at=now, **fields)
+    tx.append_audit(
+        AuditDraft(
+            id=new_id(),
+            at=now,
+            action_id=action.id,
+            kind=f"action.{to_state.value}",
+            actor=actor,
+            from_state=action.state.value,
+            to_state=to_state.value,
+            data=data or {},
+        )
+    )
+    return updated
+
+
+def record_event(
+    tx: StoreTx,
+    *,
+    action_id: str | None,
+    kind: str,
+    actor: str,
+    now: datetime,
+    data: dict[str, Any] | None = None,
+    from_state: str | None = None,
+    to_state: str | None = None,
+) -> None:
+    """An audit event outside `record_transition`: a creation, an approval, a refusal."""
+    tx.append_audit(
+        AuditDraft(
+            id=new_id(),
+            at=now,
+            action_id=action_id,
+            kind=kind,
+            actor=actor,
+            from_state=from_state,
+            to_state=to_state,
+            data=data or {},
+        )
+    )

@@ -1,0 +1,77 @@
+"""Build the policy input document (DESIGN.md's contract); pure, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from opsgate.models import ActionType, Identity, Incident, ParamSpec, VerificationSpec
+from opsgate.preconditions import PreconditionResult
+
+
+def rfc3339(at: datetime) -> str:
+    """UTC with a numeric offset: regopy's time.parse_rfc3339_ns rejects a `Z` suffix."""
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def epoch_ns(at: datetime) -> int:
+    return int(at.timestamp()) * 1_000_000_000 + at.microsecond * 1000
+
+
+def mask_params(params: Mapping[str, Any], specs: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """Secret params are masked everywhere they are shown, policy input included."""
+    return {k: ("***" if specs.get(k) and specs[k].secret else v) for k, v in params.items()}
+
+
+def build_input(
+    *,
+    action_type: ActionType,
+    target: str,
+    environment: str,
+    params: Mapping[str, Any],
+    reason: str,
+    spec_hash: str,
+    proposer: Identity,
+    incident: Incident,
+    verification: VerificationSpec,
+    preconditions: Sequence[PreconditionResult],
+    now: datetime,
+    phase: Literal["propose", "execute"],
+    active_on_target: int,
+    approver: Identity | None = None,
+) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "action": {
+            "type": action_type.name,
+            "target": target,
+            "environment": environment,
+            "params": mask_params(params, action_type.params),
+            "risk": action_type.risk,
+            "reversible": action_type.reversible,
+            "spec_hash": spec_hash,
+            "reason": reason,
+        },
+        "proposer": {"id": proposer.id, "kind": proposer.kind},
+        "incident": {
+            "id": incident.id,
+            "severity": incident.severity,
+            "class": incident.class_,
+            "tier": incident.tier,
+        },
+        "verification": {
+            "defined": verification.defined,
+            "signals": len(verification.signals),
+            "stop_conditions": len(verification.stop_conditions),
+        },
+        "preconditions": [p.as_input() for p in preconditions],
+        "context": {
+            "now": rfc3339(now),
+            "now_ns": epoch_ns(now),
+            "phase": phase,
+            "active_on_target": active_on_target,
+        },
+    }
+    if approver is not None:
+        document["approver"] = {"id": approver.id, "kind": approver.kind}
+    return document

@@ -1,0 +1,113 @@
+"""Named live checks evaluated before a decision and handed to policy as `preconditions`.
+
+A check never raises: an error makes it `ok: false` with the error, so a required
+precondition that cannot be evaluated denies (fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from opsgate.models import ActionType
+
+
+@dataclass(frozen=True)
+class PreconditionResult:
+    name: str
+    ok: bool
+    value: Any = None
+    required: bool = False
+    error: str | None = None
+
+    def as_input(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "ok": self.ok,
+            "value": self.value,
+            "required": self.required,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What a check may look at: the proposal and the facts gathered for it."""
+
+    action_type: ActionType
+    target: str
+    environment: str
+    params: Mapping[str, Any]
+    now: datetime
+    active_on_target: int
+    freeze_windows: Sequence[Mapping[str, Any]]
+
+
+class Check(Protocol):
+    def __call__(self, ctx: CheckContext) -> PreconditionResult: ...
+
+
+def concurrent_action(ctx: CheckContext) -> PreconditionResult:
+    """No other action holds the same target in the same environment."""
+    return PreconditionResult(
+        "concurrent_action", ok=ctx.active_on_target == 0, value=ctx.active_on_target
+    )
+
+
+def change_freeze(ctx: CheckContext) -> PreconditionResult:
+    """The environment is not inside a change-freeze window from the bundle's data."""
+    for window in ctx.freeze_windows:
+        try:
+            envs = window.get("environments") or []
+            start = datetime.fromisoformat(str(window["start"]))
+            end = datetime.fromisoformat(str(window["end"]))
+            if ("*" in envs or ctx.environment in envs) and start <= ctx.now < end:
+                return PreconditionResult("change_freeze", ok=False, value=window.get("name"))
+        except (KeyError, ValueError, TypeError) as exc:
+            return PreconditionResult("change_freeze", ok=False, error=f"bad freeze window: {exc}")
+    return PreconditionResult("change_freeze", ok=True, value=None)
+
+
+# Always evaluated, for every proposal.
+BUILTIN_CHECKS: dict[str, Check] = {
+    "concurrent_action": concurrent_action,
+    "change_freeze": change_freeze,
+}
+
+
+class PreconditionRegistry:
+    """Named checks; action types name the ones they require in `preconditions:`."""
+
+    def __init__(self, extra: Mapping[str, Check] | None = None) -> None:
+        self._checks: dict[str, Check] = dict(BUILTIN_CHECKS)
+        self._checks.update(extra or {})
+
+    def register(self, name: str, check: Callable[[CheckContext], PreconditionResult]) -> None:
+        self._checks[name] = check
+
+    def evaluate(self, ctx: CheckContext) -> list[PreconditionResult]:
+        results: list[PreconditionResult] = []
+        required = set(ctx.action_type.preconditions)
+        for name in sorted(set(BUILTIN_CHECKS) | required):
+            check = self._checks.get(name)
+            if check is None:
+                results.append(
+                    PreconditionResult(
+                        name, ok=False, required=True, error="no such precondition is configured"
+                    )
+                )
+                continue
+            try:
+                result = check(ctx)
+            except Exception as exc:  # a check that breaks must deny, not crash the decision
+                result = PreconditionResult(name, ok=False, error=f"{type(exc).__name__}: {exc}")
+            results.append(
+                PreconditionResult(
+                    result.name, result.ok, result.value, name in required, result.error
+                )
+            )
+        return results
