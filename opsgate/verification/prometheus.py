@@ -1,0 +1,153 @@
+"""A `SignalProvider` backed by the Prometheus HTTP API (via prometheus-api-client)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from prometheus_api_client.prometheus_connect import PrometheusConnect
+from urllib3.util.retry import Retry
+
+from opsgate.verification.provider import ProviderHealth, QueryResult, result_from_samples
+
+__all__ = ["PrometheusProvider"]
+
+_MAX_ERROR_LENGTH = 500
+_HTTP_ERROR = re.compile(r"^HTTP Status Code (\d+) \((b(?:'.*'|\".*\"))\)$", re.DOTALL)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _describe_api_error(exc: PrometheusApiClientException) -> str:
+    """`HTTP 400: <Prometheus's own error message>` from the client's exception text."""
+    text = str(exc)
+    match = _HTTP_ERROR.match(text)
+    if match:
+        status = match.group(1)
+        try:
+            body = ast.literal_eval(match.group(2))
+            payload = json.loads(body)
+            message = payload.get("error") if isinstance(payload, dict) else None
+            if message:
+                return f"HTTP {status}: {message}"
+            return f"HTTP {status}: {body.decode('utf-8', 'replace')}"
+        except (ValueError, SyntaxError, AttributeError, UnicodeDecodeError):
+            return f"HTTP {status}"
+    return text
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PrometheusApiClientException):
+        text = _describe_api_error(exc)
+    elif isinstance(exc, requests.Timeout):
+        text = f"timeout: {exc}"
+    elif isinstance(exc, requests.ConnectionError):
+        text = f"unreachable: {exc}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    if len(text) > _MAX_ERROR_LENGTH:
+        text = text[: _MAX_ERROR_LENGTH - 1] + "…"
+    return text
+
+
+class PrometheusProvider:
+    """Instant queries against one Prometheus (or a PromQL-compatible API).
+
+    - `token`: sent as `Authorization: Bearer <token>`;
+    - `basic_auth`: `(user, password)`;
+    - `ca_file`: a CA bundle to verify the server's certificate (default: system CAs);
+    - `timeout`: seconds per HTTP request (connect and read). No retries: the
+      evaluator's `error_limit` is the retry policy, and a retry storm would only
+      delay a rollback;
+    - `session`: a custom `requests.Session` (proxies, client certificates); it is
+      closed with the provider.
+
+    `query_many` never raises: every exception becomes an error result. Each distinct
+    query is sent once per call, at most `max_workers` at a time.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        basic_auth: tuple[str, str] | None = None,
+        ca_file: str | None = None,
+        timeout: float = 5.0,
+        max_workers: int = 4,
+        session: requests.Session | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("the Prometheus URL must start with http:// or https://")
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self.url = url.rstrip("/")
+        self.timeout = float(timeout)
+        self.max_workers = max_workers
+        self._clock = clock
+        self._session = session if session is not None else requests.Session()
+        if ca_file is not None:
+            self._session.verify = ca_file
+        # The client annotates these without Optional (and timeout as int): pass as Any.
+        options: dict[str, Any] = {
+            "headers": {"Authorization": f"Bearer {token}"} if token else None,
+            "auth": basic_auth,
+            "timeout": self.timeout,
+        }
+        self._client = PrometheusConnect(
+            url=self.url,
+            session=self._session,
+            retry=Retry(total=0, raise_on_status=False),
+            **options,
+        )
+
+    def __repr__(self) -> str:
+        return f"PrometheusProvider({self.url!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> PrometheusProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def query(self, query: str) -> QueryResult:
+        """One instant query; never raises."""
+        try:
+            data: Any = self._client.custom_query(query=query)
+        except Exception as exc:  # every failure is an error result, by contract
+            return QueryResult.failed(_describe(exc), self._clock())
+        return result_from_samples(data, self._clock())
+
+    def query_many(self, queries: Sequence[str]) -> dict[str, QueryResult]:
+        distinct = list(dict.fromkeys(queries))
+        if len(distinct) <= 1 or self.max_workers == 1:
+            return {q: self.query(q) for q in distinct}
+        workers = min(self.max_workers, len(distinct))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opsgate-prom") as pool:
+            results = list(pool.map(self.query, distinct))
+        return dict(zip(distinct, results, strict=True))
+
+    def check_health(self) -> ProviderHealth:
+        """Runs `vector(1)`: proves reachability, credentials and a working query API."""
+        result = self.query("vector(1)")
+        if result.error is not None:
+            return ProviderHealth(ok=False, detail=result.error)
+        if result.value != 1.0:
+            return ProviderHealth(ok=False, detail=f"vector(1) returned {result.value!r}")
+        return ProviderHealth(ok=True, detail=f"{self.url} answers queries")
