@@ -133,8 +133,8 @@ class HttpSpec(Frozen):
     url: str
     body: dict[str, Any] | None = None
     expect_status: tuple[int, ...] = (200, 201, 202, 204)
-    timeout: Duration = 30.0
-    as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN)
+    # For a capture: the top-level JSON field of the response to keep (else the body).
+    extract: str | None = None
 
 
 class Step(Frozen):

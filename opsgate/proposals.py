@@ -17,6 +17,7 @@ from opsgate.errors import InvalidInput
 from opsgate.models import MAX_REASON_LENGTH, ActionType, ParamSpec, Proposal, VerificationSpec
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_LEADING = re.compile(r"^\{([a-z_][a-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,43 @@ def spec_hash(
     return "sha256:" + hashlib.sha256(canonical_json(document).encode("utf-8")).hexdigest()
 
 
+def _reject_control_characters(value: Any, path: str) -> None:
+    """Control characters have no business in a proposal (and NUL breaks PostgreSQL)."""
+    if isinstance(value, str):
+        if _CONTROL.search(value):
+            raise InvalidInput(path, "control characters are not allowed")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{path}.{key}" if path else str(key)
+            if not isinstance(key, str) or _CONTROL.search(key):
+                raise InvalidInput(path or "proposal", "keys must be plain strings")
+            _reject_control_characters(item, name)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_control_characters(item, f"{path}.{index}")
+
+
+def _leading_placeholders(action_type: ActionType) -> set[str]:
+    names: set[str] = set()
+    for step in (action_type.capture, action_type.run, action_type.undo):
+        for element in (step.argv or ())[1:] if step else ():
+            match = _LEADING.match(element)
+            if match:
+                names.add(match.group(1))
+    return names
+
+
+def _refuse_option_like(action_type: ActionType, params: Mapping[str, Any]) -> None:
+    """A value that would begin an argv element with `-` could pass as an option."""
+    for name in sorted(_leading_placeholders(action_type) & set(params)):
+        if str(params[name]).startswith("-"):
+            raise InvalidInput(f"params.{name}", "may not start with '-'")
+
+
 def parse_proposal(document: Any) -> Proposal:
     if not isinstance(document, dict):
         raise InvalidInput("proposal", "expected a mapping (YAML or JSON object)")
+    _reject_control_characters(document, "")
     reason = document.get("reason")
     if isinstance(reason, str) and len(reason) > MAX_REASON_LENGTH:
         raise InvalidInput("reason", f"longer than {MAX_REASON_LENGTH} characters")
@@ -145,6 +180,7 @@ def validate(catalog: Catalog, document: Any) -> ValidatedProposal:
         raise InvalidInput("reason", "control characters are not allowed")
     action_type = catalog.get(proposal.action)
     params = validate_params(action_type, proposal.params)
+    _refuse_option_like(action_type, params)
     verification = proposal.verification or action_type.verification
     digest = spec_hash(action_type, proposal.target, proposal.environment, params, verification)
     return ValidatedProposal(proposal, action_type, params, verification, digest)
