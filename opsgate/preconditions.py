@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from opsgate.models import ActionType
 
@@ -47,8 +47,7 @@ class CheckContext:
     freeze_windows: Sequence[Mapping[str, Any]]
 
 
-class Check(Protocol):
-    def __call__(self, ctx: CheckContext) -> PreconditionResult: ...
+Check = Callable[[CheckContext], PreconditionResult]
 
 
 def concurrent_action(ctx: CheckContext) -> PreconditionResult:

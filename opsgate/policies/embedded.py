@@ -35,6 +35,14 @@ class _Compiled:
     error: str | None = None
 
 
+def _new_interpreter() -> Any:
+    interp = regopy.Interpreter()
+    interp.strict_built_in_errors = True
+    # rego-cpp prints compile errors to stdout otherwise, which would corrupt --json output.
+    interp.log_level = regopy.LogLevel.NONE
+    return interp
+
+
 def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
     out = []
     for path in bundle_files(directory):
@@ -63,8 +71,7 @@ class EmbeddedEngine:
         try:
             signature = _signature(self.directory)
             revision = bundle_revision(self.directory)
-            interp = regopy.Interpreter()
-            interp.strict_built_in_errors = True
+            interp = _new_interpreter()
             interp.add_data(load_bundle_data(self.directory))
             for path in bundle_files(self.directory):
                 if path.suffix == ".rego":
@@ -100,8 +107,7 @@ class EmbeddedEngine:
     def _interpreter(self) -> Any:
         interp = getattr(self._local, "interp", None)
         if interp is None:
-            interp = regopy.Interpreter()
-            interp.strict_built_in_errors = True
+            interp = _new_interpreter()
             self._local.interp = interp
         return interp
 

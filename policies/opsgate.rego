@@ -1,0 +1,494 @@
+# opsgate default policy: may this action be proposed/executed, and who approves it?
+#
+# Entry points (see DESIGN.md, "Policy contract"):
+#   data.opsgate.decision  {"allow", "deny": [{"code", "message"}], "required_approvals",
+#                           "approver_roles"}; always defined.
+#   data.opsgate.approval  {"allow", "deny"} for the same input plus input.approver.
+#
+# Tunables live in data.json next to this file (roles, allowlist, param_bounds,
+# propose_roles, approver_roles, freeze_windows, max_required_approvals).
+#
+# Written for rego-cpp (regopy) as well as OPA. rego-cpp quirks avoided here:
+#   - no top-level commas inside comprehension bodies (`[x | some i, x in xs]` fails to parse);
+#   - time.parse_rfc3339_ns rejects a trailing "Z": timestamps are normalised to "+00:00";
+#   - no net.cidr_* builtins, no sprintf %d / %q (use %v / %s);
+#   - sort() of a set returns a set: sort an array comprehension instead;
+#   - a string built by concat/upper/trim_* keeps literal quotes when passed to sprintf,
+#     so messages only interpolate input/data values, numbers and collections.
+# Every builtin used here has a test in opsgate_test.rego (test_builtin_*), so a builtin
+# that errors in the engine fails `opsgate policy test` instead of failing closed in prod.
+package opsgate
+
+import rego.v1
+
+# ---------------------------------------------------------------------------
+# Input, read defensively: a missing field must deny, never make a deny rule undefined.
+
+# Object-valued input fields; {} / [] when absent or of the wrong type.
+default action := {}
+
+action := input.action if is_object(input.action)
+
+default proposer := {}
+
+proposer := input.proposer if is_object(input.proposer)
+
+default incident := {}
+
+incident := input.incident if is_object(input.incident)
+
+default verification := {}
+
+verification := input.verification if is_object(input.verification)
+
+default preconditions := []
+
+preconditions := input.preconditions if is_array(input.preconditions)
+
+default context := {}
+
+context := input.context if is_object(input.context)
+
+default approver := {}
+
+approver := input.approver if is_object(input.approver)
+
+action_type := object.get(action, "type", "")
+
+environment := object.get(action, "environment", "")
+
+target := object.get(action, "target", "")
+
+default params := {}
+
+params := action.params if is_object(action.params)
+
+risk := object.get(action, "risk", "")
+
+proposer_id := object.get(proposer, "id", "")
+
+# Only an explicit `reversible: true` counts as reversible.
+irreversible if not action.reversible == true
+
+is_agent if proposer.kind == "agent"
+
+# now_ns from the input; falls back to parsing context.now.
+now_ns := context.now_ns if {
+	is_number(context.now_ns)
+} else := parse_time_ns(context.now)
+
+# ---------------------------------------------------------------------------
+# Bundle data, with defaults so that the decision stays defined without data.json.
+
+default role_table := {}
+
+role_table := data.roles if is_object(data.roles)
+
+default allowlist_table := {}
+
+allowlist_table := data.allowlist if is_object(data.allowlist)
+
+default param_bounds_table := {}
+
+param_bounds_table := data.param_bounds if is_object(data.param_bounds)
+
+default propose_roles_table := {}
+
+propose_roles_table := data.propose_roles if is_object(data.propose_roles)
+
+default approver_roles_table := {}
+
+approver_roles_table := data.approver_roles if is_object(data.approver_roles)
+
+default freeze_windows := []
+
+freeze_windows := data.freeze_windows if is_array(data.freeze_windows)
+
+default max_required_approvals := 3
+
+max_required_approvals := data.max_required_approvals if is_number(data.max_required_approvals)
+
+roles_of(id) := object.get(role_table, id, [])
+
+# A per-environment table entry, falling back to its "default" key, else [].
+env_entry(table) := table[environment] if {
+	table[environment]
+} else := table["default"] if {
+	table["default"]
+} else := []
+
+proposer_roles := roles_of(proposer_id)
+
+allowed_types := object.get(allowlist_table, environment, [])
+
+propose_roles := env_entry(propose_roles_table)
+
+approver_roles := env_entry(approver_roles_table)
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+violation(code, message) := {"code": code, "message": message}
+
+# RFC 3339 to epoch ns; a trailing "Z" is rewritten because rego-cpp rejects it.
+parse_time_ns(ts) := time.parse_rfc3339_ns(concat("", [trim_suffix(ts, "Z"), "+00:00"])) if {
+	endswith(ts, "Z")
+} else := time.parse_rfc3339_ns(ts)
+
+# A sorted JSON-ish list for messages, e.g. ["sre", "sre-lead"]. (Not concat: in rego-cpp a
+# string made by concat/upper/trim_* keeps its quotes when passed through sprintf.)
+list_text(xs) := sprintf("%v", [sort([x | some x in xs])])
+
+has_any_role(roles, wanted) if {
+	some role in roles
+	role in wanted
+}
+
+precondition_named(name) := p if {
+	some p in preconditions
+	p.name == name
+}
+
+precondition_failed(name) if {
+	p := precondition_named(name)
+	not p.ok == true
+}
+
+precondition_detail(p) := sprintf(" (%v)", [p.error]) if {
+	is_string(p.error)
+	p.error != ""
+} else := sprintf(" (value %v)", [p.value]) if {
+	p.value != null
+} else := ""
+
+# ---------------------------------------------------------------------------
+# not_allowlisted
+
+deny contains violation("not_allowlisted", msg) if {
+	not action_type in allowed_types
+	count(allowed_types) > 0
+	msg := sprintf(
+		"action type %s is not allowlisted in %s; allowed there: %s",
+		[action_type, environment, list_text(allowed_types)],
+	)
+}
+
+deny contains violation("not_allowlisted", msg) if {
+	count(allowed_types) == 0
+	msg := sprintf(
+		"environment %s has no allowlist in the policy bundle, so no action (%s) may run there",
+		[environment, action_type],
+	)
+}
+
+# ---------------------------------------------------------------------------
+# param_out_of_bounds: data.param_bounds[type][param][environment | "default"] = {min?, max?}
+
+bounds[param] := [scope, b] if {
+	some param, per_env in object.get(param_bounds_table, action_type, {})
+	per_env[environment]
+	scope := environment
+	b := per_env[environment]
+}
+
+bounds[param] := ["default", b] if {
+	some param, per_env in object.get(param_bounds_table, action_type, {})
+	not per_env[environment]
+	b := per_env["default"]
+}
+
+deny contains violation("param_out_of_bounds", msg) if {
+	some param, [scope, b] in bounds
+	value := params[param]
+	is_number(value)
+	is_number(b.max)
+	value > b.max
+	msg := sprintf(
+		"%s=%v exceeds the %s bound of %v; propose %s <= %v",
+		[param, value, scope, b.max, param, b.max],
+	)
+}
+
+deny contains violation("param_out_of_bounds", msg) if {
+	some param, [scope, b] in bounds
+	value := params[param]
+	is_number(value)
+	is_number(b.min)
+	value < b.min
+	msg := sprintf(
+		"%s=%v is below the %s minimum of %v; propose %s >= %v",
+		[param, value, scope, b.min, param, b.min],
+	)
+}
+
+# A bounded parameter that is not a number cannot be checked: deny.
+deny contains violation("param_out_of_bounds", msg) if {
+	some param, _ in bounds
+	value := params[param]
+	not is_number(value)
+	msg := sprintf(
+		"%s=%v is not a number, so the %s bounds for %s cannot be checked",
+		[param, value, environment, action_type],
+	)
+}
+
+# Relative bound in prod: never scale above 3x the current replica count.
+replica_growth_limit := 3
+
+deny contains violation("param_out_of_bounds", msg) if {
+	environment == "prod"
+	replicas := params.replicas
+	is_number(replicas)
+	current := precondition_named("current_replicas")
+	current.ok == true
+	is_number(current.value)
+	current.value > 0
+	limit := replica_growth_limit * current.value
+	replicas > limit
+	msg := sprintf(
+		"replicas=%v is more than %vx the current %v replicas in prod; propose replicas <= %v and scale in steps",
+		[replicas, replica_growth_limit, current.value, limit],
+	)
+}
+
+# ---------------------------------------------------------------------------
+# missing_precondition (change_freeze and concurrent_action have their own codes)
+
+own_code_preconditions := {"change_freeze", "concurrent_action"}
+
+deny contains violation("missing_precondition", msg) if {
+	some p in preconditions
+	object.get(p, "required", false) == true
+	not p.ok == true
+	name := object.get(p, "name", "")
+	not name in own_code_preconditions
+	msg := sprintf(
+		"required precondition %s is not met%s; wait until it holds or fix the check",
+		[name, precondition_detail(p)],
+	)
+}
+
+# ---------------------------------------------------------------------------
+# insufficient_permissions
+
+deny contains violation("insufficient_permissions", msg) if {
+	not has_any_role(proposer_roles, propose_roles)
+	msg := sprintf(
+		"proposer %s has roles %s; proposing in %s needs one of %s",
+		[proposer_id, list_text(proposer_roles), environment, list_text(propose_roles)],
+	)
+}
+
+deny contains violation("insufficient_permissions", msg) if {
+	is_agent
+	risk == "critical"
+	msg := sprintf(
+		"agent %s may not propose %s: its risk is critical; a human must propose it",
+		[proposer_id, action_type],
+	)
+}
+
+deny contains violation("insufficient_permissions", msg) if {
+	is_agent
+	environment == "prod"
+	irreversible
+	msg := sprintf(
+		"agent %s may not propose %s in prod: it is irreversible; a human must propose it",
+		[proposer_id, action_type],
+	)
+}
+
+# ---------------------------------------------------------------------------
+# verification_undefined
+
+deny contains violation("verification_undefined", msg) if {
+	not verification.defined == true
+	msg := sprintf(
+		"%s has no verification defined; add signals and stop conditions to its catalog entry",
+		[action_type],
+	)
+}
+
+positive(x) if {
+	is_number(x)
+	x > 0
+}
+
+deny contains violation("verification_undefined", msg) if {
+	verification.defined == true
+	not positive(verification.signals)
+	msg := sprintf(
+		"%s defines no verification signals; add at least one signal with a pass range",
+		[action_type],
+	)
+}
+
+deny contains violation("verification_undefined", msg) if {
+	verification.defined == true
+	not positive(verification.stop_conditions)
+	msg := sprintf(
+		"%s defines no stop conditions; add at least one stop condition with a halt range",
+		[action_type],
+	)
+}
+
+# ---------------------------------------------------------------------------
+# change_freeze: data.freeze_windows [{name, start, end, environments, exempt_severities?}],
+# half-open [start, end), "*" in environments matches every environment.
+
+window_applies(w) if environment in object.get(w, "environments", [])
+
+window_applies(w) if "*" in object.get(w, "environments", [])
+
+window_exempt(w) if {
+	is_string(incident.severity)
+	incident.severity in object.get(w, "exempt_severities", [])
+}
+
+active_freezes contains w if {
+	some w in freeze_windows
+	window_applies(w)
+	parse_time_ns(w.start) <= now_ns
+	now_ns < parse_time_ns(w.end)
+}
+
+blocking_freezes contains w if {
+	some w in active_freezes
+	not window_exempt(w)
+}
+
+exempt_freeze_names contains w.name if {
+	some w in active_freezes
+	window_exempt(w)
+}
+
+exemption_text(w) := sprintf("only %s incidents are exempt", [list_text(w.exempt_severities)]) if {
+	count(w.exempt_severities) > 0
+} else := "no incident severity is exempt"
+
+deny contains violation("change_freeze", msg) if {
+	some w in blocking_freezes
+	msg := sprintf(
+		"%s is in change freeze %v from %v until %v and %s (this incident: %v); wait until the freeze ends",
+		[environment, w.name, w.start, w.end, exemption_text(w), object.get(incident, "severity", null)],
+	)
+}
+
+# A window for this environment without a start or end cannot be checked: deny.
+deny contains violation("change_freeze", msg) if {
+	some w in freeze_windows
+	window_applies(w)
+	not valid_window(w)
+	msg := sprintf(
+		"freeze window %v for %s has no valid start and end; fix freeze_windows in the policy data",
+		[object.get(w, "name", null), environment],
+	)
+}
+
+valid_window(w) if {
+	is_string(w.start)
+	is_string(w.end)
+}
+
+# Freeze windows exist but the time is unknown: cannot prove we are outside them.
+deny contains violation("change_freeze", msg) if {
+	count(freeze_windows) > 0
+	not now_ns
+	msg := "input.context has no usable now_ns or now, so freeze windows cannot be checked"
+}
+
+# The change_freeze precondition (computed outside the policy) also blocks, unless it
+# names a window the policy already reports, or an active window this incident is exempt from.
+deny contains violation("change_freeze", msg) if {
+	p := precondition_named("change_freeze")
+	not p.ok == true
+	count(blocking_freezes) == 0
+	not p.value in exempt_freeze_names
+	msg := sprintf(
+		"the change_freeze precondition reports a freeze for %s%s; wait for the freeze to end",
+		[environment, precondition_detail(p)],
+	)
+}
+
+# ---------------------------------------------------------------------------
+# concurrent_action
+
+deny contains violation("concurrent_action", msg) if {
+	context.active_on_target > 0
+	msg := sprintf(
+		"%v other action(s) are active on %s in %s; wait for them to finish or cancel them",
+		[context.active_on_target, target, environment],
+	)
+}
+
+deny contains violation("concurrent_action", msg) if {
+	not context.active_on_target > 0
+	precondition_failed("concurrent_action")
+	msg := sprintf(
+		"the concurrent_action precondition reports another action on %s in %s%s; wait for it to finish",
+		[target, environment, precondition_detail(precondition_named("concurrent_action"))],
+	)
+}
+
+# ---------------------------------------------------------------------------
+# Approvals: the max of the rules that apply, capped by data.max_required_approvals.
+
+approval_counts contains 1
+
+approval_counts contains 2 if risk in {"high", "critical"}
+
+approval_counts contains 2 if irreversible
+
+approval_counts contains 2 if {
+	environment == "prod"
+	incident.tier == "critical"
+}
+
+required_approvals := max([1, min([max(approval_counts), max_required_approvals])])
+
+# ---------------------------------------------------------------------------
+# decision
+
+deny_list := [d | some d in deny]
+
+decision := {
+	"allow": count(deny) == 0,
+	"deny": deny_list,
+	"required_approvals": required_approvals,
+	"approver_roles": approver_roles,
+}
+
+# ---------------------------------------------------------------------------
+# approval: may input.approver approve this action?
+
+approver_id := object.get(approver, "id", "")
+
+approver_kind := object.get(approver, "kind", "")
+
+approver_roles_held := roles_of(approver_id)
+
+approval_deny contains violation("insufficient_permissions", msg) if {
+	approver_kind != "human"
+	msg := sprintf(
+		"approver %s is not a human (kind %s); only humans approve actions",
+		[approver_id, approver_kind],
+	)
+}
+
+approval_deny contains violation("insufficient_permissions", msg) if {
+	not has_any_role(approver_roles_held, approver_roles)
+	msg := sprintf(
+		"approver %s has roles %s; approving in %s needs one of %s",
+		[approver_id, list_text(approver_roles_held), environment, list_text(approver_roles)],
+	)
+}
+
+approval_deny contains violation("self_approval", msg) if {
+	approver_id == proposer_id
+	msg := sprintf("%s proposed this action and cannot approve it; ask another approver", [approver_id])
+}
+
+approval := {
+	"allow": count(approval_deny) == 0,
+	"deny": [d | some d in approval_deny],
+}

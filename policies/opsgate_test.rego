@@ -1,0 +1,764 @@
+# Unit tests for the default opsgate policy. Run: `opsgate policy test --policies policies`.
+#
+# regopy 1.5.2 (rego-cpp) notes for test authors:
+#   - `with input as {...}` breaks the whole module there: replace fields one by one
+#     (`with input.action as ...`), which is what decide() / approve() below do;
+#   - object.union is not recursive there (it is in OPA): use merge() below, which
+#     replaces top-level keys only and behaves the same in both engines;
+#   - no top-level commas in comprehension bodies (`[x | some i, x in xs]` fails to parse).
+package opsgate_test
+
+import rego.v1
+
+# ---------------------------------------------------------------------------
+# Fixtures
+
+all_keys(a, b) := object.keys(a) | object.keys(b)
+
+# Shallow merge: b's top-level keys replace a's.
+merge(a, b) := {k: v | some k in all_keys(a, b); v := object.get(b, k, object.get(a, k, null))}
+
+base_action := {
+	"type": "scale_deployment",
+	"target": "checkout",
+	"environment": "prod",
+	"params": {"deployment": "checkout", "replicas": 5},
+	"risk": "medium",
+	"reversible": true,
+	"spec_hash": "sha256:0000",
+	"reason": "p99 latency over SLO since 14:02",
+}
+
+alice := {"id": "alice", "kind": "human"}
+
+bob := {"id": "bob", "kind": "human"}
+
+carol := {"id": "carol", "kind": "human"}
+
+dave := {"id": "dave", "kind": "human"}
+
+sre_agent := {"id": "sre-agent", "kind": "agent"}
+
+base_incident := {"id": "INC-42", "severity": "sev2", "class": "deploy-related", "tier": "standard"}
+
+good_verification := {"defined": true, "signals": 1, "stop_conditions": 1}
+
+base_preconditions := [
+	{"name": "change_freeze", "ok": true, "value": null, "required": false},
+	{"name": "concurrent_action", "ok": true, "value": 0, "required": false},
+]
+
+# 2026-11-23T10:00:00+00:00
+now_ns := 1795428000000000000
+
+base_context := {
+	"now": "2026-11-23T10:00:00+00:00",
+	"now_ns": now_ns,
+	"phase": "propose",
+	"active_on_target": 0,
+}
+
+base_case := {
+	"action": base_action,
+	"proposer": alice,
+	"incident": base_incident,
+	"verification": good_verification,
+	"preconditions": base_preconditions,
+	"context": base_context,
+	"approver": bob,
+}
+
+# A case whose action differs from base_action in the given fields.
+with_action(fields) := merge(base_case, {"action": merge(base_action, fields)})
+
+# base_case with a different proposer.
+proposed_by(who) := merge(base_case, {"proposer": who})
+
+decide(c) := d if {
+	d := data.opsgate.decision with input.action as c.action
+		with input.proposer as c.proposer
+		with input.incident as c.incident
+		with input.verification as c.verification
+		with input.preconditions as c.preconditions
+		with input.context as c.context
+}
+
+approve(c) := a if {
+	a := data.opsgate.approval with input.action as c.action
+		with input.proposer as c.proposer
+		with input.incident as c.incident
+		with input.verification as c.verification
+		with input.preconditions as c.preconditions
+		with input.context as c.context
+		with input.approver as c.approver
+}
+
+codes(d) := {x.code | some x in d.deny}
+
+messages(d, code) := {x.message | some x in d.deny; x.code == code}
+
+denied_with(c, code) if code in codes(decide(c))
+
+# ---------------------------------------------------------------------------
+# The decision document
+
+test_allowed_prod_scale_needs_one_approval if {
+	d := decide(base_case)
+	d.allow == true
+	d.deny == []
+	d.required_approvals == 1
+	d.approver_roles == ["sre-lead", "sre"]
+}
+
+test_decision_defined_for_empty_input if {
+	# The runner's input is {}: every field missing must still give a (denying) decision.
+	d := data.opsgate.decision
+	d.allow == false
+	codes(d) == {"not_allowlisted", "insufficient_permissions", "verification_undefined"}
+	d.required_approvals == 2
+}
+
+test_decision_defined_without_bundle_data if {
+	d := decide(base_case) with data.roles as null
+		with data.allowlist as null
+		with data.param_bounds as null
+		with data.propose_roles as null
+		with data.approver_roles as null
+		with data.freeze_windows as null
+		with data.max_required_approvals as null
+	d.allow == false
+	d.approver_roles == []
+	d.required_approvals == 1
+}
+
+test_allow_is_false_whenever_deny_is_not_empty if {
+	d := decide(with_action({"type": "drain_node"}))
+	count(d.deny) > 0
+	d.allow == false
+}
+
+test_deny_entries_have_code_and_message if {
+	d := decide(merge(proposed_by(dave), {"verification": {"defined": false}}))
+	count(d.deny) == 2
+	every x in d.deny {
+		is_string(x.code)
+		is_string(x.message)
+		count(x.message) > 20
+	}
+}
+
+# ---------------------------------------------------------------------------
+# not_allowlisted
+
+test_not_allowlisted_drain_node_in_prod if {
+	d := decide(with_action({"type": "drain_node", "params": {"node": "node-1"}}))
+	messages(d, "not_allowlisted") == {concat("", [
+		"action type drain_node is not allowlisted in prod; allowed there: ",
+		"[\"restart_service\", \"rollback_deploy\", \"scale_deployment\", \"toggle_feature_flag\"]",
+	])}
+}
+
+test_allowlisted_drain_node_in_staging if {
+	c := with_action({"type": "drain_node", "environment": "staging", "params": {"node": "node-1"}})
+	not denied_with(c, "not_allowlisted")
+}
+
+test_allowlisted_every_default_prod_type if {
+	types := ["restart_service", "scale_deployment", "rollback_deploy", "toggle_feature_flag"]
+	denied := {t | some t in types; denied_with(with_action({"type": t, "params": {}}), "not_allowlisted")}
+	count(denied) == 0
+}
+
+test_not_allowlisted_unknown_environment if {
+	d := decide(with_action({"environment": "qa"}))
+	messages(d, "not_allowlisted") == {
+		"environment qa has no allowlist in the policy bundle, so no action (scale_deployment) may run there",
+	}
+}
+
+test_not_allowlisted_unknown_action_type if {
+	denied_with(with_action({"type": "delete_database"}), "not_allowlisted")
+}
+
+# ---------------------------------------------------------------------------
+# param_out_of_bounds
+
+test_param_out_of_bounds_prod_max if {
+	d := decide(with_action({"params": {"deployment": "checkout", "replicas": 500}}))
+	d.allow == false
+	messages(d, "param_out_of_bounds") == {"replicas=500 exceeds the prod bound of 50; propose replicas <= 50"}
+}
+
+test_param_just_above_prod_max_is_out_of_bounds if {
+	denied_with(with_action({"params": {"deployment": "checkout", "replicas": 51}}), "param_out_of_bounds")
+}
+
+test_param_at_prod_max_is_within_bounds if {
+	not denied_with(with_action({"params": {"deployment": "checkout", "replicas": 50}}), "param_out_of_bounds")
+}
+
+test_param_out_of_bounds_prod_min if {
+	d := decide(with_action({"params": {"deployment": "checkout", "replicas": 0}}))
+	messages(d, "param_out_of_bounds") == {"replicas=0 is below the prod minimum of 1; propose replicas >= 1"}
+}
+
+test_param_out_of_bounds_default_bound_in_staging if {
+	d := decide(with_action({"environment": "staging", "params": {"deployment": "checkout", "replicas": 150}}))
+	messages(d, "param_out_of_bounds") == {"replicas=150 exceeds the default bound of 100; propose replicas <= 100"}
+}
+
+test_param_within_default_bound_in_staging if {
+	c := with_action({"environment": "staging", "params": {"deployment": "checkout", "replicas": 100}})
+	not denied_with(c, "param_out_of_bounds")
+}
+
+test_param_zero_replicas_allowed_outside_prod if {
+	c := with_action({"environment": "dev", "params": {"deployment": "checkout", "replicas": 0}})
+	not denied_with(c, "param_out_of_bounds")
+}
+
+test_param_not_a_number_is_out_of_bounds if {
+	d := decide(with_action({"params": {"deployment": "checkout", "replicas": "lots"}}))
+	messages(d, "param_out_of_bounds") == {
+		"replicas=lots is not a number, so the prod bounds for scale_deployment cannot be checked",
+	}
+}
+
+test_param_bounds_only_for_their_action_type if {
+	c := with_action({"type": "restart_service", "params": {"deployment": "checkout", "replicas": 500}})
+	not denied_with(c, "param_out_of_bounds")
+}
+
+current_replicas(ok, value) := {"name": "current_replicas", "ok": ok, "value": value, "required": false}
+
+with_current_replicas(c, ok, value) := merge(c, {"preconditions": array.concat(
+	base_preconditions,
+	[current_replicas(ok, value)],
+)})
+
+test_param_out_of_bounds_relative_to_current_replicas if {
+	c := with_current_replicas(with_action({"params": {"deployment": "checkout", "replicas": 31}}), true, 10)
+	d := decide(c)
+	messages(d, "param_out_of_bounds") == {
+		"replicas=31 is more than 3x the current 10 replicas in prod; propose replicas <= 30 and scale in steps",
+	}
+}
+
+test_param_at_three_times_current_replicas_is_within_bounds if {
+	c := with_current_replicas(with_action({"params": {"deployment": "checkout", "replicas": 30}}), true, 10)
+	not denied_with(c, "param_out_of_bounds")
+}
+
+test_param_relative_bound_ignored_when_current_unknown if {
+	c1 := with_current_replicas(with_action({"params": {"deployment": "checkout", "replicas": 40}}), false, 10)
+	not denied_with(c1, "param_out_of_bounds")
+	c2 := with_current_replicas(with_action({"params": {"deployment": "checkout", "replicas": 40}}), true, 0)
+	not denied_with(c2, "param_out_of_bounds")
+	c3 := with_current_replicas(with_action({"params": {"deployment": "checkout", "replicas": 40}}), true, null)
+	not denied_with(c3, "param_out_of_bounds")
+}
+
+test_param_relative_bound_only_in_prod if {
+	a := with_action({"environment": "staging", "params": {"deployment": "checkout", "replicas": 40}})
+	not denied_with(with_current_replicas(a, true, 10), "param_out_of_bounds")
+}
+
+# ---------------------------------------------------------------------------
+# missing_precondition
+
+with_precondition(p) := merge(base_case, {"preconditions": array.concat(base_preconditions, [p])})
+
+test_missing_precondition_required_and_failed if {
+	p := {"name": "error_rate_elevated", "ok": false, "value": 0.001, "required": true}
+	d := decide(with_precondition(p))
+	d.allow == false
+	messages(d, "missing_precondition") == {
+		"required precondition error_rate_elevated is not met (value 0.001); wait until it holds or fix the check",
+	}
+}
+
+test_missing_precondition_reports_check_error if {
+	p := {"name": "error_rate_elevated", "ok": false, "value": null, "required": true, "error": "prometheus unreachable"}
+	d := decide(with_precondition(p))
+	messages(d, "missing_precondition") == {
+		"required precondition error_rate_elevated is not met (prometheus unreachable); wait until it holds or fix the check",
+	}
+}
+
+test_missing_precondition_without_ok_field if {
+	denied_with(with_precondition({"name": "deploy_recent", "required": true}), "missing_precondition")
+}
+
+test_missing_precondition_required_and_ok if {
+	p := {"name": "error_rate_elevated", "ok": true, "value": 0.31, "required": true}
+	d := decide(with_precondition(p))
+	d.allow == true
+}
+
+test_missing_precondition_not_required_and_failed if {
+	p := {"name": "error_rate_elevated", "ok": false, "value": 0.001, "required": false}
+	not denied_with(with_precondition(p), "missing_precondition")
+}
+
+test_missing_precondition_leaves_own_code_checks_to_their_codes if {
+	p := {"name": "concurrent_action", "ok": false, "value": 1, "required": true}
+	c := merge(base_case, {"preconditions": [p]})
+	codes(decide(c)) == {"concurrent_action"}
+}
+
+# ---------------------------------------------------------------------------
+# insufficient_permissions (proposing)
+
+test_insufficient_permissions_developer_in_prod if {
+	d := decide(proposed_by(dave))
+	messages(d, "insufficient_permissions") == {
+		"proposer dave has roles [\"developer\"]; proposing in prod needs one of [\"agent\", \"sre\", \"sre-lead\"]",
+	}
+}
+
+test_developer_may_propose_in_staging if {
+	c := merge(proposed_by(dave), {"action": merge(base_action, {"environment": "staging"})})
+	d := decide(c)
+	d.allow == true
+}
+
+test_insufficient_permissions_unknown_proposer if {
+	denied_with(proposed_by({"id": "mallory", "kind": "human"}), "insufficient_permissions")
+}
+
+test_insufficient_permissions_roles_come_from_data if {
+	d := decide(proposed_by(dave)) with data.roles as {"dave": ["sre"]}
+	d.allow == true
+}
+
+test_agent_may_propose_reversible_in_prod if {
+	d := decide(proposed_by(sre_agent))
+	d.allow == true
+}
+
+test_insufficient_permissions_agent_critical_risk if {
+	c := merge(proposed_by(sre_agent), {"action": merge(base_action, {"environment": "staging", "risk": "critical"})})
+	d := decide(c)
+	messages(d, "insufficient_permissions") == {
+		"agent sre-agent may not propose scale_deployment: its risk is critical; a human must propose it",
+	}
+}
+
+test_insufficient_permissions_agent_irreversible_in_prod if {
+	c := merge(proposed_by(sre_agent), {"action": merge(base_action, {"reversible": false})})
+	d := decide(c)
+	messages(d, "insufficient_permissions") == {
+		"agent sre-agent may not propose scale_deployment in prod: it is irreversible; a human must propose it",
+	}
+}
+
+test_agent_may_propose_irreversible_in_staging if {
+	c := merge(proposed_by(sre_agent), {"action": merge(base_action, {"environment": "staging", "reversible": false})})
+	not denied_with(c, "insufficient_permissions")
+}
+
+test_human_may_propose_irreversible_critical_in_prod if {
+	c := with_action({"risk": "critical", "reversible": false})
+	not denied_with(c, "insufficient_permissions")
+}
+
+test_agent_drain_node_in_prod_is_not_allowlisted_and_not_permitted if {
+	drain := {"type": "drain_node", "params": {"node": "node-1"}, "risk": "high", "reversible": false}
+	c := merge(proposed_by(sre_agent), {"action": merge(base_action, drain)})
+	codes(decide(c)) == {"not_allowlisted", "insufficient_permissions"}
+}
+
+# ---------------------------------------------------------------------------
+# verification_undefined
+
+with_verification(v) := merge(base_case, {"verification": v})
+
+test_verification_undefined_not_defined if {
+	d := decide(with_verification({"defined": false, "signals": 0, "stop_conditions": 0}))
+	messages(d, "verification_undefined") == {
+		"scale_deployment has no verification defined; add signals and stop conditions to its catalog entry",
+	}
+}
+
+test_verification_undefined_no_signals if {
+	d := decide(with_verification({"defined": true, "signals": 0, "stop_conditions": 1}))
+	messages(d, "verification_undefined") == {
+		"scale_deployment defines no verification signals; add at least one signal with a pass range",
+	}
+}
+
+test_verification_undefined_no_stop_conditions if {
+	d := decide(with_verification({"defined": true, "signals": 2, "stop_conditions": 0}))
+	messages(d, "verification_undefined") == {
+		"scale_deployment defines no stop conditions; add at least one stop condition with a halt range",
+	}
+}
+
+test_verification_undefined_missing_fields if {
+	denied_with(with_verification({}), "verification_undefined")
+	denied_with(with_verification({"defined": true}), "verification_undefined")
+	denied_with(with_verification({"defined": "yes", "signals": 1, "stop_conditions": 1}), "verification_undefined")
+}
+
+test_verification_defined if {
+	not denied_with(with_verification({"defined": true, "signals": 3, "stop_conditions": 2}), "verification_undefined")
+}
+
+# ---------------------------------------------------------------------------
+# change_freeze
+
+black_friday := {
+	"name": "black-friday",
+	"start": "2026-11-23T00:00:00+00:00",
+	"end": "2026-11-24T00:00:00+00:00",
+	"environments": ["prod"],
+}
+
+# The same instant range, written with a +02:00 offset.
+black_friday_cest := merge(black_friday, {
+	"start": "2026-11-23T02:00:00+02:00",
+	"end": "2026-11-24T02:00:00+02:00",
+})
+
+at(ns) := merge(base_case, {"context": merge(base_context, {"now_ns": ns})})
+
+hour_ns := 3600000000000
+
+test_change_freeze_inside_window if {
+	d := decide(base_case) with data.freeze_windows as [black_friday]
+	d.allow == false
+	messages(d, "change_freeze") == {concat("", [
+		"prod is in change freeze black-friday from 2026-11-23T00:00:00+00:00 until ",
+		"2026-11-24T00:00:00+00:00 and no incident severity is exempt (this incident: sev2); ",
+		"wait until the freeze ends",
+	])}
+}
+
+test_change_freeze_message_names_exempt_severities if {
+	exempt := merge(black_friday, {"exempt_severities": ["sev1"]})
+	d := decide(base_case) with data.freeze_windows as [exempt]
+	messages(d, "change_freeze") == {concat("", [
+		"prod is in change freeze black-friday from 2026-11-23T00:00:00+00:00 until ",
+		"2026-11-24T00:00:00+00:00 and only [\"sev1\"] incidents are exempt (this incident: sev2); ",
+		"wait until the freeze ends",
+	])}
+}
+
+test_change_freeze_window_without_start_or_end if {
+	broken := object.remove(black_friday, ["end"])
+	d := decide(base_case) with data.freeze_windows as [broken]
+	messages(d, "change_freeze") == {
+		"freeze window black-friday for prod has no valid start and end; fix freeze_windows in the policy data",
+	}
+	not denied_with(with_action({"environment": "staging"}), "change_freeze") with data.freeze_windows as [broken]
+}
+
+test_change_freeze_window_with_numeric_offset if {
+	denied_with(base_case, "change_freeze") with data.freeze_windows as [black_friday_cest]
+	not denied_with(at(now_ns + (14 * hour_ns)), "change_freeze") with data.freeze_windows as [black_friday_cest]
+}
+
+test_change_freeze_window_with_z_suffix if {
+	zulu := merge(black_friday, {"start": "2026-11-23T00:00:00Z", "end": "2026-11-24T00:00:00Z"})
+	denied_with(base_case, "change_freeze") with data.freeze_windows as [zulu]
+}
+
+test_change_freeze_starts_inclusive_ends_exclusive if {
+	start := 1795392000000000000 # 2026-11-23T00:00:00+00:00
+	denied_with(at(start), "change_freeze") with data.freeze_windows as [black_friday]
+	not denied_with(at(start - 1), "change_freeze") with data.freeze_windows as [black_friday]
+	denied_with(at((start + (24 * hour_ns)) - 1), "change_freeze") with data.freeze_windows as [black_friday]
+	not denied_with(at(start + (24 * hour_ns)), "change_freeze") with data.freeze_windows as [black_friday]
+}
+
+test_change_freeze_outside_window if {
+	d := decide(at(now_ns + (24 * hour_ns))) with data.freeze_windows as [black_friday]
+	d.allow == true
+}
+
+test_change_freeze_other_environment if {
+	d := decide(with_action({"environment": "staging"})) with data.freeze_windows as [black_friday]
+	d.allow == true
+}
+
+test_change_freeze_wildcard_environment if {
+	everywhere := merge(black_friday, {"environments": ["*"]})
+	denied_with(with_action({"environment": "staging"}), "change_freeze") with data.freeze_windows as [everywhere]
+}
+
+test_change_freeze_exempt_severity if {
+	exempt := merge(black_friday, {"exempt_severities": ["sev1"]})
+	sev1 := merge(base_case, {"incident": merge(base_incident, {"severity": "sev1"})})
+	d := decide(sev1) with data.freeze_windows as [exempt]
+	d.allow == true
+	denied_with(base_case, "change_freeze") with data.freeze_windows as [exempt]
+}
+
+test_change_freeze_exempt_severity_overrides_precondition_for_that_window if {
+	exempt := merge(black_friday, {"exempt_severities": ["sev1"]})
+	frozen := {"name": "change_freeze", "ok": false, "value": "black-friday", "required": false}
+	sev1 := merge(base_case, {
+		"incident": merge(base_incident, {"severity": "sev1"}),
+		"preconditions": [frozen],
+	})
+	d := decide(sev1) with data.freeze_windows as [exempt]
+	d.allow == true
+}
+
+test_change_freeze_null_severity_is_not_exempt if {
+	exempt := merge(black_friday, {"exempt_severities": ["sev1"]})
+	c := merge(base_case, {"incident": merge(base_incident, {"severity": null})})
+	denied_with(c, "change_freeze") with data.freeze_windows as [exempt]
+}
+
+test_change_freeze_precondition_failed if {
+	frozen := {"name": "change_freeze", "ok": false, "value": "release-week", "required": false}
+	d := decide(merge(base_case, {"preconditions": [frozen]}))
+	messages(d, "change_freeze") == {
+		"the change_freeze precondition reports a freeze for prod (value release-week); wait for the freeze to end",
+	}
+}
+
+test_change_freeze_reported_once_by_window_and_precondition if {
+	frozen := {"name": "change_freeze", "ok": false, "value": "black-friday", "required": false}
+	d := decide(merge(base_case, {"preconditions": [frozen]})) with data.freeze_windows as [black_friday]
+	count(messages(d, "change_freeze")) == 1
+}
+
+test_change_freeze_precondition_ok if {
+	not denied_with(base_case, "change_freeze")
+}
+
+test_change_freeze_uses_now_when_now_ns_missing if {
+	c := merge(base_case, {"context": {"now": "2026-11-23T10:00:00+00:00", "active_on_target": 0}})
+	denied_with(c, "change_freeze") with data.freeze_windows as [black_friday]
+}
+
+test_change_freeze_without_time_denies_when_windows_exist if {
+	c := merge(base_case, {"context": {"active_on_target": 0}})
+	denied_with(c, "change_freeze") with data.freeze_windows as [black_friday]
+	not denied_with(c, "change_freeze")
+}
+
+# ---------------------------------------------------------------------------
+# concurrent_action
+
+test_concurrent_action_active_on_target if {
+	c := merge(base_case, {"context": merge(base_context, {"active_on_target": 2})})
+	d := decide(c)
+	messages(d, "concurrent_action") == {
+		"2 other action(s) are active on checkout in prod; wait for them to finish or cancel them",
+	}
+}
+
+test_concurrent_action_precondition_failed if {
+	busy := {"name": "concurrent_action", "ok": false, "value": 1, "required": false}
+	d := decide(merge(base_case, {"preconditions": [busy]}))
+	messages(d, "concurrent_action") == {
+		"the concurrent_action precondition reports another action on checkout in prod (value 1); wait for it to finish",
+	}
+}
+
+test_concurrent_action_reported_once if {
+	busy := {"name": "concurrent_action", "ok": false, "value": 1, "required": false}
+	c := merge(base_case, {"preconditions": [busy], "context": merge(base_context, {"active_on_target": 1})})
+	count(messages(decide(c), "concurrent_action")) == 1
+}
+
+test_concurrent_action_none if {
+	not denied_with(base_case, "concurrent_action")
+}
+
+# ---------------------------------------------------------------------------
+# required_approvals and approver_roles
+
+approvals(c) := decide(c).required_approvals
+
+test_approvals_default_one if {
+	approvals(base_case) == 1
+	approvals(with_action({"risk": "low"})) == 1
+}
+
+test_approvals_high_risk_two if {
+	approvals(with_action({"risk": "high"})) == 2
+}
+
+test_approvals_critical_risk_two if {
+	approvals(with_action({"risk": "critical"})) == 2
+}
+
+test_approvals_irreversible_two if {
+	approvals(with_action({"reversible": false})) == 2
+}
+
+test_approvals_missing_reversible_counts_as_irreversible if {
+	approvals(merge(base_case, {"action": object.remove(base_action, ["reversible"])})) == 2
+}
+
+test_approvals_prod_critical_tier_two if {
+	approvals(merge(base_case, {"incident": merge(base_incident, {"tier": "critical"})})) == 2
+}
+
+test_approvals_critical_tier_outside_prod_one if {
+	c := merge(with_action({"environment": "staging"}), {"incident": merge(base_incident, {"tier": "critical"})})
+	approvals(c) == 1
+}
+
+test_approvals_rules_take_the_max_not_the_sum if {
+	c := merge(with_action({"risk": "critical", "reversible": false}), {"incident": merge(base_incident, {"tier": "critical"})})
+	approvals(c) == 2
+}
+
+test_approvals_capped_by_max_required_approvals if {
+	approvals(with_action({"risk": "high"})) == 1 with data.max_required_approvals as 1
+}
+
+test_approvals_never_below_one if {
+	approvals(base_case) == 1 with data.max_required_approvals as 0
+}
+
+test_approver_roles_prod if {
+	decide(base_case).approver_roles == ["sre-lead", "sre"]
+}
+
+test_approver_roles_fall_back_to_default if {
+	decide(with_action({"environment": "staging"})).approver_roles == ["sre", "sre-lead"]
+	decide(with_action({"environment": "qa"})).approver_roles == ["sre", "sre-lead"]
+}
+
+# ---------------------------------------------------------------------------
+# approval
+
+test_approval_allowed_for_sre if {
+	a := approve(base_case)
+	a.allow == true
+	a.deny == []
+}
+
+test_approval_allowed_for_sre_lead if {
+	approve(merge(base_case, {"approver": carol})).allow == true
+}
+
+test_approval_denied_for_agent if {
+	a := approve(merge(base_case, {"approver": sre_agent}))
+	a.allow == false
+	{x.code | some x in a.deny} == {"insufficient_permissions"}
+	{x.message | some x in a.deny} == {
+		"approver sre-agent is not a human (kind agent); only humans approve actions",
+		"approver sre-agent has roles [\"agent\"]; approving in prod needs one of [\"sre\", \"sre-lead\"]",
+	}
+}
+
+test_approval_denied_for_agent_even_with_role if {
+	a := approve(merge(base_case, {"approver": sre_agent})) with data.roles as {"sre-agent": ["sre"]}
+	a.allow == false
+	{x.message | some x in a.deny} == {"approver sre-agent is not a human (kind agent); only humans approve actions"}
+}
+
+test_approval_denied_missing_role if {
+	a := approve(merge(base_case, {"approver": dave}))
+	a.allow == false
+	{x.message | some x in a.deny} == {
+		"approver dave has roles [\"developer\"]; approving in prod needs one of [\"sre\", \"sre-lead\"]",
+	}
+}
+
+test_approval_denied_self_approval if {
+	a := approve(merge(base_case, {"approver": alice}))
+	a.allow == false
+	{x.code | some x in a.deny} == {"self_approval"}
+	{x.message | some x in a.deny} == {"alice proposed this action and cannot approve it; ask another approver"}
+}
+
+test_approval_denied_without_approver if {
+	a := approve(merge(base_case, {"approver": null}))
+	a.allow == false
+	"insufficient_permissions" in {x.code | some x in a.deny}
+}
+
+test_approval_uses_environment_approver_roles if {
+	c := merge(with_action({"environment": "staging"}), {"approver": bob})
+	approve(c).allow == true with data.approver_roles as {"default": ["sre-lead"]}
+		with data.roles as {"bob": ["sre-lead"]}
+	approve(c).allow == false with data.approver_roles as {"default": ["sre-lead"]}
+}
+
+# ---------------------------------------------------------------------------
+# Every builtin the policy (and these tests) use, as this engine evaluates it.
+
+test_builtin_time_parse_rfc3339_ns_utc_offset if {
+	time.parse_rfc3339_ns("2026-11-23T10:00:00+00:00") == 1795428000000000000
+}
+
+test_builtin_time_parse_rfc3339_ns_other_offset if {
+	time.parse_rfc3339_ns("2026-11-23T12:00:00+02:00") == 1795428000000000000
+	time.parse_rfc3339_ns("2026-11-23T05:00:00-05:00") == 1795428000000000000
+}
+
+test_builtin_time_parse_rfc3339_ns_fractional_seconds if {
+	time.parse_rfc3339_ns("2026-11-23T10:00:00.123456+00:00") == 1795428000123456000
+}
+
+test_builtin_object_get if {
+	object.get({"a": 1}, "a", 0) == 1
+	object.get({"a": 1}, "b", 0) == 0
+	object.get({"a": {"b": 2}}, "a", {}) == {"b": 2}
+}
+
+test_builtin_object_keys if {
+	object.keys({"a": 1, "b": 2}) == {"a", "b"}
+}
+
+test_builtin_object_remove if {
+	object.remove({"a": 1, "b": 2}, ["b"]) == {"a": 1}
+}
+
+test_builtin_array_concat if {
+	array.concat([1], [2, 3]) == [1, 2, 3]
+}
+
+test_builtin_sprintf if {
+	sprintf("%s=%v exceeds %v", ["replicas", 500, 50]) == "replicas=500 exceeds 50"
+	sprintf("%v", [0.001]) == "0.001"
+	sprintf("%v", [["a", "b"]]) == "[\"a\", \"b\"]"
+	sprintf("%v", [[]]) == "[]"
+	sprintf("%v", [null]) == "null"
+	sprintf("(%v)", [sprintf("%v", [1])]) == "(1)"
+}
+
+test_builtin_count if {
+	count([1, 2]) == 2
+	count({"a"}) == 1
+	count({}) == 0
+	count("abc") == 3
+}
+
+test_builtin_type_checks if {
+	is_number(1)
+	is_number(1.5)
+	not is_number("1")
+	is_object({})
+	not is_object([])
+	is_array([])
+	not is_array({})
+	is_string("")
+	not is_string(1)
+}
+
+test_builtin_max_min if {
+	max([1, 3, 2]) == 3
+	max({1, 2}) == 2
+	min([3, 5]) == 3
+}
+
+test_builtin_sort if {
+	sort(["sre-lead", "agent", "sre"]) == ["agent", "sre", "sre-lead"]
+}
+
+test_builtin_concat_endswith_trim_suffix if {
+	endswith("2026-11-23T00:00:00Z", "Z")
+	not endswith("2026-11-23T00:00:00+00:00", "Z")
+	trim_suffix("2026-11-23T00:00:00Z", "Z") == "2026-11-23T00:00:00"
+	concat("", ["2026-11-23T00:00:00", "+00:00"]) == "2026-11-23T00:00:00+00:00"
+	time.parse_rfc3339_ns(concat("", [trim_suffix("2026-11-23T00:00:00Z", "Z"), "+00:00"])) == 1795392000000000000
+}
