@@ -99,4 +99,3 @@ class Store(Protocol):
         """The database's authenticated user (PostgreSQL), or None where there is none."""
 
     def close(self) -> None: ...
-

@@ -74,9 +74,9 @@ decision := {"allow": count(deny) == 0, "deny": deny, "required_approvals": 1}
     "source",
     [
         "package opsgate\nimport rego.v1\nother := 1\n",  # decision undefined
-        "package opsgate\nimport rego.v1\ndecision := {\"deny\": []}\n",  # no allow
-        "package opsgate\nimport rego.v1\ndecision := {\"allow\": \"yes\", \"deny\": []}\n",
-        "package opsgate\nimport rego.v1\ndecision := {\"allow\": true, \"deny\": [1]}\n",
+        'package opsgate\nimport rego.v1\ndecision := {"deny": []}\n',  # no allow
+        'package opsgate\nimport rego.v1\ndecision := {"allow": "yes", "deny": []}\n',
+        'package opsgate\nimport rego.v1\ndecision := {"allow": true, "deny": [1]}\n',
         "package opsgate\nimport rego.v1\ndecision := true\n",
         "package opsgate\nthis is not rego\n",  # does not compile
     ],

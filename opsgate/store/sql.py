@@ -1,0 +1,660 @@
+"""The SQL store: SQLite (WAL, synchronous=FULL) or PostgreSQL, through SQLAlchemy Core."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.util import CommandError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    Row,
+    Select,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from opsgate.audit import AuditDraft, seal
+from opsgate.models import (
+    ACTIVE_STATES,
+    Action,
+    ActionState,
+    Approval,
+    AuditEvent,
+    Decision,
+)
+from opsgate.store.base import MUTABLE_ACTION_FIELDS, DuplicateIdempotencyKey, StoreError
+from opsgate.store.tables import (
+    actions,
+    approvals,
+    audit_events,
+    audit_head,
+    decisions,
+    metadata,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Serialises concurrent `migrate()` calls on one PostgreSQL database (any constant works).
+_MIGRATE_LOCK_KEY = 0x6F7073676174
+_AUDIT_PAGE = 500
+_ACTIVE = sorted(s.value for s in ACTIVE_STATES)
+_EXPIRABLE = [ActionState.PENDING_APPROVAL.value, ActionState.APPROVED.value]
+# Tables that `row_counts` reports; audit_head is bookkeeping, not data.
+_COUNTED = [t for t in metadata.sorted_tables if t.name != "audit_head"]
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a database URL; plain `postgresql://` (or `postgres://`) means psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except SQLAlchemyError:
+        raise StoreError(
+            "invalid database URL; use sqlite:///path/to/opsgate.db or "
+            "postgresql://user@host/dbname"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "postgres":  # Heroku-style alias that SQLAlchemy no longer accepts
+        backend = "postgresql"
+        parsed = parsed.set(drivername="postgresql" + parsed.drivername[len("postgres") :])
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+    elif backend == "sqlite":
+        database = parsed.database or ""
+        if database in {"", ":memory:"}:
+            raise StoreError(
+                "an in-memory SQLite database cannot be shared between connections; "
+                "use a file (sqlite:///opsgate.db) or memory:// for tests"
+            )
+        if not database.startswith("file:"):
+            parsed = parsed.set(database=str(Path(database).expanduser()))
+    else:
+        raise StoreError(
+            f"unsupported database {parsed.drivername!r}; use sqlite:///path or postgresql://"
+        )
+    return parsed
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An alembic Config built in code, pointing at the packaged migrations."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def _translate_errors(
+    method: Callable[Concatenate[Any, P], R],
+) -> Callable[Concatenate[Any, P], R]:
+    """Turn driver errors into a one-line StoreError that never shows a password."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except SQLAlchemyError as exc:
+            raise self.store_error(exc) from None
+
+    return wrapper
+
+
+class SqlStore:
+    """`Store` over SQLAlchemy Core; one engine (a small connection pool) per store."""
+
+    def __init__(self, url: str) -> None:
+        parsed = normalize_url(url)
+        # Masked: the URL ends up in messages and listings; the engine keeps the real one.
+        self.url = parsed.render_as_string(hide_password=True)
+        self._display_url = self.url
+        self._password = parsed.password if isinstance(parsed.password, str) else None
+        self._local = threading.local()
+        self.dialect = parsed.get_backend_name()
+        try:
+            if self.dialect == "sqlite":
+                self._engine = self._sqlite_engine(parsed)
+                self._read_engine = self._engine.execution_options(opsgate_read=True)
+            else:
+                self._engine = self._postgresql_engine(parsed)
+                # Reads are single statements; autocommit saves BEGIN and ROLLBACK round trips.
+                self._read_engine = self._engine.execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            raise self.store_error(exc) from None
+
+    @staticmethod
+    def _sqlite_engine(url: URL) -> Engine:
+        database = url.database or ""
+        if not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not sqlite3, decide where transactions begin (see `_on_begin`).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("PRAGMA busy_timeout = 30000")
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = FULL")
+                cursor.execute("PRAGMA foreign_keys = ON")
+            finally:
+                cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # Writers take the write lock up front, so they queue on busy_timeout instead of
+            # failing on lock upgrade, and read the audit head only once they own it.
+            # Single-statement reads need no transaction at all.
+            if not conn.get_execution_options().get("opsgate_read"):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    @staticmethod
+    def _postgresql_engine(url: URL) -> Engine:
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = 10
+        if "application_name" not in url.query:
+            connect_args["application_name"] = "opsgate"
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+    def __repr__(self) -> str:
+        return f"SqlStore({self._display_url!r})"
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, for reports and tests that need SQL aggregates."""
+        return self._engine
+
+    def store_error(self, exc: BaseException) -> StoreError:
+        """A one-line StoreError for a driver error, with the password masked."""
+        detail = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        lines = [line.strip() for line in str(detail).splitlines() if line.strip()]
+        message = lines[0] if lines else type(detail).__name__
+        if self._password:
+            message = message.replace(self._password, "***")
+        hint = ""
+        lowered = message.lower()
+        if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+            hint = " (is the schema migrated?)"
+        return StoreError(f"database error ({self._display_url}): {message}{hint}")
+
+    # --- transactions ------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlTx]:
+        """One database transaction: committed when the block ends, rolled back if it raises."""
+        if getattr(self._local, "active", False):
+            raise StoreError("a transaction is already open in this thread; nesting is not allowed")
+        try:
+            conn = self._engine.connect()
+        except SQLAlchemyError as exc:
+            raise self.store_error(exc) from None
+        self._local.active = True
+        try:
+            try:
+                conn.begin()
+            except SQLAlchemyError as exc:
+                raise self.store_error(exc) from None
+            tx = SqlTx(self, conn)
+            try:
+                yield tx
+            except BaseException:
+                self._rollback_quietly(conn)
+                raise
+            if tx.failed:
+                # SQLite would commit the statements that did succeed, PostgreSQL would
+                # silently roll back: refuse both, all or nothing.
+                self._rollback_quietly(conn)
+                raise StoreError(
+                    "a statement in this transaction failed; nothing of it was written"
+                )
+            try:
+                conn.commit()
+            except SQLAlchemyError as exc:
+                raise self.store_error(exc) from None
+        finally:
+            self._local.active = False
+            self._close_quietly(conn)
+
+    @staticmethod
+    def _rollback_quietly(conn: Connection) -> None:
+        # The exception that got us here matters more than a failing rollback.
+        try:
+            conn.rollback()
+        except SQLAlchemyError:
+            conn.invalidate()
+
+    @staticmethod
+    def _close_quietly(conn: Connection) -> None:
+        try:
+            conn.close()
+        except SQLAlchemyError:
+            conn.invalidate()
+
+    @_translate_errors
+    def migrate(self) -> None:
+        """Upgrade the schema to the newest revision (alembic `upgrade head`)."""
+        try:
+            with self._engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(select(func.pg_advisory_xact_lock(_MIGRATE_LOCK_KEY)))
+                command.upgrade(alembic_config(conn), "head")
+        except CommandError as exc:  # e.g. the database is at a revision this code lacks
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed"
+            raise StoreError(
+                f"cannot migrate {self._display_url}: {first} (is this opsgate older than "
+                "the database?)"
+            ) from None
+
+    # --- reads -------------------------------------------------------------------------
+
+    def _all(
+        self, statement: Executable, params: Mapping[str, Any] | None = None
+    ) -> Sequence[Row[Any]]:
+        with self._read_engine.connect() as conn:
+            return conn.execute(statement, params).all()
+
+    @_translate_errors
+    def get_action(self, action_id: str) -> Action | None:
+        rows = self._all(_SELECT_ACTION, {"action_id": action_id})
+        return action_from_row(rows[0]._mapping) if rows else None
+
+    @_translate_errors
+    def find_action_by_idempotency_key(self, key: str) -> Action | None:
+        rows = self._all(_ACTION_BY_KEY, {"key": key})
+        return action_from_row(rows[0]._mapping) if rows else None
+
+    @_translate_errors
+    def list_actions(
+        self,
+        *,
+        states: Collection[ActionState] | None = None,
+        proposer_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Action]:
+        """Oldest first."""
+        statement = select(actions)
+        if states is not None:
+            statement = statement.where(actions.c.state.in_([ActionState(s).value for s in states]))
+        if proposer_id is not None:
+            statement = statement.where(actions.c.proposer_id == proposer_id)
+        statement = statement.order_by(actions.c.created_at, actions.c.id).limit(max(limit, 0))
+        return [action_from_row(row._mapping) for row in self._all(statement)]
+
+    @_translate_errors
+    def due_for_expiry(self, now: datetime) -> list[Action]:
+        """Pending or approved actions whose expires_at has passed."""
+        rows = self._all(_DUE_FOR_EXPIRY, {"now": now})
+        return [action_from_row(row._mapping) for row in rows]
+
+    @_translate_errors
+    def decisions_for(self, action_id: str) -> list[Decision]:
+        rows = self._all(_DECISIONS_OF, {"action_id": action_id})
+        return [decision_from_row(row._mapping) for row in rows]
+
+    @_translate_errors
+    def approvals_for(self, action_id: str) -> list[Approval]:
+        rows = self._all(_APPROVALS_OF, {"action_id": action_id})
+        return [approval_from_row(row._mapping) for row in rows]
+
+    @_translate_errors
+    def count_active_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        statement, params = _count_active(target, environment, exclude_id)
+        return int(self._all(statement, params)[0][0])
+
+    def audit_events(self, *, action_id: str | None = None) -> Iterator[AuditEvent]:
+        """In sequence order, fetched in pages so no connection stays open while iterating."""
+        after = 0
+        while True:
+            page = self._audit_page(after, action_id)
+            yield from page
+            if len(page) < _AUDIT_PAGE:
+                return
+            after = page[-1].seq
+
+    @_translate_errors
+    def _audit_page(self, after: int, action_id: str | None) -> list[AuditEvent]:
+        if action_id is None:
+            rows = self._all(_AUDIT_PAGE_ALL, {"after": after})
+        else:
+            rows = self._all(_AUDIT_PAGE_OF, {"after": after, "action_id": action_id})
+        return [audit_event_from_row(row._mapping) for row in rows]
+
+    @_translate_errors
+    def row_counts(self) -> dict[str, int]:
+        """Rows per table, read in one statement so the counts are one consistent snapshot."""
+        row = self._all(_ROW_COUNTS)[0]
+        return {name: int(value) for name, value in row._mapping.items()}
+
+    @_translate_errors
+    def session_user(self) -> str | None:
+        if self.dialect != "postgresql":
+            return None
+        return str(self._all(select(func.session_user()))[0][0])
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+
+class SqlTx:
+    """`StoreTx` on one connection inside one open transaction."""
+
+    def __init__(self, store: SqlStore, conn: Connection) -> None:
+        self._store = store
+        self._conn = conn
+        self._postgresql = store.dialect == "postgresql"
+        self._insert_action = _INSERT_ACTION[store.dialect]
+        self.failed = False  # a driver error happened: the transaction must not commit
+
+    def store_error(self, exc: BaseException) -> StoreError:
+        self.failed = True
+        return self._store.store_error(exc)
+
+    @_translate_errors
+    def lock_action(self, action_id: str) -> Action | None:
+        """Read an action and lock it until the transaction ends (FOR UPDATE).
+
+        SQLite needs no row lock: BEGIN IMMEDIATE already made this the only writer.
+        """
+        statement = _LOCK_ACTION if self._postgresql else _SELECT_ACTION
+        row = self._conn.execute(statement, {"action_id": action_id}).first()
+        return action_from_row(row._mapping) if row is not None else None
+
+    @_translate_errors
+    def insert_action(self, action: Action) -> None:
+        """Insert a new action; DuplicateIdempotencyKey if its key is taken."""
+        # ON CONFLICT on the key alone: no aborted PostgreSQL transaction, no extra round trip,
+        # and a concurrent insert of the same key waits for the other transaction to finish.
+        inserted = self._conn.execute(self._insert_action, action_to_row(action)).first()
+        if inserted is None:
+            raise DuplicateIdempotencyKey(
+                f"idempotency key {action.idempotency_key!r} is already used by another action"
+            )
+
+    @_translate_errors
+    def update_action(self, action_id: str, **fields: Any) -> Action:
+        """Change MUTABLE_ACTION_FIELDS of a locked action and return the new row."""
+        values = mutable_values(fields)
+        if not values:
+            found = self.lock_action(action_id)
+            if found is None:
+                raise StoreError(f"no action {action_id}")
+            return found
+        statement = (
+            update(actions).where(actions.c.id == action_id).values(**values).returning(actions)
+        )
+        row = self._conn.execute(statement).first()
+        if row is None:
+            raise StoreError(f"no action {action_id}")
+        return action_from_row(row._mapping)
+
+    @_translate_errors
+    def insert_decision(self, decision: Decision) -> None:
+        self._conn.execute(_INSERT_DECISION, decision_to_row(decision))
+
+    @_translate_errors
+    def insert_approval(self, approval: Approval) -> None:
+        self._conn.execute(_INSERT_APPROVAL, approval_to_row(approval))
+
+    @_translate_errors
+    def approvals_for(self, action_id: str) -> list[Approval]:
+        rows = self._conn.execute(_APPROVALS_OF, {"action_id": action_id})
+        return [approval_from_row(row._mapping) for row in rows]
+
+    @_translate_errors
+    def count_active_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        """Actions on this target in ACTIVE_STATES (approved .. rolling_back)."""
+        statement, params = _count_active(target, environment, exclude_id)
+        return int(self._conn.execute(statement, params).scalar_one())
+
+    @_translate_errors
+    def append_audit(self, draft: AuditDraft) -> AuditEvent:
+        """Seal the draft onto the end of the chain (serialised across writers)."""
+        # The head row lock (or SQLite's write lock) is held until commit, so concurrent
+        # appenders queue here and each sees the head its predecessor left.
+        head = self._conn.execute(_HEAD_FOR_UPDATE).first()
+        if head is None:
+            raise StoreError("the audit_head row is missing (is the schema migrated?)")
+        event = seal(draft, seq=head.seq + 1, prev_hash=head.hash)
+        self._conn.execute(_INSERT_AUDIT_EVENT, audit_event_to_row(event))
+        self._conn.execute(_MOVE_HEAD, {"new_seq": event.seq, "new_hash": event.hash})
+        return event
+
+
+# Statements are built once, with bind parameters: building and cache-keying a select on
+# every call costs more than running it on SQLite.
+_SELECT_ACTION = select(actions).where(actions.c.id == bindparam("action_id"))
+_LOCK_ACTION = _SELECT_ACTION.with_for_update()
+_ACTION_BY_KEY = select(actions).where(actions.c.idempotency_key == bindparam("key"))
+_DUE_FOR_EXPIRY = (
+    select(actions)
+    .where(
+        actions.c.state.in_(_EXPIRABLE),
+        actions.c.expires_at.is_not(None),
+        actions.c.expires_at <= bindparam("now", type_=actions.c.expires_at.type),
+    )
+    .order_by(actions.c.expires_at, actions.c.id)
+)
+_DECISIONS_OF = (
+    select(decisions)
+    .where(decisions.c.action_id == bindparam("action_id"))
+    .order_by(decisions.c.decided_at, decisions.c.id)
+)
+_APPROVALS_OF = (
+    select(approvals)
+    .where(approvals.c.action_id == bindparam("action_id"))
+    .order_by(approvals.c.created_at, approvals.c.id)
+)
+_COUNT_ACTIVE = (
+    select(func.count())
+    .select_from(actions)
+    .where(
+        actions.c.target == bindparam("target"),
+        actions.c.environment == bindparam("environment"),
+        actions.c.state.in_(_ACTIVE),
+    )
+)
+_COUNT_ACTIVE_EXCLUDING = _COUNT_ACTIVE.where(actions.c.id != bindparam("exclude_id"))
+_AUDIT_PAGE_ALL = (
+    select(audit_events)
+    .where(audit_events.c.seq > bindparam("after"))
+    .order_by(audit_events.c.seq)
+    .limit(_AUDIT_PAGE)
+)
+_AUDIT_PAGE_OF = _AUDIT_PAGE_ALL.where(audit_events.c.action_id == bindparam("action_id"))
+_ROW_COUNTS = select(
+    *(select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in _COUNTED)
+)
+# ON CONFLICT on the key alone; any other constraint still raises.
+_INSERT_ACTION = {
+    name: dialect.insert(actions)
+    .on_conflict_do_nothing(index_elements=[actions.c.idempotency_key])
+    .returning(actions.c.id)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_INSERT_DECISION = insert(decisions)
+_INSERT_APPROVAL = insert(approvals)
+_INSERT_AUDIT_EVENT = insert(audit_events)
+_HEAD_FOR_UPDATE = (
+    select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
+)
+_MOVE_HEAD = (
+    update(audit_head)
+    .where(audit_head.c.id == 1)
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
+
+
+def _count_active(
+    target: str, environment: str, exclude_id: str | None
+) -> tuple[Select[Any], dict[str, Any]]:
+    params = {"target": target, "environment": environment}
+    if exclude_id is None:
+        return _COUNT_ACTIVE, params
+    return _COUNT_ACTIVE_EXCLUDING, {**params, "exclude_id": exclude_id}
+
+
+# --- rows <-> models ---------------------------------------------------------------------
+
+
+def mutable_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values for an action update; ValueError for a field that may not change."""
+    refused = sorted(set(fields) - MUTABLE_ACTION_FIELDS)
+    if refused:
+        raise ValueError(
+            f"cannot change {', '.join(refused)} of an action; "
+            f"only {', '.join(sorted(MUTABLE_ACTION_FIELDS))} may change"
+        )
+    values = dict(fields)
+    if "state" in values:
+        values["state"] = ActionState(values["state"]).value
+    if "approver_roles" in values:
+        values["approver_roles"] = [str(role) for role in values["approver_roles"]]
+    if "required_approvals" in values:
+        values["required_approvals"] = int(values["required_approvals"])
+    return values
+
+
+def action_to_row(action: Action) -> dict[str, Any]:
+    return {
+        "id": action.id,
+        "action_type": action.action_type,
+        "target": action.target,
+        "environment": action.environment,
+        "params": action.params,
+        "reason": action.reason,
+        "incident_id": action.incident.id,
+        "incident_severity": action.incident.severity,
+        "incident_class": action.incident.class_,
+        "incident_tier": action.incident.tier,
+        "verification": action.verification.model_dump(mode="json", by_alias=True),
+        "risk": action.risk,
+        "reversible": action.reversible,
+        "spec_hash": action.spec_hash,
+        "proposer_id": action.proposer.id,
+        "proposer_kind": action.proposer.kind,
+        "state": action.state.value,
+        "required_approvals": action.required_approvals,
+        "approver_roles": list(action.approver_roles),
+        "idempotency_key": action.idempotency_key,
+        "created_at": action.created_at,
+        "updated_at": action.updated_at,
+        "expires_at": action.expires_at,
+    }
+
+
+def action_from_row(row: Mapping[Any, Any]) -> Action:
+    return Action.model_validate(
+        {
+            "id": row["id"],
+            "action_type": row["action_type"],
+            "target": row["target"],
+            "environment": row["environment"],
+            "params": row["params"],
+            "reason": row["reason"],
+            "incident": {
+                "id": row["incident_id"],
+                "severity": row["incident_severity"],
+                "class": row["incident_class"],
+                "tier": row["incident_tier"],
+            },
+            "verification": row["verification"],
+            "risk": row["risk"],
+            "reversible": row["reversible"],
+            "spec_hash": row["spec_hash"],
+            "proposer": {"id": row["proposer_id"], "kind": row["proposer_kind"]},
+            "state": row["state"],
+            "required_approvals": row["required_approvals"],
+            "approver_roles": row["approver_roles"],
+            "idempotency_key": row["idempotency_key"],
+            "created_at": row["created_at"],
+            "updated_at": row["updated_at"],
+            "expires_at": row["expires_at"],
+        }
+    )
+
+
+def decision_to_row(decision: Decision) -> dict[str, Any]:
+    return {
+        "id": decision.id,
+        "action_id": decision.action_id,
+        "phase": decision.phase,
+        "allow": decision.allow,
+        "deny": [{"code": d.code, "message": d.message} for d in decision.deny],
+        "deny_codes": decision.deny_codes,
+        "required_approvals": decision.required_approvals,
+        "approver_roles": list(decision.approver_roles),
+        "engine": decision.engine,
+        "bundle_revision": decision.bundle_revision,
+        "input": decision.input,
+        "result": decision.result,
+        "error": decision.error,
+        "decided_at": decision.decided_at,
+        "duration_ms": decision.duration_ms,
+    }
+
+
+def decision_from_row(row: Mapping[Any, Any]) -> Decision:
+    fields = dict(row)
+    fields.pop("deny_codes", None)
+    return Decision.model_validate(fields)
+
+
+def approval_to_row(approval: Approval) -> dict[str, Any]:
+    return {
+        "id": approval.id,
+        "action_id": approval.action_id,
+        "approver_id": approval.approver.id,
+        "approver_kind": approval.approver.kind,
+        "spec_hash": approval.spec_hash,
+        "comment": approval.comment,
+        "created_at": approval.created_at,
+    }
+
+
+def approval_from_row(row: Mapping[Any, Any]) -> Approval:
+    return Approval.model_validate(
+        {
+            "id": row["id"],
+            "action_id": row["action_id"],
+            "approver": {"id": row["approver_id"], "kind": row["approver_kind"]},
+            "spec_hash": row["spec_hash"],
+            "comment": row["comment"],
+            "created_at": row["created_at"],
+        }
+    )
+
+
+def audit_event_to_row(event: AuditEvent) -> dict[str, Any]:
+    return event.model_dump()
+
+
+def audit_event_from_row(row: Mapping[Any, Any]) -> AuditEvent:
+    return AuditEvent.model_validate(dict(row))

@@ -1,0 +1,166 @@
+"""SQLAlchemy Core tables for the store; the migrations in `migrations/versions` match them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+# Explicit names keep constraints identical across SQLite, PostgreSQL and the migrations.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC; always returns timezone-aware UTC datetimes (naive input is taken as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        # SQLite's DATETIME text has no offset; a fixed-width UTC string also sorts correctly.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _json(none_as_null: bool = False) -> TypeEngine[Any]:
+    return JSON(none_as_null=none_as_null).with_variant(
+        JSONB(none_as_null=none_as_null), "postgresql"
+    )
+
+
+BIG_INTEGER: TypeEngine[int] = BigInteger().with_variant(Integer(), "sqlite")
+
+# Audit data is hashed: PostgreSQL `json` keeps the text as written, whereas JSONB would
+# rewrite numbers (1e16 comes back as the integer 10000000000000000) and break the chain.
+AUDIT_JSON: TypeEngine[Any] = JSON()
+
+actions = Table(
+    "actions",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("action_type", String, nullable=False),
+    Column("target", String, nullable=False),
+    Column("environment", String, nullable=False),
+    Column("params", _json(), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("incident_id", String, nullable=True),
+    Column("incident_severity", String, nullable=True),
+    Column("incident_class", String, nullable=True),
+    Column("incident_tier", String, nullable=True),
+    Column("verification", _json(), nullable=False),
+    Column("risk", String, nullable=False),
+    Column("reversible", Boolean, nullable=False),
+    Column("spec_hash", String, nullable=False),
+    Column("proposer_id", String, nullable=False),
+    Column("proposer_kind", String, nullable=False),
+    Column("state", String, nullable=False),
+    Column("required_approvals", Integer, nullable=False),
+    Column("approver_roles", _json(), nullable=False),
+    Column("idempotency_key", String, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    UniqueConstraint("idempotency_key"),
+    Index("ix_actions_state_created_at", "state", "created_at"),
+    Index("ix_actions_target_environment_state", "target", "environment", "state"),
+    Index("ix_actions_proposer_id", "proposer_id"),
+)
+
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("action_id", String, ForeignKey("actions.id"), nullable=True),
+    Column("phase", String, nullable=False),
+    Column("allow", Boolean, nullable=False),
+    Column("deny", _json(), nullable=False),  # [{"code": ..., "message": ...}]
+    Column("deny_codes", _json(), nullable=False),  # ["code", ...] for reports
+    Column("required_approvals", Integer, nullable=False),
+    Column("approver_roles", _json(), nullable=False),
+    Column("engine", String, nullable=False),
+    Column("bundle_revision", String, nullable=False),
+    Column("input", _json(), nullable=False),
+    Column("result", _json(none_as_null=True), nullable=True),
+    Column("error", Text, nullable=True),
+    Column("decided_at", UTCDateTime, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Index("ix_decisions_action_id_decided_at", "action_id", "decided_at"),
+    Index("ix_decisions_decided_at", "decided_at"),
+)
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("action_id", String, ForeignKey("actions.id"), nullable=False),
+    Column("approver_id", String, nullable=False),
+    Column("approver_kind", String, nullable=False),
+    Column("spec_hash", String, nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    UniqueConstraint("action_id", "approver_id"),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    # INTEGER on SQLite makes seq the rowid: one B-tree less to write per event.
+    Column("seq", BIG_INTEGER, primary_key=True, autoincrement=False),
+    Column("id", String, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    # No foreign key: the log records events about anything and must outlive any row.
+    Column("action_id", String, nullable=True),
+    Column("kind", String, nullable=False),
+    Column("actor", String, nullable=False),
+    Column("from_state", String, nullable=True),
+    Column("to_state", String, nullable=True),
+    Column("data", AUDIT_JSON, nullable=False),
+    Column("prev_hash", String, nullable=False),
+    Column("hash", String, nullable=False),
+    Index("ix_audit_events_action_id", "action_id"),
+)
+
+# One row (id=1): the newest seq and hash. Appenders lock it, which serialises the chain.
+audit_head = Table(
+    "audit_head",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("seq", BIG_INTEGER, nullable=False),
+    Column("hash", String, nullable=False),
+    CheckConstraint("id = 1", name="single_row"),
+)

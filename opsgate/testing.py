@@ -1,0 +1,389 @@
+"""Test helpers for opsgate and its users: an in-memory store and model factories."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from ulid import ULID
+
+from opsgate.audit import GENESIS_HASH, AuditDraft, seal
+from opsgate.models import (
+    ACTIVE_STATES,
+    Action,
+    ActionState,
+    Approval,
+    AuditEvent,
+    Decision,
+    Identity,
+)
+from opsgate.store.base import MUTABLE_ACTION_FIELDS, DuplicateIdempotencyKey, StoreError
+
+__all__ = [
+    "MemoryStore",
+    "MemoryTx",
+    "make_action",
+    "make_approval",
+    "make_decision",
+    "make_draft",
+    "new_id",
+    "utcnow",
+]
+
+M = TypeVar("M", bound=BaseModel)
+_EXPIRABLE = frozenset({ActionState.PENDING_APPROVAL, ActionState.APPROVED})
+
+
+def new_id() -> str:
+    return str(ULID())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _utc(value: datetime) -> datetime:
+    """Naive means UTC, as in the SQL store, so comparisons never mix naive and aware."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# --- the in-memory store -----------------------------------------------------------------
+
+
+@dataclass
+class _Tables:
+    actions: dict[str, Action] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
+    approvals: list[Approval] = field(default_factory=list)
+    audit: list[AuditEvent] = field(default_factory=list)
+
+    def copy(self) -> _Tables:
+        # Models are frozen and replaced, never changed, so copying the containers suffices.
+        return _Tables(
+            dict(self.actions), list(self.decisions), list(self.approvals), list(self.audit)
+        )
+
+
+class MemoryTx:
+    """`StoreTx` over a private copy of the tables; the store adopts it on commit."""
+
+    def __init__(self, tables: _Tables) -> None:
+        self._t = tables
+        self.failed = False  # like a database error: the transaction will not commit
+
+    def _fail(self, message: str) -> StoreError:
+        self.failed = True
+        return StoreError(message)
+
+    def lock_action(self, action_id: str) -> Action | None:
+        return _copy(self._t.actions.get(action_id))
+
+    def insert_action(self, action: Action) -> None:
+        if action.id in self._t.actions:
+            raise self._fail(f"action {action.id} already exists")
+        key = action.idempotency_key
+        if key is not None and any(a.idempotency_key == key for a in self._t.actions.values()):
+            raise DuplicateIdempotencyKey(
+                f"idempotency key {key!r} is already used by another action"
+            )
+        self._t.actions[action.id] = _in_utc(action, "created_at", "updated_at", "expires_at")
+
+    def update_action(self, action_id: str, **fields: Any) -> Action:
+        refused = sorted(set(fields) - MUTABLE_ACTION_FIELDS)
+        if refused:
+            raise ValueError(
+                f"cannot change {', '.join(refused)} of an action; "
+                f"only {', '.join(sorted(MUTABLE_ACTION_FIELDS))} may change"
+            )
+        current = self._t.actions.get(action_id)
+        if current is None:
+            raise StoreError(f"no action {action_id}")
+        # Validate like a database row would be: a bad state is refused, not stored.
+        updated = _in_utc(
+            Action.model_validate({**current.model_dump(), **fields}), "updated_at", "expires_at"
+        )
+        self._t.actions[action_id] = updated
+        return updated.model_copy(deep=True)
+
+    def insert_decision(self, decision: Decision) -> None:
+        if any(d.id == decision.id for d in self._t.decisions):
+            raise self._fail(f"decision {decision.id} already exists")
+        if decision.action_id is not None and decision.action_id not in self._t.actions:
+            raise self._fail(f"decision {decision.id} refers to a missing action")
+        self._t.decisions.append(_in_utc(decision, "decided_at"))
+
+    def insert_approval(self, approval: Approval) -> None:
+        if approval.action_id not in self._t.actions:
+            raise self._fail(f"approval {approval.id} refers to a missing action")
+        for existing in self._t.approvals:
+            if existing.id == approval.id or (
+                existing.action_id == approval.action_id
+                and existing.approver.id == approval.approver.id
+            ):
+                raise self._fail(
+                    f"{approval.approver.id} has already approved action {approval.action_id}"
+                )
+        self._t.approvals.append(_in_utc(approval, "created_at"))
+
+    def approvals_for(self, action_id: str) -> list[Approval]:
+        return _approvals_of(self._t, action_id)
+
+    def count_active_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        return _count_active(self._t, target, environment, exclude_id)
+
+    def append_audit(self, draft: AuditDraft) -> AuditEvent:
+        last = self._t.audit[-1] if self._t.audit else None
+        event = seal(
+            draft,
+            seq=last.seq + 1 if last else 1,
+            prev_hash=last.hash if last else GENESIS_HASH,
+        )
+        self._t.audit.append(_in_utc(event, "at"))
+        return event
+
+
+class MemoryStore:
+    """`Store` in memory for unit tests: one lock per transaction, all or nothing."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._tables = _Tables()
+        self._owner: int | None = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[MemoryTx]:
+        """Work on a copy of the tables; adopt it if the block ends normally."""
+        with self._lock:
+            if self._owner == threading.get_ident():
+                raise StoreError(
+                    "a transaction is already open in this thread; nesting is not allowed"
+                )
+            self._owner = threading.get_ident()
+            try:
+                work = self._tables.copy()
+                tx = MemoryTx(work)
+                yield tx
+                if tx.failed:
+                    raise StoreError(
+                        "a statement in this transaction failed; nothing of it was written"
+                    )
+                self._tables = work
+            finally:
+                self._owner = None
+
+    def migrate(self) -> None:
+        """Nothing to create in memory."""
+
+    def get_action(self, action_id: str) -> Action | None:
+        with self._lock:
+            return _copy(self._tables.actions.get(action_id))
+
+    def find_action_by_idempotency_key(self, key: str) -> Action | None:
+        with self._lock:
+            for action in self._tables.actions.values():
+                if action.idempotency_key == key:
+                    return _copy(action)
+            return None
+
+    def list_actions(
+        self,
+        *,
+        states: Collection[ActionState] | None = None,
+        proposer_id: str | None = None,
+        limit: int = 100,
+    ) -> list[Action]:
+        """Oldest first."""
+        wanted = None if states is None else {ActionState(s) for s in states}
+        with self._lock:
+            found = [
+                a
+                for a in self._tables.actions.values()
+                if (wanted is None or a.state in wanted)
+                and (proposer_id is None or a.proposer.id == proposer_id)
+            ]
+        found.sort(key=lambda a: (_utc(a.created_at), a.id))
+        return [a.model_copy(deep=True) for a in found[: max(limit, 0)]]
+
+    def due_for_expiry(self, now: datetime) -> list[Action]:
+        """Pending or approved actions whose expires_at has passed."""
+        now = _utc(now)
+        with self._lock:
+            found = [
+                a
+                for a in self._tables.actions.values()
+                if a.state in _EXPIRABLE and a.expires_at is not None and _utc(a.expires_at) <= now
+            ]
+        found.sort(key=lambda a: (_utc(a.expires_at or now), a.id))
+        return [a.model_copy(deep=True) for a in found]
+
+    def decisions_for(self, action_id: str) -> list[Decision]:
+        with self._lock:
+            found = [d for d in self._tables.decisions if d.action_id == action_id]
+        found.sort(key=lambda d: (_utc(d.decided_at), d.id))
+        return [d.model_copy(deep=True) for d in found]
+
+    def approvals_for(self, action_id: str) -> list[Approval]:
+        with self._lock:
+            return _approvals_of(self._tables, action_id)
+
+    def count_active_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        with self._lock:
+            return _count_active(self._tables, target, environment, exclude_id)
+
+    def audit_events(self, *, action_id: str | None = None) -> Iterator[AuditEvent]:
+        """In sequence order (a snapshot taken when called)."""
+        with self._lock:
+            events = list(self._tables.audit)
+        return iter([e for e in events if action_id is None or e.action_id == action_id])
+
+    def row_counts(self) -> dict[str, int]:
+        with self._lock:
+            t = self._tables
+            return {
+                "actions": len(t.actions),
+                "decisions": len(t.decisions),
+                "approvals": len(t.approvals),
+                "audit_events": len(t.audit),
+            }
+
+    def session_user(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _in_utc(model: M, *names: str) -> M:
+    """A deep copy with these datetimes in UTC, as the SQL store returns them."""
+    update = {}
+    for name in names:
+        value = getattr(model, name)
+        if value is not None:
+            update[name] = _utc(value)
+    return model.model_copy(update=update, deep=True)
+
+
+def _copy(action: Action | None) -> Action | None:
+    # Callers may mutate the dicts inside a frozen model; keep the stored one untouched.
+    return action.model_copy(deep=True) if action is not None else None
+
+
+def _approvals_of(tables: _Tables, action_id: str) -> list[Approval]:
+    found = [a for a in tables.approvals if a.action_id == action_id]
+    found.sort(key=lambda a: (_utc(a.created_at), a.id))
+    return [a.model_copy(deep=True) for a in found]
+
+
+def _count_active(tables: _Tables, target: str, environment: str, exclude_id: str | None) -> int:
+    return sum(
+        1
+        for a in tables.actions.values()
+        if a.target == target
+        and a.environment == environment
+        and a.state in ACTIVE_STATES
+        and a.id != exclude_id
+    )
+
+
+# --- factories ---------------------------------------------------------------------------
+
+
+def make_action(**overrides: Any) -> Action:
+    """A valid pending_approval scale_deployment action; any field can be overridden."""
+    now = utcnow()
+    fields: dict[str, Any] = {
+        "id": new_id(),
+        "action_type": "scale_deployment",
+        "target": "checkout",
+        "environment": "prod",
+        "params": {"deployment": "checkout", "replicas": 6},
+        "reason": "p99 latency over SLO since 14:02",
+        "incident": {"id": "INC-42", "severity": "sev2", "class": "capacity", "tier": "critical"},
+        "verification": {
+            "interval": 10,
+            "hold": 120,
+            "timeout": 600,
+            "signals": [
+                {"name": "error_rate", "query": "sum(rate(errors[1m]))", "pass": {"max": 0.01}}
+            ],
+            "stop_conditions": [
+                {"name": "error_spike", "query": "sum(rate(errors[1m]))", "halt": {"min": 0.2}}
+            ],
+        },
+        "risk": "medium",
+        "reversible": True,
+        "spec_hash": "sha256:" + "ab" * 32,
+        "proposer": Identity(id="alice", kind="human"),
+        "state": ActionState.PENDING_APPROVAL,
+        "required_approvals": 1,
+        "approver_roles": ("sre",),
+        "idempotency_key": None,
+        "created_at": now,
+        "updated_at": now,
+        "expires_at": now + timedelta(hours=1),
+    }
+    fields.update(overrides)
+    return Action.model_validate(fields)
+
+
+def make_decision(action_id: str | None = None, **overrides: Any) -> Decision:
+    """An allowing propose-phase decision for `action_id`."""
+    fields: dict[str, Any] = {
+        "id": new_id(),
+        "action_id": action_id,
+        "phase": "propose",
+        "allow": True,
+        "deny": (),
+        "required_approvals": 1,
+        "approver_roles": ("sre",),
+        "engine": "embedded",
+        "bundle_revision": "sha256:" + "cd" * 32,
+        "input": {"action": {"type": "scale_deployment", "target": "checkout"}},
+        "result": {"allow": True, "deny": [], "required_approvals": 1, "approver_roles": ["sre"]},
+        "error": None,
+        "decided_at": utcnow(),
+        "duration_ms": 1.5,
+    }
+    fields.update(overrides)
+    return Decision.model_validate(fields)
+
+
+def make_approval(action_id: str, **overrides: Any) -> Approval:
+    """An approval of `action_id` by bob (a human)."""
+    fields: dict[str, Any] = {
+        "id": new_id(),
+        "action_id": action_id,
+        "approver": Identity(id="bob", kind="human"),
+        "spec_hash": "sha256:" + "ab" * 32,
+        "comment": "",
+        "created_at": utcnow(),
+    }
+    fields.update(overrides)
+    return Approval.model_validate(fields)
+
+
+def make_draft(action_id: str | None = None, **overrides: Any) -> AuditDraft:
+    """An audit event draft, ready for `StoreTx.append_audit` or `audit.seal`."""
+    fields: dict[str, Any] = {
+        "id": new_id(),
+        "at": utcnow(),
+        "action_id": action_id,
+        "kind": "action.pending_approval",
+        "actor": "alice",
+        "from_state": "proposed",
+        "to_state": "pending_approval",
+        "data": {"deny": []},
+    }
+    fields.update(overrides)
+    return AuditDraft(**fields)
