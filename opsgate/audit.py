@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,9 +29,22 @@ class AuditDraft:
     data: dict[str, Any] | None = None
 
 
+def _finite(value: Any) -> Any:
+    # NaN and infinities are not JSON (PostgreSQL refuses them): store them as text.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def canonical_json(value: Any) -> str:
     """Sorted keys, no spaces, UTF-8: the same bytes for the same content everywhere."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return json.dumps(
+        _finite(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
 
 
 def event_hash(
@@ -106,16 +120,19 @@ class ChainReport:
     problem: str | None = None
 
 
-def verify_chain(events: Iterable[AuditEvent]) -> ChainReport:
+def verify_chain(events: Iterable[AuditEvent], head: tuple[int, str] | None = None) -> ChainReport:
     """Walk the log in sequence order; name the first event that breaks the chain.
 
     A changed event fails its own hash; a deleted, inserted or reordered one breaks
-    the sequence or the link to its predecessor.
+    the sequence or the link to its predecessor; events cut from the end no longer
+    reach the `head` the store recorded at the last append.
     """
     prev_hash = GENESIS_HASH
     expected_seq = 1
     count = 0
     for event in events:
+        if head is not None and count == head[0] and prev_hash == head[1]:
+            break  # verified up to the head; later events were appended after it was read
         count += 1
         problem = None
         if event.seq != expected_seq:
@@ -141,4 +158,13 @@ def verify_chain(events: Iterable[AuditEvent]) -> ChainReport:
             return ChainReport(False, count, event.seq, event.id, problem)
         prev_hash = event.hash
         expected_seq += 1
+    if head is not None and (head[0] != expected_seq - 1 or head[1] != prev_hash):
+        return ChainReport(
+            False,
+            count,
+            expected_seq,
+            None,
+            f"the chain ends at seq {expected_seq - 1} but its head records seq {head[0]}: "
+            "events were removed from the end",
+        )
     return ChainReport(True, count)

@@ -247,6 +247,11 @@ class MemoryStore:
             events = list(self._tables.audit)
         return iter([e for e in events if action_id is None or e.action_id == action_id])
 
+    def audit_head(self) -> tuple[int, str]:
+        with self._lock:
+            last = self._tables.audit[-1] if self._tables.audit else None
+        return (last.seq, last.hash) if last else (0, GENESIS_HASH)
+
     def row_counts(self) -> dict[str, int]:
         with self._lock:
             t = self._tables

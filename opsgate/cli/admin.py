@@ -100,7 +100,9 @@ class ChainBroken(OpsgateError):
 @pass_config
 def audit_verify(config: CliConfig, as_json: bool) -> None:
     """Check the hash chain; name the first bad event."""
-    report = verify_chain(config.store.audit_events())
+    store = config.store
+    head = store.audit_head()
+    report = verify_chain(store.audit_events(), head)
     if as_json:
         echo_json(
             {

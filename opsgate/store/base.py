@@ -92,6 +92,9 @@ class Store(Protocol):
     def audit_events(self, *, action_id: str | None = None) -> Iterator[AuditEvent]:
         """In sequence order."""
 
+    def audit_head(self) -> tuple[int, str]:
+        """The sequence number and hash of the newest event, as the chain's head records it."""
+
     def row_counts(self) -> dict[str, int]:
         """Rows per table: lets tests prove that bad input left nothing behind."""
 

@@ -346,6 +346,13 @@ class SqlStore:
         return [audit_event_from_row(row._mapping) for row in rows]
 
     @_translate_errors
+    def audit_head(self) -> tuple[int, str]:
+        row = self._all(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1))
+        if not row:
+            raise StoreError("the audit_head row is missing (is the schema migrated?)")
+        return int(row[0].seq), str(row[0].hash)
+
+    @_translate_errors
     def row_counts(self) -> dict[str, int]:
         """Rows per table, read in one statement so the counts are one consistent snapshot."""
         row = self._all(_ROW_COUNTS)[0]

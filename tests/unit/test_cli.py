@@ -255,3 +255,14 @@ def test_env_identity_requires_user(cli: Cli, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("OPSGATE_USER")
     code, _, err = cli(*SCALE)
     assert code == 2 and "OPSGATE_USER" in err
+
+
+def test_audit_verify_notices_events_cut_from_the_end(cli: Cli) -> None:
+    action_id = cli.json(*SCALE)["action"]["id"]
+    cli.as_user("bob")
+    assert cli("approve", action_id)[0] == 0
+    with sqlite3.connect(cli.db) as conn:
+        conn.execute("delete from audit_events where seq = (select max(seq) from audit_events)")
+    conn.close()
+    code, _, err = cli("audit", "verify")
+    assert code == 5 and "removed from the end" in err
