@@ -107,11 +107,13 @@ class Gate:
         phase: Literal["propose", "execute"] = "propose",
         exclude_id: str | None = None,
         now: datetime | None = None,
+        tx: StoreTx | None = None,
     ) -> Evaluation:
         """Gather preconditions, build the input, ask the engine. Never raises on a deny."""
         now = now or self.clock()
         proposal = spec.proposal
-        active = self.store.count_active_on_target(
+        reader = tx if tx is not None else self.store
+        active = reader.count_active_on_target(
             proposal.target, proposal.environment, exclude_id=exclude_id
         )
         checks = self.preconditions.evaluate(
@@ -161,8 +163,25 @@ class Gate:
             existing = self._existing_for_key(key, spec.spec_hash)
             if existing is not None:
                 return existing
+        try:
+            with self.store.transaction() as tx:
+                # Decided inside the write transaction, so the concurrency count it saw
+                # is still true when the action is stored.
+                action, decision = self._decide_and_store(tx, spec, proposer)
+        except DuplicateIdempotencyKey:
+            assert key is not None
+            existing = self._existing_for_key(key, spec.spec_hash)
+            if existing is None:  # the other writer rolled back; nothing to return
+                raise StateConflict(f"idempotency key {key!r} is in use; retry") from None
+            return existing
+        return ProposeOutcome(action, decision)
+
+    def _decide_and_store(
+        self, tx: StoreTx, spec: ValidatedProposal, proposer: Identity
+    ) -> tuple[Action, Decision]:
         now = self.clock()
-        evaluation = self.evaluate(spec, proposer, now=now)
+        key = spec.proposal.idempotency_key
+        evaluation = self.evaluate(spec, proposer, now=now, tx=tx)
         action_id = new_id()
         decision = evaluation.decision(action_id=action_id, phase="propose", at=now)
         state = ActionState.PENDING_APPROVAL if decision.allow else ActionState.BLOCKED
@@ -188,32 +207,24 @@ class Gate:
             updated_at=now,
             expires_at=now + timedelta(seconds=self.approval_ttl) if decision.allow else None,
         )
-        try:
-            with self.store.transaction() as tx:
-                tx.insert_action(action)
-                tx.insert_decision(decision)
-                record_event(
-                    tx,
-                    action_id=action_id,
-                    kind=f"action.{state.value}",
-                    actor=proposer.id,
-                    now=now,
-                    from_state=ActionState.PROPOSED.value,
-                    to_state=state.value,
-                    data={
-                        "deny": decision.deny_codes,
-                        "bundle_revision": decision.bundle_revision,
-                        "spec_hash": spec.spec_hash,
-                        "proposer_kind": proposer.kind,
-                    },
-                )
-        except DuplicateIdempotencyKey:
-            assert key is not None
-            existing = self._existing_for_key(key, spec.spec_hash)
-            if existing is None:  # the other writer rolled back; nothing to return
-                raise StateConflict(f"idempotency key {key!r} is in use; retry") from None
-            return existing
-        return ProposeOutcome(action, decision)
+        tx.insert_action(action)
+        tx.insert_decision(decision)
+        record_event(
+            tx,
+            action_id=action_id,
+            kind=f"action.{state.value}",
+            actor=proposer.id,
+            now=now,
+            from_state=ActionState.PROPOSED.value,
+            to_state=state.value,
+            data={
+                "deny": decision.deny_codes,
+                "bundle_revision": decision.bundle_revision,
+                "spec_hash": spec.spec_hash,
+                "proposer_kind": proposer.kind,
+            },
+        )
+        return action, decision
 
     def _existing_for_key(self, key: str, digest: str) -> ProposeOutcome | None:
         action = self.store.find_action_by_idempotency_key(key)

@@ -109,6 +109,22 @@ def validate_params(action_type: ActionType, raw: Mapping[str, Any]) -> dict[str
     return params
 
 
+_DEFINITIONS: dict[int, tuple[ActionType, str]] = {}
+
+
+def definition_hash(action_type: ActionType) -> str:
+    """The hash of an action type's full definition, computed once per loaded type."""
+    cached = _DEFINITIONS.get(id(action_type))
+    if cached is not None and cached[0] is action_type:
+        return cached[1]
+    dumped = canonical_json(action_type.model_dump(mode="json", by_alias=True))
+    digest = "sha256:" + hashlib.sha256(dumped.encode("utf-8")).hexdigest()
+    if len(_DEFINITIONS) > 1024:  # catalogs reloaded many times: start over
+        _DEFINITIONS.clear()
+    _DEFINITIONS[id(action_type)] = (action_type, digest)
+    return digest
+
+
 def spec_hash(
     action_type: ActionType,
     target: str,
@@ -118,7 +134,7 @@ def spec_hash(
 ) -> str:
     """What an approval authorizes: the action type's definition and this exact spec."""
     document = {
-        "action_type": action_type.model_dump(mode="json", by_alias=True),
+        "action_type": definition_hash(action_type),
         "target": target,
         "environment": environment,
         "params": dict(params),
