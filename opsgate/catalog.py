@@ -127,6 +127,8 @@ def param_json_schema(spec: ParamSpec) -> dict[str, Any]:
     for key in ("pattern", "minimum", "maximum", "enum", "default", "description"):
         value = getattr(spec, key)
         if value not in (None, ""):
+            if key in ("minimum", "maximum") and spec.type == "integer":
+                value = int(value)
             schema[key] = list(value) if key == "enum" else value
     if spec.type == "string":
         if spec.min_length is not None:
