@@ -23,7 +23,7 @@ from opsgate.models import (
 from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE, PolicyEngine, PolicyResult
 from opsgate.policies.input import build_input
 from opsgate.preconditions import CheckContext, PreconditionRegistry, PreconditionResult
-from opsgate.proposals import ValidatedProposal, validate
+from opsgate.proposals import ValidatedProposal, spec_hash, validate
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
 
 SYSTEM_ACTOR = "opsgate"
@@ -278,6 +278,7 @@ class Gate:
                     "actions can be approved"
                 )
             else:
+                self._check_spec_unchanged(action)
                 refusal = self._approval_refusal(tx, action, approver, now)
             if refusal is None:
                 approvals = tx.approvals_for(action_id)
@@ -318,6 +319,26 @@ class Gate:
                     )
                 return ApproveOutcome(action, approvals, counted=True)
         raise refusal
+
+    def _check_spec_unchanged(self, action: Action) -> None:
+        """An approval authorizes the spec that was proposed, under today's catalog."""
+        action_type = self.catalog.types.get(action.action_type)
+        current = (
+            spec_hash(
+                action_type,
+                action.target,
+                action.environment,
+                action.params,
+                action.verification,
+            )
+            if action_type is not None
+            else None
+        )
+        if current != action.spec_hash:
+            raise StateConflict(
+                f"action type {action.action_type} changed since {action.id} was proposed; "
+                "propose it again"
+            )
 
     def _approval_refusal(
         self, tx: StoreTx, action: Action, approver: Identity, now: datetime

@@ -251,3 +251,14 @@ def test_dry_run_stores_nothing(gate: Gate, store: Store) -> None:
 def test_unknown_proposer_lacks_permissions(gate: Gate) -> None:
     outcome = gate.propose(scale(), Identity(id="mallory", kind="human"))
     assert "insufficient_permissions" in outcome.decision.deny_codes
+
+
+def test_approval_refused_when_the_action_type_changed(gate: Gate, store: Store) -> None:
+    action = gate.propose(scale(), ALICE).action
+    changed = gate.catalog.types["scale_deployment"].model_copy(update={"risk": "low"})
+    gate.catalog = type(gate.catalog)(
+        types={**gate.catalog.types, "scale_deployment": changed}, revision="changed"
+    )
+    with pytest.raises(StateConflict, match="changed since"):
+        gate.approve(action.id, BOB)
+    assert store.approvals_for(action.id) == []
