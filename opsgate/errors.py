@@ -9,15 +9,22 @@ class OpsgateError(Exception):
     exit_code = 1
 
 
+def _one_line(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class InvalidInput(OpsgateError):
     """The input is malformed or outside the schema; the message names the field."""
 
     exit_code = 2
 
     def __init__(self, field: str, problem: str) -> None:
-        self.field = field
-        self.problem = problem
-        super().__init__(f"{field}: {problem}" if field else problem)
+        # Field names can carry user-supplied keys; an error stays one printable line.
+        self.field = _one_line(field)
+        self.problem = _one_line(problem)
+        super().__init__(f"{self.field}: {self.problem}" if self.field else self.problem)
 
 
 class Refused(OpsgateError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,9 +149,9 @@ def _reject_control_characters(value: Any, path: str) -> None:
             raise InvalidInput(path, "control characters are not allowed")
     elif isinstance(value, dict):
         for key, item in value.items():
-            name = f"{path}.{key}" if path else str(key)
             if not isinstance(key, str) or _CONTROL.search(key):
-                raise InvalidInput(path or "proposal", "keys must be plain strings")
+                raise InvalidInput(path or "proposal", f"key {key!r} is not a plain string")
+            name = f"{path}.{key}" if path else key
             _reject_control_characters(item, name)
     elif isinstance(value, list):
         for index, item in enumerate(value):
@@ -200,7 +199,3 @@ def validate(catalog: Catalog, document: Any) -> ValidatedProposal:
     verification = proposal.verification or action_type.verification
     digest = spec_hash(action_type, proposal.target, proposal.environment, params, verification)
     return ValidatedProposal(proposal, action_type, params, verification, digest)
-
-
-def json_safe(value: Any) -> Any:
-    return json.loads(canonical_json(value))
