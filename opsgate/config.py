@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ class Settings:
     approval_ttl: float = 3600.0
     policy_engine: str = "embedded"
     prometheus_url: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
@@ -41,7 +40,7 @@ class Settings:
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
             values.update(document.get("opsgate", document))
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = {f.name for f in fields(cls)}
         for name in names:
             key = f"OPSGATE_{name.upper()}"
             if key in env:

@@ -3,7 +3,6 @@ and third-party runners from the `opsgate.runners` entry-point group."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -300,16 +299,3 @@ class _LazyRunner:
             loaded = self._load()
             self._runner = loaded() if isinstance(loaded, type) else loaded
         return self._runner.run(step, values, secrets=secrets, cancel=cancel)
-
-
-def step_values(
-    target: str, environment: str, params: Mapping[str, Any], captured: Mapping[str, Any]
-) -> dict[str, Any]:
-    return {"target": target, "environment": environment, **params, **captured}
-
-
-def describe(step: Step, values: Mapping[str, Any], secrets: Collection[str]) -> str:
-    """A one-line, masked description for logs and `show`."""
-    if step.http is not None:
-        return mask(f"{step.http.method} {render_url(step.http.url, values)}", secrets)
-    return mask(json.dumps(render_argv(step.argv or (), values)), secrets)

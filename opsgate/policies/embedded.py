@@ -139,8 +139,3 @@ def _first_expression(text: str) -> Any:
     if not isinstance(expressions, list) or len(expressions) != 1:
         return None
     return expressions[0]
-
-
-def evaluate_dry(directory: Path, input: Mapping[str, Any]) -> PolicyResult:
-    """One-off evaluation of a bundle (tests and `policy eval`)."""
-    return EmbeddedEngine(directory).evaluate(DECISION_RULE, input)

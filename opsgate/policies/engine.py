@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +25,6 @@ class PolicyResult:
     raw: Mapping[str, Any] | None = None
     revision: str = ""
     error: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def deny_codes(self) -> list[str]:
