@@ -363,13 +363,96 @@ class AuditEvent(Frozen):
 
 
 class Measurement(Frozen):
-    """One query result at one time: the evidence behind every pass and fail."""
+    """One query result at one time: the evidence behind every pass and fail.
+
+    `phase` is when it was taken: `run` (stop conditions watched while the action's
+    step runs), `verify` (after it ran) or `rollback` (verifying the undo).
+    """
 
     action_id: str
-    phase: Literal["verify", "rollback"] = "verify"
+    phase: Literal["run", "verify", "rollback"] = "verify"
     name: str
     kind: Literal["signal", "stop_condition"]
     at: datetime
     value: float | None
     outcome: Literal["pass", "fail", "inconclusive", "error"]
     detail: str = ""
+
+
+ExecutionOutcome = Literal[
+    "succeeded",  # verification passed
+    "stopped",  # a stop condition fired
+    "failed_verification",  # failed measurements exceeded failure_limit
+    "timeout",  # hold not reached before timeout
+    "provider_errors",  # consecutive provider errors exceeded error_limit
+    "runner_error",  # capture/run failed, timed out or was cancelled
+    "manual",  # `opsgate rollback` of a running or succeeded action
+]
+
+
+class Execution(Frozen):
+    """One execution of an approved action: claim, capture, run, verify, roll back.
+
+    Times are recorded before each step starts, so a new owner of a lapsed lease knows
+    whether `run` may have started (then it never starts it again).
+    """
+
+    action_id: str
+    target: str
+    environment: str
+    worker_id: str
+    claimed_at: datetime
+    lease_expires_at: datetime
+    heartbeat_at: datetime
+    captured: dict[str, Any] = Field(default_factory=dict)
+    capture_output: str = ""
+    run_started_at: datetime | None = None
+    run_finished_at: datetime | None = None
+    run_exit_code: int | None = None
+    run_output: str = ""
+    run_error: str | None = None
+    verify_started_at: datetime | None = None
+    verify_state: dict[str, Any] | None = None  # a VerificationState, JSON
+    outcome: ExecutionOutcome | None = None
+    reason: str = ""  # why it ended as it did, in one line
+    trigger_name: str | None = None  # the stop condition or signal that decided
+    trigger_kind: Literal["signal", "stop_condition"] | None = None
+    trigger_value: float | None = None
+    rollback_decided_at: datetime | None = None
+    rollback_requested_by: str | None = None
+    undo_started_at: datetime | None = None
+    undo_finished_at: datetime | None = None
+    undo_exit_code: int | None = None
+    undo_output: str = ""
+    undo_error: str | None = None
+    rollback_verify_state: dict[str, Any] | None = None
+    rollback_verified_at: datetime | None = None
+    finished_at: datetime | None = None
+    recovered_from: str | None = None  # the worker whose lapsed lease this one took over
+
+    @property
+    def rollback_time(self) -> float | None:
+        """Seconds from the rollback decision until rollback verification passed."""
+        if self.rollback_decided_at is None or self.rollback_verified_at is None:
+            return None
+        return (self.rollback_verified_at - self.rollback_decided_at).total_seconds()
+
+    @property
+    def run_may_have_started(self) -> bool:
+        return self.run_started_at is not None
+
+
+class WorkerInfo(Frozen):
+    """A worker process, as `opsgate workers` lists it."""
+
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None = None
+
+
+# Fields of an execution fixed when it is claimed; everything else may change.
+EXECUTION_KEY_FIELDS = frozenset({"action_id", "target", "environment", "claimed_at"})
+MUTABLE_EXECUTION_FIELDS = frozenset(Execution.model_fields) - EXECUTION_KEY_FIELDS

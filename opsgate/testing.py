@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from ulid import ULID
 
 from opsgate.audit import GENESIS_HASH, AuditDraft, seal
 from opsgate.models import (
     ACTIVE_STATES,
+    MUTABLE_EXECUTION_FIELDS,
     Action,
     ActionState,
     Approval,
     AuditEvent,
     Decision,
+    Execution,
     Identity,
+    Measurement,
+    WorkerInfo,
 )
-from opsgate.store.base import MUTABLE_ACTION_FIELDS, DuplicateIdempotencyKey, StoreError
+from opsgate.store.base import (
+    MUTABLE_ACTION_FIELDS,
+    DuplicateIdempotencyKey,
+    StoreError,
+    TargetBusy,
+)
 
 __all__ = [
     "MemoryStore",
@@ -31,12 +40,20 @@ __all__ = [
     "make_approval",
     "make_decision",
     "make_draft",
+    "make_execution",
+    "make_measurement",
     "new_id",
     "utcnow",
 ]
 
 M = TypeVar("M", bound=BaseModel)
 _EXPIRABLE = frozenset({ActionState.PENDING_APPROVAL, ActionState.APPROVED})
+_EXECUTION_TIMES = tuple(
+    name
+    for name, info in Execution.model_fields.items()
+    if info.annotation in (datetime, datetime | None)
+)
+_WORKER_TIMES = ("started_at", "heartbeat_at", "stopped_at")
 
 
 def new_id() -> str:
@@ -61,11 +78,20 @@ class _Tables:
     decisions: list[Decision] = field(default_factory=list)
     approvals: list[Approval] = field(default_factory=list)
     audit: list[AuditEvent] = field(default_factory=list)
+    executions: dict[str, Execution] = field(default_factory=dict)
+    measurements: list[Measurement] = field(default_factory=list)
+    workers: dict[str, WorkerInfo] = field(default_factory=dict)
 
     def copy(self) -> _Tables:
         # Models are frozen and replaced, never changed, so copying the containers suffices.
         return _Tables(
-            dict(self.actions), list(self.decisions), list(self.approvals), list(self.audit)
+            dict(self.actions),
+            list(self.decisions),
+            list(self.approvals),
+            list(self.audit),
+            dict(self.executions),
+            list(self.measurements),
+            dict(self.workers),
         )
 
 
@@ -147,6 +173,105 @@ class MemoryTx:
         )
         self._t.audit.append(_in_utc(event, "at"))
         return event
+
+    # --- execution --------------------------------------------------------------------
+
+    def claim_next_approved(self, now: datetime) -> Action | None:
+        """The oldest approved, unexpired action (transactions here are already serial)."""
+        now = _utc(now)
+        ready = [
+            a
+            for a in self._t.actions.values()
+            if a.state is ActionState.APPROVED
+            and (a.expires_at is None or _utc(a.expires_at) > now)
+        ]
+        if not ready:
+            return None
+        return _copy(min(ready, key=lambda a: (_utc(a.created_at), a.id)))
+
+    def count_running_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        return _count_running(self._t, target, environment, exclude_id)
+
+    def insert_execution(self, execution: Execution) -> None:
+        """Record a claim; TargetBusy if another unfinished execution holds the target."""
+        # The same order of checks as the SQL store: target first (the tx stays usable),
+        # then the constraints that a database would refuse (the tx fails).
+        if execution.finished_at is None and _count_running(
+            self._t, execution.target, execution.environment, None
+        ):
+            raise TargetBusy(
+                f"another action is executing on {execution.target} ({execution.environment})"
+            )
+        if execution.action_id in self._t.executions:
+            raise self._fail(f"action {execution.action_id} already has an execution")
+        if execution.action_id not in self._t.actions:
+            raise self._fail(f"execution refers to a missing action {execution.action_id}")
+        self._t.executions[execution.action_id] = _in_utc(execution, *_EXECUTION_TIMES)
+
+    def lock_execution(self, action_id: str) -> Execution | None:
+        found = self._t.executions.get(action_id)
+        return found.model_copy(deep=True) if found is not None else None
+
+    def update_execution(self, action_id: str, **fields: Any) -> Execution:
+        """Change MUTABLE_EXECUTION_FIELDS of an execution and return the new row."""
+        refused = sorted(set(fields) - MUTABLE_EXECUTION_FIELDS)
+        if refused:
+            raise ValueError(
+                f"cannot change {', '.join(refused)} of an execution; "
+                f"only {', '.join(sorted(MUTABLE_EXECUTION_FIELDS))} may change"
+            )
+        current = self._t.executions.get(action_id)
+        if current is None:
+            raise StoreError(f"no execution of action {action_id}")
+        try:
+            merged = Execution.model_validate({**current.model_dump(), **fields})
+        except ValidationError as exc:
+            # The same one-line message as the SQL store's check of each field.
+            error = exc.errors()[0]
+            raise ValueError(
+                f"invalid {error['loc'][0]} for an execution: {str(error['msg']).splitlines()[0]}"
+            ) from None
+        if merged.finished_at is None and _count_running(
+            self._t, merged.target, merged.environment, action_id
+        ):
+            # Reopening a finished execution on a held target: the unique index refuses it.
+            raise self._fail(
+                f"another action is executing on {merged.target} ({merged.environment})"
+            )
+        updated = _in_utc(merged, *_EXECUTION_TIMES)
+        self._t.executions[action_id] = updated
+        return updated.model_copy(deep=True)
+
+    def insert_measurements(self, measurements: Sequence[Measurement]) -> None:
+        for measurement in measurements:
+            if measurement.action_id not in self._t.actions:
+                raise self._fail(f"measurement refers to a missing action {measurement.action_id}")
+        self._t.measurements.extend(_in_utc(m, "at") for m in measurements)
+
+    # Not in StoreTx: MemoryStore runs each of these in a transaction of its own.
+
+    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+        renewed = 0
+        for action_id, execution in self._t.executions.items():
+            if execution.worker_id == worker_id and execution.finished_at is None:
+                self._t.executions[action_id] = execution.model_copy(
+                    update={"lease_expires_at": _utc(until), "heartbeat_at": _utc(now)}
+                )
+                renewed += 1
+        worker = self._t.workers.get(worker_id)
+        if worker is not None:
+            self._t.workers[worker_id] = worker.model_copy(update={"heartbeat_at": _utc(now)})
+        return renewed
+
+    def register_worker(self, worker: WorkerInfo) -> None:
+        self._t.workers[worker.id] = _in_utc(worker, *_WORKER_TIMES)
+
+    def stop_worker(self, worker_id: str, now: datetime) -> None:
+        worker = self._t.workers.get(worker_id)
+        if worker is not None:
+            self._t.workers[worker_id] = worker.model_copy(update={"stopped_at": _utc(now)})
 
 
 class MemoryStore:
@@ -241,6 +366,59 @@ class MemoryStore:
         with self._lock:
             return _count_active(self._tables, target, environment, exclude_id)
 
+    def count_running_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        with self._lock:
+            return _count_running(self._tables, target, environment, exclude_id)
+
+    def get_execution(self, action_id: str) -> Execution | None:
+        with self._lock:
+            found = self._tables.executions.get(action_id)
+        return found.model_copy(deep=True) if found is not None else None
+
+    def measurements_for(self, action_id: str) -> list[Measurement]:
+        """In the order they were taken (stored)."""
+        with self._lock:
+            found = [m for m in self._tables.measurements if m.action_id == action_id]
+        return [m.model_copy(deep=True) for m in found]
+
+    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+        """Extend this worker's unfinished leases and its heartbeat in one transaction."""
+        with self.transaction() as tx:
+            return tx.renew_leases(worker_id, now, until)
+
+    def register_worker(self, worker: WorkerInfo) -> None:
+        """Insert or replace a worker's row."""
+        with self.transaction() as tx:
+            tx.register_worker(worker)
+
+    def stop_worker(self, worker_id: str, now: datetime) -> None:
+        """Mark a worker stopped; a worker that never registered is left alone."""
+        with self.transaction() as tx:
+            tx.stop_worker(worker_id, now)
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Newest heartbeat first."""
+        with self._lock:
+            found = list(self._tables.workers.values())
+        # Two stable sorts: id ascending within heartbeat descending, as the SQL store.
+        found.sort(key=lambda w: w.id)
+        found.sort(key=lambda w: _utc(w.heartbeat_at), reverse=True)
+        return [w.model_copy(deep=True) for w in found]
+
+    def lapsed_executions(self, now: datetime) -> list[Execution]:
+        """Unfinished executions whose lease expired before `now`, oldest lease first."""
+        now = _utc(now)
+        with self._lock:
+            found = [
+                e
+                for e in self._tables.executions.values()
+                if e.finished_at is None and _utc(e.lease_expires_at) < now
+            ]
+        found.sort(key=lambda e: (_utc(e.lease_expires_at), e.action_id))
+        return [e.model_copy(deep=True) for e in found]
+
     def audit_events(self, *, action_id: str | None = None) -> Iterator[AuditEvent]:
         """In sequence order (a snapshot taken when called)."""
         with self._lock:
@@ -260,6 +438,9 @@ class MemoryStore:
                 "decisions": len(t.decisions),
                 "approvals": len(t.approvals),
                 "audit_events": len(t.audit),
+                "executions": len(t.executions),
+                "measurements": len(t.measurements),
+                "workers": len(t.workers),
             }
 
     def session_user(self) -> str | None:
@@ -298,6 +479,17 @@ def _count_active(tables: _Tables, target: str, environment: str, exclude_id: st
         and a.environment == environment
         and a.state in ACTIVE_STATES
         and a.id != exclude_id
+    )
+
+
+def _count_running(tables: _Tables, target: str, environment: str, exclude_id: str | None) -> int:
+    return sum(
+        1
+        for e in tables.executions.values()
+        if e.target == target
+        and e.environment == environment
+        and e.finished_at is None
+        and e.action_id != exclude_id
     )
 
 
@@ -392,3 +584,35 @@ def make_draft(action_id: str | None = None, **overrides: Any) -> AuditDraft:
     }
     fields.update(overrides)
     return AuditDraft(**fields)
+
+
+def make_execution(action_id: str, **overrides: Any) -> Execution:
+    """A fresh claim of `action_id` on checkout (prod) by worker w1, leased for a minute."""
+    now = utcnow()
+    fields: dict[str, Any] = {
+        "action_id": action_id,
+        "target": "checkout",
+        "environment": "prod",
+        "worker_id": "w1",
+        "claimed_at": now,
+        "lease_expires_at": now + timedelta(minutes=1),
+        "heartbeat_at": now,
+    }
+    fields.update(overrides)
+    return Execution.model_validate(fields)
+
+
+def make_measurement(action_id: str, **overrides: Any) -> Measurement:
+    """A passing error_rate signal measurement taken during verification."""
+    fields: dict[str, Any] = {
+        "action_id": action_id,
+        "phase": "verify",
+        "name": "error_rate",
+        "kind": "signal",
+        "at": utcnow(),
+        "value": 0.002,
+        "outcome": "pass",
+        "detail": "",
+    }
+    fields.update(overrides)
+    return Measurement.model_validate(fields)

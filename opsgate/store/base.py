@@ -6,13 +6,22 @@ explicitly (`with store.transaction() as tx: ...`), so nothing is half-recorded.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
 from opsgate.audit import AuditDraft
-from opsgate.models import Action, ActionState, Approval, AuditEvent, Decision
+from opsgate.models import (
+    Action,
+    ActionState,
+    Approval,
+    AuditEvent,
+    Decision,
+    Execution,
+    Measurement,
+    WorkerInfo,
+)
 
 # Fields of an action that may change after it is created.
 MUTABLE_ACTION_FIELDS = frozenset(
@@ -26,6 +35,10 @@ class StoreError(Exception):
 
 class DuplicateIdempotencyKey(StoreError):
     """Another action already holds this idempotency key."""
+
+
+class TargetBusy(StoreError):
+    """Another unfinished execution holds this target (enforced by a unique index)."""
 
 
 class StoreTx(Protocol):
@@ -53,6 +66,27 @@ class StoreTx(Protocol):
 
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         """Seal the draft onto the end of the chain (serialised across writers)."""
+
+    # --- execution --------------------------------------------------------------------
+
+    def claim_next_approved(self, now: datetime) -> Action | None:
+        """Lock the oldest approved, unexpired action no other transaction holds
+        (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the write lock), or None."""
+
+    def count_running_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        """Unfinished executions on this target: what is touching it right now."""
+
+    def insert_execution(self, execution: Execution) -> None:
+        """Record a claim; TargetBusy if another unfinished execution holds the target."""
+
+    def lock_execution(self, action_id: str) -> Execution | None: ...
+
+    def update_execution(self, action_id: str, **fields: Any) -> Execution:
+        """Change MUTABLE_EXECUTION_FIELDS of a locked execution and return the new row."""
+
+    def insert_measurements(self, measurements: Sequence[Measurement]) -> None: ...
 
 
 class Store(Protocol):
@@ -88,6 +122,31 @@ class Store(Protocol):
     def count_active_on_target(
         self, target: str, environment: str, *, exclude_id: str | None = None
     ) -> int: ...
+
+    def count_running_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int: ...
+
+    def get_execution(self, action_id: str) -> Execution | None: ...
+
+    def measurements_for(self, action_id: str) -> list[Measurement]:
+        """In the order they were taken."""
+
+    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+        """Heartbeat: extend the leases of this worker's unfinished executions and its
+        `heartbeat_at`, in one transaction; how many leases were renewed."""
+
+    def register_worker(self, worker: WorkerInfo) -> None:
+        """Insert or replace a worker's row."""
+
+    def stop_worker(self, worker_id: str, now: datetime) -> None:
+        """Mark a worker stopped (clean shutdown)."""
+
+    def list_workers(self) -> list[WorkerInfo]:
+        """Newest heartbeat first."""
+
+    def lapsed_executions(self, now: datetime) -> list[Execution]:
+        """Unfinished executions whose lease expired before `now` (their worker died)."""
 
     def audit_events(self, *, action_id: str | None = None) -> Iterator[AuditEvent]:
         """In sequence order."""

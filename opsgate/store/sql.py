@@ -13,6 +13,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from alembic import command
 from alembic.config import Config
 from alembic.util import CommandError
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import (
     Connection,
     Engine,
@@ -24,30 +25,44 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from opsgate.audit import AuditDraft, seal
 from opsgate.models import (
     ACTIVE_STATES,
+    MUTABLE_EXECUTION_FIELDS,
     Action,
     ActionState,
     Approval,
     AuditEvent,
     Decision,
+    Execution,
+    Measurement,
+    WorkerInfo,
 )
-from opsgate.store.base import MUTABLE_ACTION_FIELDS, DuplicateIdempotencyKey, StoreError
+from opsgate.store.base import (
+    MUTABLE_ACTION_FIELDS,
+    DuplicateIdempotencyKey,
+    StoreError,
+    TargetBusy,
+)
 from opsgate.store.tables import (
+    RUNNING_ON_TARGET_INDEX,
     actions,
     approvals,
     audit_events,
     audit_head,
     decisions,
+    executions,
+    measurements,
     metadata,
+    workers,
 )
 
 P = ParamSpec("P")
@@ -327,6 +342,50 @@ class SqlStore:
         statement, params = _count_active(target, environment, exclude_id)
         return int(self._all(statement, params)[0][0])
 
+    @_translate_errors
+    def count_running_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        statement, params = _count_running(target, environment, exclude_id)
+        return int(self._all(statement, params)[0][0])
+
+    @_translate_errors
+    def get_execution(self, action_id: str) -> Execution | None:
+        rows = self._all(_SELECT_EXECUTION, {"action_id": action_id})
+        return execution_from_row(rows[0]._mapping) if rows else None
+
+    @_translate_errors
+    def measurements_for(self, action_id: str) -> list[Measurement]:
+        """In the order they were taken (stored)."""
+        rows = self._all(_MEASUREMENTS_OF, {"action_id": action_id})
+        return [measurement_from_row(row._mapping) for row in rows]
+
+    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+        """Extend this worker's unfinished leases and its heartbeat in one transaction."""
+        with self.transaction() as tx:
+            return tx.renew_leases(worker_id, now, until)
+
+    def register_worker(self, worker: WorkerInfo) -> None:
+        """Insert or replace a worker's row."""
+        with self.transaction() as tx:
+            tx.register_worker(worker)
+
+    def stop_worker(self, worker_id: str, now: datetime) -> None:
+        """Mark a worker stopped; a worker that never registered is left alone."""
+        with self.transaction() as tx:
+            tx.stop_worker(worker_id, now)
+
+    @_translate_errors
+    def list_workers(self) -> list[WorkerInfo]:
+        """Newest heartbeat first."""
+        return [worker_from_row(row._mapping) for row in self._all(_LIST_WORKERS)]
+
+    @_translate_errors
+    def lapsed_executions(self, now: datetime) -> list[Execution]:
+        """Unfinished executions whose lease expired before `now`, oldest lease first."""
+        rows = self._all(_LAPSED_EXECUTIONS, {"now": now})
+        return [execution_from_row(row._mapping) for row in rows]
+
     def audit_events(self, *, action_id: str | None = None) -> Iterator[AuditEvent]:
         """In sequence order, fetched in pages so no connection stays open while iterating."""
         after = 0
@@ -376,6 +435,7 @@ class SqlTx:
         self._conn = conn
         self._postgresql = store.dialect == "postgresql"
         self._insert_action = _INSERT_ACTION[store.dialect]
+        self._upsert_worker = _UPSERT_WORKER[store.dialect]
         self.failed = False  # a driver error happened: the transaction must not commit
 
     def store_error(self, exc: BaseException) -> StoreError:
@@ -454,6 +514,97 @@ class SqlTx:
         self._conn.execute(_MOVE_HEAD, {"new_seq": event.seq, "new_hash": event.hash})
         return event
 
+    # --- execution ----------------------------------------------------------------------
+
+    @_translate_errors
+    def claim_next_approved(self, now: datetime) -> Action | None:
+        """Lock the oldest approved, unexpired action no other transaction holds, or None.
+
+        SQLite needs no SKIP LOCKED: BEGIN IMMEDIATE already made this the only writer.
+        """
+        statement = _CLAIM_NEXT_SKIP_LOCKED if self._postgresql else _CLAIM_NEXT
+        row = self._conn.execute(statement, {"now": now}).first()
+        return action_from_row(row._mapping) if row is not None else None
+
+    @_translate_errors
+    def count_running_on_target(
+        self, target: str, environment: str, *, exclude_id: str | None = None
+    ) -> int:
+        """Unfinished executions on this target: what is touching it right now."""
+        statement, params = _count_running(target, environment, exclude_id)
+        return int(self._conn.execute(statement, params).scalar_one())
+
+    @_translate_errors
+    def insert_execution(self, execution: Execution) -> None:
+        """Record a claim; TargetBusy if another unfinished execution holds the target."""
+        # Checked first so the usual refusal leaves the transaction usable; the unique
+        # index only decides races the check cannot see (uncommitted PostgreSQL claims).
+        # A row that is already finished holds nothing, as in the index. The action's own
+        # unfinished row counts too: SQLite would report it as the index's violation anyway.
+        if execution.finished_at is None and self.count_running_on_target(
+            execution.target, execution.environment
+        ):
+            raise TargetBusy(_busy_message(execution))
+        try:
+            self._conn.execute(_INSERT_EXECUTION, execution_to_row(execution))
+        except IntegrityError as exc:
+            if not _violates_running_index(exc):
+                raise
+            # PostgreSQL has aborted the transaction; SQLite would commit the rest.
+            self.failed = True
+            raise TargetBusy(_busy_message(execution)) from None
+
+    @_translate_errors
+    def lock_execution(self, action_id: str) -> Execution | None:
+        """Read an execution and lock it until the transaction ends (FOR UPDATE)."""
+        statement = _LOCK_EXECUTION if self._postgresql else _SELECT_EXECUTION
+        row = self._conn.execute(statement, {"action_id": action_id}).first()
+        return execution_from_row(row._mapping) if row is not None else None
+
+    @_translate_errors
+    def update_execution(self, action_id: str, **fields: Any) -> Execution:
+        """Change MUTABLE_EXECUTION_FIELDS of a locked execution and return the new row."""
+        values = mutable_execution_values(fields)
+        if not values:
+            found = self.lock_execution(action_id)
+            if found is None:
+                raise StoreError(f"no execution of action {action_id}")
+            return found
+        statement = (
+            update(executions)
+            .where(executions.c.action_id == action_id)
+            .values(**values)
+            .returning(executions)
+        )
+        row = self._conn.execute(statement).first()
+        if row is None:
+            raise StoreError(f"no execution of action {action_id}")
+        return execution_from_row(row._mapping)
+
+    @_translate_errors
+    def insert_measurements(self, measurements: Sequence[Measurement]) -> None:
+        if not measurements:  # executemany with no rows is an error in SQLAlchemy
+            return
+        self._conn.execute(_INSERT_MEASUREMENT, [measurement_to_row(m) for m in measurements])
+
+    # Not in StoreTx: SqlStore runs each of these in a transaction of its own.
+
+    @_translate_errors
+    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+        renewed = self._conn.execute(
+            _RENEW_LEASES, {"owner": worker_id, "now": now, "until": until}
+        ).rowcount
+        self._conn.execute(_WORKER_HEARTBEAT, {"worker_id": worker_id, "now": now})
+        return int(renewed)
+
+    @_translate_errors
+    def register_worker(self, worker: WorkerInfo) -> None:
+        self._conn.execute(self._upsert_worker, worker_to_row(worker))
+
+    @_translate_errors
+    def stop_worker(self, worker_id: str, now: datetime) -> None:
+        self._conn.execute(_STOP_WORKER, {"worker_id": worker_id, "now": now})
+
 
 # Statements are built once, with bind parameters: building and cache-keying a select on
 # every call costs more than running it on SQLite.
@@ -517,6 +668,108 @@ _MOVE_HEAD = (
     .where(audit_head.c.id == 1)
     .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 )
+
+
+_CLAIM_NEXT = (
+    select(actions)
+    .where(
+        actions.c.state == ActionState.APPROVED.value,
+        or_(
+            actions.c.expires_at.is_(None),
+            actions.c.expires_at > bindparam("now", type_=actions.c.expires_at.type),
+        ),
+    )
+    .order_by(actions.c.created_at, actions.c.id)
+    .limit(1)
+)
+# Another worker's claimed row is skipped, not waited for: claims never queue.
+_CLAIM_NEXT_SKIP_LOCKED = _CLAIM_NEXT.with_for_update(skip_locked=True)
+_SELECT_EXECUTION = select(executions).where(executions.c.action_id == bindparam("action_id"))
+_LOCK_EXECUTION = _SELECT_EXECUTION.with_for_update()
+_COUNT_RUNNING = (
+    select(func.count())
+    .select_from(executions)
+    .where(
+        executions.c.target == bindparam("target"),
+        executions.c.environment == bindparam("environment"),
+        executions.c.finished_at.is_(None),
+    )
+)
+_COUNT_RUNNING_EXCLUDING = _COUNT_RUNNING.where(executions.c.action_id != bindparam("exclude_id"))
+_INSERT_EXECUTION = insert(executions)
+_INSERT_MEASUREMENT = insert(measurements)
+_MEASUREMENTS_OF = (
+    select(measurements)
+    .where(measurements.c.action_id == bindparam("action_id"))
+    .order_by(measurements.c.id)
+)
+_LAPSED_EXECUTIONS = (
+    select(executions)
+    .where(
+        executions.c.finished_at.is_(None),
+        executions.c.lease_expires_at < bindparam("now", type_=executions.c.lease_expires_at.type),
+    )
+    .order_by(executions.c.lease_expires_at, executions.c.action_id)
+)
+_RENEW_LEASES = (
+    update(executions)
+    .where(
+        executions.c.worker_id == bindparam("owner"),
+        executions.c.finished_at.is_(None),
+    )
+    .values(
+        lease_expires_at=bindparam("until", type_=executions.c.lease_expires_at.type),
+        heartbeat_at=bindparam("now", type_=executions.c.heartbeat_at.type),
+    )
+)
+_WORKER_HEARTBEAT = (
+    update(workers)
+    .where(workers.c.id == bindparam("worker_id"))
+    .values(heartbeat_at=bindparam("now", type_=workers.c.heartbeat_at.type))
+)
+_STOP_WORKER = (
+    update(workers)
+    .where(workers.c.id == bindparam("worker_id"))
+    .values(stopped_at=bindparam("now", type_=workers.c.stopped_at.type))
+)
+_LIST_WORKERS = select(workers).order_by(workers.c.heartbeat_at.desc(), workers.c.id)
+
+
+def _upsert_worker(dialect: Any) -> Executable:
+    statement = dialect.insert(workers)
+    return statement.on_conflict_do_update(
+        index_elements=[workers.c.id],
+        set_={c.name: statement.excluded[c.name] for c in workers.c if c.name != "id"},
+    )
+
+
+# A worker that restarts under the same id replaces its row.
+_UPSERT_WORKER = {
+    name: _upsert_worker(dialect)
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+
+
+def _count_running(
+    target: str, environment: str, exclude_id: str | None
+) -> tuple[Select[Any], dict[str, Any]]:
+    params = {"target": target, "environment": environment}
+    if exclude_id is None:
+        return _COUNT_RUNNING, params
+    return _COUNT_RUNNING_EXCLUDING, {**params, "exclude_id": exclude_id}
+
+
+def _busy_message(execution: Execution) -> str:
+    return f"another action is executing on {execution.target} ({execution.environment})"
+
+
+def _violates_running_index(exc: IntegrityError) -> bool:
+    """Whether the unique index on unfinished executions refused the insert."""
+    diag = getattr(exc.orig, "diag", None)  # psycopg names the violated constraint
+    if diag is not None:
+        return bool(diag.constraint_name == RUNNING_ON_TARGET_INDEX)
+    # sqlite3 only has the message: "UNIQUE constraint failed: executions.target, ..."
+    return "executions.target" in str(exc.orig)
 
 
 def _count_active(
@@ -665,3 +918,59 @@ def audit_event_to_row(event: AuditEvent) -> dict[str, Any]:
 
 def audit_event_from_row(row: Mapping[Any, Any]) -> AuditEvent:
     return AuditEvent.model_validate(dict(row))
+
+
+# Built once: one adapter per field, so an update is checked like a whole model would be.
+_EXECUTION_FIELD_TYPES = {
+    name: TypeAdapter[Any](info.rebuild_annotation())
+    for name, info in Execution.model_fields.items()
+    if name in MUTABLE_EXECUTION_FIELDS
+}
+
+
+def mutable_execution_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values for an execution update; ValueError for a field that may not change."""
+    refused = sorted(set(fields) - MUTABLE_EXECUTION_FIELDS)
+    if refused:
+        raise ValueError(
+            f"cannot change {', '.join(refused)} of an execution; "
+            f"only {', '.join(sorted(MUTABLE_EXECUTION_FIELDS))} may change"
+        )
+    # A bad value (an unknown outcome) is refused before it is written, not when read back.
+    values = {}
+    for name, value in fields.items():
+        try:
+            values[name] = _EXECUTION_FIELD_TYPES[name].validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"invalid {name} for an execution: {_first_error(exc)}") from None
+    return values
+
+
+def _first_error(exc: ValidationError) -> str:
+    return str(exc.errors()[0]["msg"]).splitlines()[0]
+
+
+def execution_to_row(execution: Execution) -> dict[str, Any]:
+    return execution.model_dump()
+
+
+def execution_from_row(row: Mapping[Any, Any]) -> Execution:
+    return Execution.model_validate(dict(row))
+
+
+def measurement_to_row(measurement: Measurement) -> dict[str, Any]:
+    return measurement.model_dump()
+
+
+def measurement_from_row(row: Mapping[Any, Any]) -> Measurement:
+    fields = dict(row)
+    fields.pop("id", None)
+    return Measurement.model_validate(fields)
+
+
+def worker_to_row(worker: WorkerInfo) -> dict[str, Any]:
+    return worker.model_dump()
+
+
+def worker_from_row(row: Mapping[Any, Any]) -> WorkerInfo:
+    return WorkerInfo.model_validate(dict(row))

@@ -164,3 +164,82 @@ audit_head = Table(
     Column("hash", String, nullable=False),
     CheckConstraint("id = 1", name="single_row"),
 )
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("action_id", String, ForeignKey("actions.id"), primary_key=True),
+    Column("target", String, nullable=False),
+    Column("environment", String, nullable=False),
+    Column("worker_id", String, nullable=False),
+    Column("claimed_at", UTCDateTime, nullable=False),
+    Column("lease_expires_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    Column("captured", _json(), nullable=False),
+    Column("capture_output", Text, nullable=False),
+    Column("run_started_at", UTCDateTime, nullable=True),
+    Column("run_finished_at", UTCDateTime, nullable=True),
+    Column("run_exit_code", Integer, nullable=True),
+    Column("run_output", Text, nullable=False),
+    Column("run_error", Text, nullable=True),
+    Column("verify_started_at", UTCDateTime, nullable=True),
+    Column("verify_state", _json(none_as_null=True), nullable=True),
+    Column("outcome", String, nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("trigger_name", String, nullable=True),
+    Column("trigger_kind", String, nullable=True),
+    Column("trigger_value", Float, nullable=True),
+    Column("rollback_decided_at", UTCDateTime, nullable=True),
+    Column("rollback_requested_by", String, nullable=True),
+    Column("undo_started_at", UTCDateTime, nullable=True),
+    Column("undo_finished_at", UTCDateTime, nullable=True),
+    Column("undo_exit_code", Integer, nullable=True),
+    Column("undo_output", Text, nullable=False),
+    Column("undo_error", Text, nullable=True),
+    Column("rollback_verify_state", _json(none_as_null=True), nullable=True),
+    Column("rollback_verified_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("recovered_from", String, nullable=True),
+    Index("ix_executions_worker_id", "worker_id"),
+    Index("ix_executions_lease_expires_at", "lease_expires_at"),
+)
+
+# At most one unfinished execution per target: the database, not a check-then-insert in
+# code, is what makes two workers unable to touch one target at the same time.
+RUNNING_ON_TARGET_INDEX = "ix_executions_target_environment"
+Index(
+    RUNNING_ON_TARGET_INDEX,
+    executions.c.target,
+    executions.c.environment,
+    unique=True,
+    sqlite_where=executions.c.finished_at.is_(None),
+    postgresql_where=executions.c.finished_at.is_(None),
+)
+
+measurements = Table(
+    "measurements",
+    metadata,
+    # INTEGER on SQLite makes id the rowid, which SQLite assigns in insertion order.
+    Column("id", BIG_INTEGER, primary_key=True, autoincrement=True),
+    Column("action_id", String, ForeignKey("actions.id"), nullable=False),
+    Column("phase", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    # ±inf round-trips on both (SQLite REAL, PostgreSQL float8); SQLite turns NaN into NULL.
+    Column("value", Float, nullable=True),
+    Column("outcome", String, nullable=False),
+    Column("detail", Text, nullable=False),
+    Index("ix_measurements_action_id_id", "action_id", "id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("hostname", String, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+    Column("stopped_at", UTCDateTime, nullable=True),
+)

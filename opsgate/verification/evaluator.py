@@ -118,7 +118,7 @@ class MeasurementRecord:
     detail: str = ""
 
     def to_measurement(
-        self, action_id: str, phase: Literal["verify", "rollback"] = "verify"
+        self, action_id: str, phase: Literal["run", "verify", "rollback"] = "verify"
     ) -> Measurement:
         return Measurement(
             action_id=action_id,

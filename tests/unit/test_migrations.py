@@ -43,7 +43,7 @@ def _tables(store: SqlStore) -> set[str]:
 
 def test_one_linear_history() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0001"]
+    assert script.get_heads() == ["0002"]
 
 
 def test_upgrade_head_matches_the_models(fresh: SqlStore) -> None:
@@ -52,7 +52,7 @@ def test_upgrade_head_matches_the_models(fresh: SqlStore) -> None:
     with fresh.engine.connect() as conn:
         assert conn.execute(select(audit_head)).all() == [(1, 0, GENESIS_HASH)]
     fresh.migrate()  # a second run is a no-op
-    assert fresh.row_counts() == {"actions": 0, "decisions": 0, "approvals": 0, "audit_events": 0}
+    assert set(fresh.row_counts().values()) == {0}
 
 
 def test_the_comparison_would_notice_a_difference(fresh: SqlStore) -> None:

@@ -392,14 +392,29 @@ def test_lock_action_serialises_writers(store: Store) -> None:
 
 
 def test_row_counts(store: Store) -> None:
-    assert store.row_counts() == {"actions": 0, "decisions": 0, "approvals": 0, "audit_events": 0}
+    empty = {
+        "actions": 0,
+        "decisions": 0,
+        "approvals": 0,
+        "audit_events": 0,
+        "executions": 0,
+        "measurements": 0,
+        "workers": 0,
+    }
+    assert store.row_counts() == empty
     action = make_action()
     with store.transaction() as tx:
         tx.insert_action(action)
         tx.insert_decision(make_decision(action.id))
         tx.insert_approval(make_approval(action.id))
         tx.append_audit(make_draft(action.id))
-    assert store.row_counts() == {"actions": 1, "decisions": 1, "approvals": 1, "audit_events": 1}
+    assert store.row_counts() == {
+        **empty,
+        "actions": 1,
+        "decisions": 1,
+        "approvals": 1,
+        "audit_events": 1,
+    }
 
 
 def test_a_swallowed_statement_error_still_aborts_the_transaction(store: Store) -> None:
