@@ -28,6 +28,13 @@ class Settings:
     approval_ttl: float = 3600.0
     policy_engine: str = "embedded"
     prometheus_url: str | None = None
+    prometheus_token: str | None = None
+    prometheus_user: str | None = None
+    prometheus_password: str | None = None
+    prometheus_ca_file: str | None = None
+    prometheus_timeout: float = 5.0
+    lease: float = 30.0  # a worker's claim lapses this long after its last heartbeat
+    worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
@@ -55,11 +62,20 @@ class Settings:
         for name, value in values.items():
             if name in {"catalog", "policies"}:
                 converted[name] = Path(str(value))
-            elif name == "approval_ttl":
+            elif name in {"approval_ttl", "prometheus_timeout", "lease"}:
                 try:
                     converted[name] = parse_duration(value)
                 except ValueError as exc:
-                    raise ConfigError(f"OPSGATE_APPROVAL_TTL: {exc}") from exc
+                    raise ConfigError(f"OPSGATE_{name.upper()}: {exc}") from exc
+                if converted[name] <= 0:
+                    raise ConfigError(f"OPSGATE_{name.upper()}: must be positive")
+            elif name == "worker_concurrency":
+                try:
+                    converted[name] = int(value)
+                except (TypeError, ValueError):
+                    raise ConfigError("OPSGATE_WORKER_CONCURRENCY: expected a number") from None
+                if not 1 <= converted[name] <= 256:
+                    raise ConfigError("OPSGATE_WORKER_CONCURRENCY: expected 1 to 256")
             elif name == "identity":
                 if value not in {"os", "postgres", "env"}:
                     raise ConfigError("OPSGATE_IDENTITY: expected os, postgres or env")

@@ -49,3 +49,9 @@ class StateConflict(OpsgateError):
 
 class ConfigError(OpsgateError):
     exit_code = 2
+
+
+class ActionFailed(OpsgateError):
+    """The action ran but did not succeed (rolled back, failed, rollback failed)."""
+
+    exit_code = 1

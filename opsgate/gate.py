@@ -18,7 +18,9 @@ from opsgate.models import (
     AuditEvent,
     Decision,
     DenyReason,
+    Execution,
     Identity,
+    Measurement,
 )
 from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE, PolicyEngine, PolicyResult
 from opsgate.policies.input import build_input
@@ -83,6 +85,8 @@ class ActionDetails:
     decisions: list[Decision]
     approvals: list[Approval]
     events: list[AuditEvent]
+    execution: Execution | None = None
+    measurements: list[Measurement] = field(default_factory=list)
 
 
 @dataclass
@@ -113,9 +117,15 @@ class Gate:
         now = now or self.clock()
         proposal = spec.proposal
         reader = tx if tx is not None else self.store
-        active = reader.count_active_on_target(
-            proposal.target, proposal.environment, exclude_id=exclude_id
-        )
+        if phase == "execute":
+            # At execution what matters is what is touching the target right now.
+            active = reader.count_running_on_target(
+                proposal.target, proposal.environment, exclude_id=exclude_id
+            )
+        else:
+            active = reader.count_active_on_target(
+                proposal.target, proposal.environment, exclude_id=exclude_id
+            )
         checks = self.preconditions.evaluate(
             CheckContext(
                 action_type=spec.action_type,
@@ -125,6 +135,8 @@ class Gate:
                 now=now,
                 active_on_target=active,
                 freeze_windows=self.freeze_windows(),
+                verification=spec.verification,
+                phase=phase,
             )
         )
         document = build_input(
@@ -247,7 +259,7 @@ class Gate:
 
     def _expire_if_due(self, tx: StoreTx, action: Action, now: datetime) -> Action | None:
         if (
-            action.state in (ActionState.PENDING_APPROVAL,)
+            action.state in (ActionState.PENDING_APPROVAL, ActionState.APPROVED)
             and action.expires_at is not None
             and now >= action.expires_at
         ):
@@ -316,6 +328,8 @@ class Gate:
                         actor=approver.id,
                         now=now,
                         data={"approvers": sorted(valid), "spec_hash": action.spec_hash},
+                        # The approval is good for one run that starts within the TTL.
+                        expires_at=now + timedelta(seconds=self.approval_ttl),
                     )
                 return ApproveOutcome(action, approvals, counted=True)
         raise refusal
@@ -432,7 +446,8 @@ class Gate:
         raise refusal
 
     def expire_due(self) -> list[Action]:
-        """Move pending actions past their approval TTL to expired."""
+        """Expire pending actions past their approval TTL, and approved ones not started
+        within it."""
         now = self.clock()
         expired: list[Action] = []
         for candidate in self.store.due_for_expiry(now):
@@ -459,4 +474,6 @@ class Gate:
             self.store.decisions_for(action_id),
             self.store.approvals_for(action_id),
             list(self.store.audit_events(action_id=action_id)),
+            self.store.get_execution(action_id),
+            self.store.measurements_for(action_id),
         )

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from opsgate.models import ActionType
+from opsgate.models import ActionType, VerificationSpec
+from opsgate.verification.promql import render_query
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class CheckContext:
     now: datetime
     active_on_target: int
     freeze_windows: Sequence[Mapping[str, Any]]
+    verification: VerificationSpec | None = None
+    phase: str = "propose"
 
 
 Check = Callable[[CheckContext], PreconditionResult]
@@ -110,3 +113,49 @@ class PreconditionRegistry:
                 )
             )
         return results
+
+
+def signal_out_of_range(name: str, signal_name: str, provider: Any) -> Check:
+    """A live PromQL check: ok while the action type's `signal_name` signal reads
+    outside its pass range right now (e.g. `error_rate_elevated`: the error rate this
+    action should fix is in fact elevated). No data or an error is not ok."""
+
+    def check(ctx: CheckContext) -> PreconditionResult:
+        spec = ctx.verification or ctx.action_type.verification
+        signal = next((s for s in spec.signals if s.name == signal_name), None)
+        if signal is None:
+            return PreconditionResult(
+                name, ok=False, error=f"the verification has no signal named {signal_name}"
+            )
+        values = {k: v for k, v in ctx.params.items() if isinstance(v, str | int | float | bool)}
+        values.update(target=ctx.target, environment=ctx.environment)
+        query = render_query(signal.query, values)
+        result = provider.query_many([query])[query]
+        if result.error is not None:
+            return PreconditionResult(name, ok=False, error=f"query failed: {result.error}")
+        if result.value is None:
+            return PreconditionResult(name, ok=False, error="the query returned no data")
+        return PreconditionResult(
+            name, ok=not signal.pass_.contains(result.value), value=result.value
+        )
+
+    return check
+
+
+def unavailable(name: str, why: str) -> Check:
+    """A check that cannot run in this configuration: never ok (fail closed)."""
+
+    def check(ctx: CheckContext) -> PreconditionResult:
+        return PreconditionResult(name, ok=False, error=why)
+
+    return check
+
+
+def prometheus_checks(provider: Any | None) -> dict[str, Check]:
+    """The Prometheus-backed checks action types may require by name."""
+    if provider is None:
+        why = "OPSGATE_PROMETHEUS_URL is not set, so this live check cannot run"
+        return {"error_rate_elevated": unavailable("error_rate_elevated", why)}
+    return {
+        "error_rate_elevated": signal_out_of_range("error_rate_elevated", "error_rate", provider)
+    }

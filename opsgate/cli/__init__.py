@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from opsgate import __version__
-from opsgate.cli import actions, admin, policy
+from opsgate.cli import actions, admin, execution, policy
 from opsgate.cli.context import CliConfig
 from opsgate.config import Settings
 from opsgate.errors import OpsgateError
@@ -54,6 +54,9 @@ cli.add_command(actions.show)
 cli.add_command(actions.approve)
 cli.add_command(actions.reject)
 cli.add_command(actions.cancel)
+cli.add_command(execution.run)
+cli.add_command(execution.worker)
+cli.add_command(execution.rollback)
 cli.add_command(policy.policy)
 
 

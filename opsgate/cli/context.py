@@ -18,7 +18,9 @@ from opsgate.identity import identity_provider
 from opsgate.models import Identity
 from opsgate.policies.embedded import EmbeddedEngine
 from opsgate.policies.engine import PolicyEngine, load_bundle_data
+from opsgate.preconditions import PreconditionRegistry, prometheus_checks
 from opsgate.store import Store, open_store
+from opsgate.verification.prometheus import PrometheusProvider
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,6 +34,7 @@ class CliConfig:
         self._catalog: Catalog | None = None
         self._engine: PolicyEngine | None = None
         self._gate: Gate | None = None
+        self._provider: PrometheusProvider | None = None
 
     @property
     def store(self) -> Store:
@@ -71,13 +74,45 @@ class CliConfig:
                 engine=self.engine,
                 approval_ttl=self.settings.approval_ttl,
                 freeze_windows=lambda: _freeze_windows(policies),
+                preconditions=PreconditionRegistry(prometheus_checks(self.optional_provider())),
             )
         return self._gate
+
+    def optional_provider(self) -> PrometheusProvider | None:
+        """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""
+        url = self.settings.prometheus_url
+        if self._provider is None and url:
+            settings = self.settings
+            basic = None
+            if settings.prometheus_user is not None:
+                basic = (settings.prometheus_user, settings.prometheus_password or "")
+            try:
+                self._provider = PrometheusProvider(
+                    url,
+                    token=settings.prometheus_token,
+                    basic_auth=basic,
+                    ca_file=settings.prometheus_ca_file,
+                    timeout=settings.prometheus_timeout,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"OPSGATE_PROMETHEUS_URL: {exc}") from None
+        return self._provider
+
+    def provider(self) -> PrometheusProvider:
+        """The provider verification needs; without it nothing may run (fail closed)."""
+        provider = self.optional_provider()
+        if provider is None:
+            raise ConfigError(
+                "OPSGATE_PROMETHEUS_URL is not set; opsgate runs nothing it cannot verify"
+            )
+        return provider
 
     def identity(self) -> Identity:
         return identity_provider(self.settings, self.store).current()
 
     def close(self) -> None:
+        if self._provider is not None:
+            self._provider.close()
         if self._store is not None:
             self._store.close()
 

@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from opsgate.catalog import Catalog
 from opsgate.gate import ActionDetails
-from opsgate.models import Action, Approval, AuditEvent, Decision
+from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
 from opsgate.policies.input import mask_params
 
 
@@ -103,13 +104,111 @@ def event_json(event: AuditEvent) -> dict[str, Any]:
     }
 
 
+def execution_json(execution: Execution) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for name, value in execution.model_dump(mode="python").items():
+        document[name] = ts(value) if isinstance(value, datetime) else value
+    document["rollback_time"] = execution.rollback_time
+    return document
+
+
+def measurement_json(measurement: Measurement) -> dict[str, Any]:
+    return {
+        "phase": measurement.phase,
+        "name": measurement.name,
+        "kind": measurement.kind,
+        "at": measurement.at.astimezone(UTC).isoformat(timespec="milliseconds"),
+        "value": measurement.value,
+        "outcome": measurement.outcome,
+        "detail": measurement.detail,
+    }
+
+
 def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
     return {
         "action": action_json(details.action, catalog),
         "decisions": [decision_json(d) for d in details.decisions],
         "approvals": [approval_json(a) for a in details.approvals],
+        "execution": execution_json(details.execution) if details.execution else None,
+        "measurements": [measurement_json(m) for m in details.measurements],
         "events": [event_json(e) for e in details.events],
     }
+
+
+def fmt_value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def show_execution(execution: Execution, measurements: Sequence[Measurement]) -> None:
+    rows: dict[str, Any] = {
+        "worker": execution.worker_id,
+        "claimed": ts(execution.claimed_at),
+        "captured": ", ".join(f"{k}={v}" for k, v in execution.captured.items()) or "nothing",
+        "run": _step_line(
+            execution.run_started_at,
+            execution.run_finished_at,
+            execution.run_exit_code,
+            execution.run_error,
+        ),
+        "verification started": ts(execution.verify_started_at),
+        "outcome": execution.outcome,
+        "reason": execution.reason or None,
+    }
+    if execution.trigger_name:
+        rows["fired"] = (
+            f"{execution.trigger_kind} {execution.trigger_name} = "
+            f"{fmt_value(execution.trigger_value)}"
+        )
+    if execution.rollback_decided_at:
+        rows["rollback decided"] = ts(execution.rollback_decided_at)
+        if execution.rollback_requested_by:
+            rows["rollback requested by"] = execution.rollback_requested_by
+        rows["undo"] = _step_line(
+            execution.undo_started_at,
+            execution.undo_finished_at,
+            execution.undo_exit_code,
+            execution.undo_error,
+        )
+        rows["rollback verified"] = ts(execution.rollback_verified_at) or "not verified"
+        if execution.rollback_time is not None:
+            rows["rollback time"] = f"{execution.rollback_time:.1f}s"
+    rows["finished"] = ts(execution.finished_at)
+    kv_table({k: v for k, v in rows.items() if v is not None}, title="\nexecution")
+    for label, output in (
+        ("run output", execution.run_output),
+        ("undo output", execution.undo_output),
+    ):
+        if output.strip():
+            click.echo(f"\n{label}:\n{output.rstrip()}")
+    if not measurements:
+        return
+    table = Table(title=f"\nmeasurements ({len(measurements)})", title_justify="left")
+    for column in ("at", "phase", "name", "value", "outcome", "detail"):
+        table.add_column(column, overflow="fold")
+    style = {"pass": "green", "fail": "red", "error": "magenta", "inconclusive": "yellow"}
+    for m in measurements:
+        table.add_row(
+            m.at.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3],
+            m.phase,
+            escape(m.name),
+            fmt_value(m.value),
+            f"[{style[m.outcome]}]{m.outcome}[/]",
+            escape(m.detail),
+        )
+    console().print(table)
+
+
+def _step_line(
+    started: datetime | None, finished: datetime | None, code: int | None, error: str | None
+) -> str:
+    if started is None:
+        return "not started"
+    if finished is None:
+        return f"started {ts(started)}, not finished"
+    took = (finished - started).total_seconds()
+    result = "ok" if error is None else f"failed: {error}"
+    exit_code = f", exit {code}" if code is not None else ""
+    return f"{result} ({took:.1f}s{exit_code})"
 
 
 def deny_lines(decision: Decision) -> list[str]:
@@ -139,7 +238,7 @@ def kv_table(rows: Mapping[str, Any], title: str | None = None) -> None:
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in rows.items():
-        table.add_row(key, "" if value is None else str(value))
+        table.add_row(key, "" if value is None else escape(str(value)))
     console().print(table)
 
 
@@ -180,6 +279,8 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
     for approval in details.approvals:
         note = f": {approval.comment}" if approval.comment else ""
         click.echo(f"\napproved by {approval.approver.id} at {ts(approval.created_at)}{note}")
+    if details.execution is not None:
+        show_execution(details.execution, details.measurements)
     table = Table(title="\naudit events", title_justify="left")
     for column in ("seq", "at", "kind", "actor", "transition"):
         table.add_column(column)

@@ -1,0 +1,228 @@
+"""run, worker, rollback: carry out approved actions with verification and rollback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.live import PlainView, view_for
+from opsgate.cli.render import details_json, fmt_value
+from opsgate.errors import ActionFailed, Refused
+from opsgate.executor.executor import Executor, ExecutorEvent
+from opsgate.executor.runners import RunnerRegistry
+from opsgate.models import ActionState
+from opsgate.verification.hub import VerificationHub
+
+S = ActionState
+EXPIRY_CHECK_SECONDS = 10.0
+
+
+def build_executor(
+    config: CliConfig,
+    on_event: Callable[[ExecutorEvent], None] | None,
+    *,
+    concurrency: int | None = None,
+) -> Executor:
+    hub = VerificationHub(config.provider())
+    return Executor(
+        config.store,
+        config.gate,
+        hub,
+        RunnerRegistry(),
+        lease=config.settings.lease,
+        concurrency=concurrency or config.settings.worker_concurrency,
+        on_event=on_event,
+    )
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (systemd, Kubernetes) stops a worker the way Ctrl-C does."""
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_finishing(executor: Executor, what: str) -> None:
+    """Wait for held actions; a first interrupt says so, a second exits at once."""
+    interrupted = False
+    while True:
+        try:
+            executor.wait_idle()
+            return
+        except KeyboardInterrupt:
+            if interrupted:
+                click.echo("stopping now; a lapsed lease is recovered by the next worker", err=True)
+                os._exit(130)
+            interrupted = True
+            click.echo(
+                f"finishing {what} ({executor.in_flight} held); interrupt again to stop now",
+                err=True,
+            )
+
+
+def outcome_line(config: CliConfig, action_id: str) -> tuple[ActionState, str]:
+    details = config.gate.details(action_id)
+    action, execution = details.action, details.execution
+    parts = [f"action {action_id} {action.state.value}"]
+    if execution is not None:
+        if execution.reason:
+            parts.append(execution.reason)
+        if execution.trigger_name:
+            parts.append(f"{execution.trigger_name} = {fmt_value(execution.trigger_value)}")
+        if execution.rollback_time is not None:
+            parts.append(f"rollback time {execution.rollback_time:.1f}s")
+    return action.state, "; ".join(parts)
+
+
+def finish(config: CliConfig, action_id: str, as_json: bool) -> None:
+    """Print how the action ended; anything but success is a non-zero exit."""
+    state, line = outcome_line(config, action_id)
+    if as_json:
+        echo_json(details_json(config.gate.details(action_id), config.catalog))
+    elif state is S.SUCCEEDED or state is S.ROLLED_BACK:
+        click.echo(line)
+    if state is S.BLOCKED_AT_EXECUTION:
+        decisions = [d for d in config.store.decisions_for(action_id) if d.phase == "execute"]
+        codes = decisions[-1].deny_codes if decisions else []
+        messages = "; ".join(d.message or d.code for d in decisions[-1].deny) if decisions else ""
+        raise Refused(f"blocked at execution: {messages or ', '.join(codes)}", codes)
+    if state is not S.SUCCEEDED:
+        raise ActionFailed(line)
+
+
+@click.command()
+@click.argument("action_id")
+@json_option
+@pass_config
+def run(config: CliConfig, action_id: str, as_json: bool) -> None:
+    """Run one approved action here: re-check, run, verify, roll back if it made things worse.
+
+    Exit 0 when verified, 3 when blocked at execution, 1 for any other end.
+    """
+    config.gate.expire_due()
+    action = config.store.get_action(action_id)
+    title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
+    view = PlainView() if as_json else view_for(action_id, f"{action_id}  {title}")
+    executor = build_executor(config, None if as_json else view)
+    try:
+        with sigterm_as_interrupt(), view:
+            executor.start()
+            claimed = executor.claim(action_id)
+            if claimed is not None and claimed.state is S.EXECUTING:
+                executor.launch(action_id)
+                wait_finishing(executor, "this action")
+    finally:
+        executor.close()
+    finish(config, action_id, as_json)
+
+
+@click.command()
+@click.option("--once", is_flag=True, help="Run what is approved now, wait for it, then exit.")
+@click.option(
+    "--concurrency", type=click.IntRange(1, 256), help="Runner steps at once (default 4)."
+)
+@click.option(
+    "--max-in-flight",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Actions held at once, verifying included.",
+)
+@click.option(
+    "--poll", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
+    help="Seconds between looks for newly approved actions.",
+)  # fmt: skip
+@pass_config
+def worker(
+    config: CliConfig, once: bool, concurrency: int | None, max_in_flight: int, poll: float
+) -> None:
+    """Claim approved actions and run, verify and roll them back; Ctrl-C finishes cleanly."""
+    view = PlainView(prefix_ids=True)
+    executor = build_executor(config, view, concurrency=concurrency)
+    claimed = 0
+    try:
+        with sigterm_as_interrupt():
+            executor.start()
+            click.echo(f"worker {executor.worker_id} started", err=True)
+            try:
+                next_expiry = 0.0
+                while True:
+                    if time.monotonic() >= next_expiry:
+                        config.gate.expire_due()
+                        next_expiry = time.monotonic() + EXPIRY_CHECK_SECONDS
+                    while executor.in_flight < max_in_flight:
+                        action = executor.claim()
+                        if action is None:
+                            break
+                        claimed += 1
+                        if action.state is S.EXECUTING:
+                            executor.launch(action.id)
+                    if once:
+                        break
+                    time.sleep(poll)
+                wait_finishing(executor, "held actions")
+            except KeyboardInterrupt:
+                click.echo("no new claims", err=True)
+                wait_finishing(executor, "held actions")
+    finally:
+        executor.close()
+    click.echo(f"worker {executor.worker_id} stopped after {claimed} claims", err=True)
+
+
+@click.command()
+@click.argument("action_id")
+@click.option("--reason", required=True, help="Why; goes into the audit trail.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the end.")
+@json_option
+@pass_config
+def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json: bool) -> None:
+    """Roll back an executing, verifying or succeeded action; the rollback is verified.
+
+    A running action is rolled back by the worker holding it; a succeeded one here.
+    """
+    identity = config.identity()
+    view = PlainView() if as_json else view_for(action_id, f"rollback {action_id}")
+    executor = build_executor(config, None if as_json else view)
+    try:
+        with sigterm_as_interrupt(), view:
+            executor.start()
+            action = executor.request_rollback(action_id, identity, reason)
+            if action.state is S.ROLLING_BACK:
+                wait_finishing(executor, "the rollback")
+            elif wait:
+                if not as_json:
+                    click.echo(f"rollback of {action_id} requested; its worker rolls it back")
+                while not (current := config.store.get_action(action_id)) or not (
+                    current.state.terminal
+                ):
+                    time.sleep(0.5)
+            else:
+                click.echo(f"rollback of {action_id} requested")
+                return
+    finally:
+        executor.close()
+    state, line = outcome_line(config, action_id)
+    if as_json:
+        echo_json(details_json(config.gate.details(action_id), config.catalog))
+    else:
+        click.echo(line)
+    if state is not S.ROLLED_BACK:
+        raise ActionFailed(line)

@@ -1,0 +1,833 @@
+"""Run approved actions: claim, re-check, capture, run, verify, and roll back by itself.
+
+Every step starts and ends with one store transaction that also appends its audit
+event, and the time a step starts is stored *before* it starts, so a new owner of a
+lapsed lease knows whether `run` may have happened. Runner steps (capture, run, undo)
+use a small thread pool; verification of every action is measured by one
+`VerificationHub` thread, which hands a finished verification back to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict
+from opsgate.executor.runners import RunnerRegistry, StepResult
+from opsgate.gate import Gate
+from opsgate.lifecycle import new_id, record_event, record_transition
+from opsgate.models import (
+    Action,
+    ActionState,
+    ActionType,
+    Decision,
+    DenyReason,
+    Execution,
+    ExecutionOutcome,
+    Identity,
+    Measurement,
+    Proposal,
+    Step,
+    VerificationSpec,
+    WorkerInfo,
+)
+from opsgate.proposals import ValidatedProposal, spec_hash
+from opsgate.store.base import Store, StoreError, StoreTx
+from opsgate.verification.evaluator import VerificationState
+from opsgate.verification.hub import (
+    TickReport,
+    VerificationHub,
+    Watch,
+    WatchPhase,
+    rollback_check,
+    stop_only,
+)
+from opsgate.verification.promql import render_query
+
+log = logging.getLogger(__name__)
+
+S = ActionState
+MAX_REASON = 2000
+_STATE_FIELD: dict[WatchPhase, str] = {
+    "verify": "verify_state",
+    "rollback": "rollback_verify_state",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{new_id()[-6:].lower()}"
+
+
+def step_values(action: Action, captured: Mapping[str, Any]) -> dict[str, Any]:
+    """What `{placeholders}` in steps and queries may name."""
+    return {
+        **action.params,
+        **captured,
+        "target": action.target,
+        "environment": action.environment,
+    }
+
+
+def secret_values(action_type: ActionType, params: Mapping[str, Any]) -> list[str]:
+    return [
+        str(params[name])
+        for name, spec in action_type.params.items()
+        if spec.secret and params.get(name) not in (None, "")
+    ]
+
+
+def render_queries(spec: VerificationSpec, values: Mapping[str, Any]) -> dict[str, str]:
+    """Each signal's and stop condition's PromQL with values as escaped label values."""
+    scalars = {k: v for k, v in values.items() if isinstance(v, str | int | float | bool)}
+    rendered: dict[str, str] = {}
+    queries = [(s.name, s.query) for s in spec.signals]
+    queries += [(c.name, c.query) for c in spec.stop_conditions]
+    for name, query in queries:
+        try:
+            rendered[name] = render_query(query, scalars)
+        except ValueError as exc:
+            raise ValueError(f"verification query {name}: {exc}") from None
+    return rendered
+
+
+def _one_line(text: str | None, limit: int = MAX_REASON) -> str:
+    line = " ".join((text or "").split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class ExecutorEvent:
+    """Something a live view or the worker log may show."""
+
+    kind: str  # claimed | blocked | step | measured | state | finished
+    action_id: str
+    message: str = ""
+    watch: Watch | None = None
+    state: ActionState | None = None
+
+
+@dataclass
+class _Held:
+    """What this worker holds for one action while it runs."""
+
+    action: Action
+    action_type: ActionType
+    values: dict[str, Any]
+    secrets: list[str]
+    rendered: dict[str, str]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    watch: Watch | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    final_state: ActionState | None = None
+
+
+class Executor:
+    """A worker's engine: holds leases, runs steps, feeds the hub, records everything."""
+
+    def __init__(
+        self,
+        store: Store,
+        gate: Gate,
+        hub: VerificationHub,
+        runners: RunnerRegistry | None = None,
+        *,
+        worker_id: str | None = None,
+        lease: float = 30.0,
+        concurrency: int = 4,
+        clock: Callable[[], datetime] = utcnow,
+        on_event: Callable[[ExecutorEvent], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.gate = gate
+        self.hub = hub
+        self.runners = runners or RunnerRegistry()
+        self.worker_id = worker_id or default_worker_id()
+        self.lease = lease
+        self.clock = clock
+        self.on_event = on_event
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="opsgate-step")
+        self._held: dict[str, _Held] = {}
+        self._lock = threading.Lock()
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._started = False
+        hub.sink = self._store_tick
+
+    # --- the worker itself --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register this worker and start renewing its leases."""
+        if self._started:
+            return
+        self._started = True
+        now = self.clock()
+        self.store.register_worker(
+            WorkerInfo(
+                id=self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=now,
+                heartbeat_at=now,
+            )
+        )
+        self._heartbeat = threading.Thread(target=self._beat, name="opsgate-lease", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        while not self._heartbeat_stop.wait(self.lease / 3):
+            now = self.clock()
+            try:
+                self.store.renew_leases(self.worker_id, now, now + timedelta(seconds=self.lease))
+            except StoreError as exc:  # the database may be restarting: keep trying
+                log.warning("lease renewal failed: %s", exc)
+
+    def close(self) -> None:
+        self._heartbeat_stop.set()
+        self._pool.shutdown(wait=True)
+        self.hub.close()
+        if self._started:
+            try:
+                self.store.stop_worker(self.worker_id, self.clock())
+            except StoreError as exc:
+                log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every action this worker holds has reached a terminal state."""
+        while True:
+            with self._lock:
+                pending = [h.finished for h in self._held.values()]
+            if not pending:
+                return True
+            if not pending[0].wait(timeout):
+                return False
+
+    def wait_for(self, action_id: str, timeout: float | None = None) -> ActionState | None:
+        with self._lock:
+            held = self._held.get(action_id)
+        if held is None:
+            action = self.store.get_action(action_id)
+            return action.state if action else None
+        held.finished.wait(timeout)
+        return held.final_state
+
+    def _emit(self, kind: str, action_id: str, message: str = "", **extra: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(ExecutorEvent(kind, action_id, message, **extra))
+            except Exception:  # a broken display must never break an execution
+                log.exception("event listener failed")
+
+    # --- claiming -----------------------------------------------------------------------
+
+    def claim(self, action_id: str | None = None) -> Action | None:
+        """Claim one approved action (this one, or the oldest), re-check it, hold it.
+
+        Returns it as executing or blocked_at_execution; None if nothing was approved.
+        """
+        now = self.clock()
+        with self.store.transaction() as tx:
+            if action_id is None:
+                action = tx.claim_next_approved(now)
+                if action is None:
+                    return None
+            else:
+                action = tx.lock_action(action_id)
+                if action is None:
+                    raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+                if action.state is not S.APPROVED:
+                    raise StateConflict(
+                        f"action {action_id} is {action.state.value}; only approved actions "
+                        "can be run"
+                    )
+                if action.expires_at is not None and now >= action.expires_at:
+                    raise StateConflict(
+                        f"the approval of {action_id} expired at {action.expires_at}; "
+                        "propose it again"
+                    )
+            return self._recheck_and_hold(tx, action, now)
+
+    def launch(self, action_id: str) -> None:
+        """Start running a held (executing) action in the step pool."""
+        with self._lock:
+            held = self._held[action_id]
+        self._pool.submit(self._guarded, held, self._capture_and_run, held)
+
+    def _recheck_and_hold(self, tx: StoreTx, action: Action, now: datetime) -> Action:
+        """Policy and preconditions again, as the world is now; block or start."""
+        action_type = self.gate.catalog.types.get(action.action_type)
+        values = step_values(action, {})
+        deny: list[DenyReason] = []
+        rendered: dict[str, str] = {}
+        decision: Decision
+        current = (
+            spec_hash(
+                action_type, action.target, action.environment, action.params, action.verification
+            )
+            if action_type is not None
+            else None
+        )
+        if action_type is None or current != action.spec_hash:
+            deny.append(
+                DenyReason(
+                    code="spec_changed",
+                    message=f"action type {action.action_type} changed since approval; "
+                    "propose it again",
+                )
+            )
+            decision = _local_decision(action, deny, now)
+        else:
+            try:
+                rendered = render_queries(action.verification, values)
+            except ValueError as exc:
+                deny.append(DenyReason(code="verification_undefined", message=str(exc)))
+            spec = ValidatedProposal(
+                proposal=_proposal_of(action),
+                action_type=action_type,
+                params=dict(action.params),
+                verification=action.verification,
+                spec_hash=action.spec_hash,
+            )
+            evaluation = self.gate.evaluate(
+                spec, action.proposer, phase="execute", exclude_id=action.id, now=now, tx=tx
+            )
+            decision = evaluation.decision(action_id=action.id, phase="execute", at=now)
+            if not decision.allow:
+                deny.extend(decision.deny or (DenyReason(code="policy_engine_unavailable"),))
+        tx.insert_decision(decision)
+        if deny:
+            codes = list(dict.fromkeys(d.code for d in deny))
+            blocked = record_transition(
+                tx,
+                action,
+                S.BLOCKED_AT_EXECUTION,
+                actor=self.worker_id,
+                now=now,
+                data={"deny": codes, "bundle_revision": decision.bundle_revision},
+            )
+            self._emit(
+                "blocked",
+                action.id,
+                "; ".join(d.message or d.code for d in deny),
+                state=S.BLOCKED_AT_EXECUTION,
+            )
+            return blocked
+        assert action_type is not None
+        execution = Execution(
+            action_id=action.id,
+            target=action.target,
+            environment=action.environment,
+            worker_id=self.worker_id,
+            claimed_at=now,
+            lease_expires_at=now + timedelta(seconds=self.lease),
+            heartbeat_at=now,
+        )
+        tx.insert_execution(execution)
+        started = record_transition(
+            tx,
+            action,
+            S.EXECUTING,
+            actor=self.worker_id,
+            now=now,
+            data={"worker": self.worker_id, "bundle_revision": decision.bundle_revision},
+        )
+        with self._lock:
+            self._held[action.id] = _Held(
+                action=started,
+                action_type=action_type,
+                values=values,
+                secrets=secret_values(action_type, action.params),
+                rendered=rendered,
+            )
+        self._emit("claimed", action.id, f"claimed by {self.worker_id}", state=S.EXECUTING)
+        return started
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _guarded(self, held: _Held, work: Callable[..., None], *args: Any) -> None:
+        """Any unexpected error while holding an action is doubt: roll back if we can."""
+        try:
+            work(*args)
+        except Exception as exc:
+            log.exception("action %s: unexpected error", held.action.id)
+            reason = _one_line(f"internal error: {type(exc).__name__}: {exc}")
+            try:
+                self._after_doubt(held, reason)
+            except Exception:
+                log.exception("action %s: could not record the error", held.action.id)
+                self._release(held, None)
+
+    def _after_doubt(self, held: _Held, reason: str) -> None:
+        action = self.store.get_action(held.action.id)
+        if action is None or action.state.terminal:
+            self._release(held, action.state if action else None)
+        elif action.state in (S.EXECUTING, S.VERIFYING):
+            execution = self.store.get_execution(action.id)
+            if execution is not None and execution.run_started_at is None:
+                self._end(held, S.FAILED, outcome="runner_error", reason=reason)
+            else:
+                self._roll_back(held, outcome="runner_error", reason=reason)
+        elif action.state is S.ROLLING_BACK:
+            self._end(held, S.ROLLBACK_FAILED, outcome=None, reason=reason)
+        else:
+            self._release(held, action.state)
+
+    def _run_step(self, held: _Held, which: str, step: Step) -> StepResult:
+        self._emit("step", held.action.id, f"{which} started")
+        cancel = held.cancel if which == "run" else None
+        result = self.runners.run(step, held.values, secrets=held.secrets, cancel=cancel)
+        status = "ok" if result.ok else f"failed: {result.error}"
+        self._emit("step", held.action.id, f"{which} {status} ({result.duration:.1f}s)")
+        return result
+
+    def _update(self, action_id: str, event: str | None = None, **fields: Any) -> Execution:
+        now = self.clock()
+        with self.store.transaction() as tx:
+            execution = tx.update_execution(action_id, **fields)
+            if event is not None:
+                record_event(
+                    tx,
+                    action_id=action_id,
+                    kind=event,
+                    actor=self.worker_id,
+                    now=now,
+                    data=_audit_fields(fields),
+                )
+        return execution
+
+    def _capture_and_run(self, held: _Held) -> None:
+        action, action_type = held.action, held.action_type
+        if action_type.capture is not None:
+            result = self._run_step(held, "capture", action_type.capture)
+            if not result.ok or result.value is None:
+                self._update(action.id, capture_output=result.output)
+                self._end(
+                    held,
+                    S.FAILED,
+                    outcome="runner_error",
+                    reason=_one_line(f"capture failed before anything ran: {result.error}"),
+                )
+                return
+            name = action_type.capture.as_ or "captured"
+            held.values[name] = result.value
+            self._update(
+                action.id,
+                "execution.captured",
+                captured={name: result.value},
+                capture_output=result.output,
+            )
+        execution = self.store.get_execution(action.id)
+        if execution is not None and execution.rollback_requested_by is not None:
+            self._end(
+                held,
+                S.FAILED,
+                outcome="manual",
+                reason=_one_line(f"rollback requested before run started: {execution.reason}"),
+            )
+            return
+        now = self.clock()
+        # Stored before the step starts: from here on, `run` may have changed something.
+        self._update(action.id, "execution.run_started", run_started_at=now)
+        watch: Watch | None = None
+        if action.verification.stop_conditions:
+            watch = Watch(
+                action_id=action.id,
+                phase="run",
+                spec=stop_only(action.verification),
+                rendered=held.rendered,
+                state=VerificationState.start(now),
+                on_done=lambda _w: held.cancel.set(),
+            )
+            held.watch = watch
+            self.hub.watch(watch)
+        result = self._run_step(held, "run", action_type.run)
+        if watch is not None:
+            self.hub.unwatch(watch)
+        self._update(
+            action.id,
+            "execution.run_finished",
+            run_finished_at=self.clock(),
+            run_exit_code=result.exit_code,
+            run_output=result.output,
+            run_error=result.error,
+        )
+        if watch is not None and watch.abort_reason is not None:
+            self._abandon_or_manual(held, watch)
+            return
+        if watch is not None and watch.state.done:
+            self._roll_back_for(held, watch.state)
+            return
+        if not result.ok:
+            self._roll_back(
+                held, outcome="runner_error", reason=_one_line(f"run failed: {result.error}")
+            )
+            return
+        now = self.clock()
+        with self.store.transaction() as tx:
+            locked = tx.lock_action(action.id)
+            assert locked is not None
+            held.action = record_transition(
+                tx, locked, S.VERIFYING, actor=self.worker_id, now=now,
+                data={"exit_code": result.exit_code},
+            )  # fmt: skip
+            tx.update_execution(action.id, verify_started_at=now)
+        self._emit("state", action.id, "verifying", state=S.VERIFYING)
+        self._watch(held, "verify", action.verification, now, self._after_verify)
+
+    def _watch(
+        self,
+        held: _Held,
+        phase: WatchPhase,
+        spec: VerificationSpec,
+        now: datetime,
+        then: Callable[[_Held, Watch], None],
+    ) -> None:
+        def hand_back(done: Watch) -> None:
+            self._pool.submit(self._guarded, held, then, held, done)
+
+        held.watch = Watch(
+            action_id=held.action.id,
+            phase=phase,
+            spec=spec,
+            rendered=held.rendered,
+            state=VerificationState.start(now),
+            on_done=hand_back,
+        )
+        self.hub.watch(held.watch)
+
+    def _after_verify(self, held: _Held, watch: Watch) -> None:
+        if watch.abort_reason is not None:
+            self._abandon_or_manual(held, watch)
+        elif watch.state.succeeded:
+            self._end(held, S.SUCCEEDED, outcome="succeeded", reason=watch.state.detail)
+        else:
+            self._roll_back_for(held, watch.state)
+
+    def _abandon_or_manual(self, held: _Held, watch: Watch) -> None:
+        if watch.abort_reason == "manual":
+            execution = self.store.get_execution(held.action.id)
+            self._roll_back(
+                held,
+                outcome="manual",
+                reason=execution.reason if execution else "manual rollback",
+                requested_by=execution.rollback_requested_by if execution else None,
+            )
+        else:  # another worker owns it now: touch nothing more
+            log.warning("action %s: %s; letting go", held.action.id, watch.abort_reason)
+            self._release(held, None)
+
+    def _roll_back_for(self, held: _Held, state: VerificationState) -> None:
+        self._roll_back(
+            held,
+            outcome=state.outcome or "failed_verification",
+            reason=state.detail,
+            trigger=(state.decided_by, state.decided_kind, state.decided_value),
+        )
+
+    def _roll_back(
+        self,
+        held: _Held,
+        *,
+        outcome: ExecutionOutcome,
+        reason: str,
+        trigger: tuple[str | None, str | None, float | None] = (None, None, None),
+        requested_by: str | None = None,
+    ) -> None:
+        """Decide the rollback (irreversible actions fail loudly instead), then undo."""
+        action_id = held.action.id
+        now = self.clock()
+        name, kind, value = trigger
+        facts: dict[str, Any] = {
+            "outcome": outcome,
+            "reason": _one_line(reason),
+            "trigger_name": name,
+            "trigger_kind": kind,
+            "trigger_value": value,
+        }
+        undo = held.action_type.undo
+        with self.store.transaction() as tx:
+            locked = tx.lock_action(action_id)
+            assert locked is not None
+            if undo is None:
+                loud = (
+                    f"IRREVERSIBLE: {held.action_type.name} on {locked.target} cannot be rolled "
+                    f"back ({_one_line(reason)}); nothing was undone, a human must act now"
+                )
+                held.action = record_transition(
+                    tx, locked, S.FAILED, actor=self.worker_id, now=now,
+                    data={**facts, "irreversible": True, "message": loud},
+                )  # fmt: skip
+                tx.update_execution(action_id, **{**facts, "reason": loud}, finished_at=now)
+                final: ActionState | None = S.FAILED
+            else:
+                loud = ""
+                held.action = record_transition(
+                    tx, locked, S.ROLLING_BACK, actor=requested_by or self.worker_id, now=now,
+                    data=facts,
+                )  # fmt: skip
+                tx.update_execution(
+                    action_id,
+                    **facts,
+                    rollback_decided_at=now,
+                    rollback_requested_by=requested_by,
+                )
+                final = None
+        if final is not None:
+            self._emit("state", action_id, loud, state=final)
+            self._release(held, final)
+            return
+        self._emit("state", action_id, f"rolling back: {_one_line(reason)}", state=S.ROLLING_BACK)
+        self._undo(held)
+
+    def _undo(self, held: _Held) -> None:
+        action_id = held.action.id
+        undo = held.action_type.undo
+        assert undo is not None
+        self._update(action_id, "execution.undo_started", undo_started_at=self.clock())
+        result = self._run_step(held, "undo", undo)
+        self._update(
+            action_id,
+            "execution.undo_finished",
+            undo_finished_at=self.clock(),
+            undo_exit_code=result.exit_code,
+            undo_output=result.output,
+            undo_error=result.error,
+        )
+        if not result.ok:
+            self._end(
+                held,
+                S.ROLLBACK_FAILED,
+                outcome=None,
+                reason=_one_line(f"undo failed: {result.error}; a human must act"),
+            )
+            return
+        spec = rollback_check(held.action.verification)
+        self._watch(held, "rollback", spec, self.clock(), self._after_rollback)
+
+    def _after_rollback(self, held: _Held, watch: Watch) -> None:
+        if watch.abort_reason is not None and watch.abort_reason != "manual":
+            self._release(held, None)
+        elif watch.state.succeeded:
+            self._end(
+                held,
+                S.ROLLED_BACK,
+                outcome=None,
+                reason=None,
+                rollback_verified_at=watch.state.ended_at,
+            )
+        else:
+            self._end(
+                held,
+                S.ROLLBACK_FAILED,
+                outcome=None,
+                reason=_one_line(f"rollback not verified: {watch.state.detail}"),
+            )
+
+    def _end(
+        self,
+        held: _Held,
+        state: ActionState,
+        *,
+        outcome: ExecutionOutcome | None,
+        reason: str | None,
+        **fields: Any,
+    ) -> None:
+        """The terminal transition and the execution's last facts, in one transaction."""
+        action_id = held.action.id
+        now = self.clock()
+        updates: dict[str, Any] = {"finished_at": now, **fields}
+        if outcome is not None:
+            updates["outcome"] = outcome
+        data: dict[str, Any] = {"outcome": outcome} if outcome else {}
+        if reason is not None:
+            data["reason"] = _one_line(reason)
+            if state in (S.ROLLBACK_FAILED, S.FAILED, S.SUCCEEDED):
+                updates["reason"] = _one_line(reason)
+        with self.store.transaction() as tx:
+            locked = tx.lock_action(action_id)
+            assert locked is not None
+            execution = tx.update_execution(action_id, **updates)
+            if execution.rollback_time is not None:
+                data["rollback_time"] = execution.rollback_time
+            held.action = record_transition(
+                tx, locked, state, actor=self.worker_id, now=now, data=data
+            )
+        self._emit("state", action_id, reason or state.value, state=state)
+        self._release(held, state)
+
+    def _release(self, held: _Held, state: ActionState | None) -> None:
+        held.final_state = state
+        with self._lock:
+            self._held.pop(held.action.id, None)
+        held.finished.set()
+        self._emit("finished", held.action.id, state.value if state else "released", state=state)
+
+    # --- the hub's sink: one transaction per tick ---------------------------------------
+
+    def _store_tick(self, report: TickReport) -> None:
+        measurements: list[Measurement] = [
+            record.to_measurement(watch.action_id, watch.phase)
+            for watch in report.watches
+            for record in watch.last_records
+        ]
+        with self.store.transaction() as tx:
+            tx.insert_measurements(measurements)
+            for watch in report.watches:
+                state_field = _STATE_FIELD.get(watch.phase)
+                if state_field is not None:
+                    execution = tx.update_execution(
+                        watch.action_id, **{state_field: watch.state.model_dump(mode="json")}
+                    )
+                else:
+                    found = tx.lock_execution(watch.action_id)
+                    if found is None:
+                        continue
+                    execution = found
+                if execution.worker_id != self.worker_id:
+                    watch.abort_reason = f"lease taken over by {execution.worker_id}"
+                elif (
+                    execution.rollback_requested_by is not None
+                    and watch.phase in ("run", "verify")
+                    and not watch.state.done
+                ):
+                    watch.abort_reason = "manual"
+        for watch in report.watches:
+            self._emit("measured", watch.action_id, watch=watch)
+
+    # --- manual rollback ----------------------------------------------------------------
+
+    def request_rollback(self, action_id: str, actor: Identity, reason: str) -> Action:
+        """`opsgate rollback`: a running action is rolled back by its worker; a succeeded
+        one is rolled back here, by this process, and verified."""
+        if not reason.strip():
+            raise InvalidInput("reason", "a rollback needs a reason")
+        if len(reason) > MAX_REASON:
+            raise InvalidInput("reason", f"longer than {MAX_REASON} characters")
+        if actor.kind != "human":
+            raise Refused("agents may propose but never roll back", ["insufficient_permissions"])
+        now = self.clock()
+        with self.store.transaction() as tx:
+            action = tx.lock_action(action_id)
+            if action is None:
+                raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+            execution = tx.lock_execution(action_id)
+            if action.state in (S.EXECUTING, S.VERIFYING) and execution is not None:
+                if execution.rollback_requested_by is None:
+                    tx.update_execution(
+                        action_id, rollback_requested_by=actor.id, reason=_one_line(reason)
+                    )
+                    record_event(
+                        tx,
+                        action_id=action_id,
+                        kind="rollback.requested",
+                        actor=actor.id,
+                        now=now,
+                        data={"reason": _one_line(reason)},
+                    )
+                return action
+            if action.state is not S.SUCCEEDED or execution is None:
+                raise StateConflict(
+                    f"action {action_id} is {action.state.value}; only executing, verifying "
+                    "or succeeded actions can be rolled back"
+                )
+            action_type = self.gate.catalog.types.get(action.action_type)
+            if action_type is None or action_type.undo is None:
+                raise Refused(
+                    f"{action.action_type} is irreversible (no undo); it cannot be rolled back",
+                    ["irreversible"],
+                )
+            busy = tx.count_running_on_target(
+                action.target, action.environment, exclude_id=action_id
+            )
+            if busy:
+                raise Refused(
+                    f"another action is executing on {action.target} ({action.environment}); "
+                    "roll back once it has finished",
+                    ["concurrent_action"],
+                )
+            facts = {"outcome": "manual", "reason": _one_line(reason)}
+            rolling = record_transition(
+                tx, action, S.ROLLING_BACK, actor=actor.id, now=now, data=facts
+            )
+            tx.update_execution(
+                action_id,
+                **facts,
+                worker_id=self.worker_id,
+                lease_expires_at=now + timedelta(seconds=self.lease),
+                heartbeat_at=now,
+                finished_at=None,
+                trigger_name=None,
+                trigger_kind=None,
+                trigger_value=None,
+                rollback_decided_at=now,
+                rollback_requested_by=actor.id,
+            )
+            captured = execution.captured
+        held = _Held(
+            action=rolling,
+            action_type=action_type,
+            values=step_values(rolling, captured),
+            secrets=secret_values(action_type, rolling.params),
+            rendered=render_queries(rolling.verification, step_values(rolling, captured)),
+        )
+        with self._lock:
+            self._held[action_id] = held
+        self._emit("state", action_id, f"rolling back: {reason}", state=S.ROLLING_BACK)
+        self._pool.submit(self._guarded, held, self._undo, held)
+        return rolling
+
+
+def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Step facts for the audit log: times and codes, not the (long) outputs."""
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if key.endswith("_output"):
+            continue
+        out[key] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+def _proposal_of(action: Action) -> Proposal:
+    return Proposal(
+        action=action.action_type,
+        target=action.target,
+        environment=action.environment,
+        params=action.params,
+        reason=action.reason,
+        incident=action.incident,
+        verification=action.verification,
+        idempotency_key=action.idempotency_key,
+    )
+
+
+def _local_decision(action: Action, deny: list[DenyReason], now: datetime) -> Decision:
+    """A deny decided by opsgate itself, before any policy could be asked."""
+    return Decision(
+        id=new_id(),
+        action_id=action.id,
+        phase="execute",
+        allow=False,
+        deny=tuple(deny),
+        required_approvals=action.required_approvals,
+        approver_roles=action.approver_roles,
+        engine="opsgate",
+        bundle_revision="",
+        input={},
+        result=None,
+        decided_at=now,
+    )

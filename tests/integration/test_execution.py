@@ -1,0 +1,543 @@
+"""Run, verify, stop and roll back against a real Prometheus scraping the fault service,
+with the real shell runner, the real regopy engine and a real SQL store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opsgate.audit import verify_chain
+from opsgate.catalog import load_catalog
+from opsgate.executor.executor import Executor
+from opsgate.gate import Gate
+from opsgate.models import ActionState, Identity
+from opsgate.policies.embedded import EmbeddedEngine
+from opsgate.preconditions import PreconditionRegistry, prometheus_checks
+from opsgate.store import open_store
+from opsgate.store.sql import SqlStore
+from opsgate.verification.hub import VerificationHub
+from opsgate.verification.prometheus import PrometheusProvider
+from tests.integration.fault_service import FaultService
+from tests.integration.prom import PrometheusServer
+
+ROOT = Path(__file__).resolve().parents[2]
+ALICE = Identity(id="alice", kind="human")
+BOB = Identity(id="bob", kind="human")
+CAROL = Identity(id="carol", kind="human")
+S = ActionState
+_names = count()
+
+# Short windows so a test sees a change within seconds of a 1 s scrape.
+ERROR_RATIO = (
+    'sum(rate(http_requests_total{service="{target}",code=~"5.."}[4s]))'
+    ' / sum(rate(http_requests_total{service="{target}"}[4s]))'
+)
+
+
+def set_fault(ratio: str) -> list[str]:
+    """An argv that switches the fault service from another process, as a runner would."""
+    return [
+        sys.executable, "-m", "tests.integration.fault_service", "set",
+        "--url", "{fault_url}", "--service", "{target}", "--ratio", ratio,
+    ]  # fmt: skip
+
+
+def action_type(
+    name: str,
+    *,
+    run: list[str],
+    undo: list[str] | None,
+    hold: str = "3s",
+    timeout: str = "20s",
+    failure_limit: int = 2,
+    error_limit: int = 2,
+    halt_min: float = 0.3,
+    signal_query: str = ERROR_RATIO,
+    run_timeout: str = "20s",
+    preconditions: tuple[str, ...] = (),
+    extra_params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "name": name,
+        "risk": "medium",
+        "params": {
+            "fault_url": {"type": "string", "pattern": r"^http://127\.0\.0\.1:[0-9]+$"},
+            **(extra_params or {}),
+        },
+        "run": {"argv": run, "timeout": run_timeout},
+        "preconditions": list(preconditions),
+        "verification": {
+            "interval": "1s",
+            "hold": hold,
+            "timeout": timeout,
+            "signals": [{"name": "error_rate", "query": signal_query, "pass": {"max": 0.05}}],
+            "stop_conditions": [
+                {"name": "error_spike", "query": ERROR_RATIO, "halt": {"min": halt_min}}
+            ],
+            "failure_limit": failure_limit,
+            "error_limit": error_limit,
+        },
+    }
+    if undo is not None:
+        document["undo"] = {"argv": undo, "timeout": "20s"}
+    return document
+
+
+class Rig:
+    """A worker engine on a real store, real Prometheus and the default Rego bundle."""
+
+    def __init__(self, tmp: Path, url: str, prometheus: PrometheusServer, faults: FaultService):
+        self.tmp = tmp
+        self.faults = faults
+        self.catalog_dir = tmp / "catalog"
+        self.catalog_dir.mkdir(exist_ok=True)
+        self.store = open_store(url)
+        self.store.migrate()
+        self.provider = PrometheusProvider(prometheus.url, timeout=2.0)
+        self.gate: Gate | None = None
+        self.executor: Executor | None = None
+
+    def define(self, *types: dict[str, Any]) -> None:
+        for document in types:
+            path = self.catalog_dir / f"{document['name']}.yaml"
+            path.write_text(json.dumps(document))
+        self.gate = Gate(
+            store=self.store,
+            catalog=load_catalog(self.catalog_dir),
+            engine=EmbeddedEngine(ROOT / "policies"),
+            preconditions=PreconditionRegistry(prometheus_checks(self.provider)),
+        )
+        self.executor = Executor(
+            self.store, self.gate, VerificationHub(self.provider), worker_id="it-worker"
+        )
+
+    def service(self, ratio: float = 0.0) -> str:
+        """A fresh service (no earlier faults in its rate window)."""
+        name = f"svc-{os.getpid()}-{next(_names)}"
+        self.faults.add_service(name, error_ratio=ratio)
+        return name
+
+    def propose(self, action: str, target: str, **params: Any) -> Any:
+        assert self.gate is not None
+        return self.gate.propose(
+            {
+                "action": action,
+                "target": target,
+                "environment": "staging",
+                "params": {"fault_url": self.faults.url, **params},
+                "reason": "integration test",
+            },
+            ALICE,
+        )
+
+    def approved(self, action: str, target: str, **params: Any) -> str:
+        outcome = self.propose(action, target, **params)
+        assert outcome.action.state is S.PENDING_APPROVAL, outcome.decision.deny
+        assert self.gate is not None
+        self.gate.approve(outcome.action.id, BOB)
+        if outcome.action.required_approvals > 1:
+            self.gate.approve(outcome.action.id, CAROL)
+        return str(outcome.action.id)
+
+    def run(self, action_id: str, *, during: Callable[[], None] | None = None) -> ActionState:
+        assert self.executor is not None
+        claimed = self.executor.claim(action_id)
+        assert claimed is not None
+        if claimed.state is S.EXECUTING:
+            self.executor.launch(action_id)
+            if during is not None:
+                during()
+            assert self.executor.wait_idle(timeout=90), "the action did not finish in 90 s"
+        action = self.store.get_action(action_id)
+        assert action is not None
+        return action.state
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+        self.provider.close()
+        self.store.close()
+
+
+@pytest.fixture
+def rig(
+    tmp_path: Path,
+    sqlite_url: str,
+    prometheus: PrometheusServer,
+    fault_service: FaultService,
+) -> Iterator[Rig]:
+    rig = Rig(tmp_path, sqlite_url, prometheus, fault_service)
+    yield rig
+    rig.close()
+
+
+def wait_for_rate(prometheus: PrometheusServer, service: str, timeout: float = 15.0) -> None:
+    """Until Prometheus has enough samples of a new service for a [4s] rate."""
+    query = ERROR_RATIO.replace("{target}", service)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if prometheus.api_query(query)["data"]["result"]:
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"no rate for {service} after {timeout}s")
+
+
+def audit_ok(store: Any) -> None:
+    report = verify_chain(list(store.audit_events()), head=store.audit_head())
+    assert report.ok, report
+
+
+def test_a_fix_passes_verification(rig: Rig, prometheus: PrometheusServer) -> None:
+    rig.define(
+        action_type(
+            "restart_service",
+            run=set_fault("0"),
+            undo=set_fault("0.5"),
+            halt_min=0.9,  # a fix starts from a high error rate: halt only if it gets worse
+            failure_limit=8,  # the rate window needs a few seconds to forget the fault
+            preconditions=("error_rate_elevated",),
+        )
+    )
+    target = rig.service(ratio=0.5)
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("restart_service", target)
+    assert rig.run(action_id) is S.SUCCEEDED
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.outcome == "succeeded"
+    assert rig.faults.state()[target]["error_ratio"] == 0.0
+    signals = [m for m in rig.store.measurements_for(action_id) if m.kind == "signal"]
+    assert signals[-1].outcome == "pass" and signals[-1].value is not None
+    assert signals[-1].value <= 0.05
+    # the error rate was elevated before: the live precondition saw it, twice
+    decisions = rig.store.decisions_for(action_id)
+    for decision in decisions:
+        checks = {p["name"]: p for p in decision.input.get("preconditions", [])}
+        if decision.phase in ("propose", "execute"):
+            assert checks["error_rate_elevated"]["ok"] is True
+            assert checks["error_rate_elevated"]["value"] > 0.05
+    audit_ok(rig.store)
+
+
+def test_the_fix_is_blocked_at_execution_when_the_error_rate_is_no_longer_elevated(
+    rig: Rig, prometheus: PrometheusServer
+) -> None:
+    rig.define(
+        action_type(
+            "restart_service",
+            run=set_fault("0"),
+            undo=set_fault("0"),
+            preconditions=("error_rate_elevated",),
+        )
+    )
+    target = rig.service(ratio=0.5)
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("restart_service", target)
+    rig.faults.set_error_ratio(target, 0.0)  # it healed by itself after approval
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        value = prometheus.api_query(ERROR_RATIO.replace("{target}", target))["data"]["result"]
+        if value and float(value[0]["value"][1]) <= 0.05:
+            break
+        time.sleep(0.5)
+    assert rig.run(action_id) is S.BLOCKED_AT_EXECUTION
+    execute = [d for d in rig.store.decisions_for(action_id) if d.phase == "execute"]
+    assert execute[-1].deny_codes == ["missing_precondition"]
+    assert rig.store.get_execution(action_id) is None
+
+
+def test_a_change_that_makes_things_worse_is_stopped_and_rolled_back(
+    rig: Rig, prometheus: PrometheusServer
+) -> None:
+    rig.define(
+        action_type("toggle_feature_flag", run=set_fault("0.6"), undo=set_fault("0"), hold="2s")
+    )
+    target = rig.service()
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("toggle_feature_flag", target)
+    assert rig.run(action_id) is S.ROLLED_BACK
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "stopped"
+    assert execution.trigger_name == "error_spike" and execution.trigger_kind == "stop_condition"
+    assert execution.trigger_value is not None and execution.trigger_value >= 0.3
+    assert execution.undo_exit_code == 0
+    assert execution.rollback_time is not None and 0 < execution.rollback_time < 60
+    assert rig.faults.state()[target]["error_ratio"] == 0.0
+    measurements = rig.store.measurements_for(action_id)
+    halted = [m for m in measurements if m.kind == "stop_condition" and m.outcome == "fail"]
+    assert halted and halted[0].value == pytest.approx(execution.trigger_value)
+    rollback = [m for m in measurements if m.phase == "rollback" and m.kind == "signal"]
+    assert rollback[-1].outcome == "pass"
+    audit_ok(rig.store)
+
+
+def test_verification_that_never_reaches_hold_times_out_and_rolls_back(
+    rig: Rig, prometheus: PrometheusServer
+) -> None:
+    rig.define(
+        action_type(
+            "scale_deployment",
+            run=set_fault("0.1"),  # worse, but under the halt range: fails, never halts
+            undo=set_fault("0"),
+            hold="2s",
+            timeout="5s",
+            failure_limit=100,
+        )
+    )
+    target = rig.service()
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("scale_deployment", target)
+    assert rig.run(action_id) is S.ROLLED_BACK
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.outcome == "timeout"
+    assert "not reached within timeout" in execution.reason
+
+
+def test_prometheus_down_mid_verification_counts_errors_and_rolls_back(
+    tmp_path: Path,
+    sqlite_url: str,
+    prometheus_factory: Callable[..., PrometheusServer],
+    fault_service: FaultService,
+) -> None:
+    own = prometheus_factory()
+    rig = Rig(tmp_path, sqlite_url, own, fault_service)
+    try:
+        rig.define(
+            action_type(
+                "scale_deployment",
+                run=set_fault("0"),
+                undo=set_fault("0"),
+                hold="30s",
+                timeout="60s",
+                error_limit=2,
+            )
+        )
+        target = rig.service()
+        wait_for_rate(own, target)
+        action_id = rig.approved("scale_deployment", target)
+
+        def stop_prometheus_once_verifying() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                measured = rig.store.measurements_for(action_id)
+                if any(m.phase == "verify" and m.outcome == "pass" for m in measured):
+                    own.stop()
+                    return
+                time.sleep(0.2)
+
+        assert rig.run(action_id, during=stop_prometheus_once_verifying) is S.ROLLBACK_FAILED
+        execution = rig.store.get_execution(action_id)
+        assert execution is not None
+        assert execution.outcome == "provider_errors"
+        assert execution.undo_exit_code == 0  # the undo ran; only its verification failed
+        assert execution.rollback_verified_at is None
+        errors = [m for m in rig.store.measurements_for(action_id) if m.outcome == "error"]
+        assert len(errors) >= 3
+        audit_ok(rig.store)
+    finally:
+        rig.close()
+
+
+def test_a_runner_that_times_out_is_rolled_back(rig: Rig, prometheus: PrometheusServer) -> None:
+    rig.define(
+        action_type(
+            "restart_service",
+            run=[sys.executable, "-c", "import time; time.sleep(60)"],
+            undo=set_fault("0"),
+            run_timeout="1s",
+            hold="2s",
+        )
+    )
+    target = rig.service()
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("restart_service", target)
+    started = time.monotonic()
+    assert rig.run(action_id) is S.ROLLED_BACK
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "runner_error"
+    assert execution.run_error == "timed out after 1s"
+    assert time.monotonic() - started < 40
+
+
+def test_an_irreversible_action_that_fails_verification_fails_loudly(
+    rig: Rig, prometheus: PrometheusServer
+) -> None:
+    rig.define(
+        action_type("drain_node", run=set_fault("0.1"), undo=None, failure_limit=0, hold="2s")
+    )
+    target = rig.service()
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("drain_node", target)
+    assert rig.run(action_id) is S.FAILED
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "failed_verification"
+    assert execution.reason.startswith("IRREVERSIBLE")
+    assert execution.undo_started_at is None
+    rig.faults.set_error_ratio(target, 0.0)
+
+
+def test_crafted_params_stay_literal_in_promql_and_argv(
+    rig: Rig, prometheus: PrometheusServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "argv.json"
+    record = [
+        sys.executable, "-c",
+        "import json, sys; open(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))",
+        str(out), "{label}",
+    ]  # fmt: skip
+    query = (
+        'sum(rate(http_requests_total{service="{target}",route="{label}",code=~"5.."}[4s]))'
+        ' / sum(rate(http_requests_total{service="{target}",route="{label}"}[4s]))'
+    )
+    rig.define(
+        action_type(
+            "restart_service",
+            run=record,
+            undo=[sys.executable, "-c", "pass"],
+            signal_query=query,
+            timeout="4s",
+            hold="2s",
+            extra_params={"label": {"type": "string", "maxLength": 200}},
+        )
+    )
+    target = rig.service()
+    wait_for_rate(prometheus, target)
+    crafted = '"} or vector(0) or x{a="; echo $(id) `id` && rm -rf /tmp/nothing'
+    action_id = rig.approved("restart_service", target, label=crafted)
+    state = rig.run(action_id)
+    # The argv element arrived as one literal string: no shell ever saw it.
+    assert json.loads(out.read_text()) == [crafted]
+    # In PromQL it stayed a label value: no series has it, so no data, never a pass
+    # (had it escaped the string, `vector(0)` would have passed the signal).
+    signals = [m for m in rig.store.measurements_for(action_id) if m.kind == "signal"]
+    assert signals and {m.outcome for m in signals} == {"inconclusive"}
+    assert state in (S.ROLLED_BACK, S.ROLLBACK_FAILED)
+
+
+def test_a_signal_without_data_never_succeeds(rig: Rig, prometheus: PrometheusServer) -> None:
+    silent = 'sum(rate(http_requests_total{service="{target}-does-not-exist"}[4s]))'
+    rig.define(
+        action_type(
+            "restart_service",
+            run=set_fault("0"),
+            undo=set_fault("0"),
+            signal_query=silent,
+            hold="1s",
+            timeout="4s",
+        )
+    )
+    target = rig.service()
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("restart_service", target)
+    assert rig.run(action_id) is S.ROLLBACK_FAILED  # rollback verification is silent too
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.outcome == "timeout"
+    outcomes = {m.outcome for m in rig.store.measurements_for(action_id) if m.kind == "signal"}
+    assert outcomes == {"inconclusive"}
+
+
+def opsgate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "opsgate", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_cli_run_worker_show_and_rollback(
+    tmp_path: Path, pg_url: str, prometheus: PrometheusServer, fault_service: FaultService
+) -> None:
+    """The commands a user types, on PostgreSQL: run, worker --once, show, rollback."""
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for document in (
+        action_type("toggle_feature_flag", run=set_fault("0.6"), undo=set_fault("0"), hold="2s"),
+        action_type("restart_service", run=set_fault("0"), undo=set_fault("0"), hold="2s"),
+    ):
+        (catalog / f"{document['name']}.yaml").write_text(json.dumps(document))
+    store = open_store(pg_url)
+    assert isinstance(store, SqlStore)
+    store.close()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")},
+        "OPSGATE_DB": pg_url,
+        "OPSGATE_CATALOG": str(catalog),
+        "OPSGATE_POLICIES": str(ROOT / "policies"),
+        "OPSGATE_PROMETHEUS_URL": prometheus.url,
+        "OPSGATE_IDENTITY": "env",
+    }
+    alice, bob = {**env, "OPSGATE_USER": "alice"}, {**env, "OPSGATE_USER": "bob"}
+    assert opsgate(env, "init").returncode == 0
+    good, bad = f"cli-good-{os.getpid()}", f"cli-bad-{os.getpid()}"
+    for name in (good, bad):
+        fault_service.add_service(name)
+        wait_for_rate(prometheus, name)
+
+    def propose_and_approve(action: str, target: str) -> str:
+        proposed = opsgate(
+            alice, "propose", action, "--target", target, "--env", "staging",
+            "--param", f"fault_url={fault_service.url}", "--reason", "cli test", "--json",
+        )  # fmt: skip
+        assert proposed.returncode == 0, proposed.stderr
+        action_id = str(json.loads(proposed.stdout)["action"]["id"])
+        approved = opsgate(bob, "approve", action_id)
+        assert approved.returncode == 0, approved.stderr
+        return action_id
+
+    good_id = propose_and_approve("restart_service", good)
+    ran = opsgate(bob, "run", good_id)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert f"action {good_id} succeeded" in ran.stdout
+    assert "verify error_rate=" in ran.stdout  # plain lines when not a terminal
+
+    bad_id = propose_and_approve("toggle_feature_flag", bad)
+    worked = opsgate(bob, "worker", "--once")
+    assert worked.returncode == 0, worked.stderr
+    assert "stop_condition" not in worked.stderr
+
+    shown = opsgate(bob, "show", bad_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    details = json.loads(shown.stdout)
+    assert details["action"]["state"] == "rolled_back"
+    assert details["execution"]["outcome"] == "stopped"
+    assert details["execution"]["trigger_name"] == "error_spike"
+    assert details["execution"]["rollback_time"] > 0
+    assert any(m["outcome"] == "fail" for m in details["measurements"])
+    table = opsgate(bob, "show", bad_id)
+    assert "rollback time" in table.stdout and "error_spike" in table.stdout
+
+    # a manual rollback of the good one, itself verified
+    rolled = opsgate(bob, "rollback", good_id, "--reason", "customers report errors")
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+    assert f"action {good_id} rolled_back" in rolled.stdout
+    again = opsgate(bob, "run", good_id)
+    assert again.returncode == 5 and "only approved actions" in again.stderr
+    verified = opsgate(bob, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_cli_run_without_prometheus_refuses_to_run(tmp_path: Path, sqlite_url: str) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")},
+        "OPSGATE_DB": sqlite_url,
+        "OPSGATE_CATALOG": str(ROOT / "catalog"),
+        "OPSGATE_POLICIES": str(ROOT / "policies"),
+    }
+    result = opsgate(env, "run", "01JDOESNOTEXIST0000000000")
+    assert result.returncode == 2
+    assert "OPSGATE_PROMETHEUS_URL is not set" in result.stderr

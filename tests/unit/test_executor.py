@@ -1,0 +1,447 @@
+"""The executor over the in-memory store, a static signal provider and a fake runner:
+claim and re-check, capture, run, verify, stop, roll back, fail loudly."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opsgate.audit import verify_chain
+from opsgate.catalog import load_catalog
+from opsgate.errors import InvalidInput, Refused, StateConflict
+from opsgate.executor.executor import Executor
+from opsgate.executor.runners import RunnerRegistry, StepResult
+from opsgate.gate import Gate
+from opsgate.models import ActionState, Identity, Step
+from opsgate.policies.embedded import EmbeddedEngine
+from opsgate.testing import MemoryStore
+from opsgate.testing_signals import StaticSignalProvider
+from opsgate.verification.hub import VerificationHub
+
+ROOT = Path(__file__).resolve().parents[2]
+ALICE = Identity(id="alice", kind="human")
+BOB = Identity(id="bob", kind="human")
+CAROL = Identity(id="carol", kind="human")
+AGENT = Identity(id="sre-agent", kind="agent")
+S = ActionState
+ERR = 'err{service="checkout"}'
+
+VERIFICATION = """
+verification:
+  interval: 0.05s
+  hold: 0.15s
+  timeout: 1s
+  signals:
+    - {name: error_rate, query: 'err{service="{target}"}', pass: {max: 0.01}}
+  stop_conditions:
+    - {name: error_spike, query: 'err{service="{target}"}', halt: {min: 0.2}}
+  failure_limit: 1
+  error_limit: 2
+"""
+
+SCALE = (
+    """
+name: scale_deployment
+risk: medium
+params:
+  deployment: {type: string, pattern: "^[a-z0-9-]{1,63}$"}
+  replicas: {type: integer, minimum: 0, maximum: 1000}
+capture: {runner: fake, argv: [get, "{deployment}"], as: previous_replicas}
+run: {runner: fake, argv: [scale, "{deployment}", "{replicas}"], timeout: 5s}
+undo: {runner: fake, argv: [scale, "{deployment}", "{previous_replicas}"], timeout: 5s}
+"""
+    + VERIFICATION
+)
+
+DRAIN = (
+    """
+name: drain_node
+risk: high
+params:
+  node: {type: string, pattern: "^[a-z0-9-]{1,63}$"}
+run: {runner: fake, argv: [drain, "{node}"], timeout: 5s}
+"""
+    + VERIFICATION
+)
+
+
+class FakeRunner:
+    """Answers steps by their first argv element; records every call."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.results: dict[str, StepResult] = {}
+        self.effects: dict[str, Callable[[], None]] = {}
+        self.block_run = False
+        self.run_started = threading.Event()
+
+    def run(
+        self,
+        step: Step,
+        values: Mapping[str, Any],
+        *,
+        secrets: Collection[str] = (),
+        cancel: threading.Event | None = None,
+    ) -> StepResult:
+        assert step.argv is not None
+        argv = [part.format(**values) for part in step.argv]
+        self.calls.append(argv)
+        verb = argv[0]
+        if verb in self.effects:
+            self.effects[verb]()
+        if verb in {"scale", "drain"} and self.block_run and len(self.calls) <= 2:
+            self.run_started.set()
+            assert cancel is not None
+            if cancel.wait(5):
+                return StepResult(False, -9, "", error="cancelled")
+        return self.results.get(verb, StepResult(True, 0, "ok", value="3"))
+
+    def verbs(self) -> list[str]:
+        return [call[0] for call in self.calls]
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        catalog_dir = tmp / "catalog"
+        catalog_dir.mkdir()
+        (catalog_dir / "scale_deployment.yaml").write_text(SCALE)
+        (catalog_dir / "drain_node.yaml").write_text(DRAIN)
+        self.catalog_dir = catalog_dir
+        self.store = MemoryStore()
+        self.freeze: list[dict[str, Any]] = []
+        self.gate = Gate(
+            store=self.store,
+            catalog=load_catalog(catalog_dir),
+            engine=EmbeddedEngine(ROOT / "policies"),
+            freeze_windows=lambda: self.freeze,
+        )
+        self.provider = StaticSignalProvider({ERR: 0.001})
+        self.runner = FakeRunner()
+        self.executor = Executor(
+            self.store,
+            self.gate,
+            VerificationHub(self.provider),
+            RunnerRegistry({"fake": self.runner}),
+            worker_id="test-worker",
+            lease=30,
+        )
+
+    def approved(self, document: dict[str, Any] | None = None, *approvers: Identity) -> str:
+        outcome = self.gate.propose(document or scale(), ALICE)
+        assert outcome.action.state is S.PENDING_APPROVAL, outcome.decision.deny
+        for approver in approvers or (BOB,):
+            self.gate.approve(outcome.action.id, approver)
+        return outcome.action.id
+
+    def run(self, action_id: str) -> ActionState:
+        claimed = self.executor.claim(action_id)
+        assert claimed is not None
+        if claimed.state is S.EXECUTING:
+            self.executor.launch(action_id)
+            assert self.executor.wait_idle(timeout=10)
+        action = self.store.get_action(action_id)
+        assert action is not None
+        return action.state
+
+
+def scale(**overrides: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "action": "scale_deployment",
+        "target": "checkout",
+        "environment": "prod",
+        "params": {"deployment": "checkout", "replicas": 6},
+        "reason": "p99 latency over SLO",
+    }
+    document.update(overrides)
+    return document
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path)
+    yield rig
+    rig.executor.close()
+
+
+def audit_ok(store: MemoryStore) -> None:
+    report = verify_chain(list(store.audit_events()), head=store.audit_head())
+    assert report.ok, report
+
+
+def kinds(store: MemoryStore, action_id: str) -> list[str]:
+    return [e.kind for e in store.audit_events(action_id=action_id)]
+
+
+def test_a_good_action_runs_once_and_is_verified(rig: Rig) -> None:
+    action_id = rig.approved()
+    assert rig.run(action_id) is S.SUCCEEDED
+    assert rig.runner.calls == [["get", "checkout"], ["scale", "checkout", "6"]]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.captured == {"previous_replicas": "3"}
+    assert execution.outcome == "succeeded" and execution.finished_at is not None
+    assert execution.run_started_at is not None and execution.run_exit_code == 0
+    assert execution.rollback_decided_at is None and execution.rollback_time is None
+    measurements = rig.store.measurements_for(action_id)
+    verify = [m for m in measurements if m.phase == "verify" and m.kind == "signal"]
+    # hold 0.15 s at 0.05 s intervals: several passing measurements, never one alone.
+    assert len(verify) >= 3 and all(m.outcome == "pass" for m in verify)
+    assert all(m.value == pytest.approx(0.001) for m in verify)
+    assert kinds(rig.store, action_id)[-6:] == [
+        "action.executing",
+        "execution.captured",
+        "execution.run_started",
+        "execution.run_finished",
+        "action.verifying",
+        "action.succeeded",
+    ]
+    execute = [d for d in rig.store.decisions_for(action_id) if d.phase == "execute"]
+    assert len(execute) == 1 and execute[0].allow
+    assert execute[0].input["context"]["phase"] == "execute"
+    audit_ok(rig.store)
+
+
+def test_an_approval_authorizes_one_execution(rig: Rig) -> None:
+    action_id = rig.approved()
+    assert rig.run(action_id) is S.SUCCEEDED
+    with pytest.raises(StateConflict, match="only approved actions"):
+        rig.executor.claim(action_id)
+    assert rig.runner.verbs().count("scale") == 1
+
+
+def test_stop_condition_after_run_rolls_back_and_verifies_the_rollback(rig: Rig) -> None:
+    action_id = rig.approved()
+    rig.runner.effects["scale"] = lambda: rig.provider.set(
+        ERR, 0.5 if len(rig.runner.calls) == 2 else 0.001
+    )
+    assert rig.run(action_id) is S.ROLLED_BACK
+    # undo used the captured prior state
+    assert rig.runner.calls[-1] == ["scale", "checkout", "3"]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "stopped"
+    assert (execution.trigger_name, execution.trigger_kind) == ("error_spike", "stop_condition")
+    assert execution.trigger_value == pytest.approx(0.5)
+    assert execution.rollback_decided_at is not None
+    assert execution.rollback_verified_at is not None
+    assert execution.rollback_time is not None and execution.rollback_time > 0
+    phases = {m.phase for m in rig.store.measurements_for(action_id)}
+    assert {"verify", "rollback"} <= phases
+    assert "action.rolling_back" in kinds(rig.store, action_id)
+    rolled = [
+        e for e in rig.store.audit_events(action_id=action_id) if e.kind == "action.rolled_back"
+    ]
+    assert rolled[0].data["rollback_time"] == pytest.approx(execution.rollback_time)
+    audit_ok(rig.store)
+
+
+def test_stop_condition_fires_while_run_is_still_running(rig: Rig) -> None:
+    action_id = rig.approved()
+    rig.runner.block_run = True
+    rig.provider.set(ERR, 0.9)
+    rig.runner.effects["scale"] = lambda: None
+
+    def heal_on_undo() -> None:
+        if rig.runner.verbs().count("scale") == 2:
+            rig.provider.set(ERR, 0.001)
+
+    rig.runner.effects["scale"] = heal_on_undo
+    assert rig.run(action_id) is S.ROLLED_BACK
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "stopped" and execution.run_error == "cancelled"
+    assert execution.verify_started_at is None  # it never got to verification
+    run_phase = [m for m in rig.store.measurements_for(action_id) if m.phase == "run"]
+    assert run_phase and run_phase[-1].outcome == "fail"
+
+
+def test_failed_run_is_rolled_back(rig: Rig) -> None:
+    action_id = rig.approved()
+    rig.runner.results["scale"] = StepResult(False, 1, "boom", error="exit code 1")
+    rig.runner.effects["scale"] = lambda: None
+    # the undo (second "scale") succeeds
+    calls = {"n": 0}
+
+    def second_succeeds() -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            rig.runner.results.pop("scale")
+
+    rig.runner.effects["scale"] = second_succeeds
+    assert rig.run(action_id) is S.ROLLED_BACK
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "runner_error" and "exit code 1" in execution.reason
+    assert execution.run_exit_code == 1 and execution.run_output == "boom"
+
+
+def test_capture_failure_ends_failed_and_nothing_runs(rig: Rig) -> None:
+    action_id = rig.approved()
+    rig.runner.results["get"] = StepResult(False, 1, "not found", error="exit code 1")
+    assert rig.run(action_id) is S.FAILED
+    assert rig.runner.verbs() == ["get"]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.run_started_at is None
+    assert "capture failed before anything ran" in execution.reason
+
+
+def test_irreversible_action_that_fails_verification_fails_loudly(rig: Rig) -> None:
+    document = {
+        "action": "drain_node",
+        "target": "node-1",
+        "environment": "staging",
+        "params": {"node": "node-1"},
+        "reason": "disk pressure",
+    }
+    rig.provider.set('err{service="node-1"}', 0.05)  # fails the pass range, no halt
+    action_id = rig.approved(document, BOB, CAROL)
+    assert rig.run(action_id) is S.FAILED
+    assert rig.runner.verbs() == ["drain"]  # no undo exists, none was attempted
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "failed_verification"
+    assert execution.reason.startswith("IRREVERSIBLE")
+    failed = [e for e in rig.store.audit_events(action_id=action_id) if e.kind == "action.failed"]
+    assert failed[0].data["irreversible"] is True
+
+
+def test_silence_never_succeeds(rig: Rig) -> None:
+    action_id = rig.approved()
+    rig.provider.set(ERR, None)
+    assert rig.run(action_id) in (S.ROLLED_BACK, S.ROLLBACK_FAILED)
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.outcome == "timeout"
+    verify = [m for m in rig.store.measurements_for(action_id) if m.phase == "verify"]
+    assert verify and {m.outcome for m in verify} == {"inconclusive"}
+    # the rollback cannot be verified on silence either
+    assert rig.store.get_action(action_id).state is S.ROLLBACK_FAILED  # type: ignore[union-attr]
+
+
+def test_provider_errors_roll_back_and_are_recorded_as_such(rig: Rig) -> None:
+    action_id = rig.approved()
+    rig.provider.healthy = False
+    assert rig.run(action_id) is S.ROLLBACK_FAILED
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "provider_errors"
+    assert "consecutive errors" in execution.reason
+    assert "not verified" in (execution.reason or "") or execution.rollback_verified_at is None
+
+
+def test_freeze_that_started_after_approval_blocks_at_execution(rig: Rig) -> None:
+    action_id = rig.approved()
+    rig.freeze.append(
+        {
+            "name": "black-friday",
+            "start": "2000-01-01T00:00:00+00:00",
+            "end": "2999-01-01T00:00:00+00:00",
+            "environments": ["prod"],
+        }
+    )
+    assert rig.run(action_id) is S.BLOCKED_AT_EXECUTION
+    assert rig.runner.calls == []
+    assert rig.store.get_execution(action_id) is None
+    execute = [d for d in rig.store.decisions_for(action_id) if d.phase == "execute"]
+    assert "change_freeze" in execute[0].deny_codes
+    blocked = [e for e in rig.store.audit_events(action_id=action_id) if e.to_state]
+    assert blocked[-1].data["deny"] == execute[0].deny_codes
+
+
+def test_another_action_running_on_the_target_blocks_at_execution(rig: Rig) -> None:
+    # Both proposed before either was approved, as two responders might.
+    first = rig.gate.propose(scale(), ALICE).action.id
+    second = rig.gate.propose(scale(params={"deployment": "checkout", "replicas": 7}), ALICE)
+    rig.gate.approve(first, BOB)
+    rig.gate.approve(second.action.id, BOB)
+    second_id = second.action.id
+    rig.runner.block_run = True
+    claimed = rig.executor.claim(first)
+    assert claimed is not None and claimed.state is S.EXECUTING
+    rig.executor.launch(first)
+    assert rig.runner.run_started.wait(5)
+    blocked = rig.executor.claim(second_id)
+    assert blocked is not None and blocked.state is S.BLOCKED_AT_EXECUTION
+    execute = [d for d in rig.store.decisions_for(second_id) if d.phase == "execute"]
+    assert "concurrent_action" in execute[0].deny_codes
+    rig.executor.request_rollback(first, CAROL, "test over")
+    assert rig.executor.wait_idle(timeout=10)
+
+
+def test_changed_action_type_blocks_at_execution(rig: Rig) -> None:
+    action_id = rig.approved()
+    changed = (rig.catalog_dir / "scale_deployment.yaml").read_text().replace("5s", "6s")
+    (rig.catalog_dir / "scale_deployment.yaml").write_text(changed)
+    rig.gate.catalog = load_catalog(rig.catalog_dir)
+    assert rig.run(action_id) is S.BLOCKED_AT_EXECUTION
+    execute = [d for d in rig.store.decisions_for(action_id) if d.phase == "execute"]
+    assert execute[0].deny_codes == ["spec_changed"]
+
+
+def test_manual_rollback_of_a_succeeded_action(rig: Rig) -> None:
+    action_id = rig.approved()
+    assert rig.run(action_id) is S.SUCCEEDED
+    with pytest.raises(InvalidInput, match="reason"):
+        rig.executor.request_rollback(action_id, CAROL, " ")
+    with pytest.raises(Refused, match="agents"):
+        rig.executor.request_rollback(action_id, AGENT, "why not")
+    rolling = rig.executor.request_rollback(action_id, CAROL, "customers report errors")
+    assert rolling.state is S.ROLLING_BACK
+    assert rig.executor.wait_idle(timeout=10)
+    assert rig.store.get_action(action_id).state is S.ROLLED_BACK  # type: ignore[union-attr]
+    assert rig.runner.calls[-1] == ["scale", "checkout", "3"]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None
+    assert execution.outcome == "manual" and execution.rollback_requested_by == "carol"
+    assert execution.rollback_time is not None
+    audit_ok(rig.store)
+
+
+def test_manual_rollback_while_verifying(rig: Rig) -> None:
+    rig.executor.close()
+    slow = SCALE.replace("hold: 0.15s", "hold: 1s").replace("timeout: 1s", "timeout: 60s")
+    (rig.catalog_dir / "scale_deployment.yaml").write_text(slow)
+    rig.gate.catalog = load_catalog(rig.catalog_dir)
+    rig.executor = Executor(
+        rig.store,
+        rig.gate,
+        VerificationHub(rig.provider),
+        RunnerRegistry({"fake": rig.runner}),
+        worker_id="test-worker",
+    )
+    action_id = rig.approved()
+    claimed = rig.executor.claim(action_id)
+    assert claimed is not None
+    rig.executor.launch(action_id)
+    for _ in range(200):
+        if rig.store.get_action(action_id).state is S.VERIFYING:  # type: ignore[union-attr]
+            break
+        threading.Event().wait(0.02)
+    rig.executor.request_rollback(action_id, CAROL, "pager says no")
+    assert rig.executor.wait_idle(timeout=60)
+    assert rig.store.get_action(action_id).state is S.ROLLED_BACK  # type: ignore[union-attr]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.outcome == "manual"
+    assert "rollback.requested" in kinds(rig.store, action_id)
+
+
+def test_manual_rollback_refusals(rig: Rig) -> None:
+    pending = rig.gate.propose(scale(), ALICE).action.id
+    with pytest.raises(StateConflict, match="pending_approval"):
+        rig.executor.request_rollback(pending, CAROL, "nope")
+
+
+def test_an_approval_not_started_within_the_ttl_expires(rig: Rig) -> None:
+    action_id = rig.gate.propose(scale(), ALICE).action.id
+    rig.gate.approval_ttl = 0.0  # the approval itself starts the clock for the run
+    rig.gate.approve(action_id, BOB)
+    assert rig.executor.claim() is None  # claim_next_approved skips it
+    expired = rig.gate.expire_due()
+    assert [a.id for a in expired] == [action_id]
+    assert rig.store.get_action(action_id).state is S.EXPIRED  # type: ignore[union-attr]
+    assert rig.runner.calls == []
