@@ -407,6 +407,13 @@ class MemoryStore:
         found.sort(key=lambda w: _utc(w.heartbeat_at), reverse=True)
         return [w.model_copy(deep=True) for w in found]
 
+    def unfinished_executions(self) -> list[Execution]:
+        """Every execution under way (leases held or lapsed), oldest claim first."""
+        with self._lock:
+            found = [e for e in self._tables.executions.values() if e.finished_at is None]
+        found.sort(key=lambda e: (_utc(e.claimed_at), e.action_id))
+        return [e.model_copy(deep=True) for e in found]
+
     def lapsed_executions(self, now: datetime) -> list[Execution]:
         """Unfinished executions whose lease expired before `now`, oldest lease first."""
         now = _utc(now)

@@ -57,6 +57,7 @@ cli.add_command(actions.cancel)
 cli.add_command(execution.run)
 cli.add_command(execution.worker)
 cli.add_command(execution.rollback)
+cli.add_command(execution.workers)
 cli.add_command(policy.policy)
 
 

@@ -8,17 +8,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import click
+from rich.table import Table
 
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.live import PlainView, view_for
-from opsgate.cli.render import details_json, fmt_value
+from opsgate.cli.render import console, details_json, fmt_value, ts
 from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
-from opsgate.models import ActionState
+from opsgate.models import ActionState, Execution
 from opsgate.verification.hub import VerificationHub
 
 S = ActionState
@@ -60,9 +62,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def wait_finishing(executor: Executor, what: str) -> None:
-    """Wait for held actions; a first interrupt says so, a second exits at once."""
-    interrupted = False
+def wait_finishing(executor: Executor, what: str, *, interrupted: bool = False) -> None:
+    """Wait for held actions; a first interrupt drains, a second exits at once."""
     while True:
         try:
             executor.wait_idle()
@@ -72,8 +73,10 @@ def wait_finishing(executor: Executor, what: str) -> None:
                 click.echo("stopping now; a lapsed lease is recovered by the next worker", err=True)
                 os._exit(130)
             interrupted = True
+            executor.drain()
             click.echo(
-                f"finishing {what} ({executor.in_flight} held); interrupt again to stop now",
+                f"finishing {what}: running steps end, verifications are handed over to the "
+                "next worker; interrupt again to stop now",
                 err=True,
             )
 
@@ -168,6 +171,7 @@ def worker(
                     if time.monotonic() >= next_expiry:
                         config.gate.expire_due()
                         next_expiry = time.monotonic() + EXPIRY_CHECK_SECONDS
+                    claimed += len(executor.recover_lapsed())
                     while executor.in_flight < max_in_flight:
                         action = executor.claim()
                         if action is None:
@@ -180,8 +184,13 @@ def worker(
                     time.sleep(poll)
                 wait_finishing(executor, "held actions")
             except KeyboardInterrupt:
-                click.echo("no new claims", err=True)
-                wait_finishing(executor, "held actions")
+                executor.drain()
+                click.echo(
+                    "no new claims; running steps finish, verifications are handed over "
+                    "(interrupt again to stop now)",
+                    err=True,
+                )
+                wait_finishing(executor, "held actions", interrupted=True)
     finally:
         executor.close()
     click.echo(f"worker {executor.worker_id} stopped after {claimed} claims", err=True)
@@ -226,3 +235,64 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
         click.echo(line)
     if state is not S.ROLLED_BACK:
         raise ActionFailed(line)
+
+
+@click.command()
+@click.option("--all", "show_all", is_flag=True, help="Include stopped workers.")
+@json_option
+@pass_config
+def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
+    """Workers, their heartbeats and the leases they hold."""
+    now = datetime.now(UTC)
+    lease = config.settings.lease
+    held: dict[str, list[Execution]] = {}
+    for execution in config.store.unfinished_executions():
+        held.setdefault(execution.worker_id, []).append(execution)
+    rows: list[dict[str, Any]] = []
+    for info in config.store.list_workers():
+        age = (now - info.heartbeat_at).total_seconds()
+        if info.stopped_at is not None:
+            status = "stopped"
+        elif age > lease:
+            status = "lapsed"  # no heartbeat for a whole lease: presumed dead
+        else:
+            status = "live"
+        if status == "stopped" and not show_all and not held.get(info.id):
+            continue
+        leases = held.get(info.id, [])
+        rows.append(
+            {
+                "id": info.id,
+                "hostname": info.hostname,
+                "pid": info.pid,
+                "status": status,
+                "started_at": ts(info.started_at),
+                "heartbeat_at": ts(info.heartbeat_at),
+                "heartbeat_age_s": round(age, 1),
+                "leases": [
+                    {
+                        "action_id": e.action_id,
+                        "target": f"{e.target} ({e.environment})",
+                        "lease_expires_at": ts(e.lease_expires_at),
+                    }
+                    for e in leases
+                ],
+            }
+        )
+    if as_json:
+        echo_json(rows)
+        return
+    table = Table(title=f"workers (lease {lease:g}s)", title_justify="left")
+    for column in ("id", "host", "pid", "status", "heartbeat", "leases"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        leases_text = ", ".join(f"{item['action_id']} {item['target']}" for item in row["leases"])
+        table.add_row(
+            row["id"],
+            row["hostname"],
+            str(row["pid"]),
+            row["status"],
+            f"{row['heartbeat_age_s']:.0f}s ago",
+            leases_text or "-",
+        )
+    console().print(table)

@@ -162,6 +162,7 @@ class Executor:
         self._heartbeat_stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._started = False
+        self._draining = False
         hub.sink = self._store_tick
 
     # --- the worker itself --------------------------------------------------------------
@@ -496,7 +497,12 @@ class Executor:
         spec: VerificationSpec,
         now: datetime,
         then: Callable[[_Held, Watch], None],
+        resume: VerificationState | None = None,
     ) -> None:
+        if self._draining:
+            self._hand_over(held, f"worker {self.worker_id} is shutting down")
+            return
+
         def hand_back(done: Watch) -> None:
             self._pool.submit(self._guarded, held, then, held, done)
 
@@ -505,7 +511,7 @@ class Executor:
             phase=phase,
             spec=spec,
             rendered=held.rendered,
-            state=VerificationState.start(now),
+            state=resume or VerificationState.start(now),
             on_done=hand_back,
         )
         self.hub.watch(held.watch)
@@ -527,6 +533,8 @@ class Executor:
                 reason=execution.reason if execution else "manual rollback",
                 requested_by=execution.rollback_requested_by if execution else None,
             )
+        elif watch.abort_reason == "shutdown":
+            self._hand_over(held, f"worker {self.worker_id} is shutting down")
         else:  # another worker owns it now: touch nothing more
             log.warning("action %s: %s; letting go", held.action.id, watch.abort_reason)
             self._release(held, None)
@@ -620,7 +628,9 @@ class Executor:
         self._watch(held, "rollback", spec, self.clock(), self._after_rollback)
 
     def _after_rollback(self, held: _Held, watch: Watch) -> None:
-        if watch.abort_reason is not None and watch.abort_reason != "manual":
+        if watch.abort_reason == "shutdown":
+            self._hand_over(held, f"worker {self.worker_id} is shutting down")
+        elif watch.abort_reason is not None and watch.abort_reason != "manual":
             self._release(held, None)
         elif watch.state.succeeded:
             self._end(
@@ -676,6 +686,174 @@ class Executor:
             self._held.pop(held.action.id, None)
         held.finished.set()
         self._emit("finished", held.action.id, state.value if state else "released", state=state)
+
+    # --- shutdown and recovery ------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop taking on work: running steps finish, verifications are handed over.
+
+        A verification is not a step: it is left where it stands (its state is stored
+        every interval) and its lease released, so the next worker resumes it at once.
+        """
+        self._draining = True
+        for watch in self.hub.watches():
+            if watch.phase != "run":  # a run must finish; its watch guards it meanwhile
+                self.hub.abort(watch, "shutdown")
+
+    def _hand_over(self, held: _Held, why: str) -> None:
+        now = self.clock()
+        with self.store.transaction() as tx:
+            execution = tx.lock_execution(held.action.id)
+            if execution is not None and execution.worker_id == self.worker_id:
+                tx.update_execution(held.action.id, lease_expires_at=now)
+                record_event(
+                    tx,
+                    action_id=held.action.id,
+                    kind="execution.released",
+                    actor=self.worker_id,
+                    now=now,
+                    data={"why": why},
+                )
+        self._release(held, None)
+
+    def recover_lapsed(self) -> list[str]:
+        """Take over every execution whose worker stopped renewing its lease.
+
+        Never starts `run` a second time: an action whose run may have started is
+        resumed where it was (verification, rollback) or rolled back when the outcome
+        of its run cannot be known.
+        """
+        taken: list[str] = []
+        if self._draining:
+            return taken
+        for lapsed in self.store.lapsed_executions(self.clock()):
+            held = self._take_over(lapsed.action_id)
+            if held is not None:
+                taken.append(lapsed.action_id)
+        return taken
+
+    def _take_over(self, action_id: str) -> _Held | None:
+        now = self.clock()
+        with self.store.transaction() as tx:
+            action = tx.lock_action(action_id)
+            execution = tx.lock_execution(action_id)
+            if (
+                action is None
+                or execution is None
+                or execution.finished_at is not None
+                or execution.lease_expires_at >= now
+            ):
+                return None  # someone else took it, or it finished meanwhile
+            dead = execution.worker_id
+            execution = tx.update_execution(
+                action_id,
+                worker_id=self.worker_id,
+                lease_expires_at=now + timedelta(seconds=self.lease),
+                heartbeat_at=now,
+                recovered_from=dead,
+            )
+            record_event(
+                tx,
+                action_id=action_id,
+                kind="execution.recovered",
+                actor=self.worker_id,
+                now=now,
+                data={
+                    "dead_worker": dead,
+                    "state": action.state.value,
+                    "run_started": execution.run_started_at is not None,
+                    "run_finished": execution.run_finished_at is not None,
+                },
+            )
+        action_type = self.gate.catalog.types.get(action.action_type)
+        if action_type is None:
+            # Without its definition nothing can be run or undone safely: say so.
+            self._fail_unrecoverable(action, f"action type {action.action_type} is gone")
+            return None
+        values = step_values(action, execution.captured)
+        held = _Held(
+            action=action,
+            action_type=action_type,
+            values=values,
+            secrets=secret_values(action_type, action.params),
+            rendered=render_queries(action.verification, values),
+        )
+        with self._lock:
+            self._held[action_id] = held
+        self._emit("claimed", action_id, f"recovered from {dead}", state=action.state)
+        self._pool.submit(self._guarded, held, self._resume, held, execution, dead)
+        return held
+
+    def _resume(self, held: _Held, execution: Execution, dead: str) -> None:
+        action = held.action
+        spec = action.verification
+        if action.state is S.EXECUTING and execution.run_started_at is None:
+            self._capture_and_run(held)  # nothing ran yet: run it normally
+        elif action.state is S.EXECUTING and execution.run_finished_at is None:
+            self._roll_back(
+                held,
+                outcome="runner_error",
+                reason=f"worker {dead} died while run was under way; its outcome is unknown",
+            )
+        elif action.state is S.EXECUTING:
+            if execution.run_error is not None:
+                self._roll_back(
+                    held, outcome="runner_error", reason=f"run failed: {execution.run_error}"
+                )
+                return
+            now = self.clock()
+            with self.store.transaction() as tx:
+                locked = tx.lock_action(action.id)
+                assert locked is not None
+                held.action = record_transition(
+                    tx, locked, S.VERIFYING, actor=self.worker_id, now=now,
+                    data={"recovered_from": dead},
+                )  # fmt: skip
+                tx.update_execution(action.id, verify_started_at=now)
+            self._watch(held, "verify", spec, now, self._after_verify)
+        elif action.state is S.VERIFYING:
+            state = _resumed(execution.verify_state, execution.verify_started_at, self.clock())
+            self._watch(held, "verify", spec, self.clock(), self._after_verify, resume=state)
+        elif action.state is S.ROLLING_BACK:
+            if execution.undo_finished_at is None:
+                # An undo puts back the captured prior state: running it again is safe,
+                # leaving it half-done is not.
+                self._undo(held)
+            elif execution.undo_error is not None:
+                self._end(
+                    held,
+                    S.ROLLBACK_FAILED,
+                    outcome=None,
+                    reason=f"undo failed: {execution.undo_error}; a human must act",
+                )
+            else:
+                state = _resumed(
+                    execution.rollback_verify_state, execution.undo_finished_at, self.clock()
+                )
+                self._watch(
+                    held,
+                    "rollback",
+                    rollback_check(spec),
+                    self.clock(),
+                    self._after_rollback,
+                    resume=state,
+                )
+        else:  # terminal already; only the execution row was left open
+            self._update(action.id, finished_at=self.clock())
+            self._release(held, action.state)
+
+    def _fail_unrecoverable(self, action: Action, why: str) -> None:
+        now = self.clock()
+        with self.store.transaction() as tx:
+            locked = tx.lock_action(action.id)
+            if locked is None or locked.state.terminal:
+                return
+            target = S.ROLLBACK_FAILED if locked.state is S.ROLLING_BACK else S.FAILED
+            record_transition(
+                tx, locked, target, actor=self.worker_id, now=now,
+                data={"reason": why, "message": "a human must check the target"},
+            )  # fmt: skip
+            tx.update_execution(action.id, reason=_one_line(why), finished_at=now)
 
     # --- the hub's sink: one transaction per tick ---------------------------------------
 
@@ -790,6 +968,20 @@ class Executor:
         self._emit("state", action_id, f"rolling back: {reason}", state=S.ROLLING_BACK)
         self._pool.submit(self._guarded, held, self._undo, held)
         return rolling
+
+
+def _resumed(
+    stored: Mapping[str, Any] | None, started: datetime | None, now: datetime
+) -> VerificationState:
+    """A stored verification state to continue from, minus any passing run in progress:
+    nobody measured while the worker was dead, and hold counts only observed passing."""
+    if stored is None:
+        return VerificationState.start(started or now)
+    try:
+        state = VerificationState.model_validate(dict(stored))
+    except ValueError:
+        return VerificationState.start(started or now)
+    return state.model_copy(update={"passing_since": None})
 
 
 def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

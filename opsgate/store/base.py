@@ -145,6 +145,9 @@ class Store(Protocol):
     def list_workers(self) -> list[WorkerInfo]:
         """Newest heartbeat first."""
 
+    def unfinished_executions(self) -> list[Execution]:
+        """Every execution under way (leases held or lapsed), oldest claim first."""
+
     def lapsed_executions(self, now: datetime) -> list[Execution]:
         """Unfinished executions whose lease expired before `now` (their worker died)."""
 

@@ -381,6 +381,11 @@ class SqlStore:
         return [worker_from_row(row._mapping) for row in self._all(_LIST_WORKERS)]
 
     @_translate_errors
+    def unfinished_executions(self) -> list[Execution]:
+        """Every execution under way (leases held or lapsed), oldest claim first."""
+        return [execution_from_row(row._mapping) for row in self._all(_UNFINISHED_EXECUTIONS)]
+
+    @_translate_errors
     def lapsed_executions(self, now: datetime) -> list[Execution]:
         """Unfinished executions whose lease expired before `now`, oldest lease first."""
         rows = self._all(_LAPSED_EXECUTIONS, {"now": now})
@@ -702,6 +707,11 @@ _MEASUREMENTS_OF = (
     select(measurements)
     .where(measurements.c.action_id == bindparam("action_id"))
     .order_by(measurements.c.id)
+)
+_UNFINISHED_EXECUTIONS = (
+    select(executions)
+    .where(executions.c.finished_at.is_(None))
+    .order_by(executions.c.claimed_at, executions.c.action_id)
 )
 _LAPSED_EXECUTIONS = (
     select(executions)

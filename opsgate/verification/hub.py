@@ -133,6 +133,10 @@ class VerificationHub:
             watch.next_due = 0.0
             self._cond.notify_all()
 
+    def watches(self) -> list[Watch]:
+        with self._cond:
+            return list(self._watches.values())
+
     @property
     def active(self) -> int:
         with self._cond:

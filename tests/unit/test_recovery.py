@@ -1,0 +1,183 @@
+"""Recovery of lapsed leases and clean shutdown: nothing lost, `run` never twice."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opsgate.audit import verify_chain
+from opsgate.catalog import load_catalog
+from opsgate.executor.executor import Executor
+from opsgate.executor.runners import RunnerRegistry
+from opsgate.lifecycle import record_transition
+from opsgate.models import ActionState, Execution
+from opsgate.verification.evaluator import VerificationState
+from opsgate.verification.hub import VerificationHub
+from tests.unit.test_executor import SCALE, Rig
+
+S = ActionState
+DEAD = "dead-host:4242:abcdef"
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path)
+    yield rig
+    rig.executor.close()
+
+
+def plant(rig: Rig, path: list[ActionState], **facts: Any) -> str:
+    """An action a dead worker left behind: moved along `path`, its lease lapsed."""
+    action_id = rig.approved()
+    now = datetime.now(UTC)
+    with rig.store.transaction() as tx:
+        action = tx.lock_action(action_id)
+        assert action is not None
+        for state in path:
+            action = record_transition(tx, action, state, actor=DEAD, now=now)
+        tx.insert_execution(
+            Execution(
+                action_id=action_id,
+                target=action.target,
+                environment=action.environment,
+                worker_id=DEAD,
+                claimed_at=now - timedelta(seconds=60),
+                lease_expires_at=now - timedelta(seconds=1),
+                heartbeat_at=now - timedelta(seconds=31),
+                captured={"previous_replicas": "3"},
+                **facts,
+            )
+        )
+    return action_id
+
+
+def recover(rig: Rig, action_id: str, dead: str = DEAD) -> ActionState:
+    assert rig.executor.recover_lapsed() == [action_id]
+    assert rig.executor.wait_idle(timeout=10)
+    action = rig.store.get_action(action_id)
+    assert action is not None
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.recovered_from == dead
+    events = [e for e in rig.store.audit_events(action_id=action_id)]
+    recovered = [e for e in events if e.kind == "execution.recovered"]
+    assert len(recovered) == 1 and recovered[0].data["dead_worker"] == dead
+    report = verify_chain(list(rig.store.audit_events()), head=rig.store.audit_head())
+    assert report.ok
+    return action.state
+
+
+def test_claimed_but_not_started_runs_normally(rig: Rig) -> None:
+    action_id = plant(rig, [S.EXECUTING])
+    assert recover(rig, action_id) is S.SUCCEEDED
+    assert rig.runner.verbs() == ["get", "scale"]
+
+
+def test_run_under_way_is_never_started_again_but_rolled_back(rig: Rig) -> None:
+    now = datetime.now(UTC)
+    action_id = plant(rig, [S.EXECUTING], run_started_at=now - timedelta(seconds=40))
+    assert recover(rig, action_id) is S.ROLLED_BACK
+    # only the undo ran, with the prior state captured by the dead worker
+    assert rig.runner.calls == [["scale", "checkout", "3"]]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and "outcome is unknown" in execution.reason
+
+
+def test_run_finished_then_death_goes_on_to_verify(rig: Rig) -> None:
+    now = datetime.now(UTC)
+    action_id = plant(
+        rig,
+        [S.EXECUTING],
+        run_started_at=now - timedelta(seconds=40),
+        run_finished_at=now - timedelta(seconds=39),
+        run_exit_code=0,
+    )
+    assert recover(rig, action_id) is S.SUCCEEDED
+    assert rig.runner.calls == []
+
+
+def test_verification_resumes_where_it_was(rig: Rig) -> None:
+    now = datetime.now(UTC)
+    started = now - timedelta(seconds=0.5)
+    stored = VerificationState.start(started).model_copy(
+        update={"failures": 1, "passing_since": started, "intervals": 3}
+    )
+    action_id = plant(
+        rig,
+        [S.EXECUTING, S.VERIFYING],
+        run_started_at=now - timedelta(seconds=1),
+        run_finished_at=now - timedelta(seconds=0.9),
+        verify_started_at=started,
+        verify_state=stored.model_dump(mode="json"),
+    )
+    assert recover(rig, action_id) is S.SUCCEEDED
+    assert rig.runner.calls == []
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.verify_state is not None
+    final = VerificationState.model_validate(execution.verify_state)
+    # the same verification went on: its start, failures and interval count carried over
+    assert final.started_at == started and final.failures == 1 and final.intervals > 3
+
+
+def test_rollback_whose_undo_had_not_started_is_completed(rig: Rig) -> None:
+    now = datetime.now(UTC)
+    action_id = plant(
+        rig,
+        [S.EXECUTING, S.VERIFYING, S.ROLLING_BACK],
+        run_started_at=now - timedelta(seconds=5),
+        run_finished_at=now - timedelta(seconds=4),
+        outcome="stopped",
+        rollback_decided_at=now - timedelta(seconds=2),
+    )
+    assert recover(rig, action_id) is S.ROLLED_BACK
+    assert rig.runner.calls == [["scale", "checkout", "3"]]
+
+
+def test_a_live_lease_is_left_alone(rig: Rig) -> None:
+    action_id = plant(rig, [S.EXECUTING])
+    with rig.store.transaction() as tx:
+        tx.update_execution(action_id, lease_expires_at=datetime.now(UTC) + timedelta(seconds=30))
+    assert rig.executor.recover_lapsed() == []
+    assert rig.runner.calls == []
+
+
+def test_shutdown_hands_verification_over_and_the_next_worker_finishes_it(rig: Rig) -> None:
+    rig.executor.close()
+    slow = SCALE.replace("hold: 0.15s", "hold: 0.6s").replace("timeout: 1s", "timeout: 30s")
+    (rig.catalog_dir / "scale_deployment.yaml").write_text(slow)
+    rig.gate.catalog = load_catalog(rig.catalog_dir)
+
+    def executor(worker_id: str) -> Executor:
+        return Executor(
+            rig.store,
+            rig.gate,
+            VerificationHub(rig.provider),
+            RunnerRegistry({"fake": rig.runner}),
+            worker_id=worker_id,
+        )
+
+    first = executor("first")
+    action_id = rig.approved()
+    claimed = first.claim(action_id)
+    assert claimed is not None
+    first.launch(action_id)
+    deadline = time.monotonic() + 10
+    while rig.store.get_action(action_id).state is not S.VERIFYING:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    first.drain()
+    assert first.wait_idle(timeout=10)
+    first.close()
+    handed = rig.store.get_execution(action_id)
+    assert handed is not None and handed.finished_at is None
+    assert handed.lease_expires_at <= datetime.now(UTC)
+    assert rig.store.get_action(action_id).state is S.VERIFYING  # type: ignore[union-attr]
+    assert "execution.released" in [e.kind for e in rig.store.audit_events(action_id=action_id)]
+
+    rig.executor = executor("second")
+    assert recover(rig, action_id, dead="first") is S.SUCCEEDED
+    assert rig.runner.verbs().count("scale") == 1
