@@ -21,6 +21,7 @@ from typing import Any
 
 from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict
 from opsgate.executor.runners import RunnerRegistry, StepResult
+from opsgate.failpoints import failpoint
 from opsgate.gate import Gate
 from opsgate.lifecycle import new_id, record_event, record_transition
 from opsgate.models import (
@@ -261,7 +262,10 @@ class Executor:
                         f"the approval of {action_id} expired at {action.expires_at}; "
                         "propose it again"
                     )
-            return self._recheck_and_hold(tx, action, now)
+            claimed = self._recheck_and_hold(tx, action, now)
+        if claimed.state is S.EXECUTING:
+            failpoint("after_claim")
+        return claimed
 
     def launch(self, action_id: str) -> None:
         """Start running a held (executing) action in the step pool."""
@@ -432,6 +436,7 @@ class Executor:
                 captured={name: result.value},
                 capture_output=result.output,
             )
+            failpoint("after_capture")
         execution = self.store.get_execution(action.id)
         if execution is not None and execution.rollback_requested_by is not None:
             self._end(
@@ -444,6 +449,7 @@ class Executor:
         now = self.clock()
         # Stored before the step starts: from here on, `run` may have changed something.
         self._update(action.id, "execution.run_started", run_started_at=now)
+        failpoint("after_run_started")
         watch: Watch | None = None
         if action.verification.stop_conditions:
             watch = Watch(
@@ -600,6 +606,7 @@ class Executor:
             self._release(held, final)
             return
         self._emit("state", action_id, f"rolling back: {_one_line(reason)}", state=S.ROLLING_BACK)
+        failpoint("after_rollback_decided")
         self._undo(held)
 
     def _undo(self, held: _Held) -> None:
@@ -884,6 +891,11 @@ class Executor:
                     and not watch.state.done
                 ):
                     watch.abort_reason = "manual"
+        phases = {watch.phase for watch in report.watches}
+        if "verify" in phases:
+            failpoint("verify_tick")
+        if "rollback" in phases:
+            failpoint("rollback_tick")
         for watch in report.watches:
             self._emit("measured", watch.action_id, watch=watch)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -181,3 +185,13 @@ def test_shutdown_hands_verification_over_and_the_next_worker_finishes_it(rig: R
     rig.executor = executor("second")
     assert recover(rig, action_id, dead="first") is S.SUCCEEDED
     assert rig.runner.verbs().count("scale") == 1
+
+
+def test_an_armed_failpoint_kills_the_process_and_an_unarmed_one_does_not() -> None:
+    code = "from opsgate.failpoints import failpoint; failpoint('b'); failpoint('a'); print('x')"
+    env = {**os.environ, "OPSGATE_FAILPOINTS": "a"}
+    killed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout == b""
+    env["OPSGATE_FAILPOINTS"] = "c"
+    alive = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
+    assert alive.returncode == 0 and alive.stdout == b"x\n"
