@@ -1,0 +1,153 @@
+"""Shared wiring for the execution benchmarks: a fault service, a real Prometheus
+scraping it (1 s), a store, a catalog written on the fly, a gate and an executor.
+
+Used by `bench/reaction.py` and `bench/fanout.py`; run them from anywhere, the repo
+root is put on `sys.path` here so `tests.integration` (the fault service and the
+Prometheus launcher the integration tests use) is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from opsgate.catalog import Catalog, load_catalog  # noqa: E402
+from opsgate.gate import Gate  # noqa: E402
+from opsgate.models import ActionState, Identity  # noqa: E402
+from opsgate.policies.embedded import EmbeddedEngine  # noqa: E402
+from tests.integration.fault_service import FaultService  # noqa: E402
+from tests.integration.prom import PrometheusServer, prometheus_binary  # noqa: E402
+
+ALICE = Identity(id="alice", kind="human")  # proposer (sre)
+BOB = Identity(id="bob", kind="human")  # approver (sre)
+ENVIRONMENT = "staging"
+
+
+def error_ratio(label: str, window: str, fn: str = "rate") -> str:
+    """The 5xx share of one service's requests; `label` is a placeholder such as
+    `{target}`. The signal and the stop condition use this same text, so a tick sends
+    it once for both."""
+    return (
+        f'sum({fn}(http_requests_total{{service="{label}",code=~"5.."}}[{window}]))'
+        f' / sum({fn}(http_requests_total{{service="{label}"}}[{window}]))'
+    )
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest sample with at least q of them at or below
+    it (p90 of 10 runs is the 9th fastest)."""
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` below stops what it started."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def fault_and_prometheus(
+    services: Iterable[str], workdir: Path
+) -> Iterator[tuple[FaultService, PrometheusServer]]:
+    """A fault service and a Prometheus scraping it every second, both on 127.0.0.1
+    free ports; both stopped on the way out, whatever happens."""
+    binary = prometheus_binary()
+    if binary is None:
+        raise SystemExit("prometheus is not installed (apt install prometheus)")
+    faults = FaultService(services)
+    faults.start()
+    try:
+        server = PrometheusServer([faults.address], workdir / "prometheus", binary=binary)
+        server.start()
+        try:
+            yield faults, server
+        finally:
+            server.stop()
+    finally:
+        faults.stop()
+
+
+def wait_for_values(server: PrometheusServer, queries: Iterable[str], timeout: float) -> float:
+    """Until every query returns a sample (a rate needs two scrapes in its window).
+    Returns the seconds waited."""
+    started = time.monotonic()
+    pending = list(queries)
+    while pending:
+        pending = [q for q in pending if not server.api_query(q).get("data", {}).get("result")]
+        if not pending:
+            break
+        if time.monotonic() - started > timeout:
+            raise SystemExit(f"Prometheus has no value for {pending[0]} after {timeout:g}s")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def write_catalog(directory: Path, documents: Iterable[Mapping[str, Any]]) -> Catalog:
+    directory.mkdir(parents=True, exist_ok=True)
+    for document in documents:
+        (directory / f"{document['name']}.yaml").write_text(json.dumps(document))
+    return load_catalog(directory)
+
+
+def make_gate(store: Any, catalog: Catalog) -> Gate:
+    """A gate with the default Rego bundle (`policies/`) and no live preconditions."""
+    return Gate(store=store, catalog=catalog, engine=EmbeddedEngine(ROOT / "policies"))
+
+
+def propose_approved(
+    gate: Gate, action: str, target: str, params: Mapping[str, Any], reason: str
+) -> str:
+    """Propose as alice, approve as bob: the id of an approved action."""
+    outcome = gate.propose(
+        {
+            "action": action,
+            "target": target,
+            "environment": ENVIRONMENT,
+            "params": dict(params),
+            "reason": reason,
+        },
+        ALICE,
+    )
+    if outcome.action.state is not ActionState.PENDING_APPROVAL:
+        raise SystemExit(f"proposal of {action} on {target} refused: {outcome.decision.deny}")
+    approved = gate.approve(outcome.action.id, BOB)
+    if approved.action.state is not ActionState.APPROVED:
+        raise SystemExit(f"{outcome.action.id} is {approved.action.state.value} after approval")
+    return str(outcome.action.id)
+
+
+def scrape_phase(server: PrometheusServer, job: str = "fault") -> float | None:
+    """Where in the wall-clock second Prometheus scrapes the fault service (0..1 s)."""
+    data = server.api_query(f'timestamp(up{{job="{job}"}})')
+    result = data.get("data", {}).get("result") or []
+    if not result:
+        return None
+    return float(result[0]["value"][1]) % 1.0
+
+
+def monotonic_grid_phase(interval: float = 1.0) -> float:
+    """Where in the wall-clock second the hub's grid (k * interval on the monotonic
+    clock) falls, for an interval that divides 1 s."""
+    return (time.time() - time.monotonic()) % interval
+
+
+def pid_tag() -> str:
+    return str(os.getpid())
