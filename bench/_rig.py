@@ -149,5 +149,12 @@ def monotonic_grid_phase(interval: float = 1.0) -> float:
     return (time.time() - time.monotonic()) % interval
 
 
+def child_pythonpath() -> None:
+    """Runner steps started by the executor (`python -m tests.integration...`) inherit
+    this environment: let them import from the repo root wherever the bench runs."""
+    current = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + current if current else "")
+
+
 def pid_tag() -> str:
     return str(os.getpid())

@@ -330,6 +330,7 @@ class Gate:
                         data={"approvers": sorted(valid), "spec_hash": action.spec_hash},
                         # The approval is good for one run that starts within the TTL.
                         expires_at=now + timedelta(seconds=self.approval_ttl),
+                        approved_at=now,
                     )
                 return ApproveOutcome(action, approvals, counted=True)
         raise refusal

@@ -335,6 +335,7 @@ class Action(Frozen):
     created_at: datetime
     updated_at: datetime
     expires_at: datetime | None = None
+    approved_at: datetime | None = None  # when the last required approval arrived
 
 
 class Approval(Frozen):

@@ -950,7 +950,9 @@ class Executor:
                     "roll back once it has finished",
                     ["concurrent_action"],
                 )
-            facts = {"outcome": "manual", "reason": _one_line(reason)}
+            # The outcome stays `succeeded`: the verification did pass; the manual
+            # rollback is its own fact (requested by, reason, rollback times).
+            facts = {"reason": _one_line(reason)}
             rolling = record_transition(
                 tx, action, S.ROLLING_BACK, actor=actor.id, now=now, data=facts
             )

@@ -25,7 +25,7 @@ from opsgate.models import (
 
 # Fields of an action that may change after it is created.
 MUTABLE_ACTION_FIELDS = frozenset(
-    {"state", "updated_at", "required_approvals", "approver_roles", "expires_at"}
+    {"state", "updated_at", "required_approvals", "approver_roles", "expires_at", "approved_at"}
 )
 
 

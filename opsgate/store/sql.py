@@ -837,6 +837,7 @@ def action_to_row(action: Action) -> dict[str, Any]:
         "created_at": action.created_at,
         "updated_at": action.updated_at,
         "expires_at": action.expires_at,
+        "approved_at": action.approved_at,
     }
 
 
@@ -867,6 +868,7 @@ def action_from_row(row: Mapping[Any, Any]) -> Action:
             "created_at": row["created_at"],
             "updated_at": row["updated_at"],
             "expires_at": row["expires_at"],
+            "approved_at": row["approved_at"],
         }
     )
 

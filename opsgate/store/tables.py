@@ -95,10 +95,12 @@ actions = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=True),
+    Column("approved_at", UTCDateTime, nullable=True),
     UniqueConstraint("idempotency_key"),
     Index("ix_actions_state_created_at", "state", "created_at"),
     Index("ix_actions_target_environment_state", "target", "environment", "state"),
     Index("ix_actions_proposer_id", "proposer_id"),
+    Index("ix_actions_created_at", "created_at"),
 )
 
 decisions = Table(
@@ -202,6 +204,9 @@ executions = Table(
     Column("recovered_from", String, nullable=True),
     Index("ix_executions_worker_id", "worker_id"),
     Index("ix_executions_lease_expires_at", "lease_expires_at"),
+    # Report windows: runs started, rollbacks decided.
+    Index("ix_executions_run_started_at", "run_started_at"),
+    Index("ix_executions_rollback_decided_at", "rollback_decided_at"),
 )
 
 # At most one unfinished execution per target: the database, not a check-then-insert in

@@ -180,6 +180,9 @@ def kinds(store: MemoryStore, action_id: str) -> list[str]:
 
 def test_a_good_action_runs_once_and_is_verified(rig: Rig) -> None:
     action_id = rig.approved()
+    approved = rig.store.get_action(action_id)
+    assert approved is not None and approved.approved_at is not None
+    assert approved.expires_at is not None and approved.expires_at > approved.approved_at
     assert rig.run(action_id) is S.SUCCEEDED
     assert rig.runner.calls == [["get", "checkout"], ["scale", "checkout", "6"]]
     execution = rig.store.get_execution(action_id)
@@ -397,7 +400,8 @@ def test_manual_rollback_of_a_succeeded_action(rig: Rig) -> None:
     assert rig.runner.calls[-1] == ["scale", "checkout", "3"]
     execution = rig.store.get_execution(action_id)
     assert execution is not None
-    assert execution.outcome == "manual" and execution.rollback_requested_by == "carol"
+    # it was verified before; the manual rollback is recorded beside that outcome
+    assert execution.outcome == "succeeded" and execution.rollback_requested_by == "carol"
     assert execution.rollback_time is not None
     audit_ok(rig.store)
 
