@@ -1,0 +1,466 @@
+"""Governance figures as SQL aggregates over the store, the same on SQLite and PostgreSQL.
+
+Counting is done by the database (GROUP BY, json_each / jsonb_array_elements_text for
+deny codes); percentiles by PostgreSQL's `percentile_cont`, and on SQLite, which has
+none, in one pass in Python with the same definition (linear interpolation), so both
+give the same numbers.
+
+Windows are half-open `[since, until)`: a proposal counts by its decision time, a run
+by the time it started, a rollback by the time it was decided, an approval by the time
+the action was proposed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Float,
+    Select,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from opsgate.store.sql import SqlStore
+from opsgate.store.tables import actions, decisions, executions
+
+# Every figure can be cut by these (the `--by` and `--where` keys).
+SEGMENTS: dict[str, Any] = {
+    "severity": actions.c.incident_severity,
+    "incident_class": actions.c.incident_class,
+    "tier": actions.c.incident_tier,
+    "environment": actions.c.environment,
+    "action": actions.c.action_type,
+    "proposer_kind": actions.c.proposer_kind,
+}
+CAUSES = (
+    "stopped",
+    "failed_verification",
+    "timeout",
+    "provider_errors",
+    "runner_error",
+    "manual",
+)
+ALL = "all"
+NONE_LABEL = "(none)"
+
+
+@dataclass(frozen=True)
+class Window:
+    since: datetime
+    until: datetime
+
+    @property
+    def length(self) -> timedelta:
+        return self.until - self.since
+
+    def previous(self) -> Window:
+        """The window of the same length just before this one."""
+        return Window(self.since - self.length, self.since)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """PostgreSQL's percentile_cont: linear interpolation between closest ranks."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    position = q * (n - 1)
+    low = math.floor(position)
+    high = math.ceil(position)
+    if low == high:
+        return float(sorted_values[low])
+    fraction = position - low
+    return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction)
+
+
+def _label(value: Any) -> str:
+    return NONE_LABEL if value is None else str(value)
+
+
+@dataclass
+class VerificationRow:
+    segment: str
+    started: int = 0  # runs started in the window
+    finished: int = 0  # of those, ended (the denominator of the pass rate)
+    succeeded: int = 0
+    causes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CAUSES, 0))
+    in_progress: int = 0
+    stop_conditions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pass_rate(self) -> float | None:
+        return self.succeeded / self.finished if self.finished else None
+
+    @property
+    def stop_rate(self) -> float | None:
+        return self.causes["stopped"] / self.started if self.started else None
+
+
+@dataclass
+class RollbackRow:
+    segment: str
+    decided: int = 0
+    verified: int = 0
+    never_verified: int = 0  # rollback_failed or still rolling back: counted, not dropped
+    p50: float | None = None
+    p90: float | None = None
+    max: float | None = None
+    durations: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BlockRow:
+    segment: str
+    phase: str
+    decided: int = 0  # proposals (phase propose) or execution re-checks (phase execute)
+    blocked: int = 0
+    # A decision may carry several codes: `with_code` counts each blocked decision under
+    # every code it carries (sums to more than `blocked`); `first_code` counts it once,
+    # under its first code (sums to `blocked`).
+    with_code: dict[str, int] = field(default_factory=dict)
+    first_code: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def block_rate(self) -> float | None:
+        return self.blocked / self.decided if self.decided else None
+
+
+@dataclass
+class ApprovalRow:
+    segment: str
+    waited: int = 0  # actions that went to pending_approval
+    approved: int = 0
+    rejected: int = 0
+    expired: int = 0  # expired before any final approval
+    cancelled: int = 0
+    pending: int = 0
+    p50: float | None = None
+    p90: float | None = None
+    durations: list[float] = field(default_factory=list)
+
+    @property
+    def rejection_rate(self) -> float | None:
+        return self.rejected / self.waited if self.waited else None
+
+    @property
+    def expiry_rate(self) -> float | None:
+        return self.expired / self.waited if self.waited else None
+
+
+class ReportQueries:
+    """Named aggregate queries; every method takes a window, a segment and filters."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+        self.dialect = store.dialect
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _segment(self, by: str | None) -> ColumnElement[Any]:
+        if by is None:
+            return literal(ALL).label("segment")
+        if by not in SEGMENTS:
+            raise ValueError(f"unknown segment {by!r}; one of {', '.join(SEGMENTS)}")
+        return SEGMENTS[by].label("segment")
+
+    @staticmethod
+    def _filters(where: Mapping[str, str]) -> list[ColumnElement[bool]]:
+        clauses: list[ColumnElement[bool]] = []
+        for key, value in where.items():
+            if key not in SEGMENTS:
+                raise ValueError(f"unknown filter {key!r}; one of {', '.join(SEGMENTS)}")
+            column = SEGMENTS[key]
+            clauses.append(column.is_(None) if value == NONE_LABEL else column == value)
+        return clauses
+
+    def _seconds(self, later: Any, earlier: Any) -> Any:
+        if self.dialect == "postgresql":
+            return func.extract("epoch", later - earlier)
+        # SQLite keeps these as UTC text; julianday reads it to ~10 µs here.
+        return (func.julianday(later) - func.julianday(earlier)) * 86400.0
+
+    def _rows(self, statement: Select[Any]) -> Sequence[Any]:
+        try:
+            with self.store.engine.connect() as conn:
+                return self._execute(conn, statement)
+        except SQLAlchemyError as exc:
+            raise self.store.store_error(exc) from None
+
+    @staticmethod
+    def _execute(conn: Connection, statement: Select[Any]) -> Sequence[Any]:
+        return conn.execute(statement).all()
+
+    # --- verification -------------------------------------------------------------------
+
+    def verification(
+        self, window: Window, by: str | None = None, where: Mapping[str, str] | None = None
+    ) -> list[VerificationRow]:
+        """Pass rate of runs started in the window, the rest split by cause."""
+        segment = self._segment(by)
+        e = executions
+        statement = (
+            select(segment, e.c.outcome, e.c.trigger_name, func.count().label("n"))
+            .select_from(e.join(actions, actions.c.id == e.c.action_id))
+            .where(
+                e.c.run_started_at >= window.since,
+                e.c.run_started_at < window.until,
+                *self._filters(where or {}),
+            )
+            .group_by(segment, e.c.outcome, e.c.trigger_name)
+        )
+        rows: dict[str, VerificationRow] = {}
+        for seg, outcome, trigger, n in self._rows(statement):
+            row = rows.setdefault(_label(seg), VerificationRow(_label(seg)))
+            row.started += n
+            if outcome is None:
+                row.in_progress += n
+                continue
+            row.finished += n
+            if outcome == "succeeded":
+                row.succeeded += n
+            else:
+                row.causes[outcome] = row.causes.get(outcome, 0) + n
+            if outcome == "stopped":
+                name = _label(trigger)
+                row.stop_conditions[name] = row.stop_conditions.get(name, 0) + n
+        return sorted(rows.values(), key=lambda r: (-r.started, r.segment))
+
+    def pass_rate_by_day(
+        self, window: Window, where: Mapping[str, str] | None = None
+    ) -> list[tuple[str, int, int]]:
+        """(day, finished, succeeded) per UTC day of run start, for the trend chart."""
+        e = executions
+        if self.dialect == "postgresql":
+            day: Any = func.to_char(func.timezone("UTC", e.c.run_started_at), "YYYY-MM-DD").label(
+                "day"
+            )
+        else:
+            day = func.substr(e.c.run_started_at, 1, 10).label("day")
+        statement = (
+            select(
+                day,
+                func.count().label("finished"),
+                func.sum(case((e.c.outcome == "succeeded", 1), else_=0)).label("succeeded"),
+            )
+            .select_from(e.join(actions, actions.c.id == e.c.action_id))
+            .where(
+                e.c.run_started_at >= window.since,
+                e.c.run_started_at < window.until,
+                e.c.outcome.is_not(None),
+                *self._filters(where or {}),
+            )
+            .group_by(day)
+            .order_by(day)
+        )
+        return [(str(d), int(f), int(s or 0)) for d, f, s in self._rows(statement)]
+
+    # --- rollbacks ----------------------------------------------------------------------
+
+    def rollbacks(
+        self,
+        window: Window,
+        by: str | None = None,
+        where: Mapping[str, str] | None = None,
+        *,
+        keep_durations: bool = False,
+    ) -> list[RollbackRow]:
+        """Rollback time (decision -> rollback verified): p50, p90, max per segment."""
+        segment = self._segment(by)
+        e = executions
+        duration = self._seconds(e.c.rollback_verified_at, e.c.rollback_decided_at)
+        base = [
+            e.c.rollback_decided_at >= window.since,
+            e.c.rollback_decided_at < window.until,
+            *self._filters(where or {}),
+        ]
+        joined = e.join(actions, actions.c.id == e.c.action_id)
+        counts = (
+            select(
+                segment,
+                func.count().label("decided"),
+                func.count(e.c.rollback_verified_at).label("verified"),
+            )
+            .select_from(joined)
+            .where(*base)
+            .group_by(segment)
+        )
+        rows = {
+            _label(seg): RollbackRow(_label(seg), int(d), int(v), int(d) - int(v))
+            for seg, d, v in self._rows(counts)
+        }
+        verified = [*base, e.c.rollback_verified_at.is_not(None)]
+        if self.dialect == "postgresql" and not keep_durations:
+            stats = (
+                select(
+                    segment,
+                    func.percentile_cont(0.5).within_group(cast(duration, Float)).label("p50"),
+                    func.percentile_cont(0.9).within_group(cast(duration, Float)).label("p90"),
+                    func.max(duration).label("max"),
+                )
+                .select_from(joined)
+                .where(*verified)
+                .group_by(segment)
+            )
+            for seg, p50, p90, top in self._rows(stats):
+                row = rows[_label(seg)]
+                row.p50, row.p90, row.max = float(p50), float(p90), float(top)
+        else:
+            grouped: dict[str, list[float]] = defaultdict(list)
+            ordered = (
+                select(segment, duration.label("seconds"))
+                .select_from(joined)
+                .where(*verified)
+                .order_by(segment, duration)
+            )
+            for seg, seconds in self._rows(ordered):
+                grouped[_label(seg)].append(float(seconds))
+            for name, values in grouped.items():
+                row = rows[name]
+                row.p50, row.p90, row.max = (
+                    percentile(values, 0.5),
+                    percentile(values, 0.9),
+                    values[-1],
+                )
+                if keep_durations:
+                    row.durations = values
+        return sorted(rows.values(), key=lambda r: (-r.decided, r.segment))
+
+    # --- policy blocks ------------------------------------------------------------------
+
+    def blocks(
+        self,
+        window: Window,
+        by: str | None = None,
+        where: Mapping[str, str] | None = None,
+        *,
+        phase: str = "propose",
+    ) -> list[BlockRow]:
+        """Blocked / decided at `phase` (propose or execute), by deny code both ways."""
+        segment = self._segment(by)
+        d = decisions
+        joined = d.join(actions, actions.c.id == d.c.action_id)
+        base = [
+            d.c.phase == phase,
+            d.c.decided_at >= window.since,
+            d.c.decided_at < window.until,
+            *self._filters(where or {}),
+        ]
+        totals = (
+            select(
+                segment,
+                func.count().label("decided"),
+                func.sum(case((d.c.allow.is_(False), 1), else_=0)).label("blocked"),
+            )
+            .select_from(joined)
+            .where(*base)
+            .group_by(segment)
+        )
+        rows = {
+            _label(seg): BlockRow(_label(seg), phase, int(n), int(b or 0))
+            for seg, n, b in self._rows(totals)
+        }
+        denied = [*base, d.c.allow.is_(False)]
+        if self.dialect == "postgresql":
+            code = func.jsonb_array_elements_text(d.c.deny_codes).table_valued("value")
+            first: Any = d.c.deny_codes.op("->>")(0)
+        else:
+            code = func.json_each(d.c.deny_codes).table_valued("value")
+            first = func.json_extract(d.c.deny_codes, "$[0]")
+        per_code = (
+            select(segment, code.c.value.label("code"), func.count(d.c.id.distinct()))
+            .select_from(joined.join(code, literal(True)))
+            .where(*denied)
+            .group_by(segment, code.c.value)
+        )
+        for seg, name, n in self._rows(per_code):
+            rows[_label(seg)].with_code[str(name)] = int(n)
+        first_code = (
+            select(segment, first.label("code"), func.count())
+            .select_from(joined)
+            .where(*denied)
+            .group_by(segment, first)
+        )
+        for seg, name, n in self._rows(first_code):
+            rows[_label(seg)].first_code[_label(name)] = int(n)
+        return sorted(rows.values(), key=lambda r: (-r.decided, r.segment))
+
+    # --- approvals ----------------------------------------------------------------------
+
+    def approvals(
+        self, window: Window, by: str | None = None, where: Mapping[str, str] | None = None
+    ) -> list[ApprovalRow]:
+        """Time to approval p50/p90 and what became of actions that waited for approval."""
+        segment = self._segment(by)
+        a = actions
+        base = [
+            a.c.created_at >= window.since,
+            a.c.created_at < window.until,
+            a.c.state != "blocked",
+            *self._filters(where or {}),
+        ]
+        counts = (
+            select(
+                segment,
+                func.count().label("waited"),
+                func.count(a.c.approved_at).label("approved"),
+                func.sum(case((a.c.state == "rejected", 1), else_=0)),
+                func.sum(
+                    case((and_(a.c.state == "expired", a.c.approved_at.is_(None)), 1), else_=0)
+                ),
+                func.sum(
+                    case((and_(a.c.state == "cancelled", a.c.approved_at.is_(None)), 1), else_=0)
+                ),
+                func.sum(case((a.c.state == "pending_approval", 1), else_=0)),
+            )
+            .where(*base)
+            .group_by(segment)
+        )
+        rows: dict[str, ApprovalRow] = {}
+        for seg, waited, approved, rejected, expired, cancelled, pending in self._rows(counts):
+            rows[_label(seg)] = ApprovalRow(
+                _label(seg),
+                int(waited),
+                int(approved),
+                int(rejected or 0),
+                int(expired or 0),
+                int(cancelled or 0),
+                int(pending or 0),
+            )
+        wait = self._seconds(a.c.approved_at, a.c.created_at)
+        approved_only = [*base, a.c.approved_at.is_not(None)]
+        if self.dialect == "postgresql":
+            stats = (
+                select(
+                    segment,
+                    func.percentile_cont(0.5).within_group(cast(wait, Float)),
+                    func.percentile_cont(0.9).within_group(cast(wait, Float)),
+                )
+                .where(*approved_only)
+                .group_by(segment)
+            )
+            for seg, p50, p90 in self._rows(stats):
+                rows[_label(seg)].p50, rows[_label(seg)].p90 = float(p50), float(p90)
+        else:
+            grouped: dict[str, list[float]] = defaultdict(list)
+            ordered = select(segment, wait).where(*approved_only).order_by(segment, wait)
+            for seg, seconds in self._rows(ordered):
+                grouped[_label(seg)].append(float(seconds))
+            for name, values in grouped.items():
+                rows[name].p50, rows[name].p90 = percentile(values, 0.5), percentile(values, 0.9)
+        return sorted(rows.values(), key=lambda r: (-r.waited, r.segment))
+
+    def count_actions(self) -> int:
+        """A bare count over the actions table: the yardstick in bench/report.py."""
+        return int(self._rows(select(func.count()).select_from(actions))[0][0])
