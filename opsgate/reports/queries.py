@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -159,6 +159,74 @@ class ApprovalRow:
         return self.expired / self.waited if self.waited else None
 
 
+Dims = tuple[str, ...]
+SEGMENT_NAMES = tuple(SEGMENTS)
+
+
+def by_keys(by: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`--by` as a tuple of segment names (empty: everything together)."""
+    if by is None:
+        return ()
+    keys = (by,) if isinstance(by, str) else tuple(by)
+    for key in keys:
+        if key not in SEGMENTS:
+            raise ValueError(f"unknown segment {key!r}; one of {', '.join(SEGMENTS)}")
+    return keys
+
+
+def segment_of(dims: Dims, keys: Sequence[str]) -> str:
+    """The label of a cube cell under a cut: its values for `keys`, or `all`."""
+    if not keys:
+        return ALL
+    return " ".join(dims[SEGMENT_NAMES.index(key)] for key in keys)
+
+
+def rollup_verification(
+    cube: Iterable[tuple[Dims, str | None, str | None, int]], keys: Sequence[str]
+) -> list[VerificationRow]:
+    rows: dict[str, VerificationRow] = {}
+    for dims, outcome, trigger, n in cube:
+        label = segment_of(dims, keys)
+        row = rows.setdefault(label, VerificationRow(label))
+        row.started += n
+        if outcome is None:
+            row.in_progress += n
+            continue
+        row.finished += n
+        if outcome == "succeeded":
+            row.succeeded += n
+        else:
+            row.causes[outcome] = row.causes.get(outcome, 0) + n
+        if outcome == "stopped":
+            name = _label(trigger)
+            row.stop_conditions[name] = row.stop_conditions.get(name, 0) + n
+    return sorted(rows.values(), key=lambda r: (-r.started, r.segment))
+
+
+@dataclass
+class BlocksCube:
+    phase: str
+    totals: list[tuple[Dims, int, int]] = field(default_factory=list)  # decided, blocked
+    with_code: list[tuple[Dims, str, int]] = field(default_factory=list)
+    first_code: list[tuple[Dims, str, int]] = field(default_factory=list)
+
+
+def rollup_blocks(cube: BlocksCube, keys: Sequence[str]) -> list[BlockRow]:
+    rows: dict[str, BlockRow] = {}
+    for dims, decided, blocked in cube.totals:
+        label = segment_of(dims, keys)
+        row = rows.setdefault(label, BlockRow(label, cube.phase))
+        row.decided += decided
+        row.blocked += blocked
+    for dims, code, n in cube.with_code:
+        row = rows[segment_of(dims, keys)]
+        row.with_code[code] = row.with_code.get(code, 0) + n
+    for dims, code, n in cube.first_code:
+        row = rows[segment_of(dims, keys)]
+        row.first_code[code] = row.first_code.get(code, 0) + n
+    return sorted(rows.values(), key=lambda r: (-r.decided, r.segment))
+
+
 class ReportQueries:
     """Named aggregate queries; every method takes a window, a segment and filters."""
 
@@ -204,38 +272,35 @@ class ReportQueries:
 
     # --- verification -------------------------------------------------------------------
 
-    def verification(
-        self, window: Window, by: str | None = None, where: Mapping[str, str] | None = None
-    ) -> list[VerificationRow]:
-        """Pass rate of runs started in the window, the rest split by cause."""
-        segment = self._segment(by)
+    def verification_cube(
+        self, window: Window, where: Mapping[str, str] | None = None
+    ) -> list[tuple[tuple[str, ...], str | None, str | None, int]]:
+        """Runs started in the window, counted at the finest grain: (every segment
+        column, outcome, trigger) -> n. Any cut or rollup is then a sum in Python, so
+        one query serves the report, its `--by` and the search for what moved."""
         e = executions
+        dims = list(SEGMENTS.values())
         statement = (
-            select(segment, e.c.outcome, e.c.trigger_name, func.count().label("n"))
+            select(*dims, e.c.outcome, e.c.trigger_name, func.count())
             .select_from(e.join(actions, actions.c.id == e.c.action_id))
             .where(
                 e.c.run_started_at >= window.since,
                 e.c.run_started_at < window.until,
                 *self._filters(where or {}),
             )
-            .group_by(segment, e.c.outcome, e.c.trigger_name)
+            .group_by(*dims, e.c.outcome, e.c.trigger_name)
         )
-        rows: dict[str, VerificationRow] = {}
-        for seg, outcome, trigger, n in self._rows(statement):
-            row = rows.setdefault(_label(seg), VerificationRow(_label(seg)))
-            row.started += n
-            if outcome is None:
-                row.in_progress += n
-                continue
-            row.finished += n
-            if outcome == "succeeded":
-                row.succeeded += n
-            else:
-                row.causes[outcome] = row.causes.get(outcome, 0) + n
-            if outcome == "stopped":
-                name = _label(trigger)
-                row.stop_conditions[name] = row.stop_conditions.get(name, 0) + n
-        return sorted(rows.values(), key=lambda r: (-r.started, r.segment))
+        k = len(dims)
+        return [
+            (tuple(_label(v) for v in row[:k]), row[k], row[k + 1], int(row[k + 2]))
+            for row in self._rows(statement)
+        ]
+
+    def verification(
+        self, window: Window, by: str | None = None, where: Mapping[str, str] | None = None
+    ) -> list[VerificationRow]:
+        """Pass rate of runs started in the window, the rest split by cause."""
+        return rollup_verification(self.verification_cube(window, where), by_keys(by))
 
     def pass_rate_by_day(
         self, window: Window, where: Mapping[str, str] | None = None
@@ -339,6 +404,58 @@ class ReportQueries:
 
     # --- policy blocks ------------------------------------------------------------------
 
+    def blocks_cube(
+        self, window: Window, where: Mapping[str, str] | None = None, *, phase: str = "propose"
+    ) -> BlocksCube:
+        """Decisions at `phase` in the window at the finest grain, with their deny codes."""
+        d = decisions
+        dims = list(SEGMENTS.values())
+        k = len(dims)
+        joined = d.join(actions, actions.c.id == d.c.action_id)
+        base = [
+            d.c.phase == phase,
+            d.c.decided_at >= window.since,
+            d.c.decided_at < window.until,
+            *self._filters(where or {}),
+        ]
+        totals = (
+            select(*dims, func.count(), func.sum(case((d.c.allow.is_(False), 1), else_=0)))
+            .select_from(joined)
+            .where(*base)
+            .group_by(*dims)
+        )
+        cube = BlocksCube(phase)
+        for row in self._rows(totals):
+            cube.totals.append(
+                (tuple(_label(v) for v in row[:k]), int(row[k]), int(row[k + 1] or 0))
+            )
+        denied = [*base, d.c.allow.is_(False)]
+        if self.dialect == "postgresql":
+            code = func.jsonb_array_elements_text(d.c.deny_codes).table_valued("value")
+            first: Any = d.c.deny_codes.op("->>")(0)
+        else:
+            code = func.json_each(d.c.deny_codes).table_valued("value")
+            first = func.json_extract(d.c.deny_codes, "$[0]")
+        per_code = (
+            select(*dims, code.c.value, func.count(d.c.id.distinct()))
+            .select_from(joined.join(code, literal(True)))
+            .where(*denied)
+            .group_by(*dims, code.c.value)
+        )
+        for row in self._rows(per_code):
+            cube.with_code.append((tuple(_label(v) for v in row[:k]), str(row[k]), int(row[k + 1])))
+        first_code = (
+            select(*dims, first, func.count())
+            .select_from(joined)
+            .where(*denied)
+            .group_by(*dims, first)
+        )
+        for row in self._rows(first_code):
+            cube.first_code.append(
+                (tuple(_label(v) for v in row[:k]), _label(row[k]), int(row[k + 1]))
+            )
+        return cube
+
     def blocks(
         self,
         window: Window,
@@ -348,53 +465,7 @@ class ReportQueries:
         phase: str = "propose",
     ) -> list[BlockRow]:
         """Blocked / decided at `phase` (propose or execute), by deny code both ways."""
-        segment = self._segment(by)
-        d = decisions
-        joined = d.join(actions, actions.c.id == d.c.action_id)
-        base = [
-            d.c.phase == phase,
-            d.c.decided_at >= window.since,
-            d.c.decided_at < window.until,
-            *self._filters(where or {}),
-        ]
-        totals = (
-            select(
-                segment,
-                func.count().label("decided"),
-                func.sum(case((d.c.allow.is_(False), 1), else_=0)).label("blocked"),
-            )
-            .select_from(joined)
-            .where(*base)
-            .group_by(segment)
-        )
-        rows = {
-            _label(seg): BlockRow(_label(seg), phase, int(n), int(b or 0))
-            for seg, n, b in self._rows(totals)
-        }
-        denied = [*base, d.c.allow.is_(False)]
-        if self.dialect == "postgresql":
-            code = func.jsonb_array_elements_text(d.c.deny_codes).table_valued("value")
-            first: Any = d.c.deny_codes.op("->>")(0)
-        else:
-            code = func.json_each(d.c.deny_codes).table_valued("value")
-            first = func.json_extract(d.c.deny_codes, "$[0]")
-        per_code = (
-            select(segment, code.c.value.label("code"), func.count(d.c.id.distinct()))
-            .select_from(joined.join(code, literal(True)))
-            .where(*denied)
-            .group_by(segment, code.c.value)
-        )
-        for seg, name, n in self._rows(per_code):
-            rows[_label(seg)].with_code[str(name)] = int(n)
-        first_code = (
-            select(segment, first.label("code"), func.count())
-            .select_from(joined)
-            .where(*denied)
-            .group_by(segment, first)
-        )
-        for seg, name, n in self._rows(first_code):
-            rows[_label(seg)].first_code[_label(name)] = int(n)
-        return sorted(rows.values(), key=lambda r: (-r.decided, r.segment))
+        return rollup_blocks(self.blocks_cube(window, where, phase=phase), by_keys(by))
 
     # --- approvals ----------------------------------------------------------------------
 

@@ -1,0 +1,112 @@
+"""opsgate report: governance figures over a window, compared with the one before."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+
+from opsgate.cli.context import CliConfig, pass_config
+from opsgate.errors import ConfigError, InvalidInput
+from opsgate.models import parse_duration
+from opsgate.reports.build import BUILDERS, summary_report
+from opsgate.reports.queries import SEGMENTS, ReportQueries, Window
+from opsgate.reports.render import FORMATS, print_table, render
+from opsgate.store.sql import SqlStore
+
+KINDS = ("summary", *BUILDERS)
+
+
+def parse_moment(value: str, field: str, now: datetime) -> datetime:
+    """`90d` (that long ago), or an RFC 3339 date/time (UTC when no offset is given)."""
+    try:
+        return now - timedelta(seconds=parse_duration(value))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(
+            field, f"expected a duration like 90d or a date, got {value!r}"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_where(pairs: tuple[str, ...]) -> dict[str, str]:
+    where: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SEGMENTS:
+            raise InvalidInput(
+                "--where", f"expected one of {', '.join(SEGMENTS)}=VALUE, got {pair!r}"
+            )
+        where[key] = value
+    return where
+
+
+@click.command()
+@click.argument("kind", type=click.Choice(KINDS), default="summary", required=False)
+@click.option(
+    "--since", default=None, help="Start: a duration back from now (90d) or a date. Default 30d."
+)
+@click.option("--until", default=None, help="End: a duration back from now or a date. Default now.")
+@click.option(
+    "--by",
+    type=click.Choice([*SEGMENTS, "code"]),
+    help="Cut every figure by this segment (`code`: deny code, for blocks).",
+)
+@click.option(
+    "--where",
+    "where_pairs",
+    multiple=True,
+    metavar="SEGMENT=VALUE",
+    help="Only this segment; repeatable.",
+)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file."
+)
+@pass_config
+def report(
+    config: CliConfig,
+    kind: str,
+    since: str | None,
+    until: str | None,
+    by: str | None,
+    where_pairs: tuple[str, ...],
+    fmt: str,
+    output: Path | None,
+) -> None:
+    """Pass rates, rollback times, policy blocks and approvals, segment by segment.
+
+    KIND is summary (default: one screen), verification, blocks, rollbacks or approvals.
+    """
+    now = datetime.now(UTC)
+    end = parse_moment(until, "--until", now) if until else now
+    start = parse_moment(since, "--since", now) if since else end - timedelta(days=30)
+    if start >= end:
+        raise InvalidInput("--since", "must be before --until")
+    if by == "code" and kind != "blocks":
+        raise InvalidInput("--by", "code applies to `opsgate report blocks` only")
+    where = parse_where(where_pairs)
+    store = config.store
+    if not isinstance(store, SqlStore):
+        raise ConfigError("reports need a SQL store (sqlite:// or postgresql://)")
+    queries = ReportQueries(store)
+    window = Window(start, end)
+    if kind == "summary":
+        built = summary_report(queries, window, where)
+    else:
+        built = BUILDERS[kind](queries, window, None if by == "code" else by, where)
+        if by == "code":
+            built.by = "code"
+    if fmt == "table" and output is None:
+        print_table(built)
+        return
+    text = render(built, "markdown" if fmt == "table" else fmt)
+    if output is None:
+        click.echo(text, nl=not text.endswith("\n"))
+        return
+    output.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {output} ({len(text.encode()):,} bytes)", err=True)
