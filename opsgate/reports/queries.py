@@ -21,9 +21,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
-    Connection,
     Float,
-    Select,
     and_,
     case,
     cast,
@@ -34,16 +32,16 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from opsgate.store.sql import SqlStore
-from opsgate.store.tables import actions, decisions, executions
+from opsgate.store.tables import actions, decisions, executions, segments
 
 # Every figure can be cut by these (the `--by` and `--where` keys).
 SEGMENTS: dict[str, Any] = {
-    "severity": actions.c.incident_severity,
-    "incident_class": actions.c.incident_class,
-    "tier": actions.c.incident_tier,
-    "environment": actions.c.environment,
-    "action": actions.c.action_type,
-    "proposer_kind": actions.c.proposer_kind,
+    "severity": segments.c.severity,
+    "incident_class": segments.c.incident_class,
+    "tier": segments.c.tier,
+    "environment": segments.c.environment,
+    "action": segments.c.action,
+    "proposer_kind": segments.c.proposer_kind,
 }
 CAUSES = (
     "stopped",
@@ -228,30 +226,45 @@ def rollup_blocks(cube: BlocksCube, keys: Sequence[str]) -> list[BlockRow]:
 
 
 class ReportQueries:
-    """Named aggregate queries; every method takes a window, a segment and filters."""
+    """Named aggregate queries; every method takes a window, a segment and filters.
+
+    Facts carry their action's `segment_id` (one id per distinct severity, class, tier,
+    environment, action and proposer kind), so the heavy queries group by one integer
+    read from a covering index; the small `segments` table gives the labels.
+    """
 
     def __init__(self, store: SqlStore) -> None:
         self.store = store
         self.dialect = store.dialect
+        self._labels: dict[int, Dims] = {}
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _segment(self, by: str | None) -> ColumnElement[Any]:
-        if by is None:
-            return literal(ALL).label("segment")
-        if by not in SEGMENTS:
-            raise ValueError(f"unknown segment {by!r}; one of {', '.join(SEGMENTS)}")
-        return SEGMENTS[by].label("segment")
+    def _rows(self, statement: Any) -> Sequence[Any]:
+        try:
+            with self.store.engine.connect() as conn:
+                return conn.execute(statement).all()
+        except SQLAlchemyError as exc:
+            raise self.store.store_error(exc) from None
+
+    def _dims(self, segment_id: int | None) -> Dims:
+        """The labels of a segment id (read once per report, a few hundred rows)."""
+        if segment_id not in self._labels:
+            rows = self._rows(select(segments.c.id, *SEGMENTS.values()))
+            self._labels = {row[0]: tuple(v or NONE_LABEL for v in row[1:]) for row in rows}
+        return self._labels.get(segment_id or -1, (NONE_LABEL,) * len(SEGMENTS))
 
     @staticmethod
-    def _filters(where: Mapping[str, str]) -> list[ColumnElement[bool]]:
-        clauses: list[ColumnElement[bool]] = []
+    def _filters(column: Any, where: Mapping[str, str]) -> list[ColumnElement[bool]]:
+        """`where` as `segment_id IN (matching segments)`."""
+        if not where:
+            return []
+        clauses = []
         for key, value in where.items():
             if key not in SEGMENTS:
                 raise ValueError(f"unknown filter {key!r}; one of {', '.join(SEGMENTS)}")
-            column = SEGMENTS[key]
-            clauses.append(column.is_(None) if value == NONE_LABEL else column == value)
-        return clauses
+            clauses.append(SEGMENTS[key] == ("" if value == NONE_LABEL else value))
+        return [column.in_(select(segments.c.id).where(*clauses))]
 
     def _seconds(self, later: Any, earlier: Any) -> Any:
         if self.dialect == "postgresql":
@@ -259,41 +272,27 @@ class ReportQueries:
         # SQLite keeps these as UTC text; julianday reads it to ~10 µs here.
         return (func.julianday(later) - func.julianday(earlier)) * 86400.0
 
-    def _rows(self, statement: Select[Any]) -> Sequence[Any]:
-        try:
-            with self.store.engine.connect() as conn:
-                return self._execute(conn, statement)
-        except SQLAlchemyError as exc:
-            raise self.store.store_error(exc) from None
-
-    @staticmethod
-    def _execute(conn: Connection, statement: Select[Any]) -> Sequence[Any]:
-        return conn.execute(statement).all()
-
     # --- verification -------------------------------------------------------------------
 
     def verification_cube(
         self, window: Window, where: Mapping[str, str] | None = None
-    ) -> list[tuple[tuple[str, ...], str | None, str | None, int]]:
-        """Runs started in the window, counted at the finest grain: (every segment
-        column, outcome, trigger) -> n. Any cut or rollup is then a sum in Python, so
-        one query serves the report, its `--by` and the search for what moved."""
+    ) -> list[tuple[Dims, str | None, str | None, int]]:
+        """Runs started in the window at the finest grain: (segment, outcome, trigger)
+        -> n. Any cut or rollup is a sum in Python, so one query serves the report, its
+        `--by` and the search for what moved."""
         e = executions
-        dims = list(SEGMENTS.values())
         statement = (
-            select(*dims, e.c.outcome, e.c.trigger_name, func.count())
-            .select_from(e.join(actions, actions.c.id == e.c.action_id))
+            select(e.c.segment_id, e.c.outcome, e.c.trigger_name, func.count())
             .where(
                 e.c.run_started_at >= window.since,
                 e.c.run_started_at < window.until,
-                *self._filters(where or {}),
+                *self._filters(e.c.segment_id, where or {}),
             )
-            .group_by(*dims, e.c.outcome, e.c.trigger_name)
+            .group_by(e.c.segment_id, e.c.outcome, e.c.trigger_name)
         )
-        k = len(dims)
         return [
-            (tuple(_label(v) for v in row[:k]), row[k], row[k + 1], int(row[k + 2]))
-            for row in self._rows(statement)
+            (self._dims(seg), outcome, trigger, int(n))
+            for seg, outcome, trigger, n in self._rows(statement)
         ]
 
     def verification(
@@ -316,15 +315,14 @@ class ReportQueries:
         statement = (
             select(
                 day,
-                func.count().label("finished"),
-                func.sum(case((e.c.outcome == "succeeded", 1), else_=0)).label("succeeded"),
+                func.count(),
+                func.sum(case((e.c.outcome == "succeeded", 1), else_=0)),
             )
-            .select_from(e.join(actions, actions.c.id == e.c.action_id))
             .where(
                 e.c.run_started_at >= window.since,
                 e.c.run_started_at < window.until,
                 e.c.outcome.is_not(None),
-                *self._filters(where or {}),
+                *self._filters(e.c.segment_id, where or {}),
             )
             .group_by(day)
             .order_by(day)
@@ -332,6 +330,12 @@ class ReportQueries:
         return [(str(d), int(f), int(s or 0)) for d, f, s in self._rows(statement)]
 
     # --- rollbacks ----------------------------------------------------------------------
+
+    def _by_column(self, by: str | None) -> Any:
+        if by is None:
+            return literal(ALL)
+        by_keys(by)
+        return SEGMENTS[by]
 
     def rollbacks(
         self,
@@ -342,27 +346,23 @@ class ReportQueries:
         keep_durations: bool = False,
     ) -> list[RollbackRow]:
         """Rollback time (decision -> rollback verified): p50, p90, max per segment."""
-        segment = self._segment(by)
         e = executions
+        segment = self._by_column(by).label("segment")
         duration = self._seconds(e.c.rollback_verified_at, e.c.rollback_decided_at)
+        joined = e.join(segments, segments.c.id == e.c.segment_id) if by else e
         base = [
             e.c.rollback_decided_at >= window.since,
             e.c.rollback_decided_at < window.until,
-            *self._filters(where or {}),
+            *self._filters(e.c.segment_id, where or {}),
         ]
-        joined = e.join(actions, actions.c.id == e.c.action_id)
         counts = (
-            select(
-                segment,
-                func.count().label("decided"),
-                func.count(e.c.rollback_verified_at).label("verified"),
-            )
+            select(segment, func.count(), func.count(e.c.rollback_verified_at))
             .select_from(joined)
             .where(*base)
             .group_by(segment)
         )
         rows = {
-            _label(seg): RollbackRow(_label(seg), int(d), int(v), int(d) - int(v))
+            _label(seg or None): RollbackRow(_label(seg or None), int(d), int(v), int(d) - int(v))
             for seg, d, v in self._rows(counts)
         }
         verified = [*base, e.c.rollback_verified_at.is_not(None)]
@@ -370,34 +370,31 @@ class ReportQueries:
             stats = (
                 select(
                     segment,
-                    func.percentile_cont(0.5).within_group(cast(duration, Float)).label("p50"),
-                    func.percentile_cont(0.9).within_group(cast(duration, Float)).label("p90"),
-                    func.max(duration).label("max"),
+                    func.percentile_cont(0.5).within_group(cast(duration, Float)),
+                    func.percentile_cont(0.9).within_group(cast(duration, Float)),
+                    func.max(duration),
                 )
                 .select_from(joined)
                 .where(*verified)
                 .group_by(segment)
             )
             for seg, p50, p90, top in self._rows(stats):
-                row = rows[_label(seg)]
+                row = rows[_label(seg or None)]
                 row.p50, row.p90, row.max = float(p50), float(p90), float(top)
         else:
             grouped: dict[str, list[float]] = defaultdict(list)
             ordered = (
-                select(segment, duration.label("seconds"))
+                select(segment, duration)
                 .select_from(joined)
                 .where(*verified)
                 .order_by(segment, duration)
             )
             for seg, seconds in self._rows(ordered):
-                grouped[_label(seg)].append(float(seconds))
+                grouped[_label(seg or None)].append(float(seconds))
             for name, values in grouped.items():
                 row = rows[name]
-                row.p50, row.p90, row.max = (
-                    percentile(values, 0.5),
-                    percentile(values, 0.9),
-                    values[-1],
-                )
+                row.p50, row.p90 = percentile(values, 0.5), percentile(values, 0.9)
+                row.max = values[-1]
                 if keep_durations:
                     row.durations = values
         return sorted(rows.values(), key=lambda r: (-r.decided, r.segment))
@@ -409,51 +406,42 @@ class ReportQueries:
     ) -> BlocksCube:
         """Decisions at `phase` in the window at the finest grain, with their deny codes."""
         d = decisions
-        dims = list(SEGMENTS.values())
-        k = len(dims)
-        joined = d.join(actions, actions.c.id == d.c.action_id)
         base = [
             d.c.phase == phase,
             d.c.decided_at >= window.since,
             d.c.decided_at < window.until,
-            *self._filters(where or {}),
+            *self._filters(d.c.segment_id, where or {}),
         ]
-        totals = (
-            select(*dims, func.count(), func.sum(case((d.c.allow.is_(False), 1), else_=0)))
-            .select_from(joined)
+        # One pass over the covering index gives totals and first codes together.
+        grain = (
+            select(d.c.segment_id, d.c.allow, d.c.first_code, func.count())
             .where(*base)
-            .group_by(*dims)
+            .group_by(d.c.segment_id, d.c.allow, d.c.first_code)
         )
         cube = BlocksCube(phase)
-        for row in self._rows(totals):
-            cube.totals.append(
-                (tuple(_label(v) for v in row[:k]), int(row[k]), int(row[k + 1] or 0))
-            )
-        denied = [*base, d.c.allow.is_(False)]
+        totals: dict[Dims, list[int]] = defaultdict(lambda: [0, 0])
+        first: dict[tuple[Dims, str], int] = defaultdict(int)
+        for seg, allow, code, n in self._rows(grain):
+            dims = self._dims(seg)
+            totals[dims][0] += int(n)
+            if not allow:
+                totals[dims][1] += int(n)
+                first[(dims, _label(code))] += int(n)
+        cube.totals = [(dims, t[0], t[1]) for dims, t in totals.items()]
+        cube.first_code = [(dims, code, n) for (dims, code), n in first.items()]
         if self.dialect == "postgresql":
-            code = func.jsonb_array_elements_text(d.c.deny_codes).table_valued("value")
-            first: Any = d.c.deny_codes.op("->>")(0)
+            code_of = func.jsonb_array_elements_text(d.c.deny_codes).table_valued("value")
         else:
-            code = func.json_each(d.c.deny_codes).table_valued("value")
-            first = func.json_extract(d.c.deny_codes, "$[0]")
+            code_of = func.json_each(d.c.deny_codes).table_valued("value")
         per_code = (
-            select(*dims, code.c.value, func.count(d.c.id.distinct()))
-            .select_from(joined.join(code, literal(True)))
-            .where(*denied)
-            .group_by(*dims, code.c.value)
+            select(d.c.segment_id, code_of.c.value, func.count(d.c.id.distinct()))
+            .select_from(d.join(code_of, literal(True)))
+            .where(*base, d.c.allow.is_(False))
+            .group_by(d.c.segment_id, code_of.c.value)
         )
-        for row in self._rows(per_code):
-            cube.with_code.append((tuple(_label(v) for v in row[:k]), str(row[k]), int(row[k + 1])))
-        first_code = (
-            select(*dims, first, func.count())
-            .select_from(joined)
-            .where(*denied)
-            .group_by(*dims, first)
-        )
-        for row in self._rows(first_code):
-            cube.first_code.append(
-                (tuple(_label(v) for v in row[:k]), _label(row[k]), int(row[k + 1]))
-            )
+        cube.with_code = [
+            (self._dims(seg), str(code), int(n)) for seg, code, n in self._rows(per_code)
+        ]
         return cube
 
     def blocks(
@@ -473,35 +461,35 @@ class ReportQueries:
         self, window: Window, by: str | None = None, where: Mapping[str, str] | None = None
     ) -> list[ApprovalRow]:
         """Time to approval p50/p90 and what became of actions that waited for approval."""
-        segment = self._segment(by)
         a = actions
+        segment = self._by_column(by).label("segment")
+        joined = a.join(segments, segments.c.id == a.c.segment_id) if by else a
         base = [
             a.c.created_at >= window.since,
             a.c.created_at < window.until,
             a.c.state != "blocked",
-            *self._filters(where or {}),
+            *self._filters(a.c.segment_id, where or {}),
         ]
+        unapproved = a.c.approved_at.is_(None)
         counts = (
             select(
                 segment,
-                func.count().label("waited"),
-                func.count(a.c.approved_at).label("approved"),
+                func.count(),
+                func.count(a.c.approved_at),
                 func.sum(case((a.c.state == "rejected", 1), else_=0)),
-                func.sum(
-                    case((and_(a.c.state == "expired", a.c.approved_at.is_(None)), 1), else_=0)
-                ),
-                func.sum(
-                    case((and_(a.c.state == "cancelled", a.c.approved_at.is_(None)), 1), else_=0)
-                ),
+                func.sum(case((and_(a.c.state == "expired", unapproved), 1), else_=0)),
+                func.sum(case((and_(a.c.state == "cancelled", unapproved), 1), else_=0)),
                 func.sum(case((a.c.state == "pending_approval", 1), else_=0)),
             )
+            .select_from(joined)
             .where(*base)
             .group_by(segment)
         )
         rows: dict[str, ApprovalRow] = {}
         for seg, waited, approved, rejected, expired, cancelled, pending in self._rows(counts):
-            rows[_label(seg)] = ApprovalRow(
-                _label(seg),
+            label = _label(seg or None)
+            rows[label] = ApprovalRow(
+                label,
                 int(waited),
                 int(approved),
                 int(rejected or 0),
@@ -518,16 +506,23 @@ class ReportQueries:
                     func.percentile_cont(0.5).within_group(cast(wait, Float)),
                     func.percentile_cont(0.9).within_group(cast(wait, Float)),
                 )
+                .select_from(joined)
                 .where(*approved_only)
                 .group_by(segment)
             )
             for seg, p50, p90 in self._rows(stats):
-                rows[_label(seg)].p50, rows[_label(seg)].p90 = float(p50), float(p90)
+                row = rows[_label(seg or None)]
+                row.p50, row.p90 = float(p50), float(p90)
         else:
             grouped: dict[str, list[float]] = defaultdict(list)
-            ordered = select(segment, wait).where(*approved_only).order_by(segment, wait)
+            ordered = (
+                select(segment, wait)
+                .select_from(joined)
+                .where(*approved_only)
+                .order_by(segment, wait)
+            )
             for seg, seconds in self._rows(ordered):
-                grouped[_label(seg)].append(float(seconds))
+                grouped[_label(seg or None)].append(float(seconds))
             for name, values in grouped.items():
                 rows[name].p50, rows[name].p90 = percentile(values, 0.5), percentile(values, 0.9)
         return sorted(rows.values(), key=lambda r: (-r.waited, r.segment))

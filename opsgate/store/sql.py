@@ -62,6 +62,7 @@ from opsgate.store.tables import (
     executions,
     measurements,
     metadata,
+    segments,
     workers,
 )
 
@@ -75,7 +76,9 @@ _AUDIT_PAGE = 500
 _ACTIVE = sorted(s.value for s in ACTIVE_STATES)
 _EXPIRABLE = [ActionState.PENDING_APPROVAL.value, ActionState.APPROVED.value]
 # Tables that `row_counts` reports; audit_head is bookkeeping, not data.
-_COUNTED = [t for t in metadata.sorted_tables if t.name != "audit_head"]
+SEGMENT_COLUMNS = ("severity", "incident_class", "tier", "environment", "action", "proposer_kind")
+# audit_head and segments (a dimension table for reports) are bookkeeping, not data.
+_COUNTED = [t for t in metadata.sorted_tables if t.name not in {"audit_head", "segments"}]
 
 
 def normalize_url(url: str) -> URL:
@@ -442,6 +445,8 @@ class SqlTx:
         self._insert_action = _INSERT_ACTION[store.dialect]
         self._upsert_worker = _UPSERT_WORKER[store.dialect]
         self.failed = False  # a driver error happened: the transaction must not commit
+        self._segments: dict[str, int | None] = {}  # action id -> segment id, this tx
+        self._insert_segment = _INSERT_SEGMENT[store.dialect]
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -462,7 +467,11 @@ class SqlTx:
         """Insert a new action; DuplicateIdempotencyKey if its key is taken."""
         # ON CONFLICT on the key alone: no aborted PostgreSQL transaction, no extra round trip,
         # and a concurrent insert of the same key waits for the other transaction to finish.
-        inserted = self._conn.execute(self._insert_action, action_to_row(action)).first()
+        row = action_to_row(action)
+        row["segment_id"] = self._segment_id(segment_key(action))
+        inserted = self._conn.execute(self._insert_action, row).first()
+        if inserted is not None:
+            self._segments[action.id] = row["segment_id"]
         if inserted is None:
             raise DuplicateIdempotencyKey(
                 f"idempotency key {action.idempotency_key!r} is already used by another action"
@@ -487,7 +496,22 @@ class SqlTx:
 
     @_translate_errors
     def insert_decision(self, decision: Decision) -> None:
-        self._conn.execute(_INSERT_DECISION, decision_to_row(decision))
+        row = decision_to_row(decision)
+        row["segment_id"] = self._segment_of(decision.action_id)
+        self._conn.execute(_INSERT_DECISION, row)
+
+    def _segment_id(self, key: dict[str, str]) -> int:
+        """The id of a report segment, created on first use (races resolve by the key)."""
+        self._conn.execute(self._insert_segment, key)
+        return int(self._conn.execute(_SEGMENT_ID, key).scalar_one())
+
+    def _segment_of(self, action_id: str | None) -> int | None:
+        if action_id is None:
+            return None
+        if action_id not in self._segments:
+            found = self._conn.execute(_ACTION_SEGMENT, {"action_id": action_id}).first()
+            self._segments[action_id] = found[0] if found else None
+        return self._segments[action_id]
 
     @_translate_errors
     def insert_approval(self, approval: Approval) -> None:
@@ -551,7 +575,9 @@ class SqlTx:
         ):
             raise TargetBusy(_busy_message(execution))
         try:
-            self._conn.execute(_INSERT_EXECUTION, execution_to_row(execution))
+            row = execution_to_row(execution)
+            row["segment_id"] = self._segment_of(execution.action_id)
+            self._conn.execute(_INSERT_EXECUTION, row)
         except IntegrityError as exc:
             if not _violates_running_index(exc):
                 raise
@@ -663,6 +689,14 @@ _INSERT_ACTION = {
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }
 _INSERT_DECISION = insert(decisions)
+_INSERT_SEGMENT = {
+    name: dialect.insert(segments).on_conflict_do_nothing()
+    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
+}
+_SEGMENT_ID = select(segments.c.id).where(
+    *(segments.c[name] == bindparam(name) for name in SEGMENT_COLUMNS)
+)
+_ACTION_SEGMENT = select(actions.c.segment_id).where(actions.c.id == bindparam("action_id"))
 _INSERT_APPROVAL = insert(approvals)
 _INSERT_AUDIT_EVENT = insert(audit_events)
 _HEAD_FOR_UPDATE = (
@@ -812,6 +846,18 @@ def mutable_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def segment_key(action: Action) -> dict[str, str]:
+    """An action's report segment; '' where the incident did not say."""
+    return {
+        "severity": action.incident.severity or "",
+        "incident_class": action.incident.class_ or "",
+        "tier": action.incident.tier or "",
+        "environment": action.environment,
+        "action": action.action_type,
+        "proposer_kind": action.proposer.kind,
+    }
+
+
 def action_to_row(action: Action) -> dict[str, Any]:
     return {
         "id": action.id,
@@ -890,12 +936,14 @@ def decision_to_row(decision: Decision) -> dict[str, Any]:
         "error": decision.error,
         "decided_at": decision.decided_at,
         "duration_ms": decision.duration_ms,
+        "first_code": decision.deny[0].code if decision.deny else None,
     }
 
 
 def decision_from_row(row: Mapping[Any, Any]) -> Decision:
     fields = dict(row)
-    fields.pop("deny_codes", None)
+    for derived in ("deny_codes", "segment_id", "first_code"):
+        fields.pop(derived, None)
     return Decision.model_validate(fields)
 
 
@@ -967,7 +1015,9 @@ def execution_to_row(execution: Execution) -> dict[str, Any]:
 
 
 def execution_from_row(row: Mapping[Any, Any]) -> Execution:
-    return Execution.model_validate(dict(row))
+    fields = dict(row)
+    fields.pop("segment_id", None)
+    return Execution.model_validate(fields)
 
 
 def measurement_to_row(measurement: Measurement) -> dict[str, Any]:
