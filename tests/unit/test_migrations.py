@@ -91,3 +91,47 @@ def test_a_database_newer_than_the_code_is_a_store_error(fresh: SqlStore) -> Non
         conn.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": "9999"})
     with pytest.raises(StoreError, match="older than the database"):
         fresh.migrate()
+
+
+def test_segments_are_backfilled_for_rows_written_before_0004(fresh: SqlStore) -> None:
+    """An upgrade of a database with history gives every old fact its report segment."""
+    with fresh.engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0003")
+        now = "2026-11-01 10:00:00"
+        conn.execute(
+            text(
+                "INSERT INTO actions (id, action_type, target, environment, params, reason, "
+                "incident_severity, incident_class, incident_tier, verification, risk, "
+                "reversible, spec_hash, proposer_id, proposer_kind, state, required_approvals, "
+                "approver_roles, created_at, updated_at) VALUES ('a1', 'scale_deployment', "
+                "'checkout', 'prod', '{}', 'r', 'sev2', NULL, 'critical', '{}', 'medium', "
+                "true, 'h', 'alice', 'agent', 'blocked', 1, '[]', :now, :now)"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO decisions (id, action_id, phase, allow, deny, deny_codes, "
+                "required_approvals, approver_roles, engine, bundle_revision, input, result, "
+                "decided_at, duration_ms) VALUES ('d1', 'a1', 'propose', false, '[]', "
+                """'["not_allowlisted", "change_freeze"]', 1, '[]', 'embedded', 'r', '{}', """
+                "NULL, :now, 1.0)"
+            ),
+            {"now": now},
+        )
+    fresh.migrate()
+    with fresh.engine.connect() as conn:
+        segment = conn.execute(
+            text(
+                "SELECT severity, incident_class, tier, environment, action, proposer_kind "
+                "FROM segments"
+            )
+        ).all()
+        assert segment == [("sev2", "", "critical", "prod", "scale_deployment", "agent")]
+        row = conn.execute(
+            text(
+                "SELECT d.first_code, d.segment_id = a.segment_id, a.segment_id IS NOT NULL "
+                "FROM decisions d JOIN actions a ON a.id = d.action_id"
+            )
+        ).one()
+    assert row[0] == "not_allowlisted" and bool(row[1]) and bool(row[2])
