@@ -57,6 +57,8 @@ ACTION = "toggle_feature_flag"  # a name the default bundle allowlists in stagin
 TARGET_MS = 3000.0
 INTERVAL = 1.0  # verification interval, seconds; Prometheus scrapes every 1 s too
 FAULT_RATIO = 0.6
+HEAL = [sys.executable, "-m", "tests.integration.fault_service", "set"]
+HEAL += ["--url", "{fault_url}", "--service", "{target}"]
 
 
 @dataclass
@@ -103,13 +105,7 @@ def action_type(window: str, fn: str, halt_min: float, hold: float) -> dict[str,
         # `run` changes nothing: the bench injects the fault itself, at a stamped instant.
         "run": {"argv": ["true"], "timeout": "10s"},
         # `undo` is a real process that heals the service, as a runner step would.
-        "undo": {
-            "argv": [
-                sys.executable, "-m", "tests.integration.fault_service", "set",
-                "--url", "{fault_url}", "--service", "{target}", "--ratio", "0",
-            ],  # fmt: skip
-            "timeout": "20s",
-        },
+        "undo": {"argv": [*HEAL, "--ratio", "0"], "timeout": "20s"},
         "verification": {
             "interval": f"{INTERVAL:g}s",
             # hold must outlast the random injection delay (< 1 interval) plus the time
@@ -119,9 +115,7 @@ def action_type(window: str, fn: str, halt_min: float, hold: float) -> dict[str,
             "hold": f"{hold:g}s",
             "timeout": "30s",
             "signals": [{"name": "error_rate", "query": query, "pass": {"max": 0.05}}],
-            "stop_conditions": [
-                {"name": "error_spike", "query": query, "halt": {"min": halt_min}}
-            ],
+            "stop_conditions": [{"name": "error_spike", "query": query, "halt": {"min": halt_min}}],
             # Failed signal measurements are tolerated here so that what ends the
             # verification is the stop condition this bench measures, not the count.
             "failure_limit": 20,
@@ -186,9 +180,10 @@ def one_run(
     if execution.trigger_name is not None:
         value = "" if execution.trigger_value is None else f"={execution.trigger_value:.3f}"
         trigger = f"{execution.trigger_name}{value}"
+    final = timeline.final_state.value if timeline.final_state else "-"
     return RunResult(
         service=service,
-        outcome=f"{execution.outcome or '-'}/{timeline.final_state.value if timeline.final_state else '-'}",
+        outcome=f"{execution.outcome or '-'}/{final}",
         fault_to_undo=None if undo_at is None else undo_at - fault_mono,
         fault_to_verified=_seconds_since(execution.rollback_verified_at, fault_wall),
         fault_to_fired=_seconds_since(fired.at, fault_wall) if fired else None,
@@ -275,7 +270,8 @@ def main() -> int:
             print()
             header = (
                 f"{'run':>3}  {'fault->fired':>12}  {'fired->undo':>11}  {'fault->undo':>11}  "
-                f"{'fault->verified':>15}  {'outcome':<20}  {'trigger':<18}  stop values after fault"
+                f"{'fault->verified':>15}  {'outcome':<20}  {'trigger':<18}  "
+                "stop values after fault"
             )
             print(header)
             print("-" * len(header))

@@ -8,6 +8,7 @@ error rate cost one query per interval, not 1,000.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -76,7 +77,8 @@ class Watch:
 
 @dataclass(frozen=True)
 class TickReport:
-    """What one tick measured, handed to the sink to be stored in one transaction."""
+    """What one tick measured, handed to the sink to be stored in one transaction;
+    `duration` (filled in after the sink) covers querying, evaluating and storing."""
 
     at: datetime
     watches: list[Watch]
@@ -198,12 +200,14 @@ class VerificationHub:
                 watch.spec, watch.state, now, results, watch.rendered
             )
             watch.last_results = {q: results[q] for q in watch.queries if q in results}
+            # From the tick's start, not from now: watches that were due together stay
+            # together even if this loop crosses a grid point.
             interval = watch.spec.interval
-            after = self._monotonic()
-            watch.next_due = (math.floor(after / interval) + 1) * interval
-        report = TickReport(now, list(due), len(queries), self._monotonic() - started)
+            watch.next_due = (math.floor(started / interval) + 1) * interval
+        report = TickReport(now, list(due), len(queries), 0.0)
         if self.sink is not None:
             self.sink(report)
+        report = dataclasses.replace(report, duration=self._monotonic() - started)
         finished = [w for w in due if w.state.done or w.abort_reason is not None]
         with self._cond:
             for watch in finished:
