@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -213,6 +213,23 @@ class MemoryTx:
     def lock_execution(self, action_id: str) -> Execution | None:
         found = self._t.executions.get(action_id)
         return found.model_copy(deep=True) if found is not None else None
+
+    def save_verification_states(
+        self, field: str, states: Mapping[str, dict[str, Any]]
+    ) -> dict[str, tuple[str, str | None]]:
+        """Store many verification states at once; who holds each lease, who asked for
+        a rollback."""
+        if field not in {"verify_state", "rollback_verify_state"}:
+            raise ValueError(f"{field} is not a verification state field")
+        owners: dict[str, tuple[str, str | None]] = {}
+        for action_id, state in states.items():
+            current = self._t.executions.get(action_id)
+            if current is None:
+                continue
+            updated = current.model_copy(update={field: dict(state)})
+            self._t.executions[action_id] = updated
+            owners[action_id] = (updated.worker_id, updated.rollback_requested_by)
+        return owners
 
     def update_execution(self, action_id: str, **fields: Any) -> Execution:
         """Change MUTABLE_EXECUTION_FIELDS of an execution and return the new row."""

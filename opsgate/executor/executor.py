@@ -870,27 +870,36 @@ class Executor:
             for watch in report.watches
             for record in watch.last_records
         ]
+        by_field: dict[str, dict[str, dict[str, Any]]] = {}
+        for watch in report.watches:
+            state_field = _STATE_FIELD.get(watch.phase)
+            if state_field is not None:
+                by_field.setdefault(state_field, {})[watch.action_id] = watch.state.model_dump(
+                    mode="json"
+                )
+        run_phase = [w.action_id for w in report.watches if w.phase == "run"]
         with self.store.transaction() as tx:
             tx.insert_measurements(measurements)
-            for watch in report.watches:
-                state_field = _STATE_FIELD.get(watch.phase)
-                if state_field is not None:
-                    execution = tx.update_execution(
-                        watch.action_id, **{state_field: watch.state.model_dump(mode="json")}
-                    )
-                else:
-                    found = tx.lock_execution(watch.action_id)
-                    if found is None:
-                        continue
-                    execution = found
-                if execution.worker_id != self.worker_id:
-                    watch.abort_reason = f"lease taken over by {execution.worker_id}"
-                elif (
-                    execution.rollback_requested_by is not None
-                    and watch.phase in ("run", "verify")
-                    and not watch.state.done
-                ):
-                    watch.abort_reason = "manual"
+            owners: dict[str, tuple[str, str | None]] = {}
+            for state_field, states in by_field.items():
+                owners.update(tx.save_verification_states(state_field, states))
+            if run_phase:  # few at a time: the actions whose run step is under way
+                for action_id in run_phase:
+                    found = tx.lock_execution(action_id)
+                    if found is not None:
+                        owners[action_id] = (found.worker_id, found.rollback_requested_by)
+        for watch in report.watches:
+            if watch.action_id not in owners:
+                continue
+            owner, requested_by = owners[watch.action_id]
+            if owner != self.worker_id:
+                watch.abort_reason = f"lease taken over by {owner}"
+            elif (
+                requested_by is not None
+                and watch.phase in ("run", "verify")
+                and not watch.state.done
+            ):
+                watch.abort_reason = "manual"
         phases = {watch.phase for watch in report.watches}
         if "verify" in phases:
             failpoint("verify_tick")

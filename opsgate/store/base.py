@@ -6,7 +6,7 @@ explicitly (`with store.transaction() as tx: ...`), so nothing is half-recorded.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol
@@ -87,6 +87,13 @@ class StoreTx(Protocol):
         """Change MUTABLE_EXECUTION_FIELDS of a locked execution and return the new row."""
 
     def insert_measurements(self, measurements: Sequence[Measurement]) -> None: ...
+
+    def save_verification_states(
+        self, field: str, states: Mapping[str, dict[str, Any]]
+    ) -> dict[str, tuple[str, str | None]]:
+        """One verification interval for many actions at once: store each action's state
+        in `field` (verify_state or rollback_verify_state) and return, per action, who
+        holds its lease and who asked for a rollback (a worker must let go or roll back)."""
 
 
 class Store(Protocol):

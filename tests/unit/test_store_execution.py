@@ -560,3 +560,20 @@ def test_stored_executions_do_not_alias_caller_objects(store: Store) -> None:
 def test_measurement_model_accepts_the_run_phase() -> None:
     measurement = make_measurement("a", phase="run")
     assert isinstance(measurement, Measurement) and measurement.phase == "run"
+
+
+def test_save_verification_states_stores_many_and_reports_owners(store: Store) -> None:
+    first = _execute(store, worker_id="w1", target="a")
+    second = _execute(store, worker_id="w2", target="b", rollback_requested_by="carol")
+    states = {
+        first.action_id: {"started_at": "2026-11-23T10:00:00+00:00", "intervals": 3},
+        second.action_id: {"started_at": "2026-11-23T10:00:01+00:00", "intervals": 1},
+    }
+    with store.transaction() as tx:
+        owners = tx.save_verification_states("rollback_verify_state", states)
+        with pytest.raises(ValueError, match="not a verification state field"):
+            tx.save_verification_states("reason", {})
+    assert owners == {first.action_id: ("w1", None), second.action_id: ("w2", "carol")}
+    saved = store.get_execution(first.action_id)
+    assert saved is not None and saved.rollback_verify_state == states[first.action_id]
+    assert saved.verify_state is None
