@@ -446,6 +446,9 @@ class Executor:
                 reason=_one_line(f"rollback requested before run started: {execution.reason}"),
             )
             return
+        if self._draining:  # nothing has run yet: the next worker starts it cleanly
+            self._hand_over(held, f"worker {self.worker_id} is shutting down")
+            return
         now = self.clock()
         # Stored before the step starts: from here on, `run` may have changed something.
         self._update(action.id, "execution.run_started", run_started_at=now)
