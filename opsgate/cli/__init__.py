@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from opsgate import __version__
-from opsgate.cli import actions, admin, execution, policy, report
+from opsgate.cli import actions, admin, execution, metrics, policy, report
 from opsgate.cli.context import CliConfig
 from opsgate.config import Settings
 from opsgate.errors import OpsgateError
@@ -60,6 +60,7 @@ cli.add_command(execution.rollback)
 cli.add_command(execution.workers)
 cli.add_command(policy.policy)
 cli.add_command(report.report)
+cli.add_command(metrics.metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

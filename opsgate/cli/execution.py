@@ -21,6 +21,7 @@ from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.models import ActionState, Execution
+from opsgate.reports.exporter import serve_in_background
 from opsgate.verification.hub import VerificationHub
 
 S = ActionState
@@ -153,14 +154,25 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
     "--poll", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
     help="Seconds between looks for newly approved actions.",
 )  # fmt: skip
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus metrics (read from the store) on 127.0.0.1:PORT meanwhile.",
+)
 @pass_config
 def worker(
-    config: CliConfig, once: bool, concurrency: int | None, max_in_flight: int, poll: float
+    config: CliConfig,
+    once: bool,
+    concurrency: int | None,
+    max_in_flight: int,
+    poll: float,
+    metrics_port: int | None,
 ) -> None:
     """Claim approved actions and run, verify and roll them back; Ctrl-C finishes cleanly."""
     view = PlainView(prefix_ids=True)
     executor = build_executor(config, view, concurrency=concurrency)
     claimed = 0
+    stop_metrics = serve_in_background(config.store, metrics_port, lease=config.settings.lease)
     try:
         with sigterm_as_interrupt():
             executor.start()
@@ -192,6 +204,7 @@ def worker(
                 )
                 wait_finishing(executor, "held actions", interrupted=True)
     finally:
+        stop_metrics()
         executor.close()
     click.echo(f"worker {executor.worker_id} stopped after {claimed} claims", err=True)
 
