@@ -101,7 +101,7 @@ def finish(config: CliConfig, action_id: str, as_json: bool) -> None:
     state, line = outcome_line(config, action_id)
     if as_json:
         echo_json(details_json(config.gate.details(action_id), config.catalog))
-    elif state is S.SUCCEEDED or state is S.ROLLED_BACK:
+    elif state is S.SUCCEEDED:
         click.echo(line)
     if state is S.BLOCKED_AT_EXECUTION:
         decisions = [d for d in config.store.decisions_for(action_id) if d.phase == "execute"]

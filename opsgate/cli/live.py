@@ -95,7 +95,7 @@ class LiveView:
             self.watch = event.watch
         if event.state is not None:
             self.state = event.state.value
-        if event.kind != "measured" and event.message:
+        if event.kind not in ("measured", "finished") and event.message:
             self.messages = [*self.messages, f"{_clock()} {event.message}"][-6:]
         self._live.update(self._render())
 
@@ -122,13 +122,13 @@ class LiveView:
             if watch.phase != "run":
                 left = remaining_hold(watch.spec, watch.state, datetime.now(UTC))
                 elapsed = (datetime.now(UTC) - watch.state.started_at).total_seconds()
-                parts.append(
-                    Text(
-                        f"{watch.phase}: hold {left:.0f}s to go of {watch.spec.hold:g}s · "
-                        f"{elapsed:.0f}s of timeout {watch.spec.timeout:g}s · "
-                        f"failures {watch.state.failures}/{watch.spec.failure_limit}"
-                    )
+                line = (
+                    f"{watch.phase}: hold {left:.0f}s to go of {watch.spec.hold:g}s · "
+                    f"{elapsed:.0f}s of timeout {watch.spec.timeout:g}s"
                 )
+                if watch.phase == "verify":  # a rollback's verification counts no failures
+                    line += f" · failures {watch.state.failures}/{watch.spec.failure_limit}"
+                parts.append(Text(line))
         parts.extend(Text(m) for m in self.messages)
         return Group(*parts)
 
