@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -967,13 +968,13 @@ def decision_to_row(decision: Decision) -> dict[str, Any]:
         "error": decision.error,
         "decided_at": decision.decided_at,
         "duration_ms": decision.duration_ms,
-        "first_code": decision.deny[0].code if decision.deny else None,
+        "deny_key": json.dumps(decision.deny_codes) if decision.deny else None,
     }
 
 
 def decision_from_row(row: Mapping[Any, Any]) -> Decision:
     fields = dict(row)
-    for derived in ("deny_codes", "segment_id", "first_code"):
+    for derived in ("deny_codes", "segment_id", "deny_key"):
         fields.pop(derived, None)
     return Decision.model_validate(fields)
 

@@ -125,10 +125,12 @@ decisions = Table(
     Column("decided_at", UTCDateTime, nullable=False),
     Column("duration_ms", Float, nullable=False),
     Column("segment_id", Integer, nullable=True),  # the action's, copied for reports
-    Column("first_code", String, nullable=True),  # deny_codes[0], for reports
+    # deny_codes as JSON text (NULL when allowed): the few distinct code lists are
+    # grouped on from the covering index, so reports never parse JSON per row.
+    Column("deny_key", String, nullable=True),
     Index("ix_decisions_action_id_decided_at", "action_id", "decided_at"),
     Index("ix_decisions_decided_at", "decided_at"),
-    Index("ix_decisions_report", "phase", "decided_at", "segment_id", "allow", "first_code"),
+    Index("ix_decisions_report", "phase", "decided_at", "segment_id", "allow", "deny_key"),
 )
 
 approvals = Table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,8 +131,8 @@ def test_segments_are_backfilled_for_rows_written_before_0004(fresh: SqlStore) -
         assert segment == [("sev2", "", "critical", "prod", "scale_deployment", "agent")]
         row = conn.execute(
             text(
-                "SELECT d.first_code, d.segment_id = a.segment_id, a.segment_id IS NOT NULL "
+                "SELECT d.deny_key, d.segment_id = a.segment_id, a.segment_id IS NOT NULL "
                 "FROM decisions d JOIN actions a ON a.id = d.action_id"
             )
         ).one()
-    assert row[0] == "not_allowlisted" and bool(row[1]) and bool(row[2])
+    assert json.loads(row[0]) == ["not_allowlisted", "change_freeze"] and bool(row[1]) and bool(row[2])

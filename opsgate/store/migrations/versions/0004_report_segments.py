@@ -34,7 +34,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("segment_id", sa.Integer(), nullable=True))
     with op.batch_alter_table("decisions") as batch:
         batch.add_column(sa.Column("segment_id", sa.Integer(), nullable=True))
-        batch.add_column(sa.Column("first_code", sa.String(), nullable=True))
+        batch.add_column(sa.Column("deny_key", sa.String(), nullable=True))
     with op.batch_alter_table("executions") as batch:
         batch.add_column(sa.Column("segment_id", sa.Integer(), nullable=True))
     _backfill()
@@ -47,7 +47,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_decisions_report",
         "decisions",
-        ["phase", "decided_at", "segment_id", "allow", "first_code"],
+        ["phase", "decided_at", "segment_id", "allow", "deny_key"],
     )
     op.create_index(
         "ix_executions_report",
@@ -78,10 +78,11 @@ def _backfill() -> None:
         "s.environment = actions.environment AND s.action = actions.action_type AND "
         "s.proposer_kind = actions.proposer_kind)"
     )
-    first = "deny_codes ->> 0" if postgresql else "json_extract(deny_codes, '$[0]')"
+    codes = "deny_codes::text" if postgresql else "deny_codes"
     op.execute(
         "UPDATE decisions SET segment_id = (SELECT a.segment_id FROM actions a "
-        f"WHERE a.id = decisions.action_id), first_code = {first}"
+        f"WHERE a.id = decisions.action_id), deny_key = CASE WHEN allow THEN NULL "
+        f"ELSE {codes} END"
     )
     op.execute(
         "UPDATE executions SET segment_id = (SELECT a.segment_id FROM actions a "
@@ -100,7 +101,7 @@ def downgrade() -> None:
     with op.batch_alter_table("executions") as batch:
         batch.drop_column("segment_id")
     with op.batch_alter_table("decisions") as batch:
-        batch.drop_column("first_code")
+        batch.drop_column("deny_key")
         batch.drop_column("segment_id")
     with op.batch_alter_table("actions") as batch:
         batch.drop_column("segment_id")
