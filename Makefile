@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test unit integration lint typecheck system-deps postgres venv bench demo clean
+.PHONY: test unit integration lint typecheck system-deps postgres venv bench demo clean demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,8 +40,18 @@ test: venv system-deps postgres
 	$(BIN)/opsgate policy test --policies policies
 	$(BIN)/pytest -q
 
-bench: venv postgres
+bench: venv system-deps postgres
 	$(BIN)/python bench/propose.py
+	$(BIN)/python bench/reaction.py
+	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/workers.py
+	$(BIN)/python bench/report.py
+
+# The whole loop on this machine in about a minute; `make demo DEMO_ARGS=--keep` leaves the
+# demo service and Prometheus running. Needs only a Prometheus binary (scripts/demo-deps.sh).
+demo: venv
+	@bash scripts/demo-deps.sh
+	$(BIN)/opsgate demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,7 +197,7 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
             },
             # A flag flip is instant, so errors climb at once: the stop condition must
             # win over failure_limit, which therefore leaves room for a few failures.
-            "verification": verification([error_rate], halt_min=0.2, failure_limit=5),
+            "verification": verification([error_rate], halt_min=0.2, failure_limit=8),
         },
         "scale_deployment": {
             "name": "scale_deployment",
@@ -353,10 +354,8 @@ class Scenario:
 
     def base_env(self) -> dict[str, str]:
         """The parent's environment minus any OPSGATE_* setting that would leak in."""
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_") or k in {
-                "OPSGATE_DEBUG", "OPSGATE_PROMETHEUS_BIN"}
-        }  # fmt: skip
+        wanted = {"OPSGATE_DEBUG", "OPSGATE_PROMETHEUS_BIN"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_") or k in wanted}
         # The children must run this very opsgate, whatever the working directory.
         root = str(Path(opsgate.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -441,10 +440,7 @@ class Scenario:
             time.sleep(0.05)
         self.service_url = f"http://{LOOPBACK}:{int(port_file.read_text())}"
 
-    def start_prometheus(self) -> None:
-        binary = self.prometheus_binary or find_prometheus()
-        if binary is None:
-            raise DemoSetupError(INSTALL_HINT)
+    def start_prometheus(self, binary: str) -> None:
         target = self.service_url.removeprefix("http://")
         self.prometheus = Prometheus(binary, [target], self.workdir)
         try:
@@ -505,10 +501,13 @@ class Scenario:
 
     def setup(self) -> None:
         self.scene(1, f"A {SERVICE} service and a Prometheus scraping it every second")
+        binary = self.prometheus_binary or find_prometheus()
+        if binary is None:  # before anything starts, so there is nothing to clean up
+            raise DemoSetupError(INSTALL_HINT)
         self.start_service()
         assert self.service is not None
         self.say(f"  {SERVICE} service   {self.service_url}  (pid {self.service.pid})")
-        self.start_prometheus()
+        self.start_prometheus(binary)
         assert self.prometheus is not None
         self.say(f"  prometheus         {self.prometheus.url}  (pid {self.prometheus.pid})")
         write_catalog(self.catalog_dir, self.profile)
@@ -605,6 +604,7 @@ class Scenario:
         self.say(f"HTML report: {self.report_path}", bold=True)
         self.say(f"  open it:   {self.report_path.as_uri()}")
         self.say(f"  in detail: opsgate show {rollback_id}   /   opsgate show {flag_id}")
+        self.say(f"  database, catalog and logs stay in {self.workdir} (delete it when done)")
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -651,6 +651,9 @@ class Scenario:
         exports = " \\\n       ".join(f"{k}={shlex.quote(v)}" for k, v in self.exports().items())
         self.say()
         self.say("The service and Prometheus keep running (--keep). To go on by hand:", bold=True)
+        scripts = Path(sys.executable).parent
+        if (scripts / "opsgate").is_file() and shutil.which("opsgate") != str(scripts / "opsgate"):
+            self.say(f"  . {shlex.quote(str(scripts / 'activate'))}   # puts opsgate on PATH")
         self.say(f"  export {exports}")
         self.say("  export OPSGATE_USER=alice            # bob approves: OPSGATE_USER=bob ...")
         body = json.dumps({"version": "v2.6.0", "bad": True})

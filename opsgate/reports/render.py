@@ -127,6 +127,8 @@ def _charts(report: Report) -> list[tuple[str, go.Figure]]:
         )
         figure.update_layout(title="Verification pass rate by day (%)", **layout)
         figure.update_yaxes(range=[0, 100])
+        # Days as categories: one day of data must not become a zoomed-in time axis.
+        figure.update_xaxes(type="category")
         charts.append(("pass_rate", figure))
     durations = report.charts.get("rollback_durations")
     if durations is not None:
@@ -178,8 +180,10 @@ def to_html(report: Report) -> str:
         parts.append(f"<h2>{html.escape(table.title)}</h2><table><tr>")
         parts += [f"<th>{html.escape(str(c))}</th>" for c in table.columns]
         parts.append("</tr>")
-        for row in table.rows:
-            parts.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>")
+        for row in table.formatted():
+            parts.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>")
+        if not table.rows:
+            parts.append(f"<tr><td colspan='{len(table.columns)}'>none</td></tr>")
         parts.append("</table>")
         if table.note:
             parts.append(f"<p class='note'>{html.escape(table.note)}</p>")

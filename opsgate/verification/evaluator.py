@@ -22,7 +22,8 @@ asks a `SignalProvider` for the results once per interval, and folds them into a
   time of the first interval of the current run of intervals in which every signal
   passed; any interval in which one signal is not `pass` resets it to None. Stop
   conditions do not affect `hold`.
-- Success: every signal passed in this interval and `now - passing_since >= hold`. As
+- Success: every signal passed in this interval and `now - passing_since >= hold` (less
+  a timer slack of 2% of an interval, at most 50 ms: grid ticks arrive a few ms early). As
   `passing_since` is only set by an interval where every signal passed, success
   always rests on at least one passing measurement of every signal ("no evidence, no
   pass"): with `hold: 0` it takes one interval where every signal passed; a silent
@@ -303,7 +304,7 @@ def step(
     elif (
         all_pass
         and passing_since is not None
-        and (now - passing_since).total_seconds() >= spec.hold
+        and (now - passing_since).total_seconds() + _jitter(spec) >= spec.hold
     ):
         final = end(
             "succeeded",
@@ -320,6 +321,12 @@ def step(
     else:
         final = state.model_copy(update=update)
     return final, records
+
+
+def _jitter(spec: VerificationSpec) -> float:
+    """Timer slack: intervals measured on a grid arrive a few ms early or late, and a
+    hold of exactly N intervals must not need an extra one for a millisecond."""
+    return min(0.02 * spec.interval, 0.05)
 
 
 def remaining_hold(spec: VerificationSpec, state: VerificationState, now: datetime) -> float:

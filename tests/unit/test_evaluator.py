@@ -466,3 +466,13 @@ def test_state_round_trips_through_json() -> None:
     state, _ = run(s, [(0, GOOD), (10, with_(lat=err()))])
     restored = VerificationState.model_validate_json(state.model_dump_json())
     assert restored == state
+
+
+def test_a_tick_a_few_ms_early_still_completes_the_hold_but_a_real_gap_does_not() -> None:
+    s = spec(interval=1, hold=10, timeout=60)
+    early = [(t, GOOD) for t in range(10)] + [(9.995, GOOD)]
+    state, _ = run(s, early)
+    assert state.outcome == "succeeded"  # 5 ms short of 10 s: timer slack, not a gap
+    short = [(t, GOOD) for t in range(10)] + [(9.9, GOOD)]
+    state, _ = run(s, short)
+    assert state.outcome is None  # 100 ms short: hold not reached
