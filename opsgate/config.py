@@ -26,7 +26,13 @@ class Settings:
     user: str | None = None  # only read when identity == "env"
     user_kind: str = "human"  # only read when identity == "env"
     approval_ttl: float = 3600.0
-    policy_engine: str = "embedded"
+    policy_engine: str = "embedded"  # embedded | opa
+    opa_url: str | None = None
+    opa_mode: str = "push"  # push: opsgate uploads the bundle; external: OPA has its own
+    opa_token: str | None = None
+    opa_ca_file: str | None = None
+    opa_timeout: float = 2.0
+    shadow_policies: Path | None = None  # a second bundle, evaluated but never enforced
     prometheus_url: str | None = None
     prometheus_token: str | None = None
     prometheus_user: str | None = None
@@ -60,9 +66,17 @@ class Settings:
     def with_overrides(self, values: Mapping[str, Any]) -> Settings:
         converted: dict[str, Any] = {}
         for name, value in values.items():
-            if name in {"catalog", "policies"}:
+            if name in {"catalog", "policies", "shadow_policies"}:
                 converted[name] = Path(str(value))
-            elif name in {"approval_ttl", "prometheus_timeout", "lease"}:
+            elif name == "policy_engine":
+                if value not in {"embedded", "opa"}:
+                    raise ConfigError("OPSGATE_POLICY_ENGINE: expected embedded or opa")
+                converted[name] = value
+            elif name == "opa_mode":
+                if value not in {"push", "external"}:
+                    raise ConfigError("OPSGATE_OPA_MODE: expected push or external")
+                converted[name] = value
+            elif name in {"approval_ttl", "prometheus_timeout", "lease", "opa_timeout"}:
                 try:
                     converted[name] = parse_duration(value)
                 except ValueError as exc:

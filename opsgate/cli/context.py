@@ -56,12 +56,22 @@ class CliConfig:
                     f"policy bundle {self.settings.policies} is not a directory "
                     "(set OPSGATE_POLICIES)"
                 )
-            if self.settings.policy_engine != "embedded":
-                raise ConfigError(
-                    f"OPSGATE_POLICY_ENGINE={self.settings.policy_engine} is not available; "
-                    "use embedded"
+            if self.settings.policy_engine == "opa":
+                from opsgate.policies.opa import OpaEngine  # only teams with OPA pay for it
+
+                settings = self.settings
+                if not settings.opa_url:
+                    raise ConfigError("OPSGATE_POLICY_ENGINE=opa needs OPSGATE_OPA_URL")
+                self._engine = OpaEngine(
+                    settings.opa_url,
+                    mode=settings.opa_mode,
+                    policies=settings.policies,
+                    token=settings.opa_token,
+                    ca_file=settings.opa_ca_file,
+                    timeout=settings.opa_timeout,
                 )
-            self._engine = EmbeddedEngine(self.settings.policies)
+            else:
+                self._engine = EmbeddedEngine(self.settings.policies)
         return self._engine
 
     @property
