@@ -373,6 +373,19 @@ class MemoryStore:
         found.sort(key=lambda d: (_utc(d.decided_at), d.id))
         return [d.model_copy(deep=True) for d in found]
 
+    def decisions_between(
+        self, since: datetime, until: datetime, phases: Collection[str]
+    ) -> Iterator[Decision]:
+        since, until = _utc(since), _utc(until)
+        with self._lock:
+            found = [
+                d
+                for d in self._tables.decisions
+                if d.phase in phases and since <= _utc(d.decided_at) < until
+            ]
+        found.sort(key=lambda d: (_utc(d.decided_at), d.id))
+        return iter([d.model_copy(deep=True) for d in found])
+
     def approvals_for(self, action_id: str) -> list[Approval]:
         with self._lock:
             return _approvals_of(self._tables, action_id)

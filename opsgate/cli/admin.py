@@ -137,3 +137,36 @@ def audit_export(config: CliConfig, fmt: str, action_id: str | None) -> None:
         return
     for event in events:
         click.echo(json.dumps(event, sort_keys=True, separators=(",", ":"), default=str))
+
+
+@audit.command("decisions")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["opa-jsonl", "jsonl"]),
+    default="opa-jsonl",
+    show_default=True,
+    help="opa-jsonl: OPA's decision-log shape; jsonl: opsgate's own.",
+)
+@click.option("--since", default="30d", show_default=True, help="A duration back, or a date.")
+@click.option("--until", default=None, help="A duration back, or a date (default now).")
+@pass_config
+def audit_decisions(config: CliConfig, fmt: str, since: str, until: str | None) -> None:
+    """Every policy decision in the window, one JSON object per line, oldest first."""
+    from datetime import UTC, datetime
+
+    from opsgate import __version__
+    from opsgate.cli.render import decision_json
+    from opsgate.cli.report import parse_moment
+    from opsgate.policies.decision_log import opa_decision_log
+
+    now = datetime.now(UTC)
+    start = parse_moment(since, "--since", now)
+    end = parse_moment(until, "--until", now) if until else now
+    phases = ["propose", "execute", "approval"]
+    for decision in config.store.decisions_between(start, end, phases):
+        if fmt == "opa-jsonl":
+            document = opa_decision_log(decision, app_version=__version__)
+        else:
+            document = decision_json(decision)
+        click.echo(json.dumps(document, sort_keys=True, separators=(",", ":"), default=str))

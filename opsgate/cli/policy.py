@@ -10,7 +10,7 @@ import click
 from opsgate.cli.actions import build_document, proposal_options
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.render import decision_json, deny_lines
-from opsgate.errors import OpsgateError
+from opsgate.errors import InvalidInput, OpsgateError
 
 
 @click.group()
@@ -77,3 +77,59 @@ def policy_test(config: CliConfig, directory: Path | None, as_json: bool) -> Non
         raise RegoTestsFailed(f"no test_* rules found in {bundle}")
     if failed:
         raise RegoTestsFailed(f"{len(failed)} Rego test(s) failed")
+
+
+@policy.command("replay")
+@click.option(
+    "--policies",
+    "directory",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The candidate bundle directory.",
+)
+@click.option("--since", default="90d", show_default=True, help="A duration back, or a date.")
+@click.option("--until", default=None, help="A duration back, or a date (default now).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table")
+@pass_config
+def policy_replay(
+    config: CliConfig, directory: Path, since: str, until: str | None, fmt: str
+) -> None:
+    """What a candidate bundle would have decided for past proposals (read-only)."""
+    from datetime import UTC, datetime
+
+    from opsgate.cli.report import parse_moment
+    from opsgate.policies.embedded import EmbeddedEngine
+    from opsgate.policies.replay import replay, to_markdown
+
+    if not directory.is_dir():
+        raise InvalidInput("--policies", f"{directory} is not a directory")
+    now = datetime.now(UTC)
+    start = parse_moment(since, "--since", now)
+    end = parse_moment(until, "--until", now) if until else now
+    if start >= end:
+        raise InvalidInput("--since", "must be before --until")
+    candidate = EmbeddedEngine(directory)
+    result = replay(config.store.decisions_between(start, end, ["propose"]), candidate)
+    if fmt == "json":
+        echo_json(result.as_json())
+        return
+    if fmt == "markdown":
+        click.echo(to_markdown(result, start.isoformat(), end.isoformat()), nl=False)
+        return
+    click.echo(
+        f"{result.replayed} proposals replayed under {result.revision_after[:19]} "
+        f"({result.skipped} skipped); nothing was written"
+    )
+    click.echo(
+        f"newly blocked {len(result.newly_blocked)}, newly allowed "
+        f"{len(result.newly_allowed)}, approvals changed {len(result.approvals_changed)}, "
+        f"codes changed {len(result.codes_changed)}, unchanged {result.unchanged}"
+    )
+    codes = sorted(set(result.codes_before) | set(result.codes_after))
+    for code in codes:
+        before, after = result.codes_before[code], result.codes_after[code]
+        click.echo(f"  {code}: {before} -> {after} ({after - before:+d})")
+    for row in result.newly_blocked:
+        click.echo(f"  newly blocked {row['action_id']} {row['action']}: {', '.join(row['codes'])}")
+    for row in result.newly_allowed:
+        click.echo(f"  newly allowed {row['action_id']} {row['action']}")

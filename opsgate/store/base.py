@@ -124,6 +124,11 @@ class Store(Protocol):
 
     def decisions_for(self, action_id: str) -> list[Decision]: ...
 
+    def decisions_between(
+        self, since: datetime, until: datetime, phases: Collection[str]
+    ) -> Iterator[Decision]:
+        """Decisions made in [since, until) at these phases, oldest first (paged)."""
+
     def approvals_for(self, action_id: str) -> list[Approval]: ...
 
     def count_active_on_target(

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Executable,
     Row,
     Select,
+    and_,
     bindparam,
     create_engine,
     event,
@@ -333,6 +334,37 @@ class SqlStore:
     def decisions_for(self, action_id: str) -> list[Decision]:
         rows = self._all(_DECISIONS_OF, {"action_id": action_id})
         return [decision_from_row(row._mapping) for row in rows]
+
+    def decisions_between(
+        self, since: datetime, until: datetime, phases: Collection[str]
+    ) -> Iterator[Decision]:
+        """Decisions made in [since, until) at these phases, oldest first, in pages."""
+        after: tuple[datetime, str] | None = None
+        while True:
+            page = self._decisions_page(since, until, list(phases), after)
+            yield from page
+            if len(page) < _AUDIT_PAGE:
+                return
+            after = (page[-1].decided_at, page[-1].id)
+
+    @_translate_errors
+    def _decisions_page(
+        self,
+        since: datetime,
+        until: datetime,
+        phases: list[str],
+        after: tuple[datetime, str] | None,
+    ) -> list[Decision]:
+        d = decisions
+        statement = select(d).where(
+            d.c.decided_at >= since, d.c.decided_at < until, d.c.phase.in_(phases)
+        )
+        if after is not None:
+            statement = statement.where(
+                or_(d.c.decided_at > after[0], and_(d.c.decided_at == after[0], d.c.id > after[1]))
+            )
+        statement = statement.order_by(d.c.decided_at, d.c.id).limit(_AUDIT_PAGE)
+        return [decision_from_row(row._mapping) for row in self._all(statement)]
 
     @_translate_errors
     def approvals_for(self, action_id: str) -> list[Approval]:
