@@ -36,6 +36,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def shadow_json(result: PolicyResult) -> dict[str, Any]:
+    return {
+        "allow": result.allow,
+        "deny": [dict(d) for d in result.deny],
+        "required_approvals": result.required_approvals,
+        "approver_roles": list(result.approver_roles),
+        "revision": result.revision,
+        "error": result.error,
+    }
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """A policy verdict and the input that produced it."""
@@ -45,6 +56,7 @@ class Evaluation:
     preconditions: list[PreconditionResult]
     engine: str
     duration_ms: float
+    shadow: PolicyResult | None = None
 
     def decision(self, *, action_id: str | None, phase: Any, at: datetime) -> Decision:
         return Decision(
@@ -62,6 +74,7 @@ class Evaluation:
             error=self.result.error,
             decided_at=at,
             duration_ms=self.duration_ms,
+            shadow=shadow_json(self.shadow) if self.shadow is not None else None,
         )
 
 
@@ -100,6 +113,7 @@ class Gate:
     preconditions: PreconditionRegistry = field(default_factory=PreconditionRegistry)
     freeze_windows: Callable[[], list[Mapping[str, Any]]] = list
     clock: Callable[[], datetime] = utcnow
+    shadow: PolicyEngine | None = None  # evaluated beside `engine`, never enforced
 
     # --- deciding --------------------------------------------------------------------
 
@@ -157,7 +171,8 @@ class Gate:
         started = time.perf_counter()
         result = self.engine.evaluate(DECISION_RULE, document)
         elapsed = (time.perf_counter() - started) * 1000
-        return Evaluation(result, document, checks, self.engine.name, elapsed)
+        shadow = self.shadow.evaluate(DECISION_RULE, document) if self.shadow else None
+        return Evaluation(result, document, checks, self.engine.name, elapsed, shadow)
 
     def dry_run(self, document: Any, proposer: Identity) -> tuple[ValidatedProposal, Decision]:
         """`policy eval`: the decision for a proposal, nothing stored."""
@@ -392,7 +407,8 @@ class Gate:
         started = time.perf_counter()
         result = self.engine.evaluate(APPROVAL_RULE, document)
         elapsed = (time.perf_counter() - started) * 1000
-        return Evaluation(result, document, [], self.engine.name, elapsed)
+        shadow = self.shadow.evaluate(APPROVAL_RULE, document) if self.shadow else None
+        return Evaluation(result, document, [], self.engine.name, elapsed, shadow)
 
     def reject(self, action_id: str, actor: Identity, reason: str) -> Action:
         if not reason.strip():

@@ -307,6 +307,9 @@ class Decision(Frozen):
     error: str | None = None
     decided_at: datetime
     duration_ms: float = 0.0
+    # The shadow bundle's verdict on the same input ({allow, deny, revision, ...}):
+    # stored and reported as "would have blocked", never enforced.
+    shadow: dict[str, Any] | None = None
 
     @property
     def deny_codes(self) -> list[str]:

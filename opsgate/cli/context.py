@@ -85,8 +85,18 @@ class CliConfig:
                 approval_ttl=self.settings.approval_ttl,
                 freeze_windows=lambda: _freeze_windows(policies),
                 preconditions=PreconditionRegistry(prometheus_checks(self.optional_provider())),
+                shadow=self.shadow_engine(),
             )
         return self._gate
+
+    def shadow_engine(self) -> PolicyEngine | None:
+        """The shadow bundle (OPSGATE_SHADOW_POLICIES), always in process: it is advice."""
+        directory = self.settings.shadow_policies
+        if directory is None:
+            return None
+        if not directory.is_dir():
+            raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
+        return EmbeddedEngine(directory)
 
     def optional_provider(self) -> PrometheusProvider | None:
         """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""

@@ -74,6 +74,7 @@ def decision_json(decision: Decision) -> dict[str, Any]:
         "input": decision.input,
         "result": decision.result,
         "error": decision.error,
+        "shadow": decision.shadow,
     }
 
 
@@ -276,6 +277,11 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
         )
         for line in deny_lines(decision):
             click.echo(line)
+        shadow = decision.shadow
+        if shadow is not None and shadow.get("allow") != decision.allow:
+            codes = ", ".join(d.get("code", "") for d in shadow.get("deny", []))
+            verdict = f"would have blocked ({codes})" if not shadow.get("allow") else "would allow"
+            click.echo(f"  shadow bundle {str(shadow.get('revision'))[:19]}: {verdict}")
     for approval in details.approvals:
         note = f": {approval.comment}" if approval.comment else ""
         click.echo(f"\napproved by {approval.approver.id} at {ts(approval.created_at)}{note}")

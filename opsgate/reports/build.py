@@ -423,7 +423,33 @@ def blocks_report(
             )
             if phase == "propose":
                 report.charts["blocks_by_code"] = total.with_code if total else {}
+    shadow = _shadow_table(q, window, where)
+    if shadow is not None:
+        blocked = sum(row[2] for row in shadow.rows)
+        report.headline.append(
+            f"The shadow bundle would have blocked {blocked} decision(s) the enforced one allowed."
+        )
+        report.tables.append(shadow)
     return report
+
+
+def _shadow_table(q: ReportQueries, window: Window, where: Mapping[str, str]) -> Table | None:
+    verdicts = q.shadow(window, where)
+    if not verdicts:
+        return None
+    rows = []
+    for phase, row in sorted(verdicts.items()):
+        codes = ", ".join(
+            f"{c} {n}" for c, n in sorted(row["codes"].items(), key=lambda kv: -kv[1])
+        )
+        rows.append([phase, row["evaluated"], row["would_block"], row["would_allow"], codes])
+    return Table(
+        "shadow",
+        "Shadow bundle (never enforced)",
+        ["phase", "evaluated", "would have blocked", "would have allowed", "codes"],
+        rows,
+        "decisions the enforced bundle allowed but the shadow bundle denied, and the reverse",
+    )
 
 
 # --- approvals ------------------------------------------------------------------------------

@@ -536,6 +536,34 @@ class ReportQueries:
                 rows[name].p50, rows[name].p90 = percentile(values, 0.5), percentile(values, 0.9)
         return sorted(rows.values(), key=lambda r: (-r.waited, r.segment))
 
+    def shadow(
+        self, window: Window, where: Mapping[str, str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per phase: decisions the shadow bundle also judged, and where it disagreed
+        ("would have blocked" / "would have allowed"), by the shadow's deny codes."""
+        d = decisions
+        statement = select(d.c.phase, d.c.allow, d.c.shadow).where(
+            d.c.decided_at >= window.since,
+            d.c.decided_at < window.until,
+            d.c.shadow.is_not(None),
+            *self._filters(d.c.segment_id, where or {}),
+        )
+        out: dict[str, dict[str, Any]] = {}
+        for phase, allow, verdict in self._rows(statement):
+            row = out.setdefault(
+                phase,
+                {"evaluated": 0, "would_block": 0, "would_allow": 0, "codes": defaultdict(int)},
+            )
+            row["evaluated"] += 1
+            shadow_allows = bool(verdict.get("allow")) if isinstance(verdict, Mapping) else False
+            if allow and not shadow_allows:
+                row["would_block"] += 1
+                for deny in verdict.get("deny", []) if isinstance(verdict, Mapping) else []:
+                    row["codes"][str(deny.get("code"))] += 1
+            elif not allow and shadow_allows:
+                row["would_allow"] += 1
+        return out
+
     def count_actions(self) -> int:
         """A bare count over the actions table: the yardstick in bench/report.py."""
         return int(self._rows(select(func.count()).select_from(actions))[0][0])

@@ -1001,6 +1001,7 @@ def decision_to_row(decision: Decision) -> dict[str, Any]:
         "decided_at": decision.decided_at,
         "duration_ms": decision.duration_ms,
         "deny_key": json.dumps(decision.deny_codes) if decision.deny else None,
+        "shadow": decision.shadow,
     }
 
 

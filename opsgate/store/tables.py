@@ -128,6 +128,7 @@ decisions = Table(
     # deny_codes as JSON text (NULL when allowed): the few distinct code lists are
     # grouped on from the covering index, so reports never parse JSON per row.
     Column("deny_key", String, nullable=True),
+    Column("shadow", _json(none_as_null=True), nullable=True),  # the shadow bundle's verdict
     Index("ix_decisions_action_id_decided_at", "action_id", "decided_at"),
     Index("ix_decisions_decided_at", "decided_at"),
     Index("ix_decisions_report", "phase", "decided_at", "segment_id", "allow", "deny_key"),

@@ -133,3 +133,38 @@ def test_an_engine_error_is_exported_with_its_message(history: tuple[str, Store]
         decision.model_copy(update={"error": "timeout", "result": None}), app_version="x"
     )
     assert event["error"]["message"] == "timeout" and "result" not in event
+
+
+def test_shadow_bundle_is_stored_and_reported_but_never_enforced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/shadow.db"
+    shadow = candidate(tmp_path, prod_max=20)
+    monkeypatch.setenv("OPSGATE_SHADOW_POLICIES", str(shadow))
+    monkeypatch.setenv("OPSGATE_IDENTITY", "env")
+    monkeypatch.setenv("OPSGATE_USER", "alice")
+    runner = CliRunner()
+    base = ["--db", url, "--catalog", str(ROOT / "catalog"), "--policies", str(ROOT / "policies")]
+    assert runner.invoke(cli, [*base, "init"]).exit_code == 0
+    for replicas in (10, 30):
+        proposed = runner.invoke(
+            cli,
+            [*base, "propose", "scale_deployment", "--target", f"svc-{replicas}", "--env",
+             "prod", "--param", "deployment=web", "--param", f"replicas={replicas}",
+             "--reason", "shadow test", "--tier", "standard", "--json"],
+            catch_exceptions=False,
+        )  # fmt: skip
+        assert proposed.exit_code == 0, proposed.output
+        document = json.loads(proposed.stdout)
+        assert document["action"]["state"] == "pending_approval"  # enforced: allowed
+        verdict = document["decision"]["shadow"]
+        assert verdict["revision"].startswith("sha256:")
+        if replicas == 30:
+            assert verdict["allow"] is False
+            assert [d["code"] for d in verdict["deny"]] == ["param_out_of_bounds"]
+        else:
+            assert verdict["allow"] is True
+    report = runner.invoke(cli, [*base, "report", "blocks", "--format", "json"])
+    assert report.exit_code == 0, report.output
+    tables = {t["name"]: t for t in json.loads(report.stdout)["tables"]}
+    assert tables["shadow"]["rows"] == [["propose", 2, 1, 0, "param_out_of_bounds 1"]]
