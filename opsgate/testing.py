@@ -269,9 +269,17 @@ class MemoryTx:
 
     # Not in StoreTx: MemoryStore runs each of these in a transaction of its own.
 
-    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+    def renew_leases(
+        self,
+        worker_id: str,
+        now: datetime,
+        until: datetime,
+        only: Collection[str] | None = None,
+    ) -> int:
         renewed = 0
         for action_id, execution in self._t.executions.items():
+            if only is not None and action_id not in only:
+                continue
             if execution.worker_id == worker_id and execution.finished_at is None:
                 self._t.executions[action_id] = execution.model_copy(
                     update={"lease_expires_at": _utc(until), "heartbeat_at": _utc(now)}
@@ -413,10 +421,16 @@ class MemoryStore:
             found = [m for m in self._tables.measurements if m.action_id == action_id]
         return [m.model_copy(deep=True) for m in found]
 
-    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+    def renew_leases(
+        self,
+        worker_id: str,
+        now: datetime,
+        until: datetime,
+        only: Collection[str] | None = None,
+    ) -> int:
         """Extend this worker's unfinished leases and its heartbeat in one transaction."""
         with self.transaction() as tx:
-            return tx.renew_leases(worker_id, now, until)
+            return tx.renew_leases(worker_id, now, until, only)
 
     def register_worker(self, worker: WorkerInfo) -> None:
         """Insert or replace a worker's row."""

@@ -22,6 +22,7 @@ from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.models import ActionState, Execution
 from opsgate.reports.exporter import serve_in_background
+from opsgate.store.base import StoreError
 from opsgate.verification.hub import VerificationHub
 
 S = ActionState
@@ -179,18 +180,28 @@ def worker(
             click.echo(f"worker {executor.worker_id} started", err=True)
             try:
                 next_expiry = 0.0
+                backoff = poll
                 while True:
-                    if time.monotonic() >= next_expiry:
-                        config.gate.expire_due()
-                        next_expiry = time.monotonic() + EXPIRY_CHECK_SECONDS
-                    claimed += len(executor.recover_lapsed())
-                    while executor.in_flight < max_in_flight:
-                        action = executor.claim()
-                        if action is None:
-                            break
-                        claimed += 1
-                        if action.state is S.EXECUTING:
-                            executor.launch(action.id)
+                    try:
+                        if time.monotonic() >= next_expiry:
+                            config.gate.expire_due()
+                            next_expiry = time.monotonic() + EXPIRY_CHECK_SECONDS
+                        claimed += len(executor.recover_lapsed())
+                        while executor.in_flight < max_in_flight:
+                            action = executor.claim()
+                            if action is None:
+                                break
+                            claimed += 1
+                            if action.state is S.EXECUTING:
+                                executor.launch(action.id)
+                        backoff = poll
+                    except StoreError as exc:
+                        # The database restarts, fails over or refused one transaction:
+                        # nothing of it was written; held actions go on; look again later.
+                        click.echo(f"store unavailable, retrying in {backoff:g}s: {exc}", err=True)
+                        time.sleep(backoff)
+                        backoff = min(backoff * 2, 5.0)
+                        continue
                     if once:
                         break
                     time.sleep(poll)

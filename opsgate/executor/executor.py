@@ -189,15 +189,22 @@ class Executor:
     def _beat(self) -> None:
         while not self._heartbeat_stop.wait(self.lease / 3):
             now = self.clock()
+            with self._lock:
+                holding = list(self._held)
             try:
-                self.store.renew_leases(self.worker_id, now, now + timedelta(seconds=self.lease))
+                self.store.renew_leases(
+                    self.worker_id, now, now + timedelta(seconds=self.lease), only=holding
+                )
             except StoreError as exc:  # the database may be restarting: keep trying
                 log.warning("lease renewal failed: %s", exc)
 
     def close(self) -> None:
+        # Hub first, so no finished verification is handed to a pool that is shutting
+        # down; draining makes a step that ends meanwhile hand its action over.
+        self._draining = True
         self._heartbeat_stop.set()
-        self._pool.shutdown(wait=True)
         self.hub.close()
+        self._pool.shutdown(wait=True)
         if self._started:
             try:
                 self.store.stop_worker(self.worker_id, self.clock())
@@ -368,6 +375,13 @@ class Executor:
         """Any unexpected error while holding an action is doubt: roll back if we can."""
         try:
             work(*args)
+        except StoreError as exc:
+            # The database is unreachable or refused this transaction (a restart, a
+            # deadlock): nothing of it was written. That is no doubt about the action,
+            # whose stored facts are intact: let go of it; its lease is no longer renewed,
+            # lapses, and recovery (here or on another worker) resumes it from those facts.
+            log.warning("action %s: store error, letting its lease lapse: %s", held.action.id, exc)
+            self._release(held, None)
         except Exception as exc:
             log.exception("action %s: unexpected error", held.action.id)
             reason = _one_line(f"internal error: {type(exc).__name__}: {exc}")
@@ -491,11 +505,13 @@ class Executor:
         with self.store.transaction() as tx:
             locked = tx.lock_action(action.id)
             assert locked is not None
+            # The execution row before the audit head, as every other transaction does:
+            # taking them the other way round deadlocks with the heartbeat.
+            tx.update_execution(action.id, verify_started_at=now)
             held.action = record_transition(
                 tx, locked, S.VERIFYING, actor=self.worker_id, now=now,
                 data={"exit_code": result.exit_code},
             )  # fmt: skip
-            tx.update_execution(action.id, verify_started_at=now)
         self._emit("state", action.id, "verifying", state=S.VERIFYING)
         self._watch(held, "verify", action.verification, now, self._after_verify)
 
@@ -585,24 +601,24 @@ class Executor:
                     f"IRREVERSIBLE: {held.action_type.name} on {locked.target} cannot be rolled "
                     f"back ({_one_line(reason)}); nothing was undone, a human must act now"
                 )
+                tx.update_execution(action_id, **{**facts, "reason": loud}, finished_at=now)
                 held.action = record_transition(
                     tx, locked, S.FAILED, actor=self.worker_id, now=now,
                     data={**facts, "irreversible": True, "message": loud},
                 )  # fmt: skip
-                tx.update_execution(action_id, **{**facts, "reason": loud}, finished_at=now)
                 final: ActionState | None = S.FAILED
             else:
                 loud = ""
-                held.action = record_transition(
-                    tx, locked, S.ROLLING_BACK, actor=requested_by or self.worker_id, now=now,
-                    data=facts,
-                )  # fmt: skip
                 tx.update_execution(
                     action_id,
                     **facts,
                     rollback_decided_at=now,
                     rollback_requested_by=requested_by,
                 )
+                held.action = record_transition(
+                    tx, locked, S.ROLLING_BACK, actor=requested_by or self.worker_id, now=now,
+                    data=facts,
+                )  # fmt: skip
                 final = None
         if final is not None:
             self._emit("state", action_id, loud, state=final)
@@ -737,6 +753,9 @@ class Executor:
         if self._draining:
             return taken
         for lapsed in self.store.lapsed_executions(self.clock()):
+            with self._lock:
+                if lapsed.action_id in self._held:
+                    continue  # ours and still being handled: the heartbeat renews it
             held = self._take_over(lapsed.action_id)
             if held is not None:
                 taken.append(lapsed.action_id)
@@ -815,11 +834,11 @@ class Executor:
             with self.store.transaction() as tx:
                 locked = tx.lock_action(action.id)
                 assert locked is not None
+                tx.update_execution(action.id, verify_started_at=now)
                 held.action = record_transition(
                     tx, locked, S.VERIFYING, actor=self.worker_id, now=now,
                     data={"recovered_from": dead},
                 )  # fmt: skip
-                tx.update_execution(action.id, verify_started_at=now)
             self._watch(held, "verify", spec, now, self._after_verify)
         elif action.state is S.VERIFYING:
             state = _resumed(execution.verify_state, execution.verify_started_at, self.clock())
@@ -859,11 +878,11 @@ class Executor:
             if locked is None or locked.state.terminal:
                 return
             target = S.ROLLBACK_FAILED if locked.state is S.ROLLING_BACK else S.FAILED
+            tx.update_execution(action.id, reason=_one_line(why), finished_at=now)
             record_transition(
                 tx, locked, target, actor=self.worker_id, now=now,
                 data={"reason": why, "message": "a human must check the target"},
             )  # fmt: skip
-            tx.update_execution(action.id, reason=_one_line(why), finished_at=now)
 
     # --- the hub's sink: one transaction per tick ---------------------------------------
 
@@ -874,13 +893,14 @@ class Executor:
             for record in watch.last_records
         ]
         by_field: dict[str, dict[str, dict[str, Any]]] = {}
-        for watch in report.watches:
+        # Rows in action id order, as the heartbeat locks them: no deadlock between them.
+        for watch in sorted(report.watches, key=lambda w: w.action_id):
             state_field = _STATE_FIELD.get(watch.phase)
             if state_field is not None:
                 by_field.setdefault(state_field, {})[watch.action_id] = watch.state.model_dump(
                     mode="json"
                 )
-        run_phase = [w.action_id for w in report.watches if w.phase == "run"]
+        run_phase = sorted(w.action_id for w in report.watches if w.phase == "run")
         with self.store.transaction() as tx:
             tx.insert_measurements(measurements)
             owners: dict[str, tuple[str, str | None]] = {}

@@ -144,9 +144,16 @@ class Store(Protocol):
     def measurements_for(self, action_id: str) -> list[Measurement]:
         """In the order they were taken."""
 
-    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
-        """Heartbeat: extend the leases of this worker's unfinished executions and its
-        `heartbeat_at`, in one transaction; how many leases were renewed."""
+    def renew_leases(
+        self,
+        worker_id: str,
+        now: datetime,
+        until: datetime,
+        only: Collection[str] | None = None,
+    ) -> int:
+        """Heartbeat: extend the leases of this worker's unfinished executions (of those
+        in `only`, when given) and its `heartbeat_at`, in one transaction; how many
+        leases were renewed."""
 
     def register_worker(self, worker: WorkerInfo) -> None:
         """Insert or replace a worker's row."""

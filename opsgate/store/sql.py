@@ -396,10 +396,16 @@ class SqlStore:
         rows = self._all(_MEASUREMENTS_OF, {"action_id": action_id})
         return [measurement_from_row(row._mapping) for row in rows]
 
-    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
+    def renew_leases(
+        self,
+        worker_id: str,
+        now: datetime,
+        until: datetime,
+        only: Collection[str] | None = None,
+    ) -> int:
         """Extend this worker's unfinished leases and its heartbeat in one transaction."""
         with self.transaction() as tx:
-            return tx.renew_leases(worker_id, now, until)
+            return tx.renew_leases(worker_id, now, until, only)
 
     def register_worker(self, worker: WorkerInfo) -> None:
         """Insert or replace a worker's row."""
@@ -676,10 +682,22 @@ class SqlTx:
     # Not in StoreTx: SqlStore runs each of these in a transaction of its own.
 
     @_translate_errors
-    def renew_leases(self, worker_id: str, now: datetime, until: datetime) -> int:
-        renewed = self._conn.execute(
-            _RENEW_LEASES, {"owner": worker_id, "now": now, "until": until}
-        ).rowcount
+    def renew_leases(
+        self,
+        worker_id: str,
+        now: datetime,
+        until: datetime,
+        only: Collection[str] | None = None,
+    ) -> int:
+        if only is not None and not only:
+            renewed = 0
+        else:
+            statement = _RENEW_LEASES
+            if only is not None:
+                statement = statement.where(executions.c.action_id.in_(sorted(only)))
+            renewed = self._conn.execute(
+                statement, {"owner": worker_id, "now": now, "until": until}
+            ).rowcount
         self._conn.execute(_WORKER_HEARTBEAT, {"worker_id": worker_id, "now": now})
         return int(renewed)
 
@@ -819,9 +837,21 @@ _LAPSED_EXECUTIONS = (
     )
     .order_by(executions.c.lease_expires_at, executions.c.action_id)
 )
+# Rows are locked in action id order (as the verification tick updates them): two
+# multi-row lockers that take rows in different orders deadlock.
 _RENEW_LEASES = (
     update(executions)
     .where(
+        executions.c.action_id.in_(
+            select(executions.c.action_id)
+            .where(
+                executions.c.worker_id == bindparam("owner"),
+                executions.c.finished_at.is_(None),
+            )
+            .order_by(executions.c.action_id)
+            .with_for_update()
+            .scalar_subquery()
+        ),
         executions.c.worker_id == bindparam("owner"),
         executions.c.finished_at.is_(None),
     )

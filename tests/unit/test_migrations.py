@@ -135,4 +135,5 @@ def test_segments_are_backfilled_for_rows_written_before_0004(fresh: SqlStore) -
                 "FROM decisions d JOIN actions a ON a.id = d.action_id"
             )
         ).one()
-    assert json.loads(row[0]) == ["not_allowlisted", "change_freeze"] and bool(row[1]) and bool(row[2])
+    assert json.loads(row[0]) == ["not_allowlisted", "change_freeze"]
+    assert bool(row[1]) and bool(row[2])
