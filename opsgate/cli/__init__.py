@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from opsgate import __version__
-from opsgate.cli import actions, admin, demo, execution, mcp, metrics, policy, report
+from opsgate.cli import actions, admin, demo, doctor, execution, mcp, metrics, policy, report
 from opsgate.cli.context import CliConfig
 from opsgate.config import Settings
 from opsgate.errors import OpsgateError
@@ -63,6 +63,7 @@ cli.add_command(report.report)
 cli.add_command(metrics.metrics)
 cli.add_command(mcp.mcp)
 cli.add_command(demo.demo)
+cli.add_command(doctor.doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,6 +131,9 @@ class CliConfig:
         return identity_provider(self.settings, self.store).current()
 
     def close(self) -> None:
+        close_engine = getattr(self._engine, "close", None)
+        if callable(close_engine):  # the OPA engine holds HTTP sessions
+            close_engine()
         if self._provider is not None:
             self._provider.close()
         if self._store is not None:
