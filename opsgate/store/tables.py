@@ -253,6 +253,14 @@ segments = Table(
     ),
 )
 
+# Shadow verdicts are rare next to all decisions: the report finds them without a scan.
+Index(
+    "ix_decisions_shadow",
+    decisions.c.decided_at,
+    sqlite_where=decisions.c.shadow.is_not(None),
+    postgresql_where=decisions.c.shadow.is_not(None),
+)
+
 measurements = Table(
     "measurements",
     metadata,

@@ -29,8 +29,16 @@ def _json() -> sa.types.TypeEngine[Any]:
 def upgrade() -> None:
     with op.batch_alter_table("decisions") as batch:
         batch.add_column(sa.Column("shadow", _json(), nullable=True))
+    op.create_index(
+        "ix_decisions_shadow",
+        "decisions",
+        ["decided_at"],
+        sqlite_where=sa.text("shadow IS NOT NULL"),
+        postgresql_where=sa.text("shadow IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_decisions_shadow", table_name="decisions")
     with op.batch_alter_table("decisions") as batch:
         batch.drop_column("shadow")
