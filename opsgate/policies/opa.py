@@ -38,8 +38,6 @@ from opa_client.errors import (
     PolicyNotFoundError,
     RegoParseError,
 )
-from requests.adapters import HTTPAdapter
-from requests.models import PreparedRequest
 
 from opsgate.errors import ConfigError
 from opsgate.policies.engine import (
@@ -52,6 +50,7 @@ from opsgate.policies.engine import (
     load_bundle_data,
     unavailable,
 )
+from opsgate.tls import pin_ca
 
 # How often the bundle's files are checked for changes (stat only), as in the embedded engine.
 RELOAD_CHECK_SECONDS = 1.0
@@ -301,9 +300,7 @@ class OpaEngine:
                 # OpaClient's `ssl` is a bool (verify against the system CAs). Setting
                 # `session.verify` is not enough either: requests lets REQUESTS_CA_BUNDLE and
                 # CURL_CA_BUNDLE override it. An adapter pins the CA file for every request.
-                session = _session(client)
-                retries = getattr(session.get_adapter("https://"), "max_retries", 0)
-                session.mount("https://", _PinnedCA(self._ca_file, retries))
+                pin_ca(_session(client), self._ca_file)
             self._local.client = client
             with self._clients_lock:
                 # Threads come and go (a server may use one per request): close the sessions
@@ -649,18 +646,6 @@ class OpaEngine:
                 push_failures=self.push_failures,
             )
         return document
-
-
-class _PinnedCA(HTTPAdapter):
-    """Verifies TLS with one CA file, whatever the environment's CA bundle variables say."""
-
-    def __init__(self, ca_file: str, max_retries: Any) -> None:
-        super().__init__(max_retries=max_retries)
-        self.ca_file = ca_file
-
-    def send(self, request: PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        kwargs["verify"] = self.ca_file
-        return super().send(request, *args, **kwargs)
 
 
 def _session(client: Any) -> requests.Session:

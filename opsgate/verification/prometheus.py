@@ -15,6 +15,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
+from opsgate.tls import pin_ca
 from opsgate.verification.provider import ProviderHealth, QueryResult, result_from_samples
 
 __all__ = ["PrometheusProvider"]
@@ -99,8 +100,6 @@ class PrometheusProvider:
         self.max_workers = max_workers
         self._clock = clock
         self._session = session if session is not None else requests.Session()
-        if ca_file is not None:
-            self._session.verify = ca_file
         # The client annotates these without Optional (and timeout as int): pass as Any.
         options: dict[str, Any] = {
             "headers": {"Authorization": f"Bearer {token}"} if token else None,
@@ -113,6 +112,10 @@ class PrometheusProvider:
             retry=Retry(total=0, raise_on_status=False),
             **options,
         )
+        if ca_file is not None:
+            # After the client mounted its adapters: the CA file must win over them and
+            # over REQUESTS_CA_BUNDLE.
+            pin_ca(self._session, ca_file)
 
     def __repr__(self) -> str:
         return f"PrometheusProvider({self.url!r})"

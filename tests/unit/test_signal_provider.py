@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from opsgate.testing_signals import StaticSignalProvider
+from opsgate.tls import PinnedCA
 from opsgate.verification.prometheus import PrometheusProvider
 from opsgate.verification.provider import QueryResult, SignalProvider, result_from_samples
 
@@ -81,7 +82,10 @@ def test_prometheus_provider_configuration() -> None:
         assert provider.url == "https://prom.example:9090"
         client = provider._client
         assert client.headers == {"Authorization": "Bearer s3cret"}
-        assert client._session.verify == "/etc/ssl/certs/ca-certificates.crt"
+        # Pinned per request by an adapter: REQUESTS_CA_BUNDLE cannot override it.
+        adapter = client._session.get_adapter("https://prom.example:9090")
+        assert isinstance(adapter, PinnedCA)
+        assert adapter.ca_file == "/etc/ssl/certs/ca-certificates.crt"
         assert client._timeout == 2.5
         assert "s3cret" not in repr(provider)
     with PrometheusProvider("http://127.0.0.1:1", basic_auth=("u", "p")) as provider:
