@@ -25,7 +25,8 @@ class PinnedCA(HTTPAdapter):
         return super().send(request, *args, **kwargs)
 
 
-def pin_ca(session: requests.Session, ca_file: str) -> None:
-    """Make every https request of `session` verify against `ca_file` only."""
-    retries = getattr(session.get_adapter("https://"), "max_retries", 0)
-    session.mount("https://", PinnedCA(ca_file, retries))
+def pin_ca(session: requests.Session, ca_file: str, prefix: str = "https://") -> None:
+    """Make every request of `session` under `prefix` verify against `ca_file` only
+    (mount at the most specific prefix a client uses, or its own adapter wins)."""
+    retries = getattr(session.get_adapter(prefix), "max_retries", 0)
+    session.mount(prefix, PinnedCA(ca_file, retries))

@@ -115,7 +115,8 @@ class PrometheusProvider:
         if ca_file is not None:
             # After the client mounted its adapters: the CA file must win over them and
             # over REQUESTS_CA_BUNDLE.
-            pin_ca(self._session, ca_file)
+            self._session.verify = ca_file
+            pin_ca(self._session, ca_file, prefix=self.url)
 
     def __repr__(self) -> str:
         return f"PrometheusProvider({self.url!r})"
