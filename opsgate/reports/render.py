@@ -172,7 +172,7 @@ def to_html(report: Report) -> str:
             full_html=False,
             include_plotlyjs=False,
             div_id=f"chart-{name}",
-            config={"displaylogo": False, "responsive": True},
+            config={"displayModeBar": False, "responsive": True},
         )
         parts.append(f"<div class='chart' data-chart='{name}'>{div}</div>")
     parts.append("</div>")
