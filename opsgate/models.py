@@ -456,6 +456,14 @@ class WorkerInfo(Frozen):
     heartbeat_at: datetime
     stopped_at: datetime | None = None
 
+    def status(self, now: datetime, lease: float) -> Literal["live", "lapsed", "stopped"]:
+        """live, lapsed (no heartbeat for a whole lease: presumed dead) or stopped."""
+        if self.stopped_at is not None:
+            return "stopped"
+        if (now - self.heartbeat_at).total_seconds() > lease:
+            return "lapsed"
+        return "live"
+
 
 # Fields of an execution fixed when it is claimed; everything else may change.
 EXECUTION_KEY_FIELDS = frozenset({"action_id", "target", "environment", "claimed_at"})

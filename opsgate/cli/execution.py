@@ -275,12 +275,7 @@ def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
     rows: list[dict[str, Any]] = []
     for info in config.store.list_workers():
         age = (now - info.heartbeat_at).total_seconds()
-        if info.stopped_at is not None:
-            status = "stopped"
-        elif age > lease:
-            status = "lapsed"  # no heartbeat for a whole lease: presumed dead
-        else:
-            status = "live"
+        status = info.status(now, lease)
         if status == "stopped" and not show_all and not held.get(info.id):
             continue
         leases = held.get(info.id, [])

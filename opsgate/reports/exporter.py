@@ -40,7 +40,7 @@ from sqlalchemy import Connection, Float, and_, case, cast, func, literal, selec
 from sqlalchemy.exc import SQLAlchemyError
 
 from opsgate.errors import ConfigError
-from opsgate.models import TERMINAL_STATES, ActionState, WorkerInfo
+from opsgate.models import TERMINAL_STATES, ActionState
 from opsgate.reports.queries import NONE_LABEL
 from opsgate.store.base import Store, StoreError
 from opsgate.store.sql import SqlStore
@@ -62,15 +62,6 @@ ROLLBACK_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 180
 # in milliseconds so no bucket edge is a rounded product.
 DECISION_BUCKETS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
 ACTION_LABELS = ("action", "environment", "proposer_kind")
-
-
-def worker_status(info: WorkerInfo, now: datetime, lease: float) -> str:
-    """live, lapsed (no heartbeat for a whole lease: presumed dead) or stopped."""
-    if info.stopped_at is not None:
-        return "stopped"
-    if (now - info.heartbeat_at).total_seconds() > lease:
-        return "lapsed"
-    return "live"
 
 
 @dataclass
@@ -177,7 +168,7 @@ class StoreCollector(Collector):
             self._read_executions(conn, snap)
         now = self.clock()
         for info in self.store.list_workers():
-            snap.workers[worker_status(info, now, self.lease)] += 1
+            snap.workers[info.status(now, self.lease)] += 1
         return snap
 
     @contextmanager
