@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -48,15 +47,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import regopy
 
+from opsgate.demo.processes import free_port
+
 _UNSET: Any = object()
 _PACKAGE = re.compile(r"^\s*package\s+([A-Za-z_][\w.]*)", re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _interpreter(strict: bool) -> Any:

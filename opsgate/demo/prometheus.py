@@ -21,6 +21,33 @@ INSTALL_HINT = (
 )
 
 
+def scrape_config(targets: Sequence[str], job: str) -> str:
+    """A Prometheus config scraping `targets` every second (rules evaluated as often)."""
+    quoted = ", ".join(json.dumps(t) for t in targets)
+    return (
+        "global:\n"
+        "  scrape_interval: 1s\n"
+        "  scrape_timeout: 1s\n"
+        "  evaluation_interval: 1s\n"
+        "scrape_configs:\n"
+        f"  - job_name: {json.dumps(job)}\n"
+        "    static_configs:\n"
+        f"      - targets: [{quoted}]\n"
+    )
+
+
+def server_argv(binary: str, config_file: Path, data_dir: Path, port: int) -> list[str]:
+    """How to run Prometheus on loopback only, with a short-lived TSDB in `data_dir`."""
+    return [
+        binary,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={data_dir}",
+        f"--web.listen-address={LOOPBACK}:{port}",
+        "--storage.tsdb.retention.time=1d",
+        "--log.level=warn",
+    ]
+
+
 class PrometheusError(RuntimeError):
     """Prometheus could not be started or did not scrape in time."""
 
@@ -60,17 +87,7 @@ class Prometheus:
         return self.process.pid if self.process is not None else None
 
     def _write_config(self) -> None:
-        targets = ", ".join(json.dumps(t) for t in self.targets)
-        self.config_file.write_text(
-            "global:\n"
-            "  scrape_interval: 1s\n"
-            "  scrape_timeout: 1s\n"
-            "  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            f"  - job_name: {json.dumps(self.job)}\n"
-            "    static_configs:\n"
-            f"      - targets: [{targets}]\n"
-        )
+        self.config_file.write_text(scrape_config(self.targets, self.job))
 
     def start(self, *, timeout: float = 60.0, attempts: int = 3) -> Prometheus:
         """Start on a free port (another one if it was taken meanwhile) and wait until
@@ -97,14 +114,7 @@ class Prometheus:
         return self
 
     def _spawn(self) -> None:
-        argv = [
-            self.binary,
-            f"--config.file={self.config_file}",
-            f"--storage.tsdb.path={self.data_dir}",
-            f"--web.listen-address={LOOPBACK}:{self.port}",
-            "--storage.tsdb.retention.time=1d",
-            "--log.level=warn",
-        ]
+        argv = server_argv(self.binary, self.config_file, self.data_dir, self.port)
         with self.log_file.open("ab") as log:
             # Own session: a Ctrl-C in the terminal reaches the demo only, which then
             # stops Prometheus itself; with --keep it outlives the demo.

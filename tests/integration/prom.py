@@ -13,9 +13,6 @@ It scrapes every second (`scrape_interval` and `evaluation_interval` 1s), listen
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,24 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_BINARY = "/usr/bin/prometheus"
+from opsgate.demo.processes import free_port
+from opsgate.demo.prometheus import DEFAULT_BINARY as DEMO_DEFAULT_BINARY
+from opsgate.demo.prometheus import find_prometheus, scrape_config, server_argv
 
-
-def prometheus_binary() -> str | None:
-    """`$OPSGATE_PROMETHEUS_BIN`, /usr/bin/prometheus or `prometheus` on PATH."""
-    configured = os.environ.get("OPSGATE_PROMETHEUS_BIN")
-    if configured:
-        return configured
-    if os.access(DEFAULT_BINARY, os.X_OK):
-        return DEFAULT_BINARY
-    return shutil.which("prometheus")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+# The launcher's pieces are the demo's own (opsgate.demo.prometheus); this harness adds
+# what tests need: a fixed port across restarts and raw API access.
+prometheus_binary = find_prometheus
+DEFAULT_BINARY = DEMO_DEFAULT_BINARY
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -87,17 +74,7 @@ class PrometheusServer:
         return self._process is not None and self._process.poll() is None
 
     def _write_config(self) -> None:
-        targets = ", ".join(json.dumps(t) for t in self.targets)
-        self.config_file.write_text(
-            "global:\n"
-            "  scrape_interval: 1s\n"
-            "  scrape_timeout: 1s\n"
-            "  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            f"  - job_name: {json.dumps(self.job)}\n"
-            "    static_configs:\n"
-            f"      - targets: [{targets}]\n"
-        )
+        self.config_file.write_text(scrape_config(self.targets, self.job))
 
     def start(self, *, timeout: float = 30.0, wait_for_scrape: bool = True) -> PrometheusServer:
         """Start (or restart) and wait until ready and every target was scraped."""
@@ -106,14 +83,7 @@ class PrometheusServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
         self._write_config()
-        argv = [
-            self.binary,
-            f"--config.file={self.config_file}",
-            f"--storage.tsdb.path={self.data_dir}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-            "--storage.tsdb.retention.time=1d",
-            "--log.level=warn",
-        ]
+        argv = server_argv(self.binary, self.config_file, self.data_dir, self.port)
         self._started_wall = time.time()
         with open(self.log_file, "ab") as log:
             self._process = subprocess.Popen(
