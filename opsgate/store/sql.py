@@ -149,6 +149,8 @@ class SqlStore:
         self._display_url = self.url
         self._password = parsed.password if isinstance(parsed.password, str) else None
         self._local = threading.local()
+        # Report segment ids known to be committed (a few hundred at most).
+        self.segment_ids: dict[tuple[str, ...], int] = {}
         self.dialect = parsed.get_backend_name()
         try:
             if self.dialect == "sqlite":
@@ -541,6 +543,16 @@ class SqlTx:
 
     def _segment_id(self, key: dict[str, str]) -> int:
         """The id of a report segment, created on first use (races resolve by the key)."""
+        cache_key = tuple(key.values())
+        cached = self._store.segment_ids.get(cache_key)
+        if cached is not None:
+            return cached
+        found = self._conn.execute(_SEGMENT_ID, key).scalar_one_or_none()
+        if found is not None:
+            # Read before this transaction wrote it: committed, and segments are never
+            # deleted, so every later proposal of this kind skips both statements.
+            self._store.segment_ids[cache_key] = int(found)
+            return int(found)
         self._conn.execute(self._insert_segment, key)
         return int(self._conn.execute(_SEGMENT_ID, key).scalar_one())
 
