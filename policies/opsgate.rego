@@ -333,6 +333,31 @@ deny contains violation("verification_undefined", msg) if {
 }
 
 # ---------------------------------------------------------------------------
+# verification_weakened: in prod, a proposal may replace its action type's verification
+# only with one at least as strict (opsgate lists what makes it weaker in
+# input.verification.weakened: signals or stop conditions removed or changed, a shorter
+# hold, higher limits, ...), unless the proposer holds one of
+# data.verification_override_roles.
+
+default weakened_codes := []
+
+weakened_codes := verification.weakened if is_array(verification.weakened)
+
+default override_roles := []
+
+override_roles := data.verification_override_roles if is_array(data.verification_override_roles)
+
+deny contains violation("verification_weakened", msg) if {
+	environment == "prod"
+	count(weakened_codes) > 0
+	not has_any_role(proposer_roles, override_roles)
+	msg := sprintf(
+		"the proposed verification is weaker than %s's default: %s; in prod only %s may weaken it",
+		[action_type, list_text(weakened_codes), list_text(override_roles)],
+	)
+}
+
+# ---------------------------------------------------------------------------
 # change_freeze: data.freeze_windows [{name, start, end, environments, exempt_severities?}],
 # half-open [start, end), "*" in environments matches every environment.
 

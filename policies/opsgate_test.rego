@@ -394,6 +394,41 @@ test_verification_undefined_no_stop_conditions if {
 	}
 }
 
+# ---------------------------------------------------------------------------
+# verification_weakened
+
+in_env(c, env) := merge(c, {"action": merge(c.action, {"environment": env})})
+
+weakened(codes) := {"defined": true, "signals": 1, "stop_conditions": 1, "custom": true, "weakened": codes}
+
+test_verification_weakened_in_prod_by_an_sre if {
+	d := decide(in_env(with_verification(weakened(["hold_shorter", "signal_removed"])), "prod"))
+	messages(d, "verification_weakened") == {
+		`the proposed verification is weaker than scale_deployment's default: ["hold_shorter", "signal_removed"]; in prod only ["sre-lead"] may weaken it`,
+	}
+}
+
+test_verification_weakened_allowed_for_an_override_role if {
+	c := in_env(with_verification(weakened(["hold_shorter"])), "prod")
+	not denied_with(merge(c, {"proposer": {"id": "carol", "kind": "human"}}), "verification_weakened")
+}
+
+test_verification_weakened_only_in_prod if {
+	not denied_with(in_env(with_verification(weakened(["hold_shorter"])), "staging"), "verification_weakened")
+}
+
+test_verification_stricter_custom_is_fine_in_prod if {
+	not denied_with(in_env(with_verification(weakened([])), "prod"), "verification_weakened")
+	v := {"defined": true, "signals": 1, "stop_conditions": 1, "custom": true}
+	not denied_with(in_env(with_verification(v), "prod"), "verification_weakened")
+}
+
+test_verification_weakened_without_override_roles if {
+	c := in_env(with_verification(weakened(["failure_limit_higher"])), "prod")
+	d := decide(merge(c, {"proposer": {"id": "carol", "kind": "human"}})) with data.verification_override_roles as "nope"
+	"verification_weakened" in codes(d)
+}
+
 test_verification_undefined_missing_fields if {
 	denied_with(with_verification({}), "verification_undefined")
 	denied_with(with_verification({"defined": true}), "verification_undefined")
