@@ -32,6 +32,7 @@ class Settings:
     opa_token: str | None = None
     opa_ca_file: str | None = None
     opa_timeout: float = 2.0
+    policy_timeout: float = 0.5  # the embedded engine's budget per decision
     shadow_policies: Path | None = None  # a second bundle, evaluated but never enforced
     prometheus_url: str | None = None
     prometheus_token: str | None = None
@@ -76,7 +77,13 @@ class Settings:
                 if value not in {"push", "external"}:
                     raise ConfigError("OPSGATE_OPA_MODE: expected push or external")
                 converted[name] = value
-            elif name in {"approval_ttl", "prometheus_timeout", "lease", "opa_timeout"}:
+            elif name in {
+                "approval_ttl",
+                "prometheus_timeout",
+                "lease",
+                "opa_timeout",
+                "policy_timeout",
+            }:
                 try:
                     converted[name] = parse_duration(value)
                 except ValueError as exc:

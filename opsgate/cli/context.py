@@ -71,7 +71,9 @@ class CliConfig:
                     timeout=settings.opa_timeout,
                 )
             else:
-                self._engine = EmbeddedEngine(self.settings.policies)
+                self._engine = EmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
         return self._engine
 
     @property
@@ -96,7 +98,7 @@ class CliConfig:
             return None
         if not directory.is_dir():
             raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
-        return EmbeddedEngine(directory)
+        return EmbeddedEngine(directory, timeout=self.settings.policy_timeout)
 
     def optional_provider(self) -> PrometheusProvider | None:
         """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""

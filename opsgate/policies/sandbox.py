@@ -1,0 +1,337 @@
+"""Policy evaluations in worker processes, each under a deadline.
+
+regopy (rego-cpp) has no way to interrupt an evaluation: `replace(s, "", r)` spins
+forever, and an errored output can abort the process. So the embedded engine never
+evaluates in its own process. It hands each evaluation to a worker process
+(`python -m opsgate.policies.sandbox`) over a pipe and waits at most the deadline; past
+it the worker is killed (SIGKILL, then reaped) and a fresh one takes its place on the
+next evaluation. Killing the process is what makes abandoning the evaluation safe: no
+thread and no memory of it survives.
+
+Protocol: one JSON document per line each way, on the worker's stdin and on a duplicate
+of its original stdout. The worker points its own stdout (fd 1) at its stderr first, so
+anything rego-cpp or a Rego `print()` writes can neither corrupt the protocol nor reach
+the stdout of a `--json` command.
+
+    {"op": "load", "revision": r, "modules": [[name, source], ...], "data": {...}}
+        -> {"ok": true} | {"ok": false, "error": "..."}
+    {"op": "eval", "rule": "opsgate/decision", "input": {...}}
+        -> {"ok": true, "text": "<regopy output>"} | {"ok": false, "error": "..."}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# A fresh worker must start and compile the bundle within this many seconds. Separate
+# from the per-decision deadline: a cold start is bounded, but it is not the policy's fault.
+START_TIMEOUT_SECONDS = 20.0
+# The longest line a worker may answer with; a longer one is a broken worker.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+class SandboxError(Exception):
+    """The worker did not answer in time, died, or answered nonsense (it has been killed)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What a worker compiles: exactly the bytes the parent hashed into `revision`."""
+
+    revision: str
+    modules: tuple[tuple[str, str], ...]
+    data: Mapping[str, Any]
+    entrypoints: tuple[str, ...]
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "op": "load",
+            "revision": self.revision,
+            "modules": [list(m) for m in self.modules],
+            "data": self.data,
+            "entrypoints": list(self.entrypoints),
+        }
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    revision: str | None = None
+    buffer: bytearray = field(default_factory=bytearray)
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        assert self.process.stdin is not None
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        try:
+            self.process.stdin.write(line)
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise SandboxError(f"the policy worker is gone ({exc})") from None
+
+    def receive(self, deadline: float, what: str) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SandboxError(what, timed_out=True)
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                code = self.process.poll()
+                raise SandboxError(f"the policy worker died (exit {code}) during {what}")
+            self.buffer += chunk
+            if len(self.buffer) > MAX_ANSWER_BYTES:
+                raise SandboxError("the policy worker's answer is too large")
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise SandboxError("the policy worker answered something that is not JSON") from None
+        if not isinstance(answer, dict):
+            raise SandboxError("the policy worker's answer is not an object")
+        return answer
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.process.send_signal(signal.SIGKILL)
+        # SIGKILL cannot be refused; a zombie this long means the kernel is busy.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def _spawn() -> _Worker:
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    # The worker must import this very opsgate (a worktree, a checkout) not another one.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "opsgate.policies.sandbox"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=None,
+        env=env,
+        close_fds=True,
+        # Its own process group: a ^C to the CLI's group reaches opsgate, which ends it.
+        start_new_session=True,
+    )
+    return _Worker(process)
+
+
+class _Placeholder:
+    """A slot reserved while a worker process starts (outside the pool's lock)."""
+
+
+class WorkerPool:
+    """Up to `size` worker processes; each evaluation checks one out for its duration."""
+
+    def __init__(self, size: int = 2, timeout: float = 0.5) -> None:
+        if size < 1:
+            raise ValueError("a worker pool needs at least one worker")
+        if timeout <= 0:
+            raise ValueError("the policy deadline must be positive")
+        self.size = size
+        self.timeout = timeout
+        self._idle: list[_Worker] = []
+        self._live: list[_Worker | _Placeholder] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        # Counters for metrics and doctor.
+        self.evaluations = 0
+        self.timeouts = 0
+        self.crashes = 0
+        self.restarts = 0
+        self.spawned = 0
+
+    def _checkout(self, deadline: float) -> _Worker | None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise SandboxError("the policy engine is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._live) < self.size:
+                    placeholder = _Placeholder()
+                    self._live.append(placeholder)
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+        try:
+            worker = _spawn()
+        except OSError as exc:
+            with self._cond:
+                self._live.remove(placeholder)
+                self._cond.notify()
+            raise SandboxError(f"cannot start a policy worker: {exc}") from None
+        with self._cond:
+            self._live[self._live.index(placeholder)] = worker
+            self.spawned += 1
+        return worker
+
+    def _checkin(self, worker: _Worker) -> None:
+        with self._cond:
+            if self._closed:
+                worker.kill()
+            else:
+                self._idle.append(worker)
+            self._cond.notify()
+
+    def _discard(self, worker: _Worker) -> None:
+        worker.kill()
+        with self._cond:
+            if worker in self._live:
+                self._live.remove(worker)
+            self._cond.notify()
+
+    def evaluate(self, payload: Payload, rule: str, input: Mapping[str, Any]) -> dict[str, Any]:
+        """The worker's answer for `rule`; raises SandboxError (worker discarded) otherwise."""
+        start = time.monotonic()
+        deadline = start + self.timeout
+        worker = self._checkout(deadline)
+        if worker is None:
+            with self._cond:
+                self.timeouts += 1
+            raise SandboxError(f"no policy worker free within {self.timeout:g}s", timed_out=True)
+        try:
+            if worker.revision != payload.revision:
+                worker.send(payload.message())
+                loaded = worker.receive(
+                    time.monotonic() + START_TIMEOUT_SECONDS, "loading the bundle"
+                )
+                if loaded.get("ok") is not True:
+                    raise SandboxError(str(loaded.get("error") or "the bundle did not load"))
+                worker.revision = payload.revision
+                # The cold start is not the evaluation: its deadline starts now.
+                deadline = time.monotonic() + self.timeout
+            worker.send({"op": "eval", "rule": rule, "input": input})
+            answer = worker.receive(deadline, f"evaluation exceeded its {self.timeout:g}s deadline")
+        except SandboxError as exc:
+            with self._cond:
+                self.evaluations += 1
+                if exc.timed_out:
+                    self.timeouts += 1
+                else:
+                    self.crashes += 1
+                self.restarts += 1
+            self._discard(worker)
+            raise
+        except BaseException:
+            self._discard(worker)
+            raise
+        with self._cond:
+            self.evaluations += 1
+        self._checkin(worker)
+        return answer
+
+    def pids(self) -> list[int]:
+        with self._cond:
+            return [w.process.pid for w in self._live if isinstance(w, _Worker)]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            workers = [w for w in self._live if isinstance(w, _Worker)]
+            self._live = []
+            self._idle = []
+            self._cond.notify_all()
+        for worker in workers:
+            worker.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# The worker side.
+
+
+def _serve(inp: Any, out: Any) -> int:
+    import regopy
+
+    from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE
+
+    interp: Any = None
+    bundle: Any = None
+
+    def reply(document: Mapping[str, Any]) -> None:
+        out.write(json.dumps(document, separators=(",", ":")).encode() + b"\n")
+        out.flush()
+
+    for line in inp:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            reply({"ok": False, "error": "request is not JSON"})
+            continue
+        op = request.get("op") if isinstance(request, dict) else None
+        if op == "load":
+            try:
+                interp = regopy.Interpreter()
+                interp.strict_built_in_errors = True
+                interp.log_level = regopy.LogLevel.NONE
+                interp.add_data(request.get("data") or {})
+                for name, source in request.get("modules") or []:
+                    interp.add_module(name, source)
+                entrypoints = request.get("entrypoints") or [DECISION_RULE, APPROVAL_RULE]
+                bundle = interp.build(None, entrypoints)
+            except (regopy.RegoError, RuntimeError, ValueError, TypeError) as exc:
+                interp = bundle = None
+                reply({"ok": False, "error": " ".join(str(exc).split())[:500]})
+                continue
+            reply({"ok": True})
+        elif op == "eval":
+            if interp is None or bundle is None:
+                reply({"ok": False, "error": "no bundle loaded"})
+                continue
+            try:
+                interp.set_input(request.get("input") or {})
+                output = interp.query_bundle_entrypoint(bundle, str(request.get("rule")))
+                # Reading an errored output aborts regopy 1.5.2: check ok() first.
+                if not output.ok():
+                    reply({"ok": False, "error": f"evaluation error in {request.get('rule')}"})
+                    continue
+                text = str(output)
+            except (regopy.RegoError, RuntimeError, ValueError, TypeError) as exc:
+                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            reply({"ok": True, "text": text})
+        else:
+            reply({"ok": False, "error": f"unknown op {op!r}"})
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # The protocol gets a private copy of stdout; fd 1 itself goes to stderr, where
+    # rego-cpp's diagnostics and Rego print() can do no harm.
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    with os.fdopen(0, "rb") as inp:
+        return _serve(inp, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
