@@ -26,7 +26,7 @@ class Settings:
     user: str | None = None  # only read when identity == "env"
     user_kind: str = "human"  # only read when identity == "env"
     approval_ttl: float = 3600.0
-    policy_engine: str = "embedded"  # embedded | opa
+    policy_engine: str = "embedded"  # embedded | opa-embedded | opa
     opa_url: str | None = None
     opa_mode: str = "push"  # push: opsgate uploads the bundle; external: OPA has its own
     opa_token: str | None = None
@@ -70,8 +70,10 @@ class Settings:
             if name in {"catalog", "policies", "shadow_policies"}:
                 converted[name] = Path(str(value))
             elif name == "policy_engine":
-                if value not in {"embedded", "opa"}:
-                    raise ConfigError("OPSGATE_POLICY_ENGINE: expected embedded or opa")
+                if value not in {"embedded", "opa-embedded", "opa"}:
+                    raise ConfigError(
+                        "OPSGATE_POLICY_ENGINE: expected embedded, opa-embedded or opa"
+                    )
                 converted[name] = value
             elif name == "opa_mode":
                 if value not in {"push", "external"}:

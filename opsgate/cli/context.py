@@ -70,6 +70,12 @@ class CliConfig:
                     ca_file=settings.opa_ca_file,
                     timeout=settings.opa_timeout,
                 )
+            elif self.settings.policy_engine == "opa-embedded":
+                from opsgate.policies.embedded import OpaEmbeddedEngine
+
+                self._engine = OpaEmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
             else:
                 self._engine = EmbeddedEngine(
                     self.settings.policies, timeout=self.settings.policy_timeout

@@ -7,7 +7,6 @@ outlives its deadline: regopy cannot be interrupted, and some built-ins never re
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import weakref
@@ -29,7 +28,7 @@ from opsgate.policies.engine import (
     load_bundle_data,
     unavailable,
 )
-from opsgate.policies.sandbox import Payload, SandboxError, WorkerPool
+from opsgate.policies.sandbox import EVALUATORS, LoadError, Payload, SandboxError, WorkerPool
 
 # How often the bundle's files are checked for changes (stat only).
 RELOAD_CHECK_SECONDS = 1.0
@@ -40,7 +39,6 @@ DEFAULT_WORKERS = 2
 
 @dataclass(frozen=True)
 class _Compiled:
-    bundle: Any
     revision: str
     signature: tuple[tuple[str, int, int], ...]
     error: str | None = None
@@ -72,6 +70,7 @@ class EmbeddedEngine:
     """
 
     name = "embedded"
+    evaluator = "regopy"
 
     def __init__(
         self,
@@ -124,15 +123,17 @@ class EmbeddedEngine:
                     break
             else:
                 raise ValueError("the bundle kept changing while it was read")
-            interp = _new_interpreter()
-            interp.add_data(data)
-            for name, source in modules:
-                interp.add_module(name, source)
-            bundle = interp.build(None, [DECISION_RULE, APPROVAL_RULE])
-            payload = Payload(revision, modules, data, (DECISION_RULE, APPROVAL_RULE))
-            return _Compiled(bundle, revision, signature, payload=payload)
-        except (OSError, ValueError, regopy.RegoError, RuntimeError) as exc:
-            return _Compiled(None, "", (), error=f"cannot compile {self.directory}: {exc}")
+            payload = Payload(
+                revision, modules, data, (DECISION_RULE, APPROVAL_RULE), self.evaluator
+            )
+            self._validate(payload)
+            return _Compiled(revision, signature, payload=payload)
+        except (OSError, ValueError, LoadError) as exc:
+            return _Compiled("", (), error=f"cannot compile {self.directory}: {exc}")
+
+    def _validate(self, payload: Payload) -> None:
+        """Compile here once, so a broken bundle is reported before any decision."""
+        EVALUATORS[self.evaluator](payload.message())
 
     def _current(self) -> _Compiled:
         now = time.monotonic()
@@ -175,9 +176,9 @@ class EmbeddedEngine:
             return unavailable(str(exc), compiled.revision)
         except (TypeError, ValueError) as exc:  # an input that is not JSON
             return unavailable(f"{type(exc).__name__}: {exc}", compiled.revision)
-        if answer.get("ok") is not True or not isinstance(answer.get("text"), str):
+        if answer.get("ok") is not True:
             return unavailable(str(answer.get("error") or "no answer"), compiled.revision)
-        return interpret(_first_expression(answer["text"]), compiled.revision)
+        return interpret(answer.get("value"), compiled.revision)
 
     def describe(self) -> dict[str, Any]:
         """What doctor prints: the deadline and the counters."""
@@ -194,14 +195,12 @@ class EmbeddedEngine:
         }
 
 
-def _first_expression(text: str) -> Any:
-    if text.strip() == "undefined":
-        return None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    expressions = document.get("expressions") if isinstance(document, dict) else None
-    if not isinstance(expressions, list) or len(expressions) != 1:
-        return None
-    return expressions[0]
+class OpaEmbeddedEngine(EmbeddedEngine):
+    """The same isolation and deadline, evaluating with OPA's own Go evaluator.
+
+    opa-golib-python-bindings embeds `github.com/open-policy-agent/opa/v1/rego`: the
+    decisions are OPA's, without an OPA server to run.
+    """
+
+    name = "opa-embedded"
+    evaluator = "opa"

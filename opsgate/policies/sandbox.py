@@ -13,10 +13,14 @@ of its original stdout. The worker points its own stdout (fd 1) at its stderr fi
 anything rego-cpp or a Rego `print()` writes can neither corrupt the protocol nor reach
 the stdout of a `--json` command.
 
-    {"op": "load", "revision": r, "modules": [[name, source], ...], "data": {...}}
+    {"op": "load", "evaluator": "regopy" | "opa", "revision": r,
+     "modules": [[name, source], ...], "data": {...}, "entrypoints": [...]}
         -> {"ok": true} | {"ok": false, "error": "..."}
     {"op": "eval", "rule": "opsgate/decision", "input": {...}}
-        -> {"ok": true, "text": "<regopy output>"} | {"ok": false, "error": "..."}
+        -> {"ok": true, "value": v} | {"ok": true, "undefined": true}
+         | {"ok": false, "error": "..."}
+
+Evaluators: "regopy" (rego-cpp) and "opa" (OPA's Go evaluator, opa-golib-python-bindings).
 """
 
 from __future__ import annotations
@@ -58,10 +62,12 @@ class Payload:
     modules: tuple[tuple[str, str], ...]
     data: Mapping[str, Any]
     entrypoints: tuple[str, ...]
+    evaluator: str = "regopy"
 
     def message(self) -> dict[str, Any]:
         return {
             "op": "load",
+            "evaluator": self.evaluator,
             "revision": self.revision,
             "modules": [list(m) for m in self.modules],
             "data": self.data,
@@ -268,13 +274,101 @@ class WorkerPool:
 # The worker side.
 
 
+class _Regopy:
+    """rego-cpp, strict built-in errors, compiled once for the entrypoints."""
+
+    def __init__(self, request: Mapping[str, Any]) -> None:
+        import regopy
+
+        self._errors: tuple[type[BaseException], ...] = (
+            regopy.RegoError,
+            RuntimeError,
+            ValueError,
+            TypeError,
+        )
+        interp = regopy.Interpreter()
+        interp.strict_built_in_errors = True
+        interp.log_level = regopy.LogLevel.NONE
+        try:
+            interp.add_data(request.get("data") or {})
+            for name, source in request.get("modules") or []:
+                interp.add_module(name, source)
+            self._bundle = interp.build(None, list(request.get("entrypoints") or []))
+        except self._errors as exc:
+            raise LoadError(" ".join(str(exc).split())[:500]) from None
+        self._interp = interp
+
+    def evaluate(self, rule: str, input: Any) -> dict[str, Any]:
+        try:
+            self._interp.set_input(input)
+            output = self._interp.query_bundle_entrypoint(self._bundle, rule)
+            # Reading an errored output aborts regopy 1.5.2: check ok() first.
+            if not output.ok():
+                return {"ok": False, "error": f"evaluation error in {rule}"}
+            text = str(output)
+        except self._errors as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return first_expression(text)
+
+
+class _GoOpa:
+    """OPA's own Go evaluator (opa-golib-python-bindings); strict built-in errors."""
+
+    def __init__(self, request: Mapping[str, Any]) -> None:
+        from opa_bindings import OpaEngine, OpaError
+
+        self._error = OpaError
+        engine = OpaEngine()
+        engine.print_handler = _to_stderr
+        try:
+            engine.add_data(request.get("data") or {})
+            for name, source in request.get("modules") or []:
+                engine.add_policy(name, source)
+            # add_policy only parses; the first query compiles every module.
+            engine.eval_query("true")
+        except OpaError as exc:
+            raise LoadError(" ".join(str(exc).split())[:500]) from None
+        self._engine = engine
+
+    def evaluate(self, rule: str, input: Any) -> dict[str, Any]:
+        from opa_bindings import OpaUndefinedError
+
+        try:
+            value = self._engine.eval_document(rule.replace("/", "."), input)
+        except OpaUndefinedError:
+            return {"ok": True, "undefined": True}
+        except self._error as exc:
+            return {"ok": False, "error": " ".join(str(exc).split())[:500]}
+        return {"ok": True, "value": value}
+
+
+def _to_stderr(message: str, location: str) -> None:
+    print(f"{location}: {message}", file=sys.stderr)
+
+
+class LoadError(Exception):
+    """The bundle does not compile in this evaluator."""
+
+
+EVALUATORS: dict[str, Any] = {"regopy": _Regopy, "opa": _GoOpa}
+
+
+def first_expression(text: str) -> dict[str, Any]:
+    """regopy's output text as an answer: the single expression's value, or undefined."""
+    if text.strip() == "undefined":
+        return {"ok": True, "undefined": True}
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError:
+        return {"ok": False, "error": "the engine's output is not JSON"}
+    expressions = document.get("expressions") if isinstance(document, dict) else None
+    if not isinstance(expressions, list) or len(expressions) != 1:
+        return {"ok": True, "undefined": True}
+    return {"ok": True, "value": expressions[0]}
+
+
 def _serve(inp: Any, out: Any) -> int:
-    import regopy
-
-    from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE
-
-    interp: Any = None
-    bundle: Any = None
+    evaluator: Any = None
 
     def reply(document: Mapping[str, Any]) -> None:
         out.write(json.dumps(document, separators=(",", ":")).encode() + b"\n")
@@ -288,36 +382,22 @@ def _serve(inp: Any, out: Any) -> int:
             continue
         op = request.get("op") if isinstance(request, dict) else None
         if op == "load":
+            evaluator = None
+            kind = EVALUATORS.get(str(request.get("evaluator", "regopy")))
+            if kind is None:
+                reply({"ok": False, "error": f"unknown evaluator {request.get('evaluator')!r}"})
+                continue
             try:
-                interp = regopy.Interpreter()
-                interp.strict_built_in_errors = True
-                interp.log_level = regopy.LogLevel.NONE
-                interp.add_data(request.get("data") or {})
-                for name, source in request.get("modules") or []:
-                    interp.add_module(name, source)
-                entrypoints = request.get("entrypoints") or [DECISION_RULE, APPROVAL_RULE]
-                bundle = interp.build(None, entrypoints)
-            except (regopy.RegoError, RuntimeError, ValueError, TypeError) as exc:
-                interp = bundle = None
-                reply({"ok": False, "error": " ".join(str(exc).split())[:500]})
+                evaluator = kind(request)
+            except (LoadError, ImportError) as exc:
+                reply({"ok": False, "error": str(exc)})
                 continue
             reply({"ok": True})
         elif op == "eval":
-            if interp is None or bundle is None:
+            if evaluator is None:
                 reply({"ok": False, "error": "no bundle loaded"})
                 continue
-            try:
-                interp.set_input(request.get("input") or {})
-                output = interp.query_bundle_entrypoint(bundle, str(request.get("rule")))
-                # Reading an errored output aborts regopy 1.5.2: check ok() first.
-                if not output.ok():
-                    reply({"ok": False, "error": f"evaluation error in {request.get('rule')}"})
-                    continue
-                text = str(output)
-            except (regopy.RegoError, RuntimeError, ValueError, TypeError) as exc:
-                reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            reply({"ok": True, "text": text})
+            reply(evaluator.evaluate(str(request.get("rule")), request.get("input") or {}))
         else:
             reply({"ok": False, "error": f"unknown op {op!r}"})
     return 0

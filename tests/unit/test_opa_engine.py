@@ -223,8 +223,10 @@ def test_a_rule_moved_between_files_is_pushed_from_scratch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # OPA compiles every PUT against the modules it holds: the new a.rego (which now has
-    # `helper`) conflicts with the old b.rego (which still has it). The double does not
-    # check that, so this test teaches it the one conflict OPA would report.
+    # `helper`) conflicts with the old b.rego (which still has it). The double compiles
+    # with OPA's Go compiler, which leaves this conflict to evaluation, so this test
+    # teaches it the one conflict an OPA server reports. (a.rego must not use `helper`:
+    # pushed first, alone, it would not compile in OPA.)
     def put_policy(policy_id: str, source: str) -> tuple[int, Any]:
         others = [v for k, v in double.policies.items() if k != policy_id]
         if "helper :=" in source and any("helper :=" in v for v in others):
@@ -233,7 +235,7 @@ def test_a_rule_moved_between_files_is_pushed_from_scratch(
         return OpaDouble.put_policy(double, policy_id, source)
 
     monkeypatch.setattr(double, "put_policy", put_policy)
-    a = "package opsgate\nimport rego.v1\nuses := helper\n"
+    a = "package opsgate\nimport rego.v1\nuses := 1\n"
     b = "package opsgate\nimport rego.v1\nhelper := 1\n"
     bundle = write_bundle(tmp_path / "b", **{"a.rego": a, "b.rego": b})
     engine = engines(double.url, mode="push", policies=bundle)
