@@ -28,6 +28,7 @@ from opsgate.policies.engine import (
     load_bundle_data,
     unavailable,
 )
+from opsgate.policies.fidelity import opa_compile_error, scan
 from opsgate.policies.sandbox import EVALUATORS, LoadError, Payload, SandboxError, WorkerPool
 
 # How often the bundle's files are checked for changes (stat only).
@@ -132,8 +133,16 @@ class EmbeddedEngine:
             return _Compiled("", (), error=f"cannot compile {self.directory}: {exc}")
 
     def _validate(self, payload: Payload) -> None:
-        """Compile here once, so a broken bundle is reported before any decision."""
+        """Refuse what regopy answers unlike OPA; compile here once, so a broken bundle is
+        reported before any decision."""
+        refusals = scan(payload.modules)
+        if refusals:
+            raise LoadError("; ".join(str(r) for r in refusals))
         EVALUATORS[self.evaluator](payload.message())
+        # What OPA would not even compile must not be evaluated by a laxer compiler.
+        rejected = opa_compile_error(payload.modules)
+        if rejected is not None:
+            raise LoadError(rejected)
 
     def _current(self) -> _Compiled:
         now = time.monotonic()
@@ -204,3 +213,7 @@ class OpaEmbeddedEngine(EmbeddedEngine):
 
     name = "opa-embedded"
     evaluator = "opa"
+
+    def _validate(self, payload: Payload) -> None:
+        # OPA's own evaluator: nothing to refuse, only compile errors to report.
+        EVALUATORS[self.evaluator](payload.message())

@@ -289,13 +289,16 @@ class _Regopy:
         interp = regopy.Interpreter()
         interp.strict_built_in_errors = True
         interp.log_level = regopy.LogLevel.NONE
+        from opsgate.policies.fidelity import readable_rego_error
+
+        modules = {str(name): str(source) for name, source in request.get("modules") or []}
         try:
             interp.add_data(request.get("data") or {})
-            for name, source in request.get("modules") or []:
+            for name, source in modules.items():
                 interp.add_module(name, source)
             self._bundle = interp.build(None, list(request.get("entrypoints") or []))
         except self._errors as exc:
-            raise LoadError(" ".join(str(exc).split())[:500]) from None
+            raise LoadError(readable_rego_error(str(exc), modules)) from None
         self._interp = interp
 
     def evaluate(self, rule: str, input: Any) -> dict[str, Any]:
@@ -327,7 +330,9 @@ class _GoOpa:
             # add_policy only parses; the first query compiles every module.
             engine.eval_query("true")
         except OpaError as exc:
-            raise LoadError(" ".join(str(exc).split())[:500]) from None
+            from opsgate.policies.fidelity import readable_opa_error
+
+            raise LoadError(readable_opa_error(exc.message or exc.code)) from None
         self._engine = engine
 
     def evaluate(self, rule: str, input: Any) -> dict[str, Any]:
