@@ -15,10 +15,9 @@ decision denies with policy_engine_unavailable, naming file:line:col and the bui
 The same bundle served by OPA (OPSGATE_POLICY_ENGINE=opa-embedded or opa) is fine.
 
 Known divergences that are NOT refused, because the shipped policy needs the built-in
-and only messages can differ: `sprintf` formats some floats differently (`%v` of
-1e20 or 123456789.123) and `%s` of a non-string; `sort`, `min` and `max` order values
-of *different types* differently. `sprintf` is refused unless its format is a string
-literal using only the verbs %v, %s and %d without flags or width.
+for its messages: `sprintf` formats some floats differently (`%v` of 1e20 or
+123456789.123) and `%s` of a non-string. `sprintf` is refused unless its format is a
+string literal using only the verbs %v, %s and %d without flags or width.
 """
 
 from __future__ import annotations
@@ -54,6 +53,9 @@ REFUSED_BUILTINS: dict[str, str] = {
     "object.union_n": "does not merge nested objects",
     "trim_space": "does not trim Unicode spaces such as U+00A0",
     "uuid.parse": "names variants differently",
+    "max": "orders numbers of different lengths as text: max([2, 10]) is 2",
+    "min": "orders numbers of different lengths as text: min([2, 10]) is 10",
+    "sort": "orders numbers of different lengths as text: sort([10, 2]) is [10, 2]",
 }
 
 SPRINTF_WHY = (
