@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regopy
-
 from opsgate.policies.engine import (
     APPROVAL_RULE,
     DECISION_RULE,
@@ -44,14 +42,6 @@ class _Compiled:
     signature: tuple[tuple[str, int, int], ...]
     error: str | None = None
     payload: Payload | None = None
-
-
-def _new_interpreter() -> Any:
-    interp = regopy.Interpreter()
-    interp.strict_built_in_errors = True
-    # rego-cpp prints compile errors to stdout otherwise, which would corrupt --json output.
-    interp.log_level = regopy.LogLevel.NONE
-    return interp
 
 
 def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
