@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opsgate.policies.engine import DEADLINE_EXCEEDED
+
 # A fresh worker must start and compile the bundle within this many seconds. Separate
 # from the per-decision deadline: a cold start is bounded, but it is not the policy's fault.
 START_TIMEOUT_SECONDS = 20.0
@@ -223,7 +225,10 @@ class WorkerPool:
         if worker is None:
             with self._cond:
                 self.timeouts += 1
-            raise SandboxError(f"no policy worker free within {self.timeout:g}s", timed_out=True)
+            raise SandboxError(
+                f"{DEADLINE_EXCEEDED} ({self.timeout:g}s) waiting for a free policy worker",
+                timed_out=True,
+            )
         try:
             if worker.revision != payload.revision:
                 worker.send(payload.message())
@@ -236,7 +241,7 @@ class WorkerPool:
                 # The cold start is not the evaluation: its deadline starts now.
                 deadline = time.monotonic() + self.timeout
             worker.send({"op": "eval", "rule": rule, "input": input})
-            answer = worker.receive(deadline, f"evaluation exceeded its {self.timeout:g}s deadline")
+            answer = worker.receive(deadline, f"evaluation {DEADLINE_EXCEEDED} ({self.timeout:g}s)")
         except SandboxError as exc:
             with self._cond:
                 self.evaluations += 1

@@ -67,7 +67,7 @@ def test_a_hanging_builtin_is_a_bounded_deny_and_the_next_decision_works(
         elapsed = time.monotonic() - start
 
         assert not result.allow and result.deny_codes == [UNAVAILABLE]
-        assert "deadline" in (result.error or "")
+        assert "exceeded its deadline" in result.deny[0]["message"]
         # The budget plus the kill and reap; nowhere near "forever".
         assert elapsed < TIMEOUT + 1.0, elapsed
         assert not alive(worker), "the hung worker must be killed, not left spinning"
@@ -165,3 +165,62 @@ def test_the_budget_is_configurable() -> None:
     settings = Settings.load(env={"OPSGATE_POLICY_TIMEOUT": "250ms"}, toml_path=Path("/nx"))
     assert settings.policy_timeout == pytest.approx(0.25)
     assert Settings().policy_timeout < 1.0
+
+
+def test_a_proposal_cut_at_the_deadline_is_blocked_audited_and_counted(tmp_path: Path) -> None:
+    from opsgate.audit import verify_chain
+    from opsgate.catalog import load_catalog
+    from opsgate.gate import Gate
+    from opsgate.models import ActionState, Identity
+    from opsgate.reports.exporter import StoreCollector
+    from opsgate.store import open_store
+
+    root = Path(__file__).resolve().parents[2]
+    # The shipped policy plus the hang: replace() with an empty pattern, which
+    # here a sev1 incident selects (the catalog would refuse an empty param).
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for name in ("opsgate.rego", "data.json"):
+        (policies / name).write_bytes((root / "policies" / name).read_bytes())
+    (policies / "hang.rego").write_text(
+        "package opsgate\nimport rego.v1\n"
+        'pattern := "" if input.incident.severity == "sev1"\nelse := "-"\n'
+        'deny contains {"code": "bad_reason", "message": "m"} if {\n'
+        '    replace(input.action.reason, pattern, "") == "z"\n'
+        "}\n"
+    )
+    store = open_store(f"sqlite:///{tmp_path / 'opsgate.db'}")
+    store.migrate()
+    engine = EmbeddedEngine(policies, timeout=TIMEOUT)
+    try:
+        gate = Gate(store=store, catalog=load_catalog(root / "catalog"), engine=engine)
+        document = {
+            "action": "toggle_feature_flag",
+            "target": "checkout",
+            "environment": "prod",
+            "params": {"flag": "new-checkout", "enabled": True},
+            "reason": "p99 latency over SLO",
+            "incident": {"id": "INC-1", "severity": "sev2", "class": "x", "tier": "standard"},
+        }
+        alice = Identity(id="alice", kind="human")
+        fine = gate.propose(document, alice)
+        assert fine.action.state is ActionState.PENDING_APPROVAL, fine.decision.deny_codes
+        sev1 = {**document["incident"], "severity": "sev1"}  # type: ignore[dict-item]
+        hung = gate.propose({**document, "incident": sev1}, alice)
+        assert hung.action.state is ActionState.BLOCKED
+        assert hung.decision.deny_codes == [UNAVAILABLE]
+        assert "exceeded its deadline" in hung.decision.deny[0].message
+        assert verify_chain(store.audit_events(), store.audit_head()).ok
+        kinds = [e.kind for e in store.audit_events(action_id=hung.action.id)]
+        assert kinds, "the blocked proposal and its decision are audited"
+        # The next proposal is decided normally, and the metric counts the cut one.
+        assert gate.propose(document, alice).action.state is ActionState.PENDING_APPROVAL
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in StoreCollector(store).collect()
+            for s in family.samples
+        }
+        assert samples[("opsgate_policy_deadline_exceeded_total", (("phase", "propose"),))] == 1
+    finally:
+        engine.close()
+        store.close()
