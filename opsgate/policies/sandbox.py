@@ -323,7 +323,13 @@ class _GoOpa:
     """OPA's own Go evaluator (opa-golib-python-bindings); strict built-in errors."""
 
     def __init__(self, request: Mapping[str, Any]) -> None:
-        from opa_bindings import OpaEngine, OpaError
+        try:
+            from opa_bindings import OpaEngine, OpaError
+        except ImportError:
+            raise LoadError(
+                "OPA's Go evaluator is not installed: pip install --ignore-requires-python "
+                "'opa-golib-python-bindings>=0.4.4'"
+            ) from None
 
         self._error = OpaError
         engine = OpaEngine()

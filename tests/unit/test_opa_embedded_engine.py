@@ -91,3 +91,15 @@ def test_the_setting_accepts_the_engine_and_nothing_else() -> None:
     assert settings.policy_engine == "opa-embedded"
     with pytest.raises(ConfigError, match="OPSGATE_POLICY_ENGINE"):
         Settings.load(env={"OPSGATE_POLICY_ENGINE": "opa-embedded; rm"}, toml_path=Path("/nx"))
+
+
+def test_without_the_package_every_decision_denies_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "opa_bindings", None)  # makes the import fail
+    with OpaEmbeddedEngine(ROOT / "policies", timeout=5.0) as engine:
+        result = engine.evaluate(DECISION_RULE, PROBE_INPUT)
+    assert result.deny_codes == [UNAVAILABLE]
+    assert "opa-golib-python-bindings" in (result.error or "")
