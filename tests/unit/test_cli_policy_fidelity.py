@@ -173,3 +173,23 @@ def test_bad_input_is_exit_2_naming_the_field(run: object, args: list[str], fiel
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and field in lines[0], err
     assert out == ""
+
+
+def test_doctor_shows_the_deadline_and_counters_of_the_embedded_engine(
+    run: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPSGATE_POLICY_TIMEOUT", "250ms")
+    _, out, _ = run("doctor", "--json")  # type: ignore[operator]
+    engine = json.loads(out)["checks"]["policy_engine"]
+    assert engine["ok"] is True and engine["engine"] == "embedded"
+    assert engine["timeout"] == 0.25 and engine["timeouts"] == 0
+    assert engine["revision"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("value", ["0", "-1s", "soon", "1e9999s"])
+def test_a_bad_policy_timeout_is_exit_2(
+    run: object, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("OPSGATE_POLICY_TIMEOUT", value)
+    code, out, err = run("policy", "test")  # type: ignore[operator]
+    assert code == 2 and "OPSGATE_POLICY_TIMEOUT" in err and out == "", err
