@@ -2,7 +2,7 @@
 
 The caller (the verification loop) renders each signal's and stop condition's query,
 asks a `SignalProvider` for the results once per interval, and folds them into a
-`VerificationState` with `step`. Rules (DESIGN.md, "Verification semantics"):
+`VerificationState` with `step`. Rules (docs/design.md, "Verification semantics"):
 
 - A measurement is `pass`, `fail`, `inconclusive` (no data: empty vector or NaN) or
   `error` (the provider failed, the query is invalid, returned several series, or no
