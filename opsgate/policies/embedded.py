@@ -27,7 +27,14 @@ from opsgate.policies.engine import (
     unavailable,
 )
 from opsgate.policies.fidelity import opa_compile_error, scan
-from opsgate.policies.sandbox import EVALUATORS, LoadError, Payload, SandboxError, WorkerPool
+from opsgate.policies.sandbox import (
+    DEFAULT_MAX_MEMORY_BYTES,
+    EVALUATORS,
+    LoadError,
+    Payload,
+    SandboxError,
+    WorkerPool,
+)
 
 # How often the bundle's files are checked for changes (stat only).
 RELOAD_CHECK_SECONDS = 1.0
@@ -56,8 +63,8 @@ class EmbeddedEngine:
     """Evaluates a policy bundle directory with regopy.
 
     Evaluations run in a pool of worker processes (one evaluation per worker at a time),
-    each under `timeout` seconds; past it the decision denies with
-    policy_engine_unavailable and the worker is killed and replaced.
+    each under `timeout` seconds and `max_memory` bytes resident; past either the
+    decision denies with policy_engine_unavailable and the worker is killed and replaced.
     """
 
     name = "embedded"
@@ -69,12 +76,13 @@ class EmbeddedEngine:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         workers: int = DEFAULT_WORKERS,
+        max_memory: int | None = DEFAULT_MAX_MEMORY_BYTES,
     ) -> None:
         self.directory = directory
         self.timeout = float(timeout)
         self._lock = threading.Lock()
         self._counter_lock = threading.Lock()
-        self._pool = WorkerPool(size=workers, timeout=self.timeout)
+        self._pool = WorkerPool(size=workers, timeout=self.timeout, max_memory=max_memory)
         # An engine dropped without close() still ends its worker processes.
         self._finalizer = weakref.finalize(self, self._pool.close)
         self.evaluations = 0
@@ -185,6 +193,9 @@ class EmbeddedEngine:
             "engine": self.name,
             "timeout": self.timeout,
             "workers": self._pool.size,
+            "max_memory_mib": None
+            if self._pool.max_memory is None
+            else self._pool.max_memory >> 20,
             "evaluations": self.evaluations,
             "failures": self.failures,
             "timeouts": self._pool.timeouts,

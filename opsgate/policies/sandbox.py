@@ -46,6 +46,11 @@ from opsgate.policies.engine import DEADLINE_EXCEEDED
 START_TIMEOUT_SECONDS = 20.0
 # The longest line a worker may answer with; a longer one is a broken worker.
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
+# A worker above this resident memory is killed mid-evaluation (regopy reaches ~1 GiB in a
+# second on some built-ins); how often a busy worker's memory is read.
+DEFAULT_MAX_MEMORY_BYTES = 512 * 1024 * 1024
+MEMORY_CHECK_SECONDS = 0.02
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class SandboxError(Exception):
@@ -92,20 +97,31 @@ class _Worker:
         except (BrokenPipeError, OSError, ValueError) as exc:
             raise SandboxError(f"the policy worker is gone ({exc})") from None
 
-    def receive(self, deadline: float, what: str) -> dict[str, Any]:
+    def receive(
+        self, deadline: float, activity: str, on_timeout: str, max_rss: int | None = None
+    ) -> dict[str, Any]:
+        """One answer line before `deadline`; past it SandboxError(on_timeout). With
+        `max_rss` (bytes) the worker's resident memory is checked while it works."""
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SandboxError(what, timed_out=True)
-            ready, _, _ = select.select([fd], [], [], left)
+                raise SandboxError(on_timeout, timed_out=True)
+            # An answer arrives within a slice on the fast path; the memory check runs only
+            # while an evaluation keeps the worker busy.
+            wait = left if max_rss is None else min(left, MEMORY_CHECK_SECONDS)
+            ready, _, _ = select.select([fd], [], [], wait)
             if not ready:
+                if max_rss is not None and self.rss() > max_rss:
+                    raise SandboxError(
+                        f"the policy worker used more than {max_rss >> 20} MiB during {activity}"
+                    )
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
                 code = self.process.poll()
-                raise SandboxError(f"the policy worker died (exit {code}) during {what}")
+                raise SandboxError(f"the policy worker died (exit {code}) during {activity}")
             self.buffer += chunk
             if len(self.buffer) > MAX_ANSWER_BYTES:
                 raise SandboxError("the policy worker's answer is too large")
@@ -118,6 +134,14 @@ class _Worker:
         if not isinstance(answer, dict):
             raise SandboxError("the policy worker's answer is not an object")
         return answer
+
+    def rss(self) -> int:
+        """Resident memory in bytes (0 when it cannot be read)."""
+        try:
+            with open(f"/proc/{self.process.pid}/statm") as statm:
+                return int(statm.read().split()[1]) * PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def kill(self) -> None:
         if self.process.poll() is None:
@@ -157,13 +181,19 @@ class _Placeholder:
 class WorkerPool:
     """Up to `size` worker processes; each evaluation checks one out for its duration."""
 
-    def __init__(self, size: int = 2, timeout: float = 0.5) -> None:
+    def __init__(
+        self,
+        size: int = 2,
+        timeout: float = 0.5,
+        max_memory: int | None = DEFAULT_MAX_MEMORY_BYTES,
+    ) -> None:
         if size < 1:
             raise ValueError("a worker pool needs at least one worker")
         if timeout <= 0:
             raise ValueError("the policy deadline must be positive")
         self.size = size
         self.timeout = timeout
+        self.max_memory = max_memory
         self._idle: list[_Worker] = []
         self._live: list[_Worker | _Placeholder] = []
         self._cond = threading.Condition()
@@ -233,7 +263,9 @@ class WorkerPool:
             if worker.revision != payload.revision:
                 worker.send(payload.message())
                 loaded = worker.receive(
-                    time.monotonic() + START_TIMEOUT_SECONDS, "loading the bundle"
+                    time.monotonic() + START_TIMEOUT_SECONDS,
+                    "loading the bundle",
+                    f"loading the bundle took more than {START_TIMEOUT_SECONDS:g}s",
                 )
                 if loaded.get("ok") is not True:
                     raise SandboxError(str(loaded.get("error") or "the bundle did not load"))
@@ -241,7 +273,12 @@ class WorkerPool:
                 # The cold start is not the evaluation: its deadline starts now.
                 deadline = time.monotonic() + self.timeout
             worker.send({"op": "eval", "rule": rule, "input": input})
-            answer = worker.receive(deadline, f"evaluation {DEADLINE_EXCEEDED} ({self.timeout:g}s)")
+            answer = worker.receive(
+                deadline,
+                "the evaluation",
+                f"evaluation {DEADLINE_EXCEEDED} ({self.timeout:g}s)",
+                self.max_memory,
+            )
         except SandboxError as exc:
             with self._cond:
                 self.evaluations += 1

@@ -126,6 +126,7 @@ def test_a_crashing_worker_denies_and_is_replaced(tmp_path: Path) -> None:
         os.kill(worker, 9)
         crashed = engine.evaluate(DECISION_RULE, proposal("a"))
         assert crashed.deny_codes == [UNAVAILABLE] and "died" in (crashed.error or "")
+        assert "exceeded its deadline" not in crashed.deny[0]["message"]
         assert engine.describe()["worker_crashes"] == 1
         assert engine.evaluate(DECISION_RULE, proposal("a")).allow
 
@@ -224,3 +225,30 @@ def test_a_proposal_cut_at_the_deadline_is_blocked_audited_and_counted(tmp_path:
     finally:
         engine.close()
         store.close()
+
+
+# An array of 300 million numbers: regopy passes 900 MiB within a second.
+MEMORY_BOMB = """package opsgate
+import rego.v1
+deny contains {"code": "big", "message": "m"} if {
+    input.big == true
+    count(numbers.range(1, 300000000)) > 0
+}
+decision := {"allow": count(deny) == 0, "deny": [d | some d in deny], "required_approvals": 1}
+"""
+
+
+def test_a_worker_over_its_memory_cap_is_killed_before_the_deadline(tmp_path: Path) -> None:
+    cap = 200 * 1024 * 1024
+    with EmbeddedEngine(bundle(tmp_path, MEMORY_BOMB), timeout=20.0, max_memory=cap) as engine:
+        assert engine.evaluate(DECISION_RULE, {"big": False}).allow
+        [worker] = engine._pool.pids()
+        start = time.monotonic()
+        result = engine.evaluate(DECISION_RULE, {"big": True})
+        assert time.monotonic() - start < 10.0
+        assert result.deny_codes == [UNAVAILABLE]
+        assert "used more than 200 MiB" in (result.error or ""), result.error
+        # Not a deadline: the metric of cut decisions does not count it.
+        assert "exceeded its deadline" not in result.deny[0]["message"]
+        assert not alive(worker) and engine.timeouts == 0
+        assert engine.evaluate(DECISION_RULE, {"big": False}).allow
