@@ -12,7 +12,7 @@
 #   - no top-level commas inside comprehension bodies (`[x | some i, x in xs]` fails to parse);
 #   - time.parse_rfc3339_ns rejects a trailing "Z": timestamps are normalised to "+00:00";
 #   - no net.cidr_* builtins, no sprintf %d / %q (use %v / %s);
-#   - sort() of a set returns a set: sort an array comprehension instead;
+#   - no sort(), max() or min(): rego-cpp orders numbers of different lengths as text;
 #   - a string built by concat/upper/trim_* keeps literal quotes when passed to sprintf,
 #     so messages only interpolate input/data values, numbers and collections.
 # Every builtin used here has a test in opsgate_test.rego (test_builtin_*), so a builtin
@@ -135,9 +135,10 @@ parse_time_ns(ts) := time.parse_rfc3339_ns(concat("", [trim_suffix(ts, "Z"), "+0
 	endswith(ts, "Z")
 } else := time.parse_rfc3339_ns(ts)
 
-# A sorted JSON-ish list for messages, e.g. ["sre", "sre-lead"]. (Not concat: in rego-cpp a
-# string made by concat/upper/trim_* keeps its quotes when passed through sprintf.)
-list_text(xs) := sprintf("%v", [sort([x | some x in xs])])
+# A JSON-ish list for messages, e.g. ["sre", "sre-lead"], in the data's order. (Not sort:
+# rego-cpp orders numbers as text. Not concat: in rego-cpp a string made by
+# concat/upper/trim_* keeps its quotes when passed through sprintf.)
+list_text(xs) := sprintf("%v", [[x | some x in xs]])
 
 has_any_role(roles, wanted) if {
 	some role in roles
@@ -469,7 +470,17 @@ approval_counts contains 2 if {
 	incident.tier == "critical"
 }
 
-required_approvals := max([1, min([max(approval_counts), max_required_approvals])])
+# Not max()/min(): rego-cpp orders numbers of different lengths as text (max([2, 10]) is 2).
+wanted_approvals := 2 if 2 in approval_counts
+
+else := 1
+
+# Capped by data.max_required_approvals, and never below 1.
+required_approvals := 1 if {
+	max_required_approvals < 1
+} else := max_required_approvals if {
+	wanted_approvals > max_required_approvals
+} else := wanted_approvals
 
 # ---------------------------------------------------------------------------
 # decision
