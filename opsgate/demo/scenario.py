@@ -562,8 +562,7 @@ class Scenario:
         self.scene(3, "A human approves the rollback; opsgate runs and verifies it")
         self.opsgate("approve", rollback_id, "--comment", f"roll back to {GOOD_VERSION}")
         self.say(
-            "  a mitigation, judged against its baseline (the error rate just before it "
-            "runs):"
+            "  a mitigation, judged against its baseline (the error rate just before it runs):"
         )
         self.say(
             f"  verification: error_rate <= 1% or half its baseline, latency_p99 <= 0.25s or "
