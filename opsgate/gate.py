@@ -57,6 +57,20 @@ class Evaluation:
     engine: str
     duration_ms: float
     shadow: PolicyResult | None = None
+    # (id, state) of the actions holding the target: a concurrent_action refusal names them.
+    holders: tuple[tuple[str, str], ...] = ()
+
+    def deny_reasons(self) -> tuple[DenyReason, ...]:
+        reasons = tuple(DenyReason(**d) for d in self.result.deny)
+        if not self.holders:
+            return reasons
+        held = ", ".join(f"{i} ({state})" for i, state in self.holders)
+        return tuple(
+            DenyReason(code=r.code, message=f"{r.message}; held by {held}")
+            if r.code == "concurrent_action"
+            else r
+            for r in reasons
+        )
 
     def decision(self, *, action_id: str | None, phase: Any, at: datetime) -> Decision:
         return Decision(
@@ -64,7 +78,7 @@ class Evaluation:
             action_id=action_id,
             phase=phase,
             allow=self.result.allow,
-            deny=tuple(DenyReason(**d) for d in self.result.deny),
+            deny=self.deny_reasons(),
             required_approvals=self.result.required_approvals,
             approver_roles=self.result.approver_roles,
             engine=self.engine,
@@ -172,7 +186,17 @@ class Gate:
         result = self.engine.evaluate(DECISION_RULE, document)
         elapsed = (time.perf_counter() - started) * 1000
         shadow = self.shadow.evaluate(DECISION_RULE, document) if self.shadow else None
-        return Evaluation(result, document, checks, self.engine.name, elapsed, shadow)
+        holders: tuple[tuple[str, str], ...] = ()
+        if active and "concurrent_action" in {d.get("code") for d in result.deny}:
+            holders = tuple(
+                reader.holders_on_target(
+                    proposal.target,
+                    proposal.environment,
+                    running=phase == "execute",
+                    exclude_id=exclude_id,
+                )
+            )
+        return Evaluation(result, document, checks, self.engine.name, elapsed, shadow, holders)
 
     def dry_run(self, document: Any, proposer: Identity) -> tuple[ValidatedProposal, Decision]:
         """`policy eval`: the decision for a proposal, nothing stored."""

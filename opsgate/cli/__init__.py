@@ -9,7 +9,18 @@ from pathlib import Path
 import click
 
 from opsgate import __version__
-from opsgate.cli import actions, admin, demo, doctor, execution, mcp, metrics, policy, report
+from opsgate.cli import (
+    actions,
+    admin,
+    demo,
+    doctor,
+    execution,
+    listing,
+    mcp,
+    metrics,
+    policy,
+    report,
+)
 from opsgate.cli.context import CliConfig
 from opsgate.config import Settings
 from opsgate.errors import OpsgateError
@@ -50,6 +61,8 @@ cli.add_command(admin.catalog)
 cli.add_command(admin.audit)
 cli.add_command(actions.propose)
 cli.add_command(actions.queue)
+cli.add_command(listing.list_actions, "list")
+cli.add_command(listing.list_actions, "get")
 cli.add_command(actions.show)
 cli.add_command(actions.approve)
 cli.add_command(actions.reject)

@@ -10,6 +10,7 @@ import click
 
 from opsgate.catalog import load_yaml_text
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import (
     action_json,
     actions_table,
@@ -171,7 +172,7 @@ def queue(config: CliConfig, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @json_option
 @pass_config
 def show(config: CliConfig, action_id: str, as_json: bool) -> None:
@@ -194,7 +195,7 @@ def _catalog_or_none(config: CliConfig) -> Any:
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--comment", default="", help="Why you approve; goes into the audit trail.")
 @json_option
 @pass_config
@@ -226,7 +227,7 @@ def approve(config: CliConfig, action_id: str, comment: str, as_json: bool) -> N
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--reason", required=True, help="Why; goes into the audit trail.")
 @json_option
 @pass_config
@@ -240,7 +241,7 @@ def reject(config: CliConfig, action_id: str, reason: str, as_json: bool) -> Non
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--reason", default="", help="Why; goes into the audit trail.")
 @json_option
 @pass_config

@@ -10,6 +10,7 @@ from rich.table import Table
 from opsgate.audit import verify_chain
 from opsgate.catalog import param_json_schema
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import console, event_json
 from opsgate.errors import OpsgateError
 
@@ -127,7 +128,9 @@ def audit_verify(config: CliConfig, as_json: bool) -> None:
 
 @audit.command("export")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default="jsonl")
-@click.option("--action", "action_id", help="Only this action's events.")
+@click.option(
+    "--action", "action_id", type=ACTION_ID, help="Only this action's events (id or unique prefix)."
+)
 @pass_config
 def audit_export(config: CliConfig, fmt: str, action_id: str | None) -> None:
     """Every event with its hashes, in sequence order."""

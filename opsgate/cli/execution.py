@@ -15,6 +15,7 @@ import click
 from rich.table import Table
 
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
 from opsgate.cli.render import console, details_json, fmt_value, ts
 from opsgate.errors import ActionFailed, Refused
@@ -114,7 +115,7 @@ def finish(config: CliConfig, action_id: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @json_option
 @pass_config
 def run(config: CliConfig, action_id: str, as_json: bool) -> None:
@@ -221,7 +222,7 @@ def worker(
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--reason", required=True, help="Why; goes into the audit trail.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the end.")
 @json_option

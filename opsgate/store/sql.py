@@ -50,6 +50,7 @@ from opsgate.models import (
 )
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
+    ActionQuery,
     DuplicateIdempotencyKey,
     StoreError,
     TargetBusy,
@@ -327,6 +328,53 @@ class SqlStore:
         return [action_from_row(row._mapping) for row in self._all(statement)]
 
     @_translate_errors
+    def find_actions(self, query: ActionQuery) -> list[Action]:
+        """Actions matching every filter of the query, newest first, at most query.limit."""
+        statement = select(actions)
+        if query.states:
+            statement = statement.where(actions.c.state.in_(sorted(s.value for s in query.states)))
+        if query.environments:
+            statement = statement.where(actions.c.environment.in_(sorted(query.environments)))
+        if query.action_types:
+            statement = statement.where(actions.c.action_type.in_(sorted(query.action_types)))
+        if query.targets:
+            statement = statement.where(actions.c.target.in_(sorted(query.targets)))
+        if query.proposer_id is not None:
+            statement = statement.where(actions.c.proposer_id == query.proposer_id)
+        if query.since is not None:
+            statement = statement.where(actions.c.created_at >= query.since)
+        statement = statement.order_by(actions.c.created_at.desc(), actions.c.id.desc()).limit(
+            max(query.limit, 0)
+        )
+        return [action_from_row(row._mapping) for row in self._all(statement)]
+
+    @_translate_errors
+    def action_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Ids starting with `prefix` (exact, case as stored), in id order, at most limit."""
+        statement = (
+            select(actions.c.id)
+            .where(actions.c.id.startswith(prefix, autoescape=True))
+            .order_by(actions.c.id)
+            .limit(max(limit, 0))
+        )
+        # SQLite's LIKE ignores ASCII case; the prefix must match as stored.
+        return [row[0] for row in self._all(statement) if row[0].startswith(prefix)]
+
+    @_translate_errors
+    def neighbour_ids(self, action_id: str) -> tuple[str | None, str | None]:
+        """The ids just before and just after `action_id` in id order."""
+        row = self._all(_NEIGHBOURS, {"action_id": action_id})[0]._mapping
+        return row["before"], row["after"]
+
+    @_translate_errors
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]:
+        statement = _holders(running, exclude_id)
+        params = {"target": target, "environment": environment, "exclude_id": exclude_id}
+        return [(r._mapping["id"], r._mapping["state"]) for r in self._all(statement, params)]
+
+    @_translate_errors
     def due_for_expiry(self, now: datetime) -> list[Action]:
         """Pending or approved actions whose expires_at has passed."""
         rows = self._all(_DUE_FOR_EXPIRY, {"now": now})
@@ -580,6 +628,15 @@ class SqlTx:
         """Actions on this target in ACTIVE_STATES (approved .. rolling_back)."""
         statement, params = _count_active(target, environment, exclude_id)
         return int(self._conn.execute(statement, params).scalar_one())
+
+    @_translate_errors
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]:
+        statement = _holders(running, exclude_id)
+        params = {"target": target, "environment": environment, "exclude_id": exclude_id}
+        rows = self._conn.execute(statement, params)
+        return [(r._mapping["id"], r._mapping["state"]) for r in rows]
 
     @_translate_errors
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
@@ -907,6 +964,47 @@ def _count_running(
     if exclude_id is None:
         return _COUNT_RUNNING, params
     return _COUNT_RUNNING_EXCLUDING, {**params, "exclude_id": exclude_id}
+
+
+_HOLDERS_LIMIT = 5
+_HOLDERS_ACTIVE = (
+    select(actions.c.id, actions.c.state)
+    .where(
+        actions.c.target == bindparam("target"),
+        actions.c.environment == bindparam("environment"),
+        actions.c.state.in_(_ACTIVE),
+    )
+    .order_by(actions.c.created_at.desc(), actions.c.id.desc())
+    .limit(_HOLDERS_LIMIT)
+)
+_HOLDERS_RUNNING = (
+    select(actions.c.id, actions.c.state)
+    .select_from(executions.join(actions, actions.c.id == executions.c.action_id))
+    .where(
+        executions.c.target == bindparam("target"),
+        executions.c.environment == bindparam("environment"),
+        executions.c.finished_at.is_(None),
+    )
+    .order_by(actions.c.created_at.desc(), actions.c.id.desc())
+    .limit(_HOLDERS_LIMIT)
+)
+_NEIGHBOURS = select(
+    select(func.max(actions.c.id))
+    .where(actions.c.id < bindparam("action_id"))
+    .scalar_subquery()
+    .label("before"),
+    select(func.min(actions.c.id))
+    .where(actions.c.id > bindparam("action_id"))
+    .scalar_subquery()
+    .label("after"),
+)
+
+
+def _holders(running: bool, exclude_id: str | None) -> Select[Any]:
+    statement = _HOLDERS_RUNNING if running else _HOLDERS_ACTIVE
+    if exclude_id is not None:
+        statement = statement.where(actions.c.id != bindparam("exclude_id"))
+    return statement
 
 
 def _busy_message(execution: Execution) -> str:
