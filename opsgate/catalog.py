@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from opsgate.errors import InvalidInput
+from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.models import ActionType, ParamSpec, Step
 
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
@@ -95,7 +95,10 @@ class Catalog:
             return self.types[name]
         except KeyError:
             known = ", ".join(sorted(self.types)) or "none"
-            raise InvalidInput("action", f"unknown action type {name!r} (known: {known})") from None
+            hint = did_you_mean(name, self.types)
+            raise InvalidInput(
+                "action", f"unknown action type {name!r}{hint} (known: {known})"
+            ) from None
 
     def __iter__(self) -> Any:
         return iter(sorted(self.types.values(), key=lambda t: t.name))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -21,9 +25,9 @@ from opsgate.cli import (
     policy,
     report,
 )
-from opsgate.cli.context import CliConfig
+from opsgate.cli.context import CliConfig, output_mode
 from opsgate.config import Settings
-from opsgate.errors import OpsgateError
+from opsgate.errors import OpsgateError, Refused
 from opsgate.store.base import StoreError
 
 
@@ -80,38 +84,82 @@ cli.add_command(doctor.doctor)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and map every failure to one line on stderr and an exit code."""
+    """Run the CLI and map every failure to one line on stderr and an exit code (a JSON
+    object on stderr under --json, with the same exit code)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    output_mode.json = False
+    report = _ErrorReport(args)
     try:
-        cli.main(args=argv, prog_name="opsgate", standalone_mode=False)
+        cli.main(args=args, prog_name="opsgate", standalone_mode=False)
     except OpsgateError as exc:
-        click.echo(f"error: {exc}", err=True)
-        return exc.exit_code
+        field = getattr(exc, "field", None) or None
+        extra = {"deny_codes": exc.codes} if isinstance(exc, Refused) else {}
+        return report(exc, str(exc), exc.exit_code, field, extra)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:
-        click.echo("aborted", err=True)
-        return 1
+        return report(None, "aborted", 1, code="aborted")
     except click.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
-        return 2
+        field = None
+        if isinstance(exc, click.BadParameter) and exc.param is not None:
+            opts = getattr(exc.param, "opts", None) or [exc.param.name or ""]
+            field = max(opts, key=len)
+        return report(None, f"{exc.format_message()}{hint}", 2, field, code="usage")
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        return exc.exit_code
+        return report(None, exc.format_message(), exc.exit_code, code="usage")
     except StoreError as exc:
-        click.echo(
-            f"error: store: {exc} (is OPSGATE_DB right, and did you run `opsgate init`?)", err=True
+        return report(
+            exc,
+            f"store: {exc} (is OPSGATE_DB right, and did you run `opsgate init`?)",
+            1,
+            code="store_error",
         )
-        return 1
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except Exception as exc:  # the last line of defence: one line, not a traceback
         if os.environ.get("OPSGATE_DEBUG"):
             traceback.print_exc()
-        click.echo(
-            f"error: unexpected {type(exc).__name__}: {exc} (set OPSGATE_DEBUG=1 for "
-            "the traceback)",
-            err=True,
+        return report(
+            exc,
+            f"unexpected {type(exc).__name__}: {exc} (set OPSGATE_DEBUG=1 for the traceback)",
+            1,
+            code="unexpected",
         )
-        return 1
     return 0
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class _ErrorReport:
+    """Prints an error as `error: ...` or, when --json was asked for, as one JSON object."""
+
+    def __init__(self, args: list[str]) -> None:
+        # Also for errors raised before click reached --json (a missing argument).
+        before_separator = args[: args.index("--")] if "--" in args else args
+        self._asked = "--json" in before_separator
+
+    def __call__(
+        self,
+        exc: BaseException | None,
+        message: str,
+        exit_code: int,
+        field: str | None = None,
+        extra: Mapping[str, object] | None = None,
+        *,
+        code: str | None = None,
+    ) -> int:
+        if output_mode.json or self._asked:
+            error: dict[str, object] = {
+                "code": code or _snake(type(exc).__name__),
+                "message": message,
+                "field": field,
+                "exit_code": exit_code,
+                **(extra or {}),
+            }
+            click.echo(json.dumps({"error": error}, sort_keys=True), err=True)
+        else:
+            click.echo(f"error: {message}", err=True)
+        return exit_code

@@ -12,7 +12,7 @@ import click
 
 from opsgate.catalog import Catalog, load_catalog
 from opsgate.config import Settings
-from opsgate.errors import ConfigError
+from opsgate.errors import ConfigError, InvalidInput
 from opsgate.gate import Gate
 from opsgate.identity import identity_provider
 from opsgate.models import Identity
@@ -167,10 +167,37 @@ def pass_config(func: F) -> F:
     return cast(F, wrapper)
 
 
+class _OutputMode:
+    """Whether this invocation asked for --json: errors then go out as JSON too."""
+
+    json = False
+
+
+output_mode = _OutputMode()
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        output_mode.json = True
+    return value
+
+
 def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
-        func
-    )
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        is_eager=True,
+        callback=_remember_json,
+        help="Print JSON instead of a table (errors too, on stderr).",
+    )(func)
+
+
+def json_format(fmt: str | None, as_json: bool, *, default: str) -> str:
+    """--json is --format json; asking for both JSON and another format is a mistake."""
+    if as_json and fmt not in (None, "json"):
+        raise InvalidInput("--json", f"conflicts with --format {fmt}")
+    return "json" if as_json else (fmt or default)
 
 
 def echo_json(value: Any) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.render import action_json, console
-from opsgate.errors import InvalidInput
+from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.ids import short_ids
 from opsgate.models import ACTIVE_STATES, TERMINAL_STATES, Action, ActionState
 from opsgate.store.base import ActionQuery
@@ -33,11 +32,6 @@ MAX_LIMIT = 10_000
 MAX_FILTER_LENGTH = 256
 _DURATION = re.compile(r"(\d{1,6})([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def did_you_mean(value: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def parse_states(values: Sequence[str]) -> frozenset[ActionState]:

@@ -8,6 +8,7 @@ with the cause that grew most inside it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,6 +42,10 @@ CAUSE_COLUMNS = [
 ]  # a pair is named when it explains at least half of the change
 
 
+def column_key(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+
+
 @dataclass
 class Table:
     name: str
@@ -49,6 +54,15 @@ class Table:
     rows: list[list[Any]]
     note: str = ""
     kinds: dict[str, str] = field(default_factory=dict)  # column -> "rate" | "seconds"
+
+    @property
+    def keys(self) -> list[str]:
+        """Column names as JSON/CSV keys: `pass rate` -> `pass_rate`."""
+        return [column_key(c) for c in self.columns]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Rows as objects keyed by `keys`, raw values (numbers stay numbers)."""
+        return [dict(zip(self.keys, row, strict=True)) for row in self.rows]
 
     def formatted(self) -> list[list[str]]:
         """Rows for people: rates as percentages, seconds as durations."""
@@ -61,6 +75,8 @@ class Table:
                     cells.append(pct(value))
                 elif kind == "seconds":
                     cells.append(secs(value))
+                elif isinstance(value, Mapping):
+                    cells.append(", ".join(f"{k} {v}" for k, v in value.items()) or "-")
                 else:
                     cells.append("-" if value is None else str(value))
             out.append(cells)
@@ -238,7 +254,7 @@ def verification_report(
     table_rows = []
     for row in rows:
         prev = before.get(row.segment)
-        fired = ", ".join(f"{k} {v}" for k, v in sorted(row.stop_conditions.items()))
+        fired = dict(sorted(row.stop_conditions.items()))  # an object in JSON, not a string
         table_rows.append(
             [
                 row.segment,
@@ -411,10 +427,7 @@ def blocks_report(
                             r.blocked,
                             _raw(r.block_rate),
                             earlier[r.segment].block_rate if r.segment in earlier else None,
-                            ", ".join(
-                                f"{c} {n}"
-                                for c, n in sorted(r.with_code.items(), key=lambda kv: -kv[1])[:3]
-                            ),
+                            dict(sorted(r.with_code.items(), key=lambda kv: -kv[1])[:3]),
                         ]
                         for r in keyed
                     ],
@@ -439,9 +452,7 @@ def _shadow_table(q: ReportQueries, window: Window, where: Mapping[str, str]) ->
         return None
     rows = []
     for phase, row in sorted(verdicts.items()):
-        codes = ", ".join(
-            f"{c} {n}" for c, n in sorted(row["codes"].items(), key=lambda kv: -kv[1])
-        )
+        codes = dict(sorted(row["codes"].items(), key=lambda kv: -kv[1]))
         rows.append([phase, row["evaluated"], row["would_block"], row["would_allow"], codes])
     return Table(
         "shadow",

@@ -266,6 +266,13 @@ class ReportQueries:
             self._labels = {row[0]: tuple(v or NONE_LABEL for v in row[1:]) for row in rows}
         return self._labels.get(segment_id or -1, (NONE_LABEL,) * len(SEGMENTS))
 
+    def segment_values(self, key: str) -> set[str]:
+        """Every value segment `key` has had, as reports label it."""
+        if key not in SEGMENTS:
+            raise ValueError(f"unknown segment {key!r}; one of {', '.join(SEGMENTS)}")
+        rows = self._rows(select(SEGMENTS[key]).distinct())
+        return {row[0] or NONE_LABEL for row in rows}
+
     @staticmethod
     def _filters(column: Any, where: Mapping[str, str]) -> list[ColumnElement[bool]]:
         """`where` as `segment_id IN (matching segments)`."""

@@ -167,4 +167,12 @@ def test_shadow_bundle_is_stored_and_reported_but_never_enforced(
     report = runner.invoke(cli, [*base, "report", "blocks", "--format", "json"])
     assert report.exit_code == 0, report.output
     tables = {t["name"]: t for t in json.loads(report.stdout)["tables"]}
-    assert tables["shadow"]["rows"] == [["propose", 2, 1, 0, "param_out_of_bounds 1"]]
+    assert tables["shadow"]["rows"] == [
+        {
+            "phase": "propose",
+            "evaluated": 2,
+            "would_have_blocked": 1,
+            "would_have_allowed": 0,
+            "codes": {"param_out_of_bounds": 1},
+        }
+    ]
