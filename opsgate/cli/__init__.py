@@ -24,6 +24,7 @@ from opsgate.cli import (
     metrics,
     policy,
     report,
+    watch,
 )
 from opsgate.cli.context import CliConfig, output_mode
 from opsgate.config import Settings
@@ -73,6 +74,7 @@ cli.add_command(actions.reject)
 cli.add_command(actions.cancel)
 cli.add_command(execution.run)
 cli.add_command(execution.worker)
+cli.add_command(watch.watch)
 cli.add_command(execution.rollback)
 cli.add_command(execution.workers)
 cli.add_command(policy.policy)

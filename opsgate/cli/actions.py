@@ -13,7 +13,6 @@ from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import (
     action_json,
-    actions_table,
     approval_json,
     decision_json,
     deny_lines,
@@ -158,17 +157,14 @@ def propose(config: CliConfig, idempotency_key: str | None, as_json: bool, **fie
 
 
 @click.command()
+@click.option("--mine-to-approve", is_flag=True, help="Only what you may approve now.")
 @json_option
 @pass_config
-def queue(config: CliConfig, as_json: bool) -> None:
-    """What waits for approval, oldest first."""
-    actions = config.gate.queue()
-    if as_json:
-        echo_json([action_json(a, config.catalog) for a in actions])
-    elif not actions:
-        click.echo("nothing waits for approval")
-    else:
-        actions_table(actions, f"{len(actions)} waiting for approval")
+def queue(config: CliConfig, mine_to_approve: bool, as_json: bool) -> None:
+    """What waits for approval, oldest first: progress, time left, reason."""
+    from opsgate.cli.listing import show_queue
+
+    show_queue(config, config.gate.queue(), mine_to_approve, as_json)
 
 
 @click.command()

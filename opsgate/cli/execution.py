@@ -18,6 +18,7 @@ from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
 from opsgate.cli.render import console, details_json, fmt_value, ts
+from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
 from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
@@ -121,22 +122,30 @@ def finish(config: CliConfig, action_id: str, as_json: bool) -> None:
 def run(config: CliConfig, action_id: str, as_json: bool) -> None:
     """Run one approved action here: re-check, run, verify, roll back if it made things worse.
 
-    Exit 0 when verified, 3 when blocked at execution, 1 for any other end.
+    Exit 0 when verified, 3 when blocked at execution, 1 for any other end. After a
+    Ctrl-C the action is handed over (exit 130): a worker resumes it, or `opsgate run
+    ID` resumes it here.
     """
     config.gate.expire_due()
     action = config.store.get_action(action_id)
     title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
     view = PlainView() if as_json else view_for(action_id, f"{action_id}  {title}")
+    resuming = resumable(config, action)  # left under way by an interrupted `run`
     executor = build_executor(config, None if as_json else view)
     try:
         with sigterm_as_interrupt(), view:
             executor.start()
-            claimed = executor.claim(action_id)
-            if claimed is not None and claimed.state is S.EXECUTING:
-                executor.launch(action_id)
+            if resuming:
+                resume_here(executor, action_id)
                 wait_finishing(executor, "this action")
+            else:
+                claimed = executor.claim(action_id)
+                if claimed is not None and claimed.state is S.EXECUTING:
+                    executor.launch(action_id)
+                    wait_finishing(executor, "this action")
     finally:
         executor.close()
+    refuse_if_handed_over(config, action_id)
     finish(config, action_id, as_json)
 
 

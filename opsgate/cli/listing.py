@@ -15,7 +15,7 @@ from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.render import action_json, console
 from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.ids import short_ids
-from opsgate.models import ACTIVE_STATES, TERMINAL_STATES, Action, ActionState
+from opsgate.models import ACTIVE_STATES, TERMINAL_STATES, Action, ActionState, Identity
 from opsgate.store.base import ActionQuery
 
 # Stored states (`proposed` never is) plus groups people think in.
@@ -190,3 +190,70 @@ def list_actions(
         return
     ids = {a.id: a.id for a in found} if wide else short_ids(config.store, (a.id for a in found))
     console().print(actions_list_table(found, ids, wide=wide, now=now))
+
+
+def time_left(expires_at: datetime | None, now: datetime) -> str:
+    if expires_at is None:
+        return "-"
+    seconds = int((expires_at - now).total_seconds())
+    return "due" if seconds <= 0 else age(now - timedelta(seconds=seconds), now)
+
+
+def may_approve(
+    config: CliConfig, me: Identity, action: Action, approved_by: set[str], now: datetime
+) -> bool:
+    """What `approve` would accept from `me` now (without recording anything): not their
+    own, not an agent, not already counted, and the policy's approval rule allows."""
+    if me.id == action.proposer.id or me.kind != "human" or me.id in approved_by:
+        return False
+    return bool(config.gate.approval_evaluation(action, me, now).result.allow)
+
+
+def show_queue(config: CliConfig, actions: Sequence[Action], mine: bool, as_json: bool) -> None:
+    """`opsgate queue`: progress (1 of 2), roles, time left and the reason, oldest first."""
+    now = datetime.now(UTC)
+    me = config.identity() if mine else None
+    rows = []
+    for action in actions:
+        approvals = config.store.approvals_for(action.id)
+        # Only approvals of the current spec count, as `approve` counts them.
+        counted = {a.approver.id for a in approvals if a.spec_hash == action.spec_hash}
+        if me is not None and not may_approve(config, me, action, counted, now):
+            continue
+        rows.append((action, sorted(counted)))
+    if as_json:
+        documents = []
+        for action, by in rows:
+            document = action_json(action, config.catalog)
+            left = (action.expires_at - now).total_seconds() if action.expires_at else None
+            document["approvals"] = {
+                "count": len(by),
+                "required": action.required_approvals,
+                "by": by,
+            }
+            document["expires_in_seconds"] = None if left is None else max(0, round(left))
+            documents.append(document)
+        echo_json(documents)
+        return
+    if not rows:
+        click.echo("nothing you may approve waits" if mine else "nothing waits for approval")
+        return
+    ids = short_ids(config.store, (a.id for a, _ in rows))
+    table = Table(box=None, pad_edge=False)
+    table.add_column("ID", no_wrap=True, min_width=max(len(i) for i in ids.values()))
+    for name in ("ACTION", "TARGET", "ENV", "APPROVALS", "LEFT", "PROPOSER", "REASON"):
+        table.add_column(name, overflow="fold")
+    for action, by in rows:
+        table.add_row(
+            ids[action.id],
+            escape(action.action_type),
+            escape(action.target),
+            escape(action.environment),
+            f"{len(by)} of {action.required_approvals}",
+            time_left(action.expires_at, now),
+            escape(action.proposer.id),
+            escape(action.reason),
+        )
+    title = "you may approve" if mine else "waiting for approval"
+    click.echo(f"{len(rows)} {title}")
+    console().print(table)

@@ -197,3 +197,47 @@ def test_worker_log_lines_carry_an_id_show_accepts(
     assert logged != action_id and action_id.startswith(logged)
     code, out, err = cli("show", logged, "--json")
     assert code == 0 and action_id in out, err
+
+
+def test_queue_shows_progress_time_left_and_reason(cli: Cli) -> None:
+    critical = [a if a != "standard" else "critical" for a in SCALE]
+    two = cli.json(*critical)["action"]["id"]
+    one = restart(cli, "web")
+    cli.as_user("bob")
+    assert cli("approve", two)[0] == 0
+    queue = {a["id"]: a for a in cli.json("queue")}
+    assert queue[two]["approvals"] == {"count": 1, "required": 2, "by": ["bob"]}
+    assert queue[one]["approvals"] == {"count": 0, "required": 1, "by": []}
+    assert 3500 <= queue[two]["expires_in_seconds"] <= 3600
+    code, out, _ = cli("queue")
+    assert code == 0 and "2 waiting for approval" in out
+    line = next(line for line in out.splitlines() if line.startswith(two[:8]))
+    assert "1 of 2" in line and "59m" in line and "p99 latency" in out
+
+
+def test_queue_mine_to_approve_is_what_approve_would_accept(cli: Cli) -> None:
+    critical = [a if a != "standard" else "critical" for a in SCALE]
+    two = cli.json(*critical)["action"]["id"]
+    one = restart(cli, "web")
+
+    def mine(user: str, kind: str = "human") -> list[str]:
+        cli.as_user(user, kind)
+        return [a["id"] for a in cli.json("queue", "--mine-to-approve")]
+
+    assert mine("alice") == []  # never your own
+    assert mine("bob") == [two, one]
+    assert mine("sre-agent", "agent") == []  # agents never approve
+    assert mine("dave") == []  # a developer: the approval rule says no
+    cli.as_user("bob")
+    assert cli("approve", two)[0] == 0
+    assert mine("bob") == [one]  # counted once: nothing more for bob there
+    assert mine("carol") == [two, one]
+    code, out, _ = cli("queue", "--mine-to-approve")
+    assert code == 0 and "2 you may approve" in out
+    cli.as_user("dave")
+    code, out, _ = cli("queue", "--mine-to-approve")
+    assert code == 0 and out.strip() == "nothing you may approve waits"
+    # Every listed action is one `approve` accepts from that user.
+    cli.as_user("carol")
+    for action_id in mine("carol"):
+        assert cli("approve", action_id)[0] == 0
