@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from opsgate.errors import ConfigError
-from opsgate.models import parse_duration
 
 DEFAULT_DB = "sqlite:///opsgate.db"
 
@@ -78,6 +77,8 @@ class Settings:
                 converted[name] = value
             elif name in {"approval_ttl", "prometheus_timeout", "lease", "opa_timeout"}:
                 try:
+                    from opsgate.models import parse_duration  # pydantic: only when needed
+
                     converted[name] = parse_duration(value)
                 except ValueError as exc:
                     raise ConfigError(f"OPSGATE_{name.upper()}: {exc}") from exc

@@ -10,7 +10,13 @@ from typing import Any, Literal
 
 from opsgate.catalog import Catalog
 from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict
-from opsgate.lifecycle import new_id, record_event, record_transition
+from opsgate.lifecycle import (
+    expire_due,
+    expire_if_due,
+    new_id,
+    record_event,
+    record_transition,
+)
 from opsgate.models import (
     Action,
     ActionState,
@@ -28,7 +34,6 @@ from opsgate.preconditions import CheckContext, PreconditionRegistry, Preconditi
 from opsgate.proposals import ValidatedProposal, spec_hash, validate
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
 
-SYSTEM_ACTOR = "opsgate"
 MAX_COMMENT_LENGTH = 2000
 
 
@@ -297,20 +302,7 @@ class Gate:
         return action
 
     def _expire_if_due(self, tx: StoreTx, action: Action, now: datetime) -> Action | None:
-        if (
-            action.state in (ActionState.PENDING_APPROVAL, ActionState.APPROVED)
-            and action.expires_at is not None
-            and now >= action.expires_at
-        ):
-            return record_transition(
-                tx,
-                action,
-                ActionState.EXPIRED,
-                actor=SYSTEM_ACTOR,
-                now=now,
-                data={"expires_at": action.expires_at.isoformat()},
-            )
-        return None
+        return expire_if_due(tx, action, now)
 
     def approve(self, action_id: str, approver: Identity, comment: str = "") -> ApproveOutcome:
         if len(comment) > MAX_COMMENT_LENGTH:
@@ -489,16 +481,7 @@ class Gate:
     def expire_due(self) -> list[Action]:
         """Expire pending actions past their approval TTL, and approved ones not started
         within it."""
-        now = self.clock()
-        expired: list[Action] = []
-        for candidate in self.store.due_for_expiry(now):
-            with self.store.transaction() as tx:
-                action = tx.lock_action(candidate.id)
-                if action is not None:
-                    done = self._expire_if_due(tx, action, now)
-                    if done is not None:
-                        expired.append(done)
-        return expired
+        return expire_due(self.store, self.clock())
 
     # --- reading ---------------------------------------------------------------------
 

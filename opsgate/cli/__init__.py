@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -13,26 +14,64 @@ from pathlib import Path
 import click
 
 from opsgate import __version__
-from opsgate.cli import (
-    actions,
-    admin,
-    demo,
-    doctor,
-    execution,
-    listing,
-    mcp,
-    metrics,
-    policy,
-    report,
-    watch,
-)
 from opsgate.cli.context import CliConfig, output_mode
 from opsgate.config import Settings
-from opsgate.errors import OpsgateError, Refused
+from opsgate.errors import OpsgateError, Refused, did_you_mean
 from opsgate.store.base import StoreError
 
+# Each command's module is imported when that command runs, so `opsgate --version` or
+# `opsgate queue` never pays for the executor, reports, plotly or the MCP server.
+COMMANDS = {
+    "init": "admin:init",
+    "catalog": "admin:catalog",
+    "audit": "admin:audit",
+    "propose": "actions:propose",
+    "queue": "actions:queue",
+    "list": "listing:list_actions",
+    "get": "listing:list_actions",
+    "show": "actions:show",
+    "approve": "actions:approve",
+    "reject": "actions:reject",
+    "cancel": "actions:cancel",
+    "run": "execution:run",
+    "watch": "watch:watch",
+    "worker": "execution:worker",
+    "rollback": "execution:rollback",
+    "workers": "execution:workers",
+    "policy": "policy:policy",
+    "report": "report:report",
+    "metrics": "metrics:metrics",
+    "mcp": "mcp:mcp",
+    "demo": "demo:demo",
+    "doctor": "doctor:doctor",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when the command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(f"opsgate.cli.{module}"), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = click.utils.make_str(args[0]) if args else ""
+        if args and self.get_command(ctx, name) is None and not name.startswith("-"):
+            ctx.fail(f"no such command {name!r}{did_you_mean(name, self.list_commands(ctx))}")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="opsgate")
 @click.option("--db", envvar="OPSGATE_DB", help="Store URL (default sqlite:///opsgate.db).")
 @click.option(
@@ -59,30 +98,6 @@ def cli(ctx: click.Context, db: str | None, catalog: Path | None, policies: Path
     config = CliConfig(settings.with_overrides(overrides))
     ctx.obj = config
     ctx.call_on_close(config.close)
-
-
-cli.add_command(admin.init)
-cli.add_command(admin.catalog)
-cli.add_command(admin.audit)
-cli.add_command(actions.propose)
-cli.add_command(actions.queue)
-cli.add_command(listing.list_actions, "list")
-cli.add_command(listing.list_actions, "get")
-cli.add_command(actions.show)
-cli.add_command(actions.approve)
-cli.add_command(actions.reject)
-cli.add_command(actions.cancel)
-cli.add_command(execution.run)
-cli.add_command(execution.worker)
-cli.add_command(watch.watch)
-cli.add_command(execution.rollback)
-cli.add_command(execution.workers)
-cli.add_command(policy.policy)
-cli.add_command(report.report)
-cli.add_command(metrics.metrics)
-cli.add_command(mcp.mcp)
-cli.add_command(demo.demo)
-cli.add_command(doctor.doctor)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 
-from opsgate.catalog import load_yaml_text
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import (
@@ -37,6 +36,8 @@ def read_document(path: str) -> Any:
         raise InvalidInput("file", f"cannot read {path}: {exc.strerror}") from exc
     if len(raw) > MAX_PROPOSAL_BYTES:
         raise InvalidInput("file", f"larger than {MAX_PROPOSAL_BYTES} bytes")
+    from opsgate.catalog import load_yaml_text  # YAML only when a file is read
+
     document = load_yaml_text(raw, "file" if path == "-" else path)
     if document is None:
         raise InvalidInput("file", "the document is empty")
@@ -164,7 +165,9 @@ def queue(config: CliConfig, mine_to_approve: bool, as_json: bool) -> None:
     """What waits for approval, oldest first: progress, time left, reason."""
     from opsgate.cli.listing import show_queue
 
-    show_queue(config, config.gate.queue(), mine_to_approve, as_json)
+    config.expire_due()
+    waiting = config.store.list_actions(states=[ActionState.PENDING_APPROVAL], limit=1000)
+    show_queue(config, waiting, mine_to_approve, as_json)
 
 
 @click.command()

@@ -6,21 +6,20 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
-from opsgate.catalog import Catalog, load_catalog
 from opsgate.config import Settings
 from opsgate.errors import ConfigError, InvalidInput
-from opsgate.gate import Gate
-from opsgate.identity import identity_provider
-from opsgate.models import Identity
-from opsgate.policies.embedded import EmbeddedEngine
-from opsgate.policies.engine import PolicyEngine, load_bundle_data
-from opsgate.preconditions import PreconditionRegistry, prometheus_checks
-from opsgate.store import Store, open_store
-from opsgate.verification.prometheus import PrometheusProvider
+
+if TYPE_CHECKING:  # imported where used: a command pays only for what it opens
+    from opsgate.catalog import Catalog
+    from opsgate.gate import Gate
+    from opsgate.models import Identity
+    from opsgate.policies.engine import PolicyEngine
+    from opsgate.store import Store
+    from opsgate.verification.prometheus import PrometheusProvider
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,12 +38,16 @@ class CliConfig:
     @property
     def store(self) -> Store:
         if self._store is None:
+            from opsgate.store import open_store
+
             self._store = open_store(self.settings.db)
         return self._store
 
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
+            from opsgate.catalog import load_catalog
+
             self._catalog = load_catalog(self.settings.catalog)
         return self._catalog
 
@@ -71,12 +74,17 @@ class CliConfig:
                     timeout=settings.opa_timeout,
                 )
             else:
+                from opsgate.policies.embedded import EmbeddedEngine
+
                 self._engine = EmbeddedEngine(self.settings.policies)
         return self._engine
 
     @property
     def gate(self) -> Gate:
         if self._gate is None:
+            from opsgate.gate import Gate
+            from opsgate.preconditions import PreconditionRegistry, prometheus_checks
+
             policies = self.settings.policies
             self._gate = Gate(
                 store=self.store,
@@ -96,12 +104,16 @@ class CliConfig:
             return None
         if not directory.is_dir():
             raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
+        from opsgate.policies.embedded import EmbeddedEngine
+
         return EmbeddedEngine(directory)
 
     def optional_provider(self) -> PrometheusProvider | None:
         """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""
         url = self.settings.prometheus_url
         if self._provider is None and url:
+            from opsgate.verification.prometheus import PrometheusProvider
+
             settings = self.settings
             basic = None
             if settings.prometheus_user is not None:
@@ -127,7 +139,18 @@ class CliConfig:
             )
         return provider
 
+    def expire_due(self) -> None:
+        """Expire what is past its approval window (the store alone: no catalog, no
+        policy engine), so what a read shows is true now."""
+        from datetime import UTC, datetime
+
+        from opsgate.lifecycle import expire_due
+
+        expire_due(self.store, datetime.now(UTC))
+
     def identity(self) -> Identity:
+        from opsgate.identity import identity_provider
+
         return identity_provider(self.settings, self.store).current()
 
     def close(self) -> None:
@@ -141,6 +164,8 @@ class CliConfig:
 
 
 def _freeze_windows(policies: Path) -> list[Any]:
+    from opsgate.policies.engine import load_bundle_data
+
     try:
         windows = load_bundle_data(policies).get("freeze_windows", [])
     except (OSError, ValueError) as exc:

@@ -180,7 +180,7 @@ def list_actions(
     if mine:
         query = dataclasses.replace(query, proposer_id=config.identity().id)
     # What is past its approval window is expired first, so `active` means active.
-    config.gate.expire_due()
+    config.expire_due()
     found = config.store.find_actions(query)
     if as_json:
         echo_json([action_json(a, config.catalog) for a in found])

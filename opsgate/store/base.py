@@ -10,19 +10,20 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from opsgate.audit import AuditDraft
-from opsgate.models import (
-    Action,
-    ActionState,
-    Approval,
-    AuditEvent,
-    Decision,
-    Execution,
-    Measurement,
-    WorkerInfo,
-)
+if TYPE_CHECKING:  # annotations only: `except StoreError` must not load pydantic models
+    from opsgate.audit import AuditDraft
+    from opsgate.models import (
+        Action,
+        ActionState,
+        Approval,
+        AuditEvent,
+        Decision,
+        Execution,
+        Measurement,
+        WorkerInfo,
+    )
 
 # Fields of an action that may change after it is created.
 MUTABLE_ACTION_FIELDS = frozenset(

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.util import CommandError
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import (
     Connection,
@@ -31,7 +29,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
@@ -68,6 +65,9 @@ from opsgate.store.tables import (
     segments,
     workers,
 )
+
+if TYPE_CHECKING:  # alembic loads only to migrate: every command opens a store
+    from alembic.config import Config
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -118,6 +118,8 @@ def normalize_url(url: str) -> URL:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An alembic Config built in code, pointing at the packaged migrations."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     if connection is not None:
@@ -153,9 +155,12 @@ class SqlStore:
         # Report segment ids known to be committed (a few hundred at most).
         self.segment_ids: dict[tuple[str, ...], int] = {}
         self.dialect = parsed.get_backend_name()
+        # Only `migrate` (opsgate init) creates a SQLite file and its directory: a read
+        # must not leave an empty database (or directories) behind a typo in OPSGATE_DB.
+        self._may_create = False
         try:
             if self.dialect == "sqlite":
-                self._engine = self._sqlite_engine(parsed)
+                self._engine = self._sqlite_engine(parsed, lambda: self._may_create)
                 self._read_engine = self._engine.execution_options(opsgate_read=True)
             else:
                 self._engine = self._postgresql_engine(parsed)
@@ -165,11 +170,18 @@ class SqlStore:
             raise self.store_error(exc) from None
 
     @staticmethod
-    def _sqlite_engine(url: URL) -> Engine:
+    def _sqlite_engine(url: URL, may_create: Callable[[], bool]) -> Engine:
         database = url.database or ""
-        if not database.startswith("file:"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        path = None if database.startswith("file:") or database in ("", ":memory:") else database
         engine = create_engine(url)
+
+        @event.listens_for(engine, "do_connect")
+        def _refuse_to_create(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+            if path is None or Path(path).exists():
+                return
+            if not may_create():
+                raise StoreError(f"there is no store at {path}")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -280,6 +292,10 @@ class SqlStore:
     @_translate_errors
     def migrate(self) -> None:
         """Upgrade the schema to the newest revision (alembic `upgrade head`)."""
+        from alembic import command
+        from alembic.util import CommandError
+
+        self._may_create = True
         try:
             with self._engine.begin() as conn:
                 if self.dialect == "postgresql":
@@ -531,11 +547,11 @@ class SqlTx:
         self._store = store
         self._conn = conn
         self._postgresql = store.dialect == "postgresql"
-        self._insert_action = _INSERT_ACTION[store.dialect]
-        self._upsert_worker = _UPSERT_WORKER[store.dialect]
+        self._insert_action, self._upsert_worker, self._insert_segment = _dialect_statements(
+            store.dialect
+        )
         self.failed = False  # a driver error happened: the transaction must not commit
         self._segments: dict[str, int | None] = {}  # action id -> segment id, this tx
-        self._insert_segment = _INSERT_SEGMENT[store.dialect]
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -823,13 +839,6 @@ _AUDIT_PAGE_OF = _AUDIT_PAGE_ALL.where(audit_events.c.action_id == bindparam("ac
 _ROW_COUNTS = select(
     *(select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in _COUNTED)
 )
-# ON CONFLICT on the key alone; any other constraint still raises.
-_INSERT_ACTION = {
-    name: dialect.insert(actions)
-    .on_conflict_do_nothing(index_elements=[actions.c.idempotency_key])
-    .returning(actions.c.id)
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
 _INSERT_DECISION = insert(decisions)
 _STATE_FIELDS = {
     name: update(executions)
@@ -840,10 +849,6 @@ _STATE_FIELDS = {
 _OWNERS = select(
     executions.c.action_id, executions.c.worker_id, executions.c.rollback_requested_by
 ).where(executions.c.action_id.in_(bindparam("ids", expanding=True)))
-_INSERT_SEGMENT = {
-    name: dialect.insert(segments).on_conflict_do_nothing()
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
 _SEGMENT_ID = select(segments.c.id).where(
     *(segments.c[name] == bindparam(name) for name in SEGMENT_COLUMNS)
 )
@@ -942,19 +947,25 @@ _STOP_WORKER = (
 _LIST_WORKERS = select(workers).order_by(workers.c.heartbeat_at.desc(), workers.c.id)
 
 
-def _upsert_worker(dialect: Any) -> Executable:
-    statement = dialect.insert(workers)
-    return statement.on_conflict_do_update(
-        index_elements=[workers.c.id],
-        set_={c.name: statement.excluded[c.name] for c in workers.c if c.name != "id"},
+@functools.cache
+def _dialect_statements(name: str) -> tuple[Executable, Executable, Executable]:
+    """The statements whose SQL differs by dialect, built (and the dialect imported) on
+    first use: a SQLite user never loads the PostgreSQL dialect and its asyncio."""
+    dialect: Any = importlib.import_module(f"sqlalchemy.dialects.{name}")
+    # ON CONFLICT on the key alone; any other constraint still raises.
+    insert_action = (
+        dialect.insert(actions)
+        .on_conflict_do_nothing(index_elements=[actions.c.idempotency_key])
+        .returning(actions.c.id)
     )
-
-
-# A worker that restarts under the same id replaces its row.
-_UPSERT_WORKER = {
-    name: _upsert_worker(dialect)
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+    # A worker that restarts under the same id replaces its row.
+    upsert = dialect.insert(workers)
+    upsert_worker = upsert.on_conflict_do_update(
+        index_elements=[workers.c.id],
+        set_={c.name: upsert.excluded[c.name] for c in workers.c if c.name != "id"},
+    )
+    insert_segment = dialect.insert(segments).on_conflict_do_nothing()
+    return insert_action, upsert_worker, insert_segment
 
 
 def _count_running(

@@ -316,6 +316,7 @@ def test_port_in_use_is_a_config_error(sqlite_url: str) -> None:
 def test_unreadable_store_exposes_store_up_0_and_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    (tmp_path / "not-migrated.db").touch()  # a database file without the schema
     store = SqlStore(f"sqlite:///{tmp_path / 'not-migrated.db'}")
     try:
         collector = StoreCollector(store, lease=LEASE)
