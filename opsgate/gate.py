@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from opsgate.catalog import Catalog
-from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict
+from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict, did_you_mean
 from opsgate.lifecycle import (
     expire_due,
     expire_if_due,
@@ -133,6 +133,23 @@ class Gate:
     freeze_windows: Callable[[], list[Mapping[str, Any]]] = list
     clock: Callable[[], datetime] = utcnow
     shadow: PolicyEngine | None = None  # evaluated beside `engine`, never enforced
+    # The environments the bundle knows (None: cannot tell, e.g. OPA holds the data). A
+    # typo such as `prd` is invalid input, not a policy block that inflates block rates.
+    environments: Callable[[], frozenset[str] | None] = lambda: None
+
+    def validate(self, document: Any) -> ValidatedProposal:
+        """The proposal checked against the catalog and the bundle's environments."""
+        spec = validate(self.catalog, document)
+        known = self.environments()
+        environment = spec.proposal.environment
+        if known is not None and environment not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise InvalidInput(
+                "environment",
+                f"unknown environment {environment!r}{did_you_mean(environment, known)} "
+                f"(the policy bundle knows: {listed})",
+            )
+        return spec
 
     # --- deciding --------------------------------------------------------------------
 
@@ -205,7 +222,7 @@ class Gate:
 
     def dry_run(self, document: Any, proposer: Identity) -> tuple[ValidatedProposal, Decision]:
         """`policy eval`: the decision for a proposal, nothing stored."""
-        spec = validate(self.catalog, document)
+        spec = self.validate(document)
         evaluation = self.evaluate(spec, proposer)
         return spec, evaluation.decision(action_id=None, phase="dry_run", at=self.clock())
 
@@ -213,7 +230,7 @@ class Gate:
 
     def propose(self, document: Any, proposer: Identity) -> ProposeOutcome:
         """Validate, decide, store: blocked or pending_approval, with decision and event."""
-        spec = validate(self.catalog, document)
+        spec = self.validate(document)
         key = spec.proposal.idempotency_key
         if key is not None:
             existing = self._existing_for_key(key, spec.spec_hash)

@@ -92,10 +92,17 @@ class CliConfig:
                 engine=self.engine,
                 approval_ttl=self.settings.approval_ttl,
                 freeze_windows=lambda: _freeze_windows(policies),
+                environments=lambda: (
+                    None if self._external_opa() else bundle_environments(policies)
+                ),
                 preconditions=PreconditionRegistry(prometheus_checks(self.optional_provider())),
                 shadow=self.shadow_engine(),
             )
         return self._gate
+
+    def _external_opa(self) -> bool:
+        # OPA in external mode decides with its own data: the local bundle may differ.
+        return self.settings.policy_engine == "opa" and self.settings.opa_mode == "external"
 
     def shadow_engine(self) -> PolicyEngine | None:
         """The shadow bundle (OPSGATE_SHADOW_POLICIES), always in process: it is advice."""
@@ -161,6 +168,24 @@ class CliConfig:
             self._provider.close()
         if self._store is not None:
             self._store.close()
+
+
+def bundle_environments(policies: Path) -> frozenset[str] | None:
+    """Environments the bundle's data names (allowlist, propose_roles, approver_roles
+    keys), or None when it names none or cannot be read: then policy alone decides (and
+    fails closed on unreadable data)."""
+    from opsgate.policies.engine import load_bundle_data
+
+    try:
+        data = load_bundle_data(policies)
+    except (OSError, ValueError):
+        return None
+    names: set[str] = set()
+    for table in ("allowlist", "propose_roles", "approver_roles"):
+        entries = data.get(table)
+        if isinstance(entries, dict):
+            names.update(str(k) for k in entries if k != "default")
+    return frozenset(names) or None
 
 
 def _freeze_windows(policies: Path) -> list[Any]:
