@@ -10,12 +10,20 @@ import click
 from opsgate.cli.context import CliConfig, json_format, json_option, pass_config
 from opsgate.errors import ConfigError, InvalidInput, did_you_mean
 from opsgate.models import parse_duration
-from opsgate.reports.build import BUILDERS, summary_report
+from opsgate.reports.build import (
+    BUILDERS,
+    DEFAULT_MIN_RUNS,
+    rollbacks_report,
+    summary_report,
+    verification_report,
+)
 from opsgate.reports.queries import SEGMENTS, ReportQueries, Window
 from opsgate.reports.render import FORMATS, print_table, render
 from opsgate.store.sql import SqlStore
 
 KINDS = ("summary", *BUILDERS)
+# Reports whose figures rest on runs, and so say when there are too few to judge.
+JUDGED = {"verification": verification_report, "rollbacks": rollbacks_report}
 
 
 def parse_moment(value: str, field: str, now: datetime) -> datetime:
@@ -80,6 +88,14 @@ def check_where_values(queries: ReportQueries, where: dict[str, str]) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="table (default), json, csv, ...")
 @json_option
 @click.option(
+    "--min-runs",
+    type=click.IntRange(1, 1_000_000),
+    default=DEFAULT_MIN_RUNS,
+    show_default=True,
+    envvar="OPSGATE_REPORT_MIN_RUNS",
+    help="A pass rate or rollback time over fewer runs says `too few to judge`.",
+)
+@click.option(
     "--table",
     "table_name",
     help="Only this table (for CSV: its own columns, no `table` column).",
@@ -98,6 +114,7 @@ def report(
     fmt: str | None,
     output: Path | None,
     table_name: str | None,
+    min_runs: int,
     as_json: bool,
 ) -> None:
     """Pass rates, rollback times, policy blocks and approvals, segment by segment.
@@ -120,7 +137,9 @@ def report(
     check_where_values(queries, where)
     window = Window(start, end)
     if kind == "summary":
-        built = summary_report(queries, window, where)
+        built = summary_report(queries, window, where, min_runs=min_runs)
+    elif kind in JUDGED:
+        built = JUDGED[kind](queries, window, by, where, min_runs=min_runs)
     else:
         built = BUILDERS[kind](queries, window, None if by == "code" else by, where)
         if by == "code":

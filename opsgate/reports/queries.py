@@ -363,8 +363,10 @@ class ReportQueries:
         where: Mapping[str, str] | None = None,
         *,
         keep_durations: bool = False,
+        manual: bool | None = None,
     ) -> list[RollbackRow]:
-        """Rollback time (decision -> rollback verified): p50, p90, max per segment."""
+        """Rollback time (decision -> rollback verified): p50, p90, max per segment; only
+        manual ones (someone ran `opsgate rollback`) or only automatic ones if asked."""
         e = executions
         segment = self._by_column(by).label("segment")
         duration = self._seconds(e.c.rollback_verified_at, e.c.rollback_decided_at)
@@ -374,6 +376,9 @@ class ReportQueries:
             e.c.rollback_decided_at < window.until,
             *self._filters(e.c.segment_id, where or {}),
         ]
+        if manual is not None:
+            requested = e.c.rollback_requested_by
+            base.append(requested.is_not(None) if manual else requested.is_(None))
         counts = (
             select(segment, func.count(), func.count(e.c.rollback_verified_at))
             .select_from(joined)
