@@ -23,7 +23,7 @@ from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.models import ActionState, Execution
-from opsgate.reports.exporter import serve_in_background
+from opsgate.reports.exporter import bundle_deny_codes, serve_in_background
 from opsgate.store.base import StoreError
 from opsgate.verification.hub import VerificationHub
 
@@ -183,7 +183,12 @@ def worker(
     view = PlainView(prefix_ids=True)
     executor = build_executor(config, view, concurrency=concurrency)
     claimed = 0
-    stop_metrics = serve_in_background(config.store, metrics_port, lease=config.settings.lease)
+    stop_metrics = serve_in_background(
+        config.store,
+        metrics_port,
+        lease=config.settings.lease,
+        deny_codes=bundle_deny_codes(config.settings.policies),
+    )
     try:
         with sigterm_as_interrupt():
             executor.start()
