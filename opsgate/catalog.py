@@ -139,5 +139,8 @@ def param_json_schema(spec: ParamSpec) -> dict[str, Any]:
         if spec.max_length is not None:
             schema["maxLength"] = spec.max_length
     if spec.secret:
-        schema["secret"] = True
+        # The standard JSON-Schema annotation (draft 7+) for a value that is sent but
+        # never read back: opsgate masks it everywhere it shows it. The catalog's own
+        # `secret: true` stays an input keyword; published schemas are standard.
+        schema["writeOnly"] = True
     return schema
