@@ -42,7 +42,16 @@ class Settings:
     worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
+    def load(
+        cls,
+        env: Mapping[str, str] | None = None,
+        toml_path: Path | None = None,
+        *,
+        context: str | None = None,
+        use_contexts: bool = True,
+    ) -> Settings:
+        """Defaults, then opsgate.toml, then the user's context (`--context`,
+        OPSGATE_CONTEXT or the config file's current-context), then OPSGATE_* variables."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         path = toml_path or Path(env.get("OPSGATE_CONFIG", "opsgate.toml"))
@@ -52,6 +61,10 @@ class Settings:
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
             values.update(document.get("opsgate", document))
+        if use_contexts:
+            from opsgate.contexts import selected
+
+            values.update(selected(env, context))
         names = {f.name for f in fields(cls)}
         for name in names:
             key = f"OPSGATE_{name.upper()}"

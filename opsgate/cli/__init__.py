@@ -44,6 +44,8 @@ COMMANDS = {
     "mcp": "mcp:mcp",
     "demo": "demo:demo",
     "doctor": "doctor:doctor",
+    "context": "contexts:context",
+    "completion": "completion:completion",
 }
 
 
@@ -86,10 +88,25 @@ class LazyGroup(click.Group):
     type=click.Path(path_type=Path),
     help="Policy bundle directory (default policies/).",
 )
+@click.option(
+    "--context",
+    "context_name",
+    metavar="NAME",
+    help="A context of your config file (default: OPSGATE_CONTEXT, then current-context).",
+)
 @click.pass_context
-def cli(ctx: click.Context, db: str | None, catalog: Path | None, policies: Path | None) -> None:
+def cli(
+    ctx: click.Context,
+    db: str | None,
+    catalog: Path | None,
+    policies: Path | None,
+    context_name: str | None,
+) -> None:
     """opsgate: policy-guarded actions for production operations."""
-    settings = Settings.load()
+    # `opsgate context ...` must work on a config file it is about to fix.
+    settings = Settings.load(
+        context=context_name, use_contexts=ctx.invoked_subcommand not in ("context", "completion")
+    )
     overrides = {
         k: v
         for k, v in {"db": db, "catalog": catalog, "policies": policies}.items()

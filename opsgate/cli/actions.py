@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from opsgate.cli.completion import action_types, environments
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import (
@@ -58,10 +59,12 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
 
 def proposal_options(func: Any) -> Any:
     options = [
-        click.argument("action", required=False),
+        click.argument("action", required=False, shell_complete=action_types),
         click.option("-f", "--file", "file", help="Proposal as YAML or JSON; `-` reads stdin."),
         click.option("--target", help="The service or resource acted on."),
-        click.option("--env", "environment", help="Environment, e.g. prod."),
+        click.option(
+            "--env", "environment", help="Environment, e.g. prod.", shell_complete=environments
+        ),
         click.option("--param", "params", multiple=True, metavar="KEY=VALUE"),
         click.option("--reason", help="Why; shown to approvers and auditors."),
         click.option("--incident", "incident_id", help="Incident ID, e.g. INC-42."),

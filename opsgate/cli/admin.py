@@ -9,6 +9,7 @@ from rich.table import Table
 
 from opsgate.audit import verify_chain
 from opsgate.catalog import param_json_schema
+from opsgate.cli.completion import action_types
 from opsgate.cli.context import CliConfig, echo_json, json_format, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import console, event_json
@@ -70,7 +71,7 @@ def catalog_list(config: CliConfig, as_json: bool) -> None:
 
 
 @catalog.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=action_types)
 @json_option
 @pass_config
 def catalog_show(config: CliConfig, name: str, as_json: bool) -> None:

@@ -27,5 +27,12 @@ class ActionIdType(click.ParamType):
             return value
         return resolve(config.store, value, field)
 
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[Any]:
+        from opsgate.cli.completion import action_ids
+
+        return list(action_ids(ctx, param, incomplete))
+
 
 ACTION_ID = ActionIdType()

@@ -11,6 +11,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from opsgate.cli.completion import action_types as complete_action_types
+from opsgate.cli.completion import environments as complete_environments
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.render import action_json, console
 from opsgate.errors import InvalidInput, did_you_mean
@@ -129,8 +131,20 @@ def actions_list_table(
     metavar="STATE",
     help="A state or group (active, open, pending, finished); repeatable or comma-separated.",
 )
-@click.option("--env", "environments", multiple=True, help="Environment; repeatable.")
-@click.option("--action", "action_types", multiple=True, help="Action type; repeatable.")
+@click.option(
+    "--env",
+    "environments",
+    multiple=True,
+    help="Environment; repeatable.",
+    shell_complete=complete_environments,
+)
+@click.option(
+    "--action",
+    "action_types",
+    multiple=True,
+    help="Action type; repeatable.",
+    shell_complete=complete_action_types,
+)
 @click.option("--target", "targets", multiple=True, help="Target; repeatable.")
 @click.option("--mine", is_flag=True, help="Only actions you proposed.")
 @click.option("--proposer", help="Only actions this principal proposed.")
