@@ -25,39 +25,19 @@ import sys
 import tempfile
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from opsgate.config import Settings
 from opsgate.errors import ConfigError, InvalidInput, NotFound, did_you_mean
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # Who acts is never configured from a file: the identity provider decides.
 IDENTITY_KEYS = frozenset({"identity", "user", "user_kind", "agent_id"})
-# Settings a context may hold (the rest of Settings: where things are, how long to wait).
-ALLOWED_KEYS = frozenset(
-    {
-        "db",
-        "catalog",
-        "policies",
-        "approval_ttl",
-        "policy_engine",
-        "opa_url",
-        "opa_mode",
-        "opa_token",
-        "opa_ca_file",
-        "opa_timeout",
-        "shadow_policies",
-        "prometheus_url",
-        "prometheus_token",
-        "prometheus_user",
-        "prometheus_password",
-        "prometheus_ca_file",
-        "prometheus_timeout",
-        "lease",
-        "worker_concurrency",
-    }
-)
+# Settings a context may hold: every setting but who acts (where things are, how long
+# to wait, which engine).
+ALLOWED_KEYS = frozenset(f.name for f in fields(Settings)) - IDENTITY_KEYS
 SECRET_KEYS = frozenset({"opa_token", "prometheus_token", "prometheus_password"})
 MAX_FILE_BYTES = 256 * 1024
 MAX_VALUE_LENGTH = 4096
@@ -114,8 +94,10 @@ def check_entry(key: str, value: Any, where: str) -> str:
             f"{where}: unknown setting {key!r}{did_you_mean(key, ALLOWED_KEYS)} "
             f"(settings: {', '.join(sorted(ALLOWED_KEYS))})"
         )
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ConfigError(f"{where}: {key} must be a string or a number")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, str | int | float):
+        raise ConfigError(f"{where}: {key} must be a string, a number or true/false")
     text = str(value)
     if len(text) > MAX_VALUE_LENGTH or not text.isprintable():
         raise ConfigError(f"{where}: {key} is too long or holds control characters")

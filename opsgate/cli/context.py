@@ -48,7 +48,11 @@ class CliConfig:
         if self._catalog is None:
             from opsgate.catalog import load_catalog
 
-            self._catalog = load_catalog(self.settings.catalog)
+            self._catalog = load_catalog(
+                self.settings.catalog,
+                strict=self.settings.catalog_strict,
+                scrape_interval=self.settings.prometheus_scrape_interval,
+            )
         return self._catalog
 
     @property

@@ -94,7 +94,7 @@ def test_identity_never_comes_from_the_config_file(cli: Cli, config_file: Path) 
         ("current-context = \n", "config.toml"),
         ('current-context = "nope"\n', "context 'nope' is not defined"),
         ('[contexts.prod]\ndb = "x"\nlaese = "3s"\n', "did you mean 'lease'"),
-        ('[contexts.prod]\ndb = ["a", "b"]\n', "must be a string or a number"),
+        ('[contexts.prod]\ndb = ["a", "b"]\n', "must be a string, a number or true/false"),
         ('[contexts.prod]\ndb = "a\\u001b[2Jb"\n', "control characters"),
         ('[contexts."../../etc"]\ndb = "x"\n', "is not a context name"),
         ("extra = 1\n", "unknown key 'extra'"),
