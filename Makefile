@@ -48,6 +48,7 @@ bench: venv system-deps postgres
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/workers.py
 	$(BIN)/python bench/report.py
+	$(BIN)/python bench/startup.py
 
 # The whole loop on this machine in about a minute; `make demo DEMO_ARGS=--keep` leaves the
 # demo service and Prometheus running. Needs only a Prometheus binary (scripts/demo-deps.sh).

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from opsgate.errors import InvalidInput
+from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.models import ActionType, ParamSpec, Step
 from opsgate.verification.lint import Finding, lint_action_type
 from opsgate.verification.provider import PROMETHEUS_DEFAULT_SCRAPE_INTERVAL
@@ -99,7 +99,10 @@ class Catalog:
             return self.types[name]
         except KeyError:
             known = ", ".join(sorted(self.types)) or "none"
-            raise InvalidInput("action", f"unknown action type {name!r} (known: {known})") from None
+            hint = did_you_mean(name, self.types)
+            raise InvalidInput(
+                "action", f"unknown action type {name!r}{hint} (known: {known})"
+            ) from None
 
     def __iter__(self) -> Any:
         return iter(sorted(self.types.values(), key=lambda t: t.name))
@@ -159,5 +162,8 @@ def param_json_schema(spec: ParamSpec) -> dict[str, Any]:
         if spec.max_length is not None:
             schema["maxLength"] = spec.max_length
     if spec.secret:
-        schema["secret"] = True
+        # The standard JSON-Schema annotation (draft 7+) for a value that is sent but
+        # never read back: opsgate masks it everywhere it shows it. The catalog's own
+        # `secret: true` stays an input keyword; published schemas are standard.
+        schema["writeOnly"] = True
     return schema

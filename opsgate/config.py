@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from opsgate.errors import ConfigError
-from opsgate.models import parse_duration
 
 DEFAULT_DB = "sqlite:///opsgate.db"
 
@@ -48,7 +47,16 @@ class Settings:
     worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
+    def load(
+        cls,
+        env: Mapping[str, str] | None = None,
+        toml_path: Path | None = None,
+        *,
+        context: str | None = None,
+        use_contexts: bool = True,
+    ) -> Settings:
+        """Defaults, then opsgate.toml, then the user's context (`--context`,
+        OPSGATE_CONTEXT or the config file's current-context), then OPSGATE_* variables."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         path = toml_path or Path(env.get("OPSGATE_CONFIG", "opsgate.toml"))
@@ -58,6 +66,10 @@ class Settings:
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
             values.update(document.get("opsgate", document))
+        if use_contexts:
+            from opsgate.contexts import selected
+
+            values.update(selected(env, context))
         names = {f.name for f in fields(cls)}
         for name in names:
             key = f"OPSGATE_{name.upper()}"
@@ -97,6 +109,8 @@ class Settings:
                 "policy_timeout",
             }:
                 try:
+                    from opsgate.models import parse_duration  # pydantic: only when needed
+
                     converted[name] = parse_duration(value)
                 except ValueError as exc:
                     raise ConfigError(f"OPSGATE_{name.upper()}: {exc}") from exc

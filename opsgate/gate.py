@@ -9,8 +9,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from opsgate.catalog import Catalog
-from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict
-from opsgate.lifecycle import new_id, record_event, record_transition
+from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict, did_you_mean
+from opsgate.lifecycle import (
+    expire_due,
+    expire_if_due,
+    new_id,
+    record_event,
+    record_transition,
+)
 from opsgate.models import (
     Action,
     ActionState,
@@ -28,7 +34,6 @@ from opsgate.preconditions import CheckContext, PreconditionRegistry, Preconditi
 from opsgate.proposals import ValidatedProposal, spec_hash, validate
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
 
-SYSTEM_ACTOR = "opsgate"
 MAX_COMMENT_LENGTH = 2000
 
 
@@ -57,6 +62,20 @@ class Evaluation:
     engine: str
     duration_ms: float
     shadow: PolicyResult | None = None
+    # (id, state) of the actions holding the target: a concurrent_action refusal names them.
+    holders: tuple[tuple[str, str], ...] = ()
+
+    def deny_reasons(self) -> tuple[DenyReason, ...]:
+        reasons = tuple(DenyReason(**d) for d in self.result.deny)
+        if not self.holders:
+            return reasons
+        held = ", ".join(f"{i} ({state})" for i, state in self.holders)
+        return tuple(
+            DenyReason(code=r.code, message=f"{r.message}; held by {held}")
+            if r.code == "concurrent_action"
+            else r
+            for r in reasons
+        )
 
     def decision(self, *, action_id: str | None, phase: Any, at: datetime) -> Decision:
         return Decision(
@@ -64,7 +83,7 @@ class Evaluation:
             action_id=action_id,
             phase=phase,
             allow=self.result.allow,
-            deny=tuple(DenyReason(**d) for d in self.result.deny),
+            deny=self.deny_reasons(),
             required_approvals=self.result.required_approvals,
             approver_roles=self.result.approver_roles,
             engine=self.engine,
@@ -114,6 +133,23 @@ class Gate:
     freeze_windows: Callable[[], list[Mapping[str, Any]]] = list
     clock: Callable[[], datetime] = utcnow
     shadow: PolicyEngine | None = None  # evaluated beside `engine`, never enforced
+    # The environments the bundle knows (None: cannot tell, e.g. OPA holds the data). A
+    # typo such as `prd` is invalid input, not a policy block that inflates block rates.
+    environments: Callable[[], frozenset[str] | None] = lambda: None
+
+    def validate(self, document: Any) -> ValidatedProposal:
+        """The proposal checked against the catalog and the bundle's environments."""
+        spec = validate(self.catalog, document)
+        known = self.environments()
+        environment = spec.proposal.environment
+        if known is not None and environment not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise InvalidInput(
+                "environment",
+                f"unknown environment {environment!r}{did_you_mean(environment, known)} "
+                f"(the policy bundle knows: {listed})",
+            )
+        return spec
 
     # --- deciding --------------------------------------------------------------------
 
@@ -172,11 +208,21 @@ class Gate:
         result = self.engine.evaluate(DECISION_RULE, document)
         elapsed = (time.perf_counter() - started) * 1000
         shadow = self.shadow.evaluate(DECISION_RULE, document) if self.shadow else None
-        return Evaluation(result, document, checks, self.engine.name, elapsed, shadow)
+        holders: tuple[tuple[str, str], ...] = ()
+        if active and "concurrent_action" in {d.get("code") for d in result.deny}:
+            holders = tuple(
+                reader.holders_on_target(
+                    proposal.target,
+                    proposal.environment,
+                    running=phase == "execute",
+                    exclude_id=exclude_id,
+                )
+            )
+        return Evaluation(result, document, checks, self.engine.name, elapsed, shadow, holders)
 
     def dry_run(self, document: Any, proposer: Identity) -> tuple[ValidatedProposal, Decision]:
         """`policy eval`: the decision for a proposal, nothing stored."""
-        spec = validate(self.catalog, document)
+        spec = self.validate(document)
         evaluation = self.evaluate(spec, proposer)
         return spec, evaluation.decision(action_id=None, phase="dry_run", at=self.clock())
 
@@ -184,7 +230,7 @@ class Gate:
 
     def propose(self, document: Any, proposer: Identity) -> ProposeOutcome:
         """Validate, decide, store: blocked or pending_approval, with decision and event."""
-        spec = validate(self.catalog, document)
+        spec = self.validate(document)
         key = spec.proposal.idempotency_key
         if key is not None:
             existing = self._existing_for_key(key, spec.spec_hash)
@@ -273,20 +319,7 @@ class Gate:
         return action
 
     def _expire_if_due(self, tx: StoreTx, action: Action, now: datetime) -> Action | None:
-        if (
-            action.state in (ActionState.PENDING_APPROVAL, ActionState.APPROVED)
-            and action.expires_at is not None
-            and now >= action.expires_at
-        ):
-            return record_transition(
-                tx,
-                action,
-                ActionState.EXPIRED,
-                actor=SYSTEM_ACTOR,
-                now=now,
-                data={"expires_at": action.expires_at.isoformat()},
-            )
-        return None
+        return expire_if_due(tx, action, now)
 
     def approve(self, action_id: str, approver: Identity, comment: str = "") -> ApproveOutcome:
         if len(comment) > MAX_COMMENT_LENGTH:
@@ -465,16 +498,7 @@ class Gate:
     def expire_due(self) -> list[Action]:
         """Expire pending actions past their approval TTL, and approved ones not started
         within it."""
-        now = self.clock()
-        expired: list[Action] = []
-        for candidate in self.store.due_for_expiry(now):
-            with self.store.transaction() as tx:
-                action = tx.lock_action(candidate.id)
-                if action is not None:
-                    done = self._expire_if_due(tx, action, now)
-                    if done is not None:
-                        expired.append(done)
-        return expired
+        return expire_due(self.store, self.clock())
 
     # --- reading ---------------------------------------------------------------------
 

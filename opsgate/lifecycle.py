@@ -10,7 +10,7 @@ from ulid import ULID
 from opsgate.audit import AuditDraft
 from opsgate.errors import StateConflict
 from opsgate.models import Action, ActionState
-from opsgate.store.base import StoreTx
+from opsgate.store.base import Store, StoreTx
 
 S = ActionState
 
@@ -69,6 +69,41 @@ def record_transition(
         )
     )
     return updated
+
+
+SYSTEM_ACTOR = "opsgate"
+
+
+def expire_if_due(tx: StoreTx, action: Action, now: datetime) -> Action | None:
+    """Expire a locked pending or approved action whose window has passed."""
+    if (
+        action.state in (ActionState.PENDING_APPROVAL, ActionState.APPROVED)
+        and action.expires_at is not None
+        and now >= action.expires_at
+    ):
+        return record_transition(
+            tx,
+            action,
+            ActionState.EXPIRED,
+            actor=SYSTEM_ACTOR,
+            now=now,
+            data={"expires_at": action.expires_at.isoformat()},
+        )
+    return None
+
+
+def expire_due(store: Store, now: datetime) -> list[Action]:
+    """Expire pending actions past their approval TTL, and approved ones not started
+    within it: needs only the store, so reading commands need no catalog or engine."""
+    expired: list[Action] = []
+    for candidate in store.due_for_expiry(now):
+        with store.transaction() as tx:
+            action = tx.lock_action(candidate.id)
+            if action is not None:
+                done = expire_if_due(tx, action, now)
+                if done is not None:
+                    expired.append(done)
+    return expired
 
 
 def record_event(

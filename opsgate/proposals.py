@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from opsgate.audit import canonical_json
 from opsgate.catalog import Catalog, first_error
-from opsgate.errors import InvalidInput
+from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.models import MAX_REASON_LENGTH, ActionType, ParamSpec, Proposal, VerificationSpec
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -92,7 +92,8 @@ def validate_params(action_type: ActionType, raw: Mapping[str, Any]) -> dict[str
     unknown = sorted(set(raw) - set(action_type.params))
     if unknown:
         known = ", ".join(sorted(action_type.params)) or "none"
-        raise InvalidInput(f"params.{unknown[0]}", f"unknown parameter (known: {known})")
+        hint = did_you_mean(unknown[0], action_type.params)
+        raise InvalidInput(f"params.{unknown[0]}", f"unknown parameter{hint} (known: {known})")
     params: dict[str, Any] = {}
     for name, spec in action_type.params.items():
         if name not in raw:

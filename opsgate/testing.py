@@ -28,6 +28,7 @@ from opsgate.models import (
 )
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
+    ActionQuery,
     DuplicateIdempotencyKey,
     StoreError,
     TargetBusy,
@@ -163,6 +164,11 @@ class MemoryTx:
         self, target: str, environment: str, *, exclude_id: str | None = None
     ) -> int:
         return _count_active(self._t, target, environment, exclude_id)
+
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]:
+        return _holders(self._t, target, environment, running, exclude_id)
 
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         last = self._t.audit[-1] if self._t.audit else None
@@ -410,6 +416,40 @@ class MemoryStore:
         with self._lock:
             return _count_running(self._tables, target, environment, exclude_id)
 
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]:
+        with self._lock:
+            return _holders(self._tables, target, environment, running, exclude_id)
+
+    def find_actions(self, query: ActionQuery) -> list[Action]:
+        """Actions matching every filter of the query, newest first, at most query.limit."""
+        with self._lock:
+            found = [
+                a
+                for a in self._tables.actions.values()
+                if (not query.states or a.state in query.states)
+                and (not query.environments or a.environment in query.environments)
+                and (not query.action_types or a.action_type in query.action_types)
+                and (not query.targets or a.target in query.targets)
+                and (query.proposer_id is None or a.proposer.id == query.proposer_id)
+                and (query.since is None or _utc(a.created_at) >= _utc(query.since))
+            ]
+        found.sort(key=lambda a: (_utc(a.created_at), a.id), reverse=True)
+        return [a.model_copy(deep=True) for a in found[: max(query.limit, 0)]]
+
+    def action_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        with self._lock:
+            ids = sorted(i for i in self._tables.actions if i.startswith(prefix))
+        return ids[: max(limit, 0)]
+
+    def neighbour_ids(self, action_id: str) -> tuple[str | None, str | None]:
+        with self._lock:
+            ids = list(self._tables.actions)
+        before = max((i for i in ids if i < action_id), default=None)
+        after = min((i for i in ids if i > action_id), default=None)
+        return before, after
+
     def get_execution(self, action_id: str) -> Execution | None:
         with self._lock:
             found = self._tables.executions.get(action_id)
@@ -542,6 +582,27 @@ def _count_running(tables: _Tables, target: str, environment: str, exclude_id: s
         and e.finished_at is None
         and e.action_id != exclude_id
     )
+
+
+def _holders(
+    tables: _Tables, target: str, environment: str, running: bool, exclude_id: str | None
+) -> list[tuple[str, str]]:
+    if running:
+        ids = {
+            e.action_id
+            for e in tables.executions.values()
+            if e.target == target and e.environment == environment and e.finished_at is None
+        }
+        found = [tables.actions[i] for i in ids if i in tables.actions]
+    else:
+        found = [
+            a
+            for a in tables.actions.values()
+            if a.target == target and a.environment == environment and a.state in ACTIVE_STATES
+        ]
+    found = [a for a in found if a.id != exclude_id]
+    found.sort(key=lambda a: (_utc(a.created_at), a.id), reverse=True)
+    return [(a.id, a.state.value) for a in found[:5]]
 
 
 # --- factories ---------------------------------------------------------------------------

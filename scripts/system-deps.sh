@@ -3,6 +3,8 @@
 set -euo pipefail
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+# promtool (checks the example alert rules and dashboard queries) ships with prometheus.
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 # The HTML report test opens the report in headless Chromium through chromedriver.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)

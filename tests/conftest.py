@@ -29,6 +29,22 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_personal_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The developer's own opsgate contexts never reach a test (nor its subprocesses)."""
+    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "OPSGATE_USER_CONFIG",
+                                            "OPSGATE_CONTEXT")}  # fmt: skip
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    os.environ.pop("OPSGATE_USER_CONFIG", None)
+    os.environ.pop("OPSGATE_CONTEXT", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def _unavailable(reason: str) -> None:
     """Skip locally, fail in CI: a CI run that silently skips PostgreSQL proves nothing."""
     if os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}:

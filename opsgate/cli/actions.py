@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 
-from opsgate.catalog import load_yaml_text
+from opsgate.cli.completion import action_types, environments
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import (
     action_json,
-    actions_table,
     approval_json,
     decision_json,
     deny_lines,
@@ -37,6 +37,8 @@ def read_document(path: str) -> Any:
         raise InvalidInput("file", f"cannot read {path}: {exc.strerror}") from exc
     if len(raw) > MAX_PROPOSAL_BYTES:
         raise InvalidInput("file", f"larger than {MAX_PROPOSAL_BYTES} bytes")
+    from opsgate.catalog import load_yaml_text  # YAML only when a file is read
+
     document = load_yaml_text(raw, "file" if path == "-" else path)
     if document is None:
         raise InvalidInput("file", "the document is empty")
@@ -57,10 +59,12 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
 
 def proposal_options(func: Any) -> Any:
     options = [
-        click.argument("action", required=False),
+        click.argument("action", required=False, shell_complete=action_types),
         click.option("-f", "--file", "file", help="Proposal as YAML or JSON; `-` reads stdin."),
         click.option("--target", help="The service or resource acted on."),
-        click.option("--env", "environment", help="Environment, e.g. prod."),
+        click.option(
+            "--env", "environment", help="Environment, e.g. prod.", shell_complete=environments
+        ),
         click.option("--param", "params", multiple=True, metavar="KEY=VALUE"),
         click.option("--reason", help="Why; shown to approvers and auditors."),
         click.option("--incident", "incident_id", help="Incident ID, e.g. INC-42."),
@@ -157,21 +161,20 @@ def propose(config: CliConfig, idempotency_key: str | None, as_json: bool, **fie
 
 
 @click.command()
+@click.option("--mine-to-approve", is_flag=True, help="Only what you may approve now.")
 @json_option
 @pass_config
-def queue(config: CliConfig, as_json: bool) -> None:
-    """What waits for approval, oldest first."""
-    actions = config.gate.queue()
-    if as_json:
-        echo_json([action_json(a, config.catalog) for a in actions])
-    elif not actions:
-        click.echo("nothing waits for approval")
-    else:
-        actions_table(actions, f"{len(actions)} waiting for approval")
+def queue(config: CliConfig, mine_to_approve: bool, as_json: bool) -> None:
+    """What waits for approval, oldest first: progress, time left, reason."""
+    from opsgate.cli.listing import show_queue
+
+    config.expire_due()
+    waiting = config.store.list_actions(states=[ActionState.PENDING_APPROVAL], limit=1000)
+    show_queue(config, waiting, mine_to_approve, as_json)
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @json_option
 @pass_config
 def show(config: CliConfig, action_id: str, as_json: bool) -> None:
@@ -194,7 +197,7 @@ def _catalog_or_none(config: CliConfig) -> Any:
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--comment", default="", help="Why you approve; goes into the audit trail.")
 @json_option
 @pass_config
@@ -226,7 +229,7 @@ def approve(config: CliConfig, action_id: str, comment: str, as_json: bool) -> N
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--reason", required=True, help="Why; goes into the audit trail.")
 @json_option
 @pass_config
@@ -240,7 +243,7 @@ def reject(config: CliConfig, action_id: str, reason: str, as_json: bool) -> Non
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--reason", default="", help="Why; goes into the audit trail.")
 @json_option
 @pass_config

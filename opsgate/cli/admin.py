@@ -9,9 +9,11 @@ from rich.table import Table
 
 from opsgate.audit import verify_chain
 from opsgate.catalog import param_json_schema
-from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.completion import action_types
+from opsgate.cli.context import CliConfig, echo_json, json_format, json_option, pass_config
+from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import console, event_json
-from opsgate.errors import OpsgateError
+from opsgate.errors import NotFound, OpsgateError, did_you_mean
 
 
 @click.command()
@@ -69,11 +71,15 @@ def catalog_list(config: CliConfig, as_json: bool) -> None:
 
 
 @catalog.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=action_types)
 @json_option
 @pass_config
 def catalog_show(config: CliConfig, name: str, as_json: bool) -> None:
     """One action type: parameters, steps, default verification."""
+    if name not in config.catalog.types:
+        known = ", ".join(sorted(config.catalog.types)) or "none"
+        hint = did_you_mean(name, config.catalog.types)
+        raise NotFound(f"no action type {name!r}{hint} (known: {known})")
     action_type = config.catalog.get(name)
     document = action_type.model_dump(mode="json", by_alias=True, exclude_none=True)
     document["reversible"] = action_type.reversible
@@ -170,11 +176,17 @@ def audit_verify(config: CliConfig, as_json: bool) -> None:
 
 
 @audit.command("export")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "json"]), default="jsonl")
-@click.option("--action", "action_id", help="Only this action's events.")
+@click.option(
+    "--format", "fmt", type=click.Choice(["jsonl", "json"]), help="jsonl (default) or json."
+)
+@click.option(
+    "--action", "action_id", type=ACTION_ID, help="Only this action's events (id or unique prefix)."
+)
+@json_option
 @pass_config
-def audit_export(config: CliConfig, fmt: str, action_id: str | None) -> None:
-    """Every event with its hashes, in sequence order."""
+def audit_export(config: CliConfig, fmt: str | None, action_id: str | None, as_json: bool) -> None:
+    """Every event with its hashes, in sequence order (--json: one JSON array)."""
+    fmt = json_format(fmt, as_json, default="jsonl")
     events = (event_json(e) for e in config.store.audit_events(action_id=action_id))
     if fmt == "json":
         echo_json(list(events))

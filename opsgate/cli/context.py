@@ -6,21 +6,20 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
-from opsgate.catalog import Catalog, load_catalog
 from opsgate.config import Settings
-from opsgate.errors import ConfigError
-from opsgate.gate import Gate
-from opsgate.identity import identity_provider
-from opsgate.models import Identity
-from opsgate.policies.embedded import EmbeddedEngine
-from opsgate.policies.engine import PolicyEngine, load_bundle_data
-from opsgate.preconditions import PreconditionRegistry, prometheus_checks
-from opsgate.store import Store, open_store
-from opsgate.verification.prometheus import PrometheusProvider
+from opsgate.errors import ConfigError, InvalidInput
+
+if TYPE_CHECKING:  # imported where used: a command pays only for what it opens
+    from opsgate.catalog import Catalog
+    from opsgate.gate import Gate
+    from opsgate.models import Identity
+    from opsgate.policies.engine import PolicyEngine
+    from opsgate.store import Store
+    from opsgate.verification.prometheus import PrometheusProvider
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,12 +38,16 @@ class CliConfig:
     @property
     def store(self) -> Store:
         if self._store is None:
+            from opsgate.store import open_store
+
             self._store = open_store(self.settings.db)
         return self._store
 
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
+            from opsgate.catalog import load_catalog
+
             self._catalog = load_catalog(
                 self.settings.catalog,
                 strict=self.settings.catalog_strict,
@@ -81,6 +84,8 @@ class CliConfig:
                     self.settings.policies, timeout=self.settings.policy_timeout
                 )
             else:
+                from opsgate.policies.embedded import EmbeddedEngine
+
                 self._engine = EmbeddedEngine(
                     self.settings.policies, timeout=self.settings.policy_timeout
                 )
@@ -89,6 +94,9 @@ class CliConfig:
     @property
     def gate(self) -> Gate:
         if self._gate is None:
+            from opsgate.gate import Gate
+            from opsgate.preconditions import PreconditionRegistry, prometheus_checks
+
             policies = self.settings.policies
             self._gate = Gate(
                 store=self.store,
@@ -96,10 +104,17 @@ class CliConfig:
                 engine=self.engine,
                 approval_ttl=self.settings.approval_ttl,
                 freeze_windows=lambda: _freeze_windows(policies),
+                environments=lambda: (
+                    None if self._external_opa() else bundle_environments(policies)
+                ),
                 preconditions=PreconditionRegistry(prometheus_checks(self.optional_provider())),
                 shadow=self.shadow_engine(),
             )
         return self._gate
+
+    def _external_opa(self) -> bool:
+        # OPA in external mode decides with its own data: the local bundle may differ.
+        return self.settings.policy_engine == "opa" and self.settings.opa_mode == "external"
 
     def shadow_engine(self) -> PolicyEngine | None:
         """The shadow bundle (OPSGATE_SHADOW_POLICIES), always in process: it is advice."""
@@ -108,12 +123,16 @@ class CliConfig:
             return None
         if not directory.is_dir():
             raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
+        from opsgate.policies.embedded import EmbeddedEngine
+
         return EmbeddedEngine(directory, timeout=self.settings.policy_timeout)
 
     def optional_provider(self) -> PrometheusProvider | None:
         """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""
         url = self.settings.prometheus_url
         if self._provider is None and url:
+            from opsgate.verification.prometheus import PrometheusProvider
+
             settings = self.settings
             basic = None
             if settings.prometheus_user is not None:
@@ -139,7 +158,18 @@ class CliConfig:
             )
         return provider
 
+    def expire_due(self) -> None:
+        """Expire what is past its approval window (the store alone: no catalog, no
+        policy engine), so what a read shows is true now."""
+        from datetime import UTC, datetime
+
+        from opsgate.lifecycle import expire_due
+
+        expire_due(self.store, datetime.now(UTC))
+
     def identity(self) -> Identity:
+        from opsgate.identity import identity_provider
+
         return identity_provider(self.settings, self.store).current()
 
     def close(self) -> None:
@@ -152,7 +182,27 @@ class CliConfig:
             self._store.close()
 
 
+def bundle_environments(policies: Path) -> frozenset[str] | None:
+    """Environments the bundle's data names (allowlist, propose_roles, approver_roles
+    keys), or None when it names none or cannot be read: then policy alone decides (and
+    fails closed on unreadable data)."""
+    from opsgate.policies.engine import load_bundle_data
+
+    try:
+        data = load_bundle_data(policies)
+    except (OSError, ValueError):
+        return None
+    names: set[str] = set()
+    for table in ("allowlist", "propose_roles", "approver_roles"):
+        entries = data.get(table)
+        if isinstance(entries, dict):
+            names.update(str(k) for k in entries if k != "default")
+    return frozenset(names) or None
+
+
 def _freeze_windows(policies: Path) -> list[Any]:
+    from opsgate.policies.engine import load_bundle_data
+
     try:
         windows = load_bundle_data(policies).get("freeze_windows", [])
     except (OSError, ValueError) as exc:
@@ -179,10 +229,37 @@ def pass_config(func: F) -> F:
     return cast(F, wrapper)
 
 
+class _OutputMode:
+    """Whether this invocation asked for --json: errors then go out as JSON too."""
+
+    json = False
+
+
+output_mode = _OutputMode()
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        output_mode.json = True
+    return value
+
+
 def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
-        func
-    )
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        is_eager=True,
+        callback=_remember_json,
+        help="Print JSON instead of a table (errors too, on stderr).",
+    )(func)
+
+
+def json_format(fmt: str | None, as_json: bool, *, default: str) -> str:
+    """--json is --format json; asking for both JSON and another format is a mistake."""
+    if as_json and fmt not in (None, "json"):
+        raise InvalidInput("--json", f"conflicts with --format {fmt}")
+    return "json" if as_json else (fmt or default)
 
 
 def echo_json(value: Any) -> None:

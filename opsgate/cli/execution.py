@@ -15,13 +15,15 @@ import click
 from rich.table import Table
 
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
 from opsgate.cli.render import console, details_json, fmt_value, ts
+from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
 from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.models import ActionState, Execution
-from opsgate.reports.exporter import serve_in_background
+from opsgate.reports.exporter import bundle_deny_codes, serve_in_background
 from opsgate.store.base import StoreError
 from opsgate.verification.hub import VerificationHub
 
@@ -115,28 +117,36 @@ def finish(config: CliConfig, action_id: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @json_option
 @pass_config
 def run(config: CliConfig, action_id: str, as_json: bool) -> None:
     """Run one approved action here: re-check, run, verify, roll back if it made things worse.
 
-    Exit 0 when verified, 3 when blocked at execution, 1 for any other end.
+    Exit 0 when verified, 3 when blocked at execution, 1 for any other end. After a
+    Ctrl-C the action is handed over (exit 130): a worker resumes it, or `opsgate run
+    ID` resumes it here.
     """
     config.gate.expire_due()
     action = config.store.get_action(action_id)
     title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
     view = PlainView() if as_json else view_for(action_id, f"{action_id}  {title}")
+    resuming = resumable(config, action)  # left under way by an interrupted `run`
     executor = build_executor(config, None if as_json else view)
     try:
         with sigterm_as_interrupt(), view:
             executor.start()
-            claimed = executor.claim(action_id)
-            if claimed is not None and claimed.state is S.EXECUTING:
-                executor.launch(action_id)
+            if resuming:
+                resume_here(executor, action_id)
                 wait_finishing(executor, "this action")
+            else:
+                claimed = executor.claim(action_id)
+                if claimed is not None and claimed.state is S.EXECUTING:
+                    executor.launch(action_id)
+                    wait_finishing(executor, "this action")
     finally:
         executor.close()
+    refuse_if_handed_over(config, action_id)
     finish(config, action_id, as_json)
 
 
@@ -174,7 +184,12 @@ def worker(
     view = PlainView(prefix_ids=True)
     executor = build_executor(config, view, concurrency=concurrency)
     claimed = 0
-    stop_metrics = serve_in_background(config.store, metrics_port, lease=config.settings.lease)
+    stop_metrics = serve_in_background(
+        config.store,
+        metrics_port,
+        lease=config.settings.lease,
+        deny_codes=bundle_deny_codes(config.settings.policies),
+    )
     try:
         with sigterm_as_interrupt():
             executor.start()
@@ -224,7 +239,7 @@ def worker(
 
 
 @click.command()
-@click.argument("action_id")
+@click.argument("action_id", type=ACTION_ID)
 @click.option("--reason", required=True, help="Why; goes into the audit trail.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the end.")
 @json_option

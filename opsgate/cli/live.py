@@ -18,6 +18,7 @@ from rich.text import Text
 
 from opsgate.cli.render import evidence_note
 from opsgate.executor.executor import ExecutorEvent
+from opsgate.ids import log_id
 from opsgate.verification.evaluator import halt_range_text, pass_range_text, remaining_hold
 from opsgate.verification.hub import Watch
 
@@ -47,7 +48,7 @@ class PlainView:
 
     def __call__(self, event: ExecutorEvent) -> None:
         lines: list[str] = []
-        prefix = f"{_clock()} {event.action_id[-8:]} " if self.prefix_ids else f"{_clock()} "
+        prefix = f"{_clock()} {log_id(event.action_id)} " if self.prefix_ids else f"{_clock()} "
         if event.kind == "measured" and event.watch is not None:
             watch = event.watch
             for record in watch.last_records:

@@ -34,12 +34,15 @@ def serve(config: CliConfig, port: int, host: str) -> None:
 
     A scrape that cannot read the store exposes opsgate_store_up 0 instead of failing.
     """
-    collector = exporter.StoreCollector(config.store, lease=config.settings.lease)
+    codes = exporter.bundle_deny_codes(config.settings.policies)
+    collector = exporter.StoreCollector(config.store, lease=config.settings.lease, deny_codes=codes)
     problem = collector.probe()
     if problem is not None:
         # Serve anyway: the database may come back, and store_up 0 is what alerts on it.
         click.echo(f"warning: {problem}; serving opsgate_store_up 0 until it is readable", err=True)
-    server, thread = exporter.serve(config.store, port, host, lease=config.settings.lease)
+    server, thread = exporter.serve(
+        config.store, port, host, lease=config.settings.lease, deny_codes=codes
+    )
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"serving metrics on http://{shown}:{server.server_port}/metrics", err=True)
     try:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from opsgate.cli.actions import build_document, proposal_options
-from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.context import CliConfig, echo_json, json_format, json_option, pass_config
 from opsgate.cli.render import decision_json, deny_lines
 from opsgate.errors import InvalidInput, OpsgateError
 
@@ -210,12 +210,24 @@ def _print_differential(result: dict[str, Any]) -> None:
 )
 @click.option("--since", default="90d", show_default=True, help="A duration back, or a date.")
 @click.option("--until", default=None, help="A duration back, or a date (default now).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "markdown"]),
+    help="table (default), json or markdown.",
+)
+@json_option
 @pass_config
 def policy_replay(
-    config: CliConfig, directory: Path, since: str, until: str | None, fmt: str
+    config: CliConfig,
+    directory: Path,
+    since: str,
+    until: str | None,
+    fmt: str | None,
+    as_json: bool,
 ) -> None:
     """What a candidate bundle would have decided for past proposals (read-only)."""
+    fmt = json_format(fmt, as_json, default="table")
     from datetime import UTC, datetime
 
     from opsgate.cli.report import parse_moment

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from opsgate.catalog import Catalog
-from opsgate.gate import ActionDetails
 from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
-from opsgate.policies.input import mask_params
 from opsgate.verification.evaluator import VerificationState, evidence_wait
+
+if TYPE_CHECKING:  # types only: listing and queue load no catalog, gate or engine
+    from opsgate.catalog import Catalog
+    from opsgate.gate import ActionDetails
 
 
 def console() -> Console:
@@ -32,6 +33,8 @@ def ts(at: datetime | None) -> str | None:
 def masked(action: Action, catalog: Catalog | None) -> dict[str, Any]:
     if catalog is None or action.action_type not in catalog.types:
         return dict(action.params)
+    from opsgate.policies.input import mask_params
+
     return mask_params(action.params, catalog.types[action.action_type].params)
 
 

@@ -7,15 +7,23 @@ from pathlib import Path
 
 import click
 
-from opsgate.cli.context import CliConfig, pass_config
-from opsgate.errors import ConfigError, InvalidInput
+from opsgate.cli.context import CliConfig, json_format, json_option, pass_config
+from opsgate.errors import ConfigError, InvalidInput, did_you_mean
 from opsgate.models import parse_duration
-from opsgate.reports.build import BUILDERS, summary_report
+from opsgate.reports.build import (
+    BUILDERS,
+    DEFAULT_MIN_RUNS,
+    rollbacks_report,
+    summary_report,
+    verification_report,
+)
 from opsgate.reports.queries import SEGMENTS, ReportQueries, Window
 from opsgate.reports.render import FORMATS, print_table, render
 from opsgate.store.sql import SqlStore
 
 KINDS = ("summary", *BUILDERS)
+# Reports whose figures rest on runs, and so say when there are too few to judge.
+JUDGED = {"verification": verification_report, "rollbacks": rollbacks_report}
 
 
 def parse_moment(value: str, field: str, now: datetime) -> datetime:
@@ -38,11 +46,25 @@ def parse_where(pairs: tuple[str, ...]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in SEGMENTS:
+            hint = did_you_mean(key, SEGMENTS) if sep else ""
             raise InvalidInput(
-                "--where", f"expected one of {', '.join(SEGMENTS)}=VALUE, got {pair!r}"
+                "--where", f"expected one of {', '.join(SEGMENTS)}=VALUE, got {pair!r}{hint}"
             )
         where[key] = value
     return where
+
+
+def check_where_values(queries: ReportQueries, where: dict[str, str]) -> None:
+    """A value no action ever had is a typo, not a segment with zero of everything."""
+    for key, value in where.items():
+        known = queries.segment_values(key)
+        if value not in known:
+            listed = ", ".join(sorted(known)[:20]) or "none yet"
+            raise InvalidInput(
+                "--where",
+                f"no action has ever had {key}={value!r}{did_you_mean(value, known)} "
+                f"(known: {listed})",
+            )
 
 
 @click.command()
@@ -63,7 +85,21 @@ def parse_where(pairs: tuple[str, ...]) -> dict[str, str]:
     metavar="SEGMENT=VALUE",
     help="Only this segment; repeatable.",
 )
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="table (default), json, csv, ...")
+@json_option
+@click.option(
+    "--min-runs",
+    type=click.IntRange(1, 1_000_000),
+    default=DEFAULT_MIN_RUNS,
+    show_default=True,
+    envvar="OPSGATE_REPORT_MIN_RUNS",
+    help="A pass rate or rollback time over fewer runs says `too few to judge`.",
+)
+@click.option(
+    "--table",
+    "table_name",
+    help="Only this table (for CSV: its own columns, no `table` column).",
+)
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file."
 )
@@ -75,13 +111,17 @@ def report(
     until: str | None,
     by: str | None,
     where_pairs: tuple[str, ...],
-    fmt: str,
+    fmt: str | None,
     output: Path | None,
+    table_name: str | None,
+    min_runs: int,
+    as_json: bool,
 ) -> None:
     """Pass rates, rollback times, policy blocks and approvals, segment by segment.
 
     KIND is summary (default: one screen), verification, blocks, rollbacks or approvals.
     """
+    fmt = json_format(fmt, as_json, default="table")
     now = datetime.now(UTC)
     end = parse_moment(until, "--until", now) if until else now
     start = parse_moment(since, "--since", now) if since else end - timedelta(days=30)
@@ -94,17 +134,29 @@ def report(
     if not isinstance(store, SqlStore):
         raise ConfigError("reports need a SQL store (sqlite:// or postgresql://)")
     queries = ReportQueries(store)
+    check_where_values(queries, where)
     window = Window(start, end)
     if kind == "summary":
-        built = summary_report(queries, window, where)
+        built = summary_report(queries, window, where, min_runs=min_runs)
+    elif kind in JUDGED:
+        built = JUDGED[kind](queries, window, by, where, min_runs=min_runs)
     else:
         built = BUILDERS[kind](queries, window, None if by == "code" else by, where)
         if by == "code":
             built.by = "code"
+    if table_name is not None:
+        names = [t.name for t in built.tables]
+        if table_name not in names:
+            raise InvalidInput(
+                "--table",
+                f"no table {table_name!r} in this report{did_you_mean(table_name, names)} "
+                f"(tables: {', '.join(names)})",
+            )
+        built.tables = [t for t in built.tables if t.name == table_name]
     if fmt == "table" and output is None:
         print_table(built)
         return
-    text = render(built, "markdown" if fmt == "table" else fmt)
+    text = render(built, "markdown" if fmt == "table" else fmt, table_name)
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
         return

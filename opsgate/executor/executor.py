@@ -878,6 +878,13 @@ class Executor:
                 taken.append(lapsed.action_id)
         return taken
 
+    def resume(self, action_id: str) -> bool:
+        """Take over this one execution if its lease lapsed or was released (`opsgate run
+        ID` after a Ctrl-C); False if another worker holds it or it has finished."""
+        if self._draining:
+            return False
+        return self._take_over(action_id) is not None
+
     def _take_over(self, action_id: str) -> _Held | None:
         now = self.clock()
         with self.store.transaction() as tx:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC
 from typing import Any
@@ -10,6 +11,27 @@ from opsgate.models import Decision
 from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE
 
 MASKED = "***"
+# The revision opsgate computes for a bundle it loads or pushes (engine.bundle_revision).
+_OWN_REVISION = re.compile(r"sha256:[0-9a-f]{64}")
+_UNKNOWN = "external:unknown"  # OPA in external mode reported no provenance
+
+
+def opa_bundles(revision: str, engine: str) -> tuple[dict[str, Any], str | None]:
+    """(`bundles`, legacy `revision`) as OPA's decision log has them, from a stored
+    revision: opsgate's own bundle (embedded, or pushed to OPA) is the bundle `opsgate`;
+    OPA in external mode stores `name:rev,name:rev` (one entry per bundle), a legacy
+    single revision without a name, or nothing known."""
+    if engine == "embedded" or _OWN_REVISION.fullmatch(revision):
+        return {"opsgate": {"revision": revision}}, None
+    if not revision or revision == _UNKNOWN:
+        return {}, None
+    if ":" not in revision:
+        return {}, revision  # OPA's legacy single-bundle `revision` field
+    bundles: dict[str, Any] = {}
+    for part in revision.split(","):
+        name, _, rev = part.partition(":")
+        bundles[name] = {"revision": rev}
+    return bundles, None
 
 
 def masked_pointers(document: Mapping[str, Any]) -> list[str]:
@@ -29,7 +51,6 @@ def opa_decision_log(decision: Decision, *, app_version: str) -> dict[str, Any]:
         "decision_id": decision.id,
         "path": path,
         "input": decision.input,
-        "bundles": {"opsgate": {"revision": decision.bundle_revision}},
         "timestamp": decision.decided_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
         "metrics": {"timer_server_handler_ns": int(decision.duration_ms * 1_000_000)},
         "opsgate": {
@@ -40,6 +61,11 @@ def opa_decision_log(decision: Decision, *, app_version: str) -> dict[str, Any]:
             "deny_codes": decision.deny_codes,
         },
     }
+    bundles, legacy = opa_bundles(decision.bundle_revision, decision.engine)
+    if bundles:
+        event["bundles"] = bundles
+    if legacy is not None:
+        event["revision"] = legacy
     if decision.result is not None:
         event["result"] = decision.result
     if decision.error:

@@ -8,6 +8,7 @@ with the cause that grew most inside it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,6 +42,10 @@ CAUSE_COLUMNS = [
 ]  # a pair is named when it explains at least half of the change
 
 
+def column_key(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+
+
 @dataclass
 class Table:
     name: str
@@ -49,18 +54,36 @@ class Table:
     rows: list[list[Any]]
     note: str = ""
     kinds: dict[str, str] = field(default_factory=dict)  # column -> "rate" | "seconds"
+    # (row index, column) -> what people read instead of the bare figure, e.g. "50.0%:
+    # 1 of 2 runs, too few to judge"; tools get the number and a `too_few_runs` column.
+    caveats: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    @property
+    def keys(self) -> list[str]:
+        """Column names as JSON/CSV keys: `pass rate` -> `pass_rate`."""
+        return [column_key(c) for c in self.columns]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Rows as objects keyed by `keys`, raw values (numbers stay numbers)."""
+        return [dict(zip(self.keys, row, strict=True)) for row in self.rows]
 
     def formatted(self) -> list[list[str]]:
         """Rows for people: rates as percentages, seconds as durations."""
         out = []
-        for row in self.rows:
+        for index, row in enumerate(self.rows):
             cells = []
             for column, value in zip(self.columns, row, strict=True):
                 kind = self.kinds.get(column)
-                if kind == "rate":
+                if (index, column) in self.caveats:
+                    cells.append(self.caveats[(index, column)])
+                elif isinstance(value, bool):
+                    cells.append("yes" if value else "")
+                elif kind == "rate":
                     cells.append(pct(value))
                 elif kind == "seconds":
                     cells.append(secs(value))
+                elif isinstance(value, Mapping):
+                    cells.append(", ".join(f"{k} {v}" for k, v in value.items()) or "-")
                 else:
                     cells.append("-" if value is None else str(value))
             out.append(cells)
@@ -79,6 +102,13 @@ class Report:
     tables: list[Table] = field(default_factory=list)
     charts: dict[str, Any] = field(default_factory=dict)
     generated_at: datetime | None = None
+
+
+DEFAULT_MIN_RUNS = 5
+
+
+def too_few(n: int, of: int, what: str, min_runs: int) -> str:
+    return f"{n} of {of} {what}, too few to judge (fewer than {min_runs})"
 
 
 def pct(value: float | None) -> str:
@@ -195,7 +225,12 @@ def _cause_text(outcome: str | None) -> str:
 
 
 def verification_report(
-    q: ReportQueries, window: Window, by: str | None, where: Mapping[str, str]
+    q: ReportQueries,
+    window: Window,
+    by: str | None,
+    where: Mapping[str, str],
+    *,
+    min_runs: int = DEFAULT_MIN_RUNS,
 ) -> Report:
     cube_now = q.verification_cube(window, where)
     cube_before = q.verification_cube(window.previous(), where)
@@ -220,7 +255,13 @@ def verification_report(
     cells_now, fin_now = _verification_cells(cube_now)
     cells_before, fin_before = _verification_cells(cube_before)
     found = _explain(cells_now, cells_before, fin_now, fin_before)
-    if found and now_all.pass_rate is not None and prev_all.pass_rate is not None:
+    judged = now_all.finished >= min_runs and prev_all.finished >= min_runs
+    if not judged:
+        report.headline.append(
+            f"Too few runs to judge a change: {now_all.finished} and {prev_all.finished} "
+            f"finished runs in the two windows (at least {min_runs} needed)."
+        )
+    if judged and found and now_all.pass_rate is not None and prev_all.pass_rate is not None:
         keys_found, label, share = found
         moved = _moved("rose", "fell", now_all.pass_rate, prev_all.pass_rate)
         cause = _top_cause(cube_now if moved == "fell" else cube_before, keys_found, label)
@@ -234,11 +275,17 @@ def verification_report(
             f"of the {change:+.1f} points)."
         )
     columns = ["segment", "started", "finished", "succeeded", "pass rate", "previous"]
-    columns += [*CAUSE_COLUMNS, "in progress", "stops by name"]
+    columns += [*CAUSE_COLUMNS, "in progress", "stops by name", "too few runs"]
     table_rows = []
-    for row in rows:
+    caveats: dict[tuple[int, str], str] = {}
+    for index, row in enumerate(rows):
+        few = row.finished < min_runs
+        if few:
+            caveats[(index, "pass rate")] = (
+                f"{pct(row.pass_rate)}: {too_few(row.succeeded, row.finished, 'runs', min_runs)}"
+            )
         prev = before.get(row.segment)
-        fired = ", ".join(f"{k} {v}" for k, v in sorted(row.stop_conditions.items()))
+        fired = dict(sorted(row.stop_conditions.items()))  # an object in JSON, not a string
         table_rows.append(
             [
                 row.segment,
@@ -250,6 +297,7 @@ def verification_report(
                 *(row.causes.get(c, 0) for c in CAUSES),
                 row.in_progress,
                 fired,
+                few,
             ]
         )
     report.tables.append(
@@ -260,6 +308,7 @@ def verification_report(
             table_rows,
             "pass rate = succeeded / finished runs started in the window; the rest by cause",
             kinds={"pass rate": "rate", "previous": "rate"},
+            caveats=caveats,
         )
     )
     stops: dict[str, int] = {}
@@ -287,31 +336,68 @@ def verification_report(
 
 
 def rollbacks_report(
-    q: ReportQueries, window: Window, by: str | None, where: Mapping[str, str]
+    q: ReportQueries,
+    window: Window,
+    by: str | None,
+    where: Mapping[str, str],
+    *,
+    min_runs: int = DEFAULT_MIN_RUNS,
 ) -> Report:
-    rows = q.rollbacks(window, by, where)
-    [now_all] = q.rollbacks(window, None, where, keep_durations=True) or [RollbackRow("all")]
-    [prev_all] = q.rollbacks(window.previous(), None, where) or [RollbackRow("all")]
+    """Automatic rollbacks (a stop condition, a failed verification, a runner error) and
+    manual ones (`opsgate rollback`) apart: a person's decision is not the system's
+    reaction time."""
+    rows = q.rollbacks(window, by, where, manual=False)
+    [now_all] = q.rollbacks(window, None, where, keep_durations=True, manual=False) or [
+        RollbackRow("all")
+    ]
+    [prev_all] = q.rollbacks(window.previous(), None, where, manual=False) or [RollbackRow("all")]
+    manual = q.rollbacks(window, by, where, manual=True)
+    manual_total = sum(r.decided for r in manual)
     report = Report("rollbacks", "Rollback time", window, window.previous(), by, where)
-    report.headline.append(
-        f"Rollback time p90 {secs(now_all.p90)} (p50 {secs(now_all.p50)}, max "
-        f"{secs(now_all.max)}) over {now_all.verified} verified rollbacks, against p90 "
-        f"{secs(prev_all.p90)} before; {now_all.never_verified} of {now_all.decided} "
-        "rollbacks never verified."
-    )
-    slowest = [r for r in q.rollbacks(window, by or "action", where) if r.verified >= 3]
+    if now_all.verified < min_runs:
+        report.headline.append(
+            f"Automatic rollback time: "
+            f"{too_few(now_all.verified, now_all.decided, 'rollbacks verified', min_runs)}"
+            + (f" (p90 {secs(now_all.p90)})." if now_all.p90 is not None else ".")
+        )
+    else:
+        report.headline.append(
+            f"Automatic rollback time p90 {secs(now_all.p90)} (p50 {secs(now_all.p50)}, max "
+            f"{secs(now_all.max)}) over {now_all.verified} verified rollbacks, against p90 "
+            f"{secs(prev_all.p90)} before; {now_all.never_verified} of {now_all.decided} "
+            "rollbacks never verified."
+        )
+    if manual_total:
+        report.headline.append(
+            f"{manual_total} manual rollback(s) (`opsgate rollback`) are reported apart."
+        )
+    slowest = [
+        r
+        for r in q.rollbacks(window, by or "action", where, manual=False)
+        if r.verified >= max(3, min_runs)
+    ]
     if slowest and now_all.p90 is not None:
         worst = max(slowest, key=lambda r: r.p90 or 0.0)
         report.headline.append(
             f"Slowest: {worst.segment} (p90 {secs(worst.p90)} over {worst.verified} rollbacks, "
             f"{worst.never_verified} never verified)."
         )
-    report.tables.append(
-        Table(
-            "rollbacks",
-            f"Rollback time by {by or 'all'}",
-            ["segment", "decided", "verified", "never verified", "p50", "p90", "max"],
-            [
+    columns = ["segment", "decided", "verified", "never verified", "p50", "p90", "max"]
+    columns.append("too few runs")
+    kinds = {"p50": "seconds", "p90": "seconds", "max": "seconds"}
+    for name, title, found in (
+        ("rollbacks", f"Automatic rollback time by {by or 'all'}", rows),
+        ("manual_rollbacks", f"Manual rollbacks by {by or 'all'}", manual),
+    ):
+        caveats: dict[tuple[int, str], str] = {}
+        table_rows = []
+        for index, r in enumerate(found):
+            few = r.verified < min_runs
+            if few:
+                caveats[(index, "p90")] = (
+                    f"{secs(r.p90)}: {too_few(r.verified, r.decided, 'verified', min_runs)}"
+                )
+            table_rows.append(
                 [
                     r.segment,
                     r.decided,
@@ -320,13 +406,20 @@ def rollbacks_report(
                     _raw(r.p50),
                     _raw(r.p90),
                     _raw(r.max),
+                    few,
                 ]
-                for r in rows
-            ],
-            "rollback time = rollback decided -> rollback verification passed",
-            kinds={"p50": "seconds", "p90": "seconds", "max": "seconds"},
+            )
+        report.tables.append(
+            Table(
+                name,
+                title,
+                columns,
+                table_rows,
+                "rollback time = rollback decided -> rollback verification passed",
+                kinds=kinds,
+                caveats=caveats,
+            )
         )
-    )
     report.charts["rollback_durations"] = now_all.durations
     return report
 
@@ -411,10 +504,7 @@ def blocks_report(
                             r.blocked,
                             _raw(r.block_rate),
                             earlier[r.segment].block_rate if r.segment in earlier else None,
-                            ", ".join(
-                                f"{c} {n}"
-                                for c, n in sorted(r.with_code.items(), key=lambda kv: -kv[1])[:3]
-                            ),
+                            dict(sorted(r.with_code.items(), key=lambda kv: -kv[1])[:3]),
                         ]
                         for r in keyed
                     ],
@@ -439,9 +529,7 @@ def _shadow_table(q: ReportQueries, window: Window, where: Mapping[str, str]) ->
         return None
     rows = []
     for phase, row in sorted(verdicts.items()):
-        codes = ", ".join(
-            f"{c} {n}" for c, n in sorted(row["codes"].items(), key=lambda kv: -kv[1])
-        )
+        codes = dict(sorted(row["codes"].items(), key=lambda kv: -kv[1]))
         rows.append([phase, row["evaluated"], row["would_block"], row["would_allow"], codes])
     return Table(
         "shadow",
@@ -515,10 +603,16 @@ def approvals_report(
 # --- the one-screen summary -----------------------------------------------------------------
 
 
-def summary_report(q: ReportQueries, window: Window, where: Mapping[str, str]) -> Report:
+def summary_report(
+    q: ReportQueries,
+    window: Window,
+    where: Mapping[str, str],
+    *,
+    min_runs: int = DEFAULT_MIN_RUNS,
+) -> Report:
     parts = [
-        verification_report(q, window, None, where),
-        rollbacks_report(q, window, None, where),
+        verification_report(q, window, None, where, min_runs=min_runs),
+        rollbacks_report(q, window, None, where, min_runs=min_runs),
         blocks_report(q, window, None, where),
         approvals_report(q, window, None, where),
     ]

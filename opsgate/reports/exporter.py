@@ -18,12 +18,14 @@ refused with a ConfigError.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -63,6 +65,34 @@ ROLLBACK_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 180
 # in milliseconds so no bucket edge is a rounded product.
 DECISION_BUCKETS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
 ACTION_LABELS = ("action", "environment", "proposer_kind")
+PHASES = ("propose", "execute", "approval")
+# Every verification outcome (ExecutionOutcome), exposed at 0 before the first one.
+OUTCOMES = (
+    "succeeded",
+    "stopped",
+    "failed_verification",
+    "timeout",
+    "provider_errors",
+    "runner_error",
+    "manual",
+)
+# Deny codes opsgate itself adds to any bundle's: an engine failure, a changed spec.
+BUILTIN_DENY_CODES = ("policy_engine_unavailable", "spec_changed")
+_VIOLATION = re.compile(r'violation\(\s*"([a-z][a-z0-9_]*)"')
+
+
+def bundle_deny_codes(policies: Path) -> tuple[str, ...]:
+    """The deny codes a Rego bundle can emit (its `violation("code", ...)` rules) plus
+    opsgate's own, so each is exposed at 0 before its first block and `increase()` sees
+    that block. Unreadable files add nothing: the series then appear with the first."""
+    codes = set(BUILTIN_DENY_CODES)
+    if policies.is_dir():
+        for path in sorted(policies.rglob("*.rego")):
+            try:
+                codes.update(_VIOLATION.findall(path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError):
+                continue
+    return tuple(sorted(codes))
 
 
 @dataclass
@@ -99,13 +129,17 @@ class Snapshot:
 
     # (state, action, environment, proposer_kind) -> actions now in that state
     actions: dict[tuple[str, ...], int] = field(default_factory=dict)
+    # Deny codes to expose at 0 (the bundle's), and the age of the oldest pending approval.
+    known_codes: tuple[str, ...] = ()
+    oldest_pending_seconds: float = 0.0
     # (action, environment, proposer_kind) -> succeeded actions later rolled back by hand
     succeeded_then_rolled_back: dict[tuple[str, ...], int] = field(default_factory=dict)
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (phase, allow)
     decision_latency: dict[str, Histogram] = field(default_factory=dict)  # by phase, in ms
     blocks: dict[tuple[str, str], int] = field(default_factory=dict)  # (phase, code)
     deadline_exceeded: dict[str, int] = field(default_factory=dict)  # by phase
-    outcomes: dict[str, int] = field(default_factory=dict)
+    # (outcome, action, environment) -> runs that ended so
+    outcomes: dict[tuple[str, str, str], int] = field(default_factory=dict)
     runs_in_progress: int = 0
     stop_conditions: dict[str, int] = field(default_factory=dict)
     rollback: Histogram = field(default_factory=lambda: Histogram(ROLLBACK_BUCKETS))
@@ -123,6 +157,7 @@ class StoreCollector(Collector):
         *,
         lease: float = 30.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        deny_codes: Sequence[str] = (),
     ) -> None:
         if not isinstance(store, SqlStore):
             raise ConfigError(
@@ -132,6 +167,7 @@ class StoreCollector(Collector):
         self.store = store
         self.lease = lease
         self.clock = clock
+        self.deny_codes = tuple(deny_codes)
         self._lock = threading.Lock()
         self._last_error: str | None = None
 
@@ -163,12 +199,12 @@ class StoreCollector(Collector):
 
     def snapshot(self) -> Snapshot:
         """All aggregates; raises StoreError or SQLAlchemyError when the store fails."""
-        snap = Snapshot()
+        snap = Snapshot(known_codes=self.deny_codes)
+        now = self.clock()
         with self._read() as conn:
-            self._read_actions(conn, snap)
+            self._read_actions(conn, snap, now)
             self._read_decisions(conn, snap)
             self._read_executions(conn, snap)
-        now = self.clock()
         for info in self.store.list_workers():
             snap.workers[info.status(now, self.lease)] += 1
         return snap
@@ -201,12 +237,18 @@ class StoreCollector(Collector):
         return func.round((func.julianday(later) - func.julianday(earlier)) * 86400.0, 3)
 
     @staticmethod
-    def _read_actions(conn: Connection, snap: Snapshot) -> None:
+    def _read_actions(conn: Connection, snap: Snapshot, now: datetime) -> None:
         a, e = actions, executions
         labels = (a.c.action_type, a.c.environment, a.c.proposer_kind)
         by_state = select(a.c.state, *labels, func.count()).group_by(a.c.state, *labels)
         for state, *rest, n in conn.execute(by_state):
             snap.actions[(str(state), *map(_label, rest))] = int(n)
+        # Found through the (state, created_at) index: one row.
+        oldest = conn.execute(
+            select(func.min(a.c.created_at)).where(a.c.state == ActionState.PENDING_APPROVAL.value)
+        ).scalar_one()
+        if oldest is not None:
+            snap.oldest_pending_seconds = max(0.0, (now - oldest).total_seconds())
         # Few rows, found through the state index: those that succeeded and moved on.
         moved_on = (
             select(*labels, func.count())
@@ -255,7 +297,7 @@ class StoreCollector(Collector):
             snap.deadline_exceeded[str(phase)] = int(n)
 
     def _read_executions(self, conn: Connection, snap: Snapshot) -> None:
-        e = executions
+        e, a = executions, actions
         duration = self._seconds(e.c.rollback_verified_at, e.c.rollback_decided_at)
         decided = e.c.rollback_decided_at.is_not(None)
         unverified = and_(decided, e.c.rollback_verified_at.is_(None))
@@ -270,17 +312,32 @@ class StoreCollector(Collector):
             func.count(e.c.rollback_verified_at),
             func.sum(duration),
             *(func.sum(case((duration <= le, 1), else_=0)) for le in ROLLBACK_BUCKETS),
-        ).group_by(e.c.outcome, e.c.trigger_name)
-        for outcome, trigger, n, failed, rolling, verified, total, *buckets in conn.execute(
-            statement
-        ):
+            a.c.action_type,
+            a.c.environment,
+        )
+        statement = statement.select_from(e.join(a, a.c.id == e.c.action_id)).group_by(
+            e.c.outcome, e.c.trigger_name, a.c.action_type, a.c.environment
+        )
+        for (
+            outcome,
+            trigger,
+            n,
+            failed,
+            rolling,
+            verified,
+            total,
+            *buckets,
+            action_type,
+            environment,
+        ) in conn.execute(statement):
             snap.rollbacks_unverified += int(failed or 0)
             snap.rollbacks_in_progress += int(rolling or 0)
             snap.rollback.add(buckets, verified, total)
             if outcome is None:  # still running or verifying: no outcome yet
                 snap.runs_in_progress += int(n)
                 continue
-            snap.outcomes[str(outcome)] = snap.outcomes.get(str(outcome), 0) + int(n)
+            key = (str(outcome), _label(action_type), _label(environment))
+            snap.outcomes[key] = snap.outcomes.get(key, 0) + int(n)
             if outcome == "stopped":
                 name = _label(trigger)
                 snap.stop_conditions[name] = snap.stop_conditions.get(name, 0) + int(n)
@@ -331,11 +388,26 @@ def render(snap: Snapshot) -> list[Metric]:
         labels=("state", *ACTION_LABELS),
     )
     reached: dict[tuple[str, ...], int] = defaultdict(int)
+    # Every label set seen gets every state at 0 first, so the first action to reach a
+    # state is an increase() from 0, not a series that appears out of nowhere.
+    label_sets = {key[1:] for key in snap.actions}
+    in_progress: dict[tuple[str, ...], int] = {}
+    for labels in label_sets:
+        for state in ActionState:
+            if state is S.PROPOSED:  # never stored
+                continue
+            if state.value in FINAL_STATES:
+                reached[(state.value, *labels)] += 0
+            else:
+                in_progress[(state.value, *labels)] = 0
+    for key, n in snap.actions.items():
+        if key[0] not in FINAL_STATES:
+            in_progress[key] = n
+    for key, n in sorted(in_progress.items()):
+        current.add_metric(list(key), n)
     for key, n in sorted(snap.actions.items()):
         if key[0] in FINAL_STATES:
             reached[key] += n
-        else:
-            current.add_metric(list(key), n)
     for labels, n in snap.succeeded_then_rolled_back.items():
         reached[(S.SUCCEEDED.value, *labels)] += n
     for key, n in sorted(reached.items()):
@@ -346,7 +418,9 @@ def render(snap: Snapshot) -> list[Metric]:
         "Policy decisions, by phase (propose, execute, approval) and result.",
         labels=("phase", "allow"),
     )
-    for (phase, allow), n in sorted(snap.decisions.items()):
+    decision_counts = {(p, allow): 0 for p in PHASES for allow in ("true", "false")}
+    decision_counts.update(snap.decisions)
+    for (phase, allow), n in sorted(decision_counts.items()):
         decided.add_metric([phase, allow], n)
     blocks = CounterMetricFamily(
         "opsgate_policy_blocks_total",
@@ -354,7 +428,9 @@ def render(snap: Snapshot) -> list[Metric]:
         "each, so the sum over codes can exceed the denied decisions.",
         labels=("phase", "code"),
     )
-    for (phase, code), n in sorted(snap.blocks.items()):
+    block_counts = {(p, code): 0 for p in ("propose", "execute") for code in snap.known_codes}
+    block_counts.update(snap.blocks)
+    for (phase, code), n in sorted(block_counts.items()):
         blocks.add_metric([phase, code], n)
     deadline = CounterMetricFamily(
         "opsgate_policy_deadline_exceeded_total",
@@ -375,11 +451,16 @@ def render(snap: Snapshot) -> list[Metric]:
     outcomes = CounterMetricFamily(
         "opsgate_verification_outcomes_total",
         "Runs that ended, by verification outcome (succeeded, stopped, failed_verification, "
-        "timeout, provider_errors, runner_error, manual).",
-        labels=("outcome",),
+        "timeout, provider_errors, runner_error, manual), action type and environment.",
+        labels=("outcome", "action", "environment"),
     )
-    for outcome, n in sorted(snap.outcomes.items()):
-        outcomes.add_metric([outcome], n)
+    # Each (action, environment) with actions gets every outcome at 0: a falling pass
+    # rate is visible from the first failure.
+    pairs = {(key[1], key[2]) for key in snap.actions} | {k[1:] for k in snap.outcomes}
+    outcome_counts = {(o, *pair): 0 for o in OUTCOMES for pair in pairs}
+    outcome_counts.update(snap.outcomes)
+    for key, n in sorted(outcome_counts.items()):
+        outcomes.add_metric(list(key), n)
     running = GaugeMetricFamily(
         "opsgate_runs_in_progress", "Claimed runs without a verification outcome yet."
     )
@@ -408,6 +489,12 @@ def render(snap: Snapshot) -> list[Metric]:
     )
     rolling.add_metric([], snap.rollbacks_in_progress)
 
+    oldest = GaugeMetricFamily(
+        "opsgate_oldest_pending_approval_age_seconds",
+        "Age of the oldest action waiting for approval (0 when none waits).",
+    )
+    oldest.add_metric([], snap.oldest_pending_seconds)
+
     workers = GaugeMetricFamily(
         "opsgate_workers",
         "Registered workers by status: live, lapsed (no heartbeat for a lease) or stopped.",
@@ -417,7 +504,7 @@ def render(snap: Snapshot) -> list[Metric]:
         workers.add_metric([status], snap.workers.get(status, 0))
     return [
         final, current, decided, blocks, deadline, latency, outcomes, running, stops,
-        rollback, unverified, rolling, workers,
+        rollback, unverified, rolling, oldest, workers,
     ]  # fmt: skip
 
 
@@ -425,11 +512,16 @@ def render(snap: Snapshot) -> list[Metric]:
 
 
 def serve(
-    store: Store, port: int, host: str = "127.0.0.1", *, lease: float = 30.0
+    store: Store,
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    lease: float = 30.0,
+    deny_codes: Sequence[str] = (),
 ) -> tuple[WSGIServer, threading.Thread]:
     """Serve /metrics from a daemon thread with its own registry; `stop()` ends it."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(store, lease=lease))
+    registry.register(StoreCollector(store, lease=lease, deny_codes=deny_codes))
     try:
         return start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
@@ -446,7 +538,12 @@ def stop(server: WSGIServer, thread: threading.Thread, timeout: float = 5.0) -> 
 
 
 def serve_in_background(
-    store: Store, port: int | None, *, lease: float = 30.0, host: str = "127.0.0.1"
+    store: Store,
+    port: int | None,
+    *,
+    lease: float = 30.0,
+    host: str = "127.0.0.1",
+    deny_codes: Sequence[str] = (),
 ) -> Callable[[], None]:
     """Serve metrics next to other work (`opsgate worker --metrics-port`); returns `stop`.
 
@@ -454,7 +551,7 @@ def serve_in_background(
     """
     if port is None:
         return lambda: None
-    server, thread = serve(store, port, host, lease=lease)
+    server, thread = serve(store, port, host, lease=lease, deny_codes=deny_codes)
     stopped = threading.Event()
 
     def stop_serving() -> None:

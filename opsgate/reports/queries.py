@@ -266,6 +266,13 @@ class ReportQueries:
             self._labels = {row[0]: tuple(v or NONE_LABEL for v in row[1:]) for row in rows}
         return self._labels.get(segment_id or -1, (NONE_LABEL,) * len(SEGMENTS))
 
+    def segment_values(self, key: str) -> set[str]:
+        """Every value segment `key` has had, as reports label it."""
+        if key not in SEGMENTS:
+            raise ValueError(f"unknown segment {key!r}; one of {', '.join(SEGMENTS)}")
+        rows = self._rows(select(SEGMENTS[key]).distinct())
+        return {row[0] or NONE_LABEL for row in rows}
+
     @staticmethod
     def _filters(column: Any, where: Mapping[str, str]) -> list[ColumnElement[bool]]:
         """`where` as `segment_id IN (matching segments)`."""
@@ -356,8 +363,10 @@ class ReportQueries:
         where: Mapping[str, str] | None = None,
         *,
         keep_durations: bool = False,
+        manual: bool | None = None,
     ) -> list[RollbackRow]:
-        """Rollback time (decision -> rollback verified): p50, p90, max per segment."""
+        """Rollback time (decision -> rollback verified): p50, p90, max per segment; only
+        manual ones (someone ran `opsgate rollback`) or only automatic ones if asked."""
         e = executions
         segment = self._by_column(by).label("segment")
         duration = self._seconds(e.c.rollback_verified_at, e.c.rollback_decided_at)
@@ -367,6 +376,9 @@ class ReportQueries:
             e.c.rollback_decided_at < window.until,
             *self._filters(e.c.segment_id, where or {}),
         ]
+        if manual is not None:
+            requested = e.c.rollback_requested_by
+            base.append(requested.is_not(None) if manual else requested.is_(None))
         counts = (
             select(segment, func.count(), func.count(e.c.rollback_verified_at))
             .select_from(joined)

@@ -47,7 +47,8 @@ def to_json(report: Report) -> str:
                 "name": t.name,
                 "title": t.title,
                 "columns": t.columns,
-                "rows": t.rows,
+                "keys": t.keys,
+                "rows": t.records(),
                 "note": t.note,
                 "kinds": t.kinds,
             }
@@ -58,15 +59,38 @@ def to_json(report: Report) -> str:
     return json.dumps(document, indent=2, default=str)
 
 
-def to_csv(report: Report) -> str:
-    """Every table, one after another, each with its own header; column 1 names it."""
+def table_names(report: Report) -> list[str]:
+    return [t.name for t in report.tables]
+
+
+def to_csv(report: Report, table: str | None = None) -> str:
+    """One CSV with one header row. With `table`, that table's columns; otherwise every
+    table's rows under the union of their keys, the first column naming the table.
+    Numbers are raw (rates as fractions, durations in seconds); empty means no value."""
+    tables = report.tables
+    if table is not None:
+        tables = [t for t in report.tables if t.name == table]
+    keys: list[str] = [] if table is not None else ["table"]
+    for t in tables:
+        keys += [k for k in t.keys if k not in keys]
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    for table in report.tables:
-        writer.writerow(["table", *table.columns])
-        for row in table.rows:
-            writer.writerow([table.name, *row])
+    writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n", restval="")
+    writer.writeheader()
+    for t in tables:
+        for record in t.records():
+            row = {k: _csv_cell(v) for k, v in record.items()}
+            if table is None:
+                row["table"] = t.name
+            writer.writerow(row)
     return out.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True)
+    return value
 
 
 def _md_cell(value: Any) -> str:
@@ -191,11 +215,11 @@ def to_html(report: Report) -> str:
     return "\n".join(parts)
 
 
-def render(report: Report, fmt: str) -> str:
+def render(report: Report, fmt: str, table: str | None = None) -> str:
     if fmt == "json":
         return to_json(report)
     if fmt == "csv":
-        return to_csv(report)
+        return to_csv(report, table)
     if fmt == "markdown":
         return to_markdown(report)
     if fmt == "html":

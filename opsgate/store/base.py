@@ -8,25 +8,40 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from opsgate.audit import AuditDraft
-from opsgate.models import (
-    Action,
-    ActionState,
-    Approval,
-    AuditEvent,
-    Decision,
-    Execution,
-    Measurement,
-    WorkerInfo,
-)
+if TYPE_CHECKING:  # annotations only: `except StoreError` must not load pydantic models
+    from opsgate.audit import AuditDraft
+    from opsgate.models import (
+        Action,
+        ActionState,
+        Approval,
+        AuditEvent,
+        Decision,
+        Execution,
+        Measurement,
+        WorkerInfo,
+    )
 
 # Fields of an action that may change after it is created.
 MUTABLE_ACTION_FIELDS = frozenset(
     {"state", "updated_at", "required_approvals", "approver_roles", "expires_at", "approved_at"}
 )
+
+
+@dataclass(frozen=True)
+class ActionQuery:
+    """What `opsgate list` asks for: every filter given must match (empty = any)."""
+
+    states: frozenset[ActionState] = frozenset()
+    environments: frozenset[str] = frozenset()
+    action_types: frozenset[str] = frozenset()
+    targets: frozenset[str] = frozenset()
+    proposer_id: str | None = None
+    since: datetime | None = None
+    limit: int = 50
 
 
 class StoreError(Exception):
@@ -63,6 +78,12 @@ class StoreTx(Protocol):
         self, target: str, environment: str, *, exclude_id: str | None = None
     ) -> int:
         """Actions on this target in ACTIVE_STATES (approved .. rolling_back)."""
+
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]:
+        """(id, state) of the actions that the matching count_*_on_target counts, newest
+        first (at most 5): lets a concurrent_action refusal name what holds the target."""
 
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         """Seal the draft onto the end of the chain (serialised across writers)."""
@@ -119,6 +140,16 @@ class Store(Protocol):
     ) -> list[Action]:
         """Oldest first."""
 
+    def find_actions(self, query: ActionQuery) -> list[Action]:
+        """Actions matching every filter of the query, newest first, at most query.limit."""
+
+    def action_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Ids starting with `prefix` (exact, case as stored), in id order, at most limit."""
+
+    def neighbour_ids(self, action_id: str) -> tuple[str | None, str | None]:
+        """The ids just before and just after `action_id` in id order (it need not exist):
+        enough to know the shortest prefix that names it alone."""
+
     def due_for_expiry(self, now: datetime) -> list[Action]:
         """Pending or approved actions whose expires_at has passed."""
 
@@ -138,6 +169,10 @@ class Store(Protocol):
     def count_running_on_target(
         self, target: str, environment: str, *, exclude_id: str | None = None
     ) -> int: ...
+
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]: ...
 
     def get_execution(self, action_id: str) -> Execution | None: ...
 

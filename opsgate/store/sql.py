@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.util import CommandError
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import (
     Connection,
@@ -31,7 +29,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
@@ -50,6 +47,7 @@ from opsgate.models import (
 )
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
+    ActionQuery,
     DuplicateIdempotencyKey,
     StoreError,
     TargetBusy,
@@ -67,6 +65,9 @@ from opsgate.store.tables import (
     segments,
     workers,
 )
+
+if TYPE_CHECKING:  # alembic loads only to migrate: every command opens a store
+    from alembic.config import Config
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,6 +118,8 @@ def normalize_url(url: str) -> URL:
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """An alembic Config built in code, pointing at the packaged migrations."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     if connection is not None:
@@ -152,9 +155,12 @@ class SqlStore:
         # Report segment ids known to be committed (a few hundred at most).
         self.segment_ids: dict[tuple[str, ...], int] = {}
         self.dialect = parsed.get_backend_name()
+        # Only `migrate` (opsgate init) creates a SQLite file and its directory: a read
+        # must not leave an empty database (or directories) behind a typo in OPSGATE_DB.
+        self._may_create = False
         try:
             if self.dialect == "sqlite":
-                self._engine = self._sqlite_engine(parsed)
+                self._engine = self._sqlite_engine(parsed, lambda: self._may_create)
                 self._read_engine = self._engine.execution_options(opsgate_read=True)
             else:
                 self._engine = self._postgresql_engine(parsed)
@@ -164,11 +170,18 @@ class SqlStore:
             raise self.store_error(exc) from None
 
     @staticmethod
-    def _sqlite_engine(url: URL) -> Engine:
+    def _sqlite_engine(url: URL, may_create: Callable[[], bool]) -> Engine:
         database = url.database or ""
-        if not database.startswith("file:"):
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        path = None if database.startswith("file:") or database in ("", ":memory:") else database
         engine = create_engine(url)
+
+        @event.listens_for(engine, "do_connect")
+        def _refuse_to_create(_dialect: Any, _record: Any, _cargs: Any, _cparams: Any) -> None:
+            if path is None or Path(path).exists():
+                return
+            if not may_create():
+                raise StoreError(f"there is no store at {path}")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -279,6 +292,10 @@ class SqlStore:
     @_translate_errors
     def migrate(self) -> None:
         """Upgrade the schema to the newest revision (alembic `upgrade head`)."""
+        from alembic import command
+        from alembic.util import CommandError
+
+        self._may_create = True
         try:
             with self._engine.begin() as conn:
                 if self.dialect == "postgresql":
@@ -325,6 +342,53 @@ class SqlStore:
             statement = statement.where(actions.c.proposer_id == proposer_id)
         statement = statement.order_by(actions.c.created_at, actions.c.id).limit(max(limit, 0))
         return [action_from_row(row._mapping) for row in self._all(statement)]
+
+    @_translate_errors
+    def find_actions(self, query: ActionQuery) -> list[Action]:
+        """Actions matching every filter of the query, newest first, at most query.limit."""
+        statement = select(actions)
+        if query.states:
+            statement = statement.where(actions.c.state.in_(sorted(s.value for s in query.states)))
+        if query.environments:
+            statement = statement.where(actions.c.environment.in_(sorted(query.environments)))
+        if query.action_types:
+            statement = statement.where(actions.c.action_type.in_(sorted(query.action_types)))
+        if query.targets:
+            statement = statement.where(actions.c.target.in_(sorted(query.targets)))
+        if query.proposer_id is not None:
+            statement = statement.where(actions.c.proposer_id == query.proposer_id)
+        if query.since is not None:
+            statement = statement.where(actions.c.created_at >= query.since)
+        statement = statement.order_by(actions.c.created_at.desc(), actions.c.id.desc()).limit(
+            max(query.limit, 0)
+        )
+        return [action_from_row(row._mapping) for row in self._all(statement)]
+
+    @_translate_errors
+    def action_ids_with_prefix(self, prefix: str, limit: int) -> list[str]:
+        """Ids starting with `prefix` (exact, case as stored), in id order, at most limit."""
+        statement = (
+            select(actions.c.id)
+            .where(actions.c.id.startswith(prefix, autoescape=True))
+            .order_by(actions.c.id)
+            .limit(max(limit, 0))
+        )
+        # SQLite's LIKE ignores ASCII case; the prefix must match as stored.
+        return [row[0] for row in self._all(statement) if row[0].startswith(prefix)]
+
+    @_translate_errors
+    def neighbour_ids(self, action_id: str) -> tuple[str | None, str | None]:
+        """The ids just before and just after `action_id` in id order."""
+        row = self._all(_NEIGHBOURS, {"action_id": action_id})[0]._mapping
+        return row["before"], row["after"]
+
+    @_translate_errors
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]:
+        statement = _holders(running, exclude_id)
+        params = {"target": target, "environment": environment, "exclude_id": exclude_id}
+        return [(r._mapping["id"], r._mapping["state"]) for r in self._all(statement, params)]
 
     @_translate_errors
     def due_for_expiry(self, now: datetime) -> list[Action]:
@@ -483,11 +547,11 @@ class SqlTx:
         self._store = store
         self._conn = conn
         self._postgresql = store.dialect == "postgresql"
-        self._insert_action = _INSERT_ACTION[store.dialect]
-        self._upsert_worker = _UPSERT_WORKER[store.dialect]
+        self._insert_action, self._upsert_worker, self._insert_segment = _dialect_statements(
+            store.dialect
+        )
         self.failed = False  # a driver error happened: the transaction must not commit
         self._segments: dict[str, int | None] = {}  # action id -> segment id, this tx
-        self._insert_segment = _INSERT_SEGMENT[store.dialect]
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -580,6 +644,15 @@ class SqlTx:
         """Actions on this target in ACTIVE_STATES (approved .. rolling_back)."""
         statement, params = _count_active(target, environment, exclude_id)
         return int(self._conn.execute(statement, params).scalar_one())
+
+    @_translate_errors
+    def holders_on_target(
+        self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
+    ) -> list[tuple[str, str]]:
+        statement = _holders(running, exclude_id)
+        params = {"target": target, "environment": environment, "exclude_id": exclude_id}
+        rows = self._conn.execute(statement, params)
+        return [(r._mapping["id"], r._mapping["state"]) for r in rows]
 
     @_translate_errors
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
@@ -766,13 +839,6 @@ _AUDIT_PAGE_OF = _AUDIT_PAGE_ALL.where(audit_events.c.action_id == bindparam("ac
 _ROW_COUNTS = select(
     *(select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in _COUNTED)
 )
-# ON CONFLICT on the key alone; any other constraint still raises.
-_INSERT_ACTION = {
-    name: dialect.insert(actions)
-    .on_conflict_do_nothing(index_elements=[actions.c.idempotency_key])
-    .returning(actions.c.id)
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
 _INSERT_DECISION = insert(decisions)
 _STATE_FIELDS = {
     name: update(executions)
@@ -783,10 +849,6 @@ _STATE_FIELDS = {
 _OWNERS = select(
     executions.c.action_id, executions.c.worker_id, executions.c.rollback_requested_by
 ).where(executions.c.action_id.in_(bindparam("ids", expanding=True)))
-_INSERT_SEGMENT = {
-    name: dialect.insert(segments).on_conflict_do_nothing()
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
 _SEGMENT_ID = select(segments.c.id).where(
     *(segments.c[name] == bindparam(name) for name in SEGMENT_COLUMNS)
 )
@@ -885,19 +947,25 @@ _STOP_WORKER = (
 _LIST_WORKERS = select(workers).order_by(workers.c.heartbeat_at.desc(), workers.c.id)
 
 
-def _upsert_worker(dialect: Any) -> Executable:
-    statement = dialect.insert(workers)
-    return statement.on_conflict_do_update(
-        index_elements=[workers.c.id],
-        set_={c.name: statement.excluded[c.name] for c in workers.c if c.name != "id"},
+@functools.cache
+def _dialect_statements(name: str) -> tuple[Executable, Executable, Executable]:
+    """The statements whose SQL differs by dialect, built (and the dialect imported) on
+    first use: a SQLite user never loads the PostgreSQL dialect and its asyncio."""
+    dialect: Any = importlib.import_module(f"sqlalchemy.dialects.{name}")
+    # ON CONFLICT on the key alone; any other constraint still raises.
+    insert_action = (
+        dialect.insert(actions)
+        .on_conflict_do_nothing(index_elements=[actions.c.idempotency_key])
+        .returning(actions.c.id)
     )
-
-
-# A worker that restarts under the same id replaces its row.
-_UPSERT_WORKER = {
-    name: _upsert_worker(dialect)
-    for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
-}
+    # A worker that restarts under the same id replaces its row.
+    upsert = dialect.insert(workers)
+    upsert_worker = upsert.on_conflict_do_update(
+        index_elements=[workers.c.id],
+        set_={c.name: upsert.excluded[c.name] for c in workers.c if c.name != "id"},
+    )
+    insert_segment = dialect.insert(segments).on_conflict_do_nothing()
+    return insert_action, upsert_worker, insert_segment
 
 
 def _count_running(
@@ -907,6 +975,47 @@ def _count_running(
     if exclude_id is None:
         return _COUNT_RUNNING, params
     return _COUNT_RUNNING_EXCLUDING, {**params, "exclude_id": exclude_id}
+
+
+_HOLDERS_LIMIT = 5
+_HOLDERS_ACTIVE = (
+    select(actions.c.id, actions.c.state)
+    .where(
+        actions.c.target == bindparam("target"),
+        actions.c.environment == bindparam("environment"),
+        actions.c.state.in_(_ACTIVE),
+    )
+    .order_by(actions.c.created_at.desc(), actions.c.id.desc())
+    .limit(_HOLDERS_LIMIT)
+)
+_HOLDERS_RUNNING = (
+    select(actions.c.id, actions.c.state)
+    .select_from(executions.join(actions, actions.c.id == executions.c.action_id))
+    .where(
+        executions.c.target == bindparam("target"),
+        executions.c.environment == bindparam("environment"),
+        executions.c.finished_at.is_(None),
+    )
+    .order_by(actions.c.created_at.desc(), actions.c.id.desc())
+    .limit(_HOLDERS_LIMIT)
+)
+_NEIGHBOURS = select(
+    select(func.max(actions.c.id))
+    .where(actions.c.id < bindparam("action_id"))
+    .scalar_subquery()
+    .label("before"),
+    select(func.min(actions.c.id))
+    .where(actions.c.id > bindparam("action_id"))
+    .scalar_subquery()
+    .label("after"),
+)
+
+
+def _holders(running: bool, exclude_id: str | None) -> Select[Any]:
+    statement = _HOLDERS_RUNNING if running else _HOLDERS_ACTIVE
+    if exclude_id is not None:
+        statement = statement.where(actions.c.id != bindparam("exclude_id"))
+    return statement
 
 
 def _busy_message(execution: Execution) -> str:

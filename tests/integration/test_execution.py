@@ -591,6 +591,25 @@ def test_cli_run_without_prometheus_refuses_to_run(tmp_path: Path, sqlite_url: s
         "OPSGATE_CATALOG": str(ROOT / "catalog"),
         "OPSGATE_POLICIES": str(ROOT / "policies"),
     }
-    result = opsgate(env, "run", "01JDOESNOTEXIST0000000000")
+    assert opsgate(env, "init").returncode == 0
+    alice, bob = (
+        {**env, "OPSGATE_IDENTITY": "env", "OPSGATE_USER": "alice"},
+        {
+            **env,
+            "OPSGATE_IDENTITY": "env",
+            "OPSGATE_USER": "bob",
+        },
+    )
+    proposed = opsgate(
+        alice, "propose", "restart_service", "--target", "web", "--env", "staging",
+        "--param", "deployment=web", "--reason", "no prometheus", "--json",
+    )  # fmt: skip
+    action_id = json.loads(proposed.stdout)["action"]["id"]
+    assert opsgate(bob, "approve", action_id).returncode == 0
+    result = opsgate(bob, "run", action_id)
     assert result.returncode == 2
     assert "OPSGATE_PROMETHEUS_URL is not set" in result.stderr
+    shown = json.loads(opsgate(bob, "show", action_id, "--json").stdout)
+    assert shown["action"]["state"] == "approved" and shown["execution"] is None
+    # An unknown id is not found whatever the configuration.
+    assert opsgate(bob, "run", "01JDOESNOTEXIST0000000000").returncode == 4

@@ -187,10 +187,10 @@ def test_an_agent_proposes_and_follows_over_stdio(
     # The governance report counts the agent's blocks apart from the human's.
     report = opsgate(env, "report", "blocks", "--by", "proposer_kind", "--format", "json")
     (table,) = [t for t in report["tables"] if t["name"] == "blocks_propose"]
-    rows = {row[0]: dict(zip(table["columns"], row, strict=True)) for row in table["rows"]}
+    rows = {row["segment"]: row for row in table["rows"]}
     assert rows["agent"]["decided"] == 3 and rows["agent"]["blocked"] == 2
     assert rows["human"]["decided"] == 1 and rows["human"]["blocked"] == 1
-    assert "param_out_of_bounds" in rows["agent"]["top codes"]
+    assert "param_out_of_bounds" in rows["agent"]["top_codes"]
 
 
 def test_malformed_arguments_are_tool_errors_and_store_nothing(

@@ -70,3 +70,45 @@ def test_duplicate_names_are_refused(tmp_path: Path) -> None:
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="OPSGATE_CATALOG"):
         load_catalog(tmp_path / "nope")
+
+
+def test_published_schemas_are_standard_json_schema(tmp_path: Path) -> None:
+    """A secret param is published as `writeOnly` (a JSON-Schema annotation), never with
+    the catalog's own `secret` keyword, by `catalog show` and to agents over MCP."""
+    import json
+
+    import jsonschema
+    from click.testing import CliRunner
+
+    from opsgate.catalog import load_catalog, param_json_schema
+    from opsgate.cli import cli
+    from opsgate.mcp_server import _action_type_json
+
+    (tmp_path / "rotate_key.yaml").write_text(
+        "name: rotate_key\nrisk: low\n"
+        "params:\n"
+        "  service: {type: string, pattern: '^[a-z]{1,20}$'}\n"
+        "  token: {type: string, secret: true, required: false}\n"
+        "run: {argv: [echo, '{service}']}\n"
+        "verification:\n"
+        "  signals: [{name: ok, query: 'up', pass: {min: 1}}]\n"
+    )
+    catalog = load_catalog(tmp_path)
+    spec = catalog.get("rotate_key")
+    token = param_json_schema(spec.params["token"])
+    assert token["writeOnly"] is True and "secret" not in token
+    shown = CliRunner().invoke(
+        cli, ["--catalog", str(tmp_path), "catalog", "show", "rotate_key", "--json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    published = json.loads(shown.stdout)["params"]
+    over_mcp = _action_type_json(spec)["params"]
+    for schema in (published["token"], over_mcp["properties"]["token"]):
+        assert schema.get("writeOnly") is True and "secret" not in schema
+    # Every published schema is valid JSON Schema and validates as it should.
+    jsonschema.Draft202012Validator.check_schema(over_mcp)
+    validator = jsonschema.Draft202012Validator(over_mcp)
+    assert validator.is_valid({"service": "web", "token": "x"})
+    assert not validator.is_valid({"service": "Web!"})
+    for schema in published.values():
+        jsonschema.Draft202012Validator.check_schema(schema)

@@ -19,18 +19,21 @@ from opsgate.errors import ConfigError
 from opsgate.models import TERMINAL_STATES, ActionState, DenyReason, WorkerInfo
 from opsgate.reports.exporter import (
     DECISION_BUCKETS_MS,
+    OUTCOMES,
     ROLLBACK_BUCKETS,
     StoreCollector,
+    bundle_deny_codes,
     serve,
     serve_in_background,
     stop,
 )
 from opsgate.store.sql import SqlStore
-from opsgate.testing import MemoryStore
+from opsgate.testing import MemoryStore, make_action
 from tests import history
 
 START = datetime(2026, 8, 1, tzinfo=UTC)
 END = datetime(2026, 9, 1, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
 LEASE = 30.0
 S = ActionState
@@ -108,6 +111,11 @@ def collect(collector: StoreCollector) -> Samples:
 
 def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
     return {labels: value for (n, labels), value in samples.items() if n == name}
+
+
+def nonzero(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """The series with a count: zero-initialised ones are checked apart."""
+    return {key: value for key, value in series(samples, name).items() if value}
 
 
 def labels(**values: str) -> frozenset[tuple[str, str]]:
@@ -196,8 +204,14 @@ def test_actions_by_final_and_current_state(
         execution = record.execution
         if execution and execution.outcome == "succeeded" and action.state is not S.SUCCEEDED:
             final[labels(state="succeeded", **segment)] += 1
-    assert series(samples, "opsgate_actions_total") == final
-    assert series(samples, "opsgate_actions_in_progress") == current
+    assert nonzero(samples, "opsgate_actions_total") == final
+    assert nonzero(samples, "opsgate_actions_in_progress") == current
+    # Every label set seen has every state at 0 or more: the first increase is visible.
+    finals = series(samples, "opsgate_actions_total")
+    for key in current:
+        segment = {k: v for k, v in key if k != "state"}
+        for state in ("succeeded", "rolled_back", "blocked", "expired"):
+            assert labels(state=state, **segment) in finals
     # Never vacuous: the seeded history reaches every kind of end, and some are under way.
     states = {dict(key)["state"] for key in final}
     assert states >= {"blocked", "succeeded", "rolled_back", "rollback_failed", "rejected"}
@@ -214,8 +228,8 @@ def test_policy_decisions_and_blocks(scraped: tuple[Samples, list[history.Record
         for code in set(decision.deny_codes):
             blocked[labels(phase=decision.phase, code=code)] += 1
         latencies.setdefault(decision.phase, []).append(decision.duration_ms)
-    assert series(samples, "opsgate_policy_decisions_total") == decided
-    assert series(samples, "opsgate_policy_blocks_total") == blocked
+    assert nonzero(samples, "opsgate_policy_decisions_total") == decided
+    assert nonzero(samples, "opsgate_policy_blocks_total") == blocked
     cut: Counter[frozenset[tuple[str, str]]] = Counter(
         labels(phase=d.phase)
         for r in records
@@ -240,9 +254,17 @@ def test_verification_outcomes_and_stop_conditions(
 ) -> None:
     samples, records = scraped
     executions = [r.execution for r in records if r.execution is not None]
-    outcomes = Counter(labels(outcome=e.outcome) for e in executions if e.outcome is not None)
+    outcomes = Counter(
+        labels(
+            outcome=r.execution.outcome,
+            action=r.action.action_type,
+            environment=r.action.environment,
+        )
+        for r in records
+        if r.execution is not None and r.execution.outcome is not None
+    )
     stops = Counter(labels(name=str(e.trigger_name)) for e in executions if e.outcome == "stopped")
-    assert series(samples, "opsgate_verification_outcomes_total") == outcomes
+    assert nonzero(samples, "opsgate_verification_outcomes_total") == outcomes
     assert len(outcomes) >= 6
     assert series(samples, "opsgate_stop_condition_activations_total") == stops
     assert set(stops) == {labels(name="error_spike"), labels(name="latency_spike")}
@@ -337,6 +359,7 @@ def test_port_in_use_is_a_config_error(sqlite_url: str) -> None:
 def test_unreadable_store_exposes_store_up_0_and_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    (tmp_path / "not-migrated.db").touch()  # a database file without the schema
     store = SqlStore(f"sqlite:///{tmp_path / 'not-migrated.db'}")
     try:
         collector = StoreCollector(store, lease=LEASE)
@@ -373,3 +396,59 @@ def test_unreachable_postgresql_exposes_store_up_0(caplog: pytest.LogCaptureFixt
 def test_memory_store_is_refused() -> None:
     with pytest.raises(ConfigError, match="need an SQL store"):
         StoreCollector(MemoryStore())
+
+
+def test_known_label_values_start_at_zero_and_the_oldest_approval_ages(
+    sqlite_url: str,
+) -> None:
+    """Before the first block, run or outcome every series Prometheus alerts on exists at 0,
+    and the oldest pending approval's age is exposed."""
+    store = SqlStore(sqlite_url)
+    try:
+        pending = make_action(created_at=NOW - timedelta(minutes=42))
+        newer = make_action(created_at=NOW - timedelta(minutes=2), target="cart")
+        with store.transaction() as tx:
+            tx.insert_action(pending)
+            tx.insert_action(newer)
+        codes = bundle_deny_codes(ROOT / "policies")
+        assert {"not_allowlisted", "change_freeze", "policy_engine_unavailable"} <= set(codes)
+        collector = StoreCollector(store, lease=LEASE, clock=lambda: NOW, deny_codes=codes)
+        samples = collect(collector)
+        blocks = series(samples, "opsgate_policy_blocks_total")
+        assert blocks == {labels(phase=p, code=c): 0 for p in ("propose", "execute") for c in codes}
+        outcomes = series(samples, "opsgate_verification_outcomes_total")
+        pair = {"action": pending.action_type, "environment": pending.environment}
+        assert outcomes == {labels(outcome=o, **pair): 0 for o in OUTCOMES}
+        decided = series(samples, "opsgate_policy_decisions_total")
+        assert decided == {
+            labels(phase=p, allow=a): 0 for p in ("propose", "execute", "approval")
+            for a in ("true", "false")
+        }  # fmt: skip
+        finals = series(samples, "opsgate_actions_total")
+        segment = {**pair, "proposer_kind": pending.proposer.kind}
+        assert finals[labels(state="succeeded", **segment)] == 0
+        assert (
+            series(samples, "opsgate_actions_in_progress")[
+                labels(state="pending_approval", **segment)
+            ]
+            == 2
+        )
+        age = samples[("opsgate_oldest_pending_approval_age_seconds", labels())]
+        assert age == pytest.approx(42 * 60, abs=1)
+    finally:
+        store.close()
+
+
+def test_bundle_deny_codes_read_the_rego(tmp_path: Path) -> None:
+    (tmp_path / "a.rego").write_text(
+        'package x\ndeny contains violation("budget_exceeded", msg) if { true }\n'
+        'deny contains violation( "night_only", "m") if { true }\n'
+    )
+    (tmp_path / "data.json").write_text("{}")
+    assert bundle_deny_codes(tmp_path) == (
+        "budget_exceeded",
+        "night_only",
+        "policy_engine_unavailable",
+        "spec_changed",
+    )
+    assert bundle_deny_codes(tmp_path / "missing") == ("policy_engine_unavailable", "spec_changed")

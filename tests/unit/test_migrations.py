@@ -23,6 +23,7 @@ from opsgate.store.tables import audit_head, metadata
 def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
     """A store on an empty database, not migrated."""
     if request.param == "sqlite":
+        (tmp_path / "fresh.db").touch()  # an empty database file: only `migrate` creates one
         url = f"sqlite:///{tmp_path / 'fresh.db'}"
     else:
         url = request.getfixturevalue("pg_database")()

@@ -6,6 +6,7 @@ import json
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -167,4 +168,41 @@ def test_shadow_bundle_is_stored_and_reported_but_never_enforced(
     report = runner.invoke(cli, [*base, "report", "blocks", "--format", "json"])
     assert report.exit_code == 0, report.output
     tables = {t["name"]: t for t in json.loads(report.stdout)["tables"]}
-    assert tables["shadow"]["rows"] == [["propose", 2, 1, 0, "param_out_of_bounds 1"]]
+    assert tables["shadow"]["rows"] == [
+        {
+            "phase": "propose",
+            "evaluated": 2,
+            "would_have_blocked": 1,
+            "would_have_allowed": 0,
+            "codes": {"param_out_of_bounds": 1},
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("engine", "revision", "bundles", "legacy"),
+    [
+        ("embedded", "sha256:" + "a" * 64, {"opsgate": {"revision": "sha256:" + "a" * 64}}, None),
+        ("opa", "sha256:" + "b" * 64, {"opsgate": {"revision": "sha256:" + "b" * 64}}, None),
+        ("opa", "authz:git-4f2a9c1", {"authz": {"revision": "git-4f2a9c1"}}, None),
+        ("opa", "a:1,b:2", {"a": {"revision": "1"}, "b": {"revision": "2"}}, None),
+        ("opa", "legacy-7", None, "legacy-7"),
+        ("opa", "external:unknown", None, None),
+    ],
+)
+def test_decision_log_bundles_follow_opa_in_every_mode(
+    history: tuple[str, Store],
+    engine: str,
+    revision: str,
+    bundles: dict[str, Any] | None,
+    legacy: str | None,
+) -> None:
+    _, store = history
+    now = datetime.now(UTC)
+    decision = next(store.decisions_between(now - timedelta(days=1), now, ["propose"]))
+    event = opa_decision_log(
+        decision.model_copy(update={"engine": engine, "bundle_revision": revision}),
+        app_version="x",
+    )
+    assert event.get("bundles") == bundles
+    assert event.get("revision") == legacy

@@ -63,19 +63,29 @@ def test_the_summary_names_what_moved_and_where(db: str) -> None:
     assert "deploy-related sev2 actions halted by error_spike" in story
     table = document["tables"][0]
     assert table["columns"][:5] == ["segment", "started", "finished", "succeeded", "pass rate"]
+    assert table["keys"][:5] == ["segment", "started", "finished", "succeeded", "pass_rate"]
     [row] = table["rows"]
-    assert 0 <= row[4] <= 1  # tools get raw fractions, people get percentages
+    assert 0 <= row["pass_rate"] <= 1  # tools get raw fractions, people get percentages
+    assert isinstance(row["started"], int)
+    # A count per stop condition is an object, not a sentence.
+    stops = row["stops_by_name"]
+    assert set(stops) == {"error_spike", "latency_spike"}
+    assert sum(stops.values()) == row["stopped"] and all(isinstance(n, int) for n in stops.values())
 
 
 def test_every_format(db: str, tmp_path: Path) -> None:
     code, out, _ = report(db, "blocks", "--by", "code", "--format", "csv")
     assert code == 0
-    rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0][:3] == ["table", "code", "decisions with code"]
-    assert {r[0] for r in rows[1:] if r and r[0] != "table"} == {
-        "blocks_propose",
-        "blocks_execute",
-    }
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0])[:3] == ["table", "code", "decisions_with_code"]
+    assert {r["table"] for r in rows} == {"blocks_propose", "blocks_execute"}
+    # One header for the whole file: no header rows repeated as data.
+    assert all(r["code"] != "code" for r in rows)
+    code, out, _ = report(
+        db, "blocks", "--by", "code", "--format", "csv", "--table", "blocks_execute"
+    )
+    only = list(csv.DictReader(io.StringIO(out)))
+    assert only and "table" not in only[0] and next(iter(only[0])) == "code"
     code, out, _ = report(db, "rollbacks", "--by", "tier", "--format", "markdown")
     assert code == 0 and out.startswith("## Rollback time") and "| segment |" in out
     code, out, _ = report(db, "approvals", "--by", "proposer_kind")
@@ -92,7 +102,7 @@ def test_filters_answer_one_question(db: str) -> None:
     assert code == 0
     document = json.loads(out)
     assert document["where"] == {"incident_class": "deploy-related", "severity": "sev2"}
-    tiers = {row[0] for row in document["tables"][0]["rows"]}
+    tiers = {row["segment"] for row in document["tables"][0]["rows"]}
     assert tiers <= {"critical", "standard", "internal"} and tiers
 
 
@@ -103,6 +113,9 @@ def test_filters_answer_one_question(db: str) -> None:
         (["--since", "1d", "--until", "2d"], "--since"),
         (["--where", "colour=red"], "--where"),
         (["verification", "--by", "code"], "--by"),
+        (["--where", "environment=prd"], "--where"),
+        (["--where", "enviroment=prod"], "--where"),
+        (["--table", "nope"], "--table"),
     ],
 )
 def test_bad_input_is_exit_2_naming_the_field(db: str, args: list[str], field: str) -> None:

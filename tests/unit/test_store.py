@@ -527,12 +527,29 @@ def test_driver_errors_are_one_line_without_the_password() -> None:
 
 
 def test_unmigrated_database_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty.db").touch()
     store = SqlStore(f"sqlite:///{tmp_path}/empty.db")
     try:
         with pytest.raises(StoreError, match="migrated"):
             store.row_counts()
         with pytest.raises(StoreError, match="migrated"), store.transaction() as tx:
             tx.append_audit(make_draft())
+    finally:
+        store.close()
+
+
+def test_only_migrate_creates_a_sqlite_database(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "dir" / "o.db"
+    store = SqlStore(f"sqlite:///{path}")
+    try:
+        for read in (store.row_counts, lambda: store.get_action("x"), store.list_workers):
+            with pytest.raises(StoreError, match="there is no store at"):
+                read()
+        with pytest.raises(StoreError, match="there is no store at"), store.transaction() as tx:
+            tx.append_audit(make_draft())
+        assert not (tmp_path / "nested").exists()
+        store.migrate()
+        assert path.is_file() and store.row_counts()["actions"] == 0
     finally:
         store.close()
 

@@ -1,0 +1,38 @@
+"""ACTION_ID: a click type that turns a unique id prefix into the full id, for every
+command that takes an action id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from opsgate.ids import resolve
+
+
+class ActionIdType(click.ParamType):
+    name = "ACTION_ID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from opsgate.cli.context import CliConfig
+
+        if not isinstance(value, str):
+            raise click.BadParameter("expected an action id", ctx=ctx, param=param)
+        # The field named in errors is the one the user typed: `--action` or ACTION_ID.
+        field = "action_id"
+        if isinstance(param, click.Option) and param.opts:
+            field = max(param.opts, key=len)
+        config = ctx.find_object(CliConfig) if ctx is not None else None
+        if config is None:  # no store to resolve against (used outside the opsgate group)
+            return value
+        return resolve(config.store, value, field)
+
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[Any]:
+        from opsgate.cli.completion import action_ids
+
+        return list(action_ids(ctx, param, incomplete))
+
+
+ACTION_ID = ActionIdType()
