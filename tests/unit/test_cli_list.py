@@ -3,6 +3,7 @@ the action that holds the target: through the real CLI over SQLite."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -241,3 +242,21 @@ def test_queue_mine_to_approve_is_what_approve_would_accept(cli: Cli) -> None:
     cli.as_user("carol")
     for action_id in mine("carol"):
         assert cli("approve", action_id)[0] == 0
+
+
+def test_list_warns_about_filter_values_nobody_knows(cli: Cli) -> None:
+    restart(cli, "web")
+    code, out, err = cli("list", "--env", "stagng", "--action", "restart_servce", "--json")
+    assert code == 0 and json.loads(out) == []
+    assert "warning: --env 'stagng' is not known to the policy bundle" in err
+    assert "did you mean 'staging'" in err and "did you mean 'restart_service'" in err
+    code, out, err = cli("list", "--env", "staging", "--action", "restart_service")
+    assert code == 0 and err == "" and "restart_service" in out
+
+
+def test_show_watch_follows_to_the_end_like_watch(cli: Cli) -> None:
+    action_id = restart(cli, "web")
+    assert cli("cancel", action_id[:10])[0] == 0
+    code, out, err = cli("show", action_id[:10], "--watch")
+    assert code == 1 and f"action {action_id} cancelled" in err
+    assert "action.cancelled -> cancelled by alice" in out
