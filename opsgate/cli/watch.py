@@ -3,6 +3,7 @@ hands an action over on Ctrl-C and resumes it afterwards."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from datetime import UTC, datetime
@@ -69,6 +70,13 @@ def refuse_if_handed_over(config: CliConfig, action_id: str) -> None:
             f"here; a running `opsgate worker` resumes it, or resume it here with "
             f"`opsgate run {action_id}`; follow it with `opsgate watch {action_id}`"
         )
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # FloatRange lets NaN through (every comparison with it is false).
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx=ctx, param=param)
+    return value
 
 
 def _clock(at: datetime | None = None) -> str:
@@ -175,6 +183,7 @@ class LiveWatch:
     type=click.FloatRange(0.1, 60),
     default=1.0,
     show_default=True,
+    callback=_finite,
     help="Seconds between looks at the store.",
 )
 @json_option

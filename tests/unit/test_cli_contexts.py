@@ -206,3 +206,13 @@ def test_completion_scripts_and_a_real_bash(cli: Cli, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["restart_service"]
     assert json.dumps(result.stdout)  # plain text, nothing else
+
+
+def test_oversized_config_and_values_are_refused(cli: Cli, config_file: Path) -> None:
+    code, _, err = cli("context", "set", "prod", "db=" + "x" * 5000)
+    assert code == 2 and "too long" in err
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text("# filler\n" * 40_000)
+    config_file.chmod(0o600)
+    code, _, err = cli("list")
+    assert code == 2 and "larger than" in err

@@ -260,3 +260,10 @@ def test_show_watch_follows_to_the_end_like_watch(cli: Cli) -> None:
     code, out, err = cli("show", action_id[:10], "--watch")
     assert code == 1 and f"action {action_id} cancelled" in err
     assert "action.cancelled -> cancelled by alice" in out
+
+
+def test_watch_refuses_a_bad_interval(cli: Cli) -> None:
+    action_id = restart(cli, "web")
+    for interval in ("0", "-1", "nan", "1e9", "soon"):
+        code, out, err = cli("watch", action_id, "--interval", interval)
+        assert code == 2 and "--interval" in err and out == ""
