@@ -77,10 +77,18 @@ class CliConfig:
                     ca_file=settings.opa_ca_file,
                     timeout=settings.opa_timeout,
                 )
+            elif self.settings.policy_engine == "opa-embedded":
+                from opsgate.policies.embedded import OpaEmbeddedEngine
+
+                self._engine = OpaEmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
             else:
                 from opsgate.policies.embedded import EmbeddedEngine
 
-                self._engine = EmbeddedEngine(self.settings.policies)
+                self._engine = EmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
         return self._engine
 
     @property
@@ -117,7 +125,7 @@ class CliConfig:
             raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
         from opsgate.policies.embedded import EmbeddedEngine
 
-        return EmbeddedEngine(directory)
+        return EmbeddedEngine(directory, timeout=self.settings.policy_timeout)
 
     def optional_provider(self) -> PrometheusProvider | None:
         """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""
