@@ -172,6 +172,7 @@ def test_completion_of_commands_types_environments_and_ids(cli: Cli, tmp_path: P
     assert completions(env, "opsgate list --env ", 3) == ["dev", "prod", "staging"]
     assert completions(env, f"opsgate approve {action_id[:8].lower()}", 2) == [action_id]
     assert completions(env, "opsgate show ZZZZZZ", 2) == []
+    assert completions(env, "opsgate lsit x", 2) == []  # a typo completes nothing, quietly
     # No store: nothing offered, nothing created, no traceback in the shell.
     missing = {**env, "OPSGATE_DB": f"sqlite:///{tmp_path / 'none' / 'x.db'}"}
     assert completions(missing, "opsgate show 0", 2) == []
