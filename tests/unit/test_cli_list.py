@@ -12,6 +12,7 @@ import pytest
 
 from opsgate.cli.live import PlainView
 from opsgate.executor.executor import ExecutorEvent
+from opsgate.models import ActionState
 from tests.unit.test_cli import SCALE, Cli
 
 RESTART = ["propose", "restart_service", "--env", "staging", "--reason", "stuck pods"]
@@ -267,3 +268,31 @@ def test_watch_refuses_a_bad_interval(cli: Cli) -> None:
     for interval in ("0", "-1", "nan", "1e9", "soon"):
         code, out, err = cli("watch", action_id, "--interval", interval)
         assert code == 2 and "--interval" in err and out == ""
+
+
+def test_workers_table_prints_lease_ids_the_commands_accept(cli: Cli) -> None:
+    from opsgate.models import WorkerInfo
+    from opsgate.store.sql import SqlStore
+    from opsgate.testing import make_action, make_execution, utcnow
+
+    store = SqlStore(f"sqlite:///{cli.db}")
+    try:
+        action = make_action(state=ActionState.VERIFYING)
+        now = utcnow()
+        with store.transaction() as tx:
+            tx.insert_action(action)
+            tx.insert_execution(make_execution(action.id, worker_id="w1"))
+        store.register_worker(
+            WorkerInfo(id="w1", hostname="h", pid=1, started_at=now, heartbeat_at=now)
+        )
+        assert store.get_execution(action.id) is not None
+    finally:
+        store.close()
+    cli.monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = cli("workers")
+    assert code == 0
+    shown = re.search(r"\b([0-9A-Z]{13}) checkout", out)
+    assert shown is not None, out
+    assert action.id.startswith(shown.group(1))
+    code, out, err = cli("show", shown.group(1), "--json")
+    assert code == 0 and action.id in out, err
