@@ -50,6 +50,8 @@ def test_contexts_round_trip_and_choose_the_store(
     assert code == 4 and "no current context" in err
     assert cli("context", "use", "prod")[0] == 0
     assert cli("context", "current")[1].strip() == "prod"
+    assert cli.json("context", "current") == {"current": "prod", "file": str(config_file)}
+    assert cli.json("context", "path") == {"file": str(config_file)}
     listed = cli.json("context", "list")
     assert listed["current"] == "prod"
     assert [c["name"] for c in listed["contexts"]] == ["prod", "staging"]
