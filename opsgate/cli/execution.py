@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.context import CliConfig, echo_json, finite_seconds, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
 from opsgate.cli.render import console, details_json, fmt_value, ts
@@ -165,6 +165,7 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
 )
 @click.option(
     "--poll", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
+    callback=finite_seconds,
     help="Seconds between looks for newly approved actions.",
 )  # fmt: skip
 @click.option(

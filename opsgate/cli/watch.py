@@ -3,7 +3,6 @@ hands an action over on Ctrl-C and resumes it afterwards."""
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from datetime import UTC, datetime
@@ -16,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from opsgate.cli.context import CliConfig, json_option, pass_config
+from opsgate.cli.context import CliConfig, finite_seconds, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.errors import OpsgateError, StateConflict
 from opsgate.executor.executor import Executor
@@ -74,13 +73,6 @@ def refuse_if_handed_over(config: CliConfig, action_id: str) -> None:
             f"here; a running `opsgate worker` resumes it, or resume it here with "
             f"`opsgate run {action_id}`; follow it with `opsgate watch {action_id}`"
         )
-
-
-def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    # FloatRange lets NaN through (every comparison with it is false).
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number of seconds", ctx=ctx, param=param)
-    return value
 
 
 def _clock(at: datetime | None = None) -> str:
@@ -217,7 +209,7 @@ class LiveWatch:
     type=click.FloatRange(0.1, 60),
     default=1.0,
     show_default=True,
-    callback=_finite,
+    callback=finite_seconds,
     help="Seconds between looks at the store.",
 )
 @json_option

@@ -296,3 +296,10 @@ def test_workers_table_prints_lease_ids_the_commands_accept(cli: Cli) -> None:
     assert action.id.startswith(shown.group(1))
     code, out, err = cli("show", shown.group(1), "--json")
     assert code == 0 and action.id in out, err
+
+
+def test_worker_refuses_a_poll_of_nan_seconds(cli: Cli) -> None:
+    before = cli.rows()
+    code, out, err = cli("worker", "--once", "--poll", "nan")
+    assert code == 2 and "--poll" in err and "not a number of seconds" in err and out == ""
+    assert cli.rows() == before
