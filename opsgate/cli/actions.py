@@ -175,11 +175,17 @@ def queue(config: CliConfig, mine_to_approve: bool, as_json: bool) -> None:
 
 @click.command()
 @click.argument("action_id", type=ACTION_ID)
+@click.option("--watch", "follow", is_flag=True, help="Follow it to its end (`opsgate watch`).")
 @json_option
 @pass_config
-def show(config: CliConfig, action_id: str, as_json: bool) -> None:
+def show(config: CliConfig, action_id: str, follow: bool, as_json: bool) -> None:
     """Everything known about one action: decision, approvals, audit events."""
-    config.gate.expire_due()
+    if follow:
+        from opsgate.cli.watch import watch
+
+        click.get_current_context().invoke(watch, action_id=action_id, as_json=as_json)
+        return
+    config.expire_due()
     details = config.gate.details(action_id)
     catalog = _catalog_or_none(config)
     if as_json:

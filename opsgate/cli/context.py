@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -260,6 +261,14 @@ def json_format(fmt: str | None, as_json: bool, *, default: str) -> str:
     if as_json and fmt not in (None, "json"):
         raise InvalidInput("--json", f"conflicts with --format {fmt}")
     return "json" if as_json else (fmt or default)
+
+
+def finite_seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """A click callback for FloatRange options, which let NaN through (every comparison
+    with it is false): a sleep of NaN seconds would crash mid-way."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx=ctx, param=param)
+    return value
 
 
 def echo_json(value: Any) -> None:

@@ -56,12 +56,16 @@ def context_list(as_json: bool) -> None:
 
 
 @context.command("current")
-def context_current() -> None:
+@json_option
+def context_current(as_json: bool) -> None:
     """The name of the current context (exit 4 when none is set)."""
     config = load()
     if config.current is None:
         raise NotFound(f"no current context in {config.path}; `opsgate context use NAME`")
-    click.echo(config.current)
+    if as_json:
+        echo_json({"current": config.current, "file": str(config.path)})
+    else:
+        click.echo(config.current)
 
 
 @context.command("use")
@@ -138,6 +142,10 @@ def context_delete(name: str) -> None:
 
 
 @context.command("path")
-def context_path() -> None:
+@json_option
+def context_path(as_json: bool) -> None:
     """Where the config file is (OPSGATE_USER_CONFIG overrides it)."""
-    click.echo(str(config_path()))
+    if as_json:
+        echo_json({"file": str(config_path())})
+    else:
+        click.echo(str(config_path()))

@@ -14,7 +14,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.context import CliConfig, echo_json, finite_seconds, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
 from opsgate.cli.render import console, details_json, fmt_value, ts
@@ -22,6 +22,7 @@ from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
 from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
+from opsgate.ids import log_id
 from opsgate.models import ActionState, Execution
 from opsgate.reports.exporter import bundle_deny_codes, serve_in_background
 from opsgate.store.base import StoreError
@@ -164,6 +165,7 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
 )
 @click.option(
     "--poll", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
+    callback=finite_seconds,
     help="Seconds between looks for newly approved actions.",
 )  # fmt: skip
 @click.option(
@@ -323,7 +325,10 @@ def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
     for column in ("id", "host", "pid", "status", "heartbeat", "leases"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        leases_text = ", ".join(f"{item['action_id']} {item['target']}" for item in row["leases"])
+        # A prefix every command takes; --json has the full ids.
+        leases_text = ", ".join(
+            f"{log_id(item['action_id'])} {item['target']}" for item in row["leases"]
+        )
         table.add_row(
             row["id"],
             row["hostname"],

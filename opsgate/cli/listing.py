@@ -15,7 +15,7 @@ from opsgate.cli.completion import action_types as complete_action_types
 from opsgate.cli.completion import environments as complete_environments
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.render import action_json, console
-from opsgate.errors import InvalidInput, did_you_mean
+from opsgate.errors import InvalidInput, OpsgateError, did_you_mean
 from opsgate.ids import short_ids
 from opsgate.models import ACTIVE_STATES, TERMINAL_STATES, Action, ActionState, Identity
 from opsgate.store.base import ActionQuery
@@ -81,6 +81,29 @@ def _values(option: str, values: Sequence[str]) -> frozenset[str]:
                 raise InvalidInput(option, f"{raw!r} is not a usable filter value")
             found.add(value)
     return frozenset(found)
+
+
+def warn_unknown(config: CliConfig, query: ActionQuery) -> None:
+    """A filter value today's catalog or bundle does not know is likely a typo: say so on
+    stderr (old actions may still carry it, so it is a warning, not an error)."""
+    from opsgate.cli.context import bundle_environments
+
+    known_envs = bundle_environments(config.settings.policies)
+    try:
+        known_types: frozenset[str] | None = frozenset(config.catalog.types)
+    except OpsgateError:  # listing history must work without today's catalog
+        known_types = None
+    for option, values, known in (
+        ("--env", query.environments, known_envs),
+        ("--action", query.action_types, known_types),
+    ):
+        for value in sorted(values - (known or values)):
+            click.echo(
+                f"warning: {option} {value!r} is not known to the "
+                f"{'policy bundle' if option == '--env' else 'catalog'}"
+                f"{did_you_mean(value, known or ())}",
+                err=True,
+            )
 
 
 def age(at: datetime, now: datetime) -> str:
@@ -193,6 +216,7 @@ def list_actions(
         _values("--proposer", [query.proposer_id])
     if mine:
         query = dataclasses.replace(query, proposer_id=config.identity().id)
+    warn_unknown(config, query)
     # What is past its approval window is expired first, so `active` means active.
     config.expire_due()
     found = config.store.find_actions(query)

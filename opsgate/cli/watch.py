@@ -15,13 +15,17 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from opsgate.cli.context import CliConfig, json_option, pass_config
+from opsgate.cli.context import CliConfig, finite_seconds, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.errors import OpsgateError, StateConflict
 from opsgate.executor.executor import Executor
 from opsgate.ids import log_id
-from opsgate.models import Action, ActionState, AuditEvent, Measurement
-from opsgate.verification.evaluator import halt_range_text, pass_range_text
+from opsgate.models import Action, ActionState, AuditEvent, Execution, Measurement
+from opsgate.verification.evaluator import (
+    VerificationState,
+    halt_range_text,
+    pass_range_text,
+)
 
 S = ActionState
 # Under way: a worker (or an interrupted `run`) has claimed it and not finished.
@@ -85,12 +89,15 @@ class Follower:
         self.seen_measurements = 0
         self.last_seq = 0
         self.latest: dict[str, Measurement] = {}
+        self.execution: Execution | None = None
 
     def poll(self) -> tuple[Action, list[Measurement], list[AuditEvent]]:
         store = self.config.store
         action = store.get_action(self.action_id)
         if action is None:  # resolved a moment ago: only a deleted store gets here
             raise StateConflict(f"action {self.action_id} disappeared from the store")
+        if action.state not in (S.PENDING_APPROVAL, S.APPROVED):
+            self.execution = store.get_execution(self.action_id)
         measurements = store.measurements_for(self.action_id)
         fresh = measurements[self.seen_measurements :]
         self.seen_measurements = len(measurements)
@@ -100,6 +107,27 @@ class Follower:
         if events:
             self.last_seq = events[-1].seq
         return action, fresh, events
+
+
+def _outcome(m: Measurement) -> str:
+    # A measurement whose window predates the change is stored but does not count.
+    return f"{m.outcome} ({m.not_counted.replace('_', '-')})" if m.not_counted else m.outcome
+
+
+def _baseline(f: Follower, action: Action) -> dict[str, float]:
+    """The baseline relative ranges are judged against, as the worker stored it."""
+    execution = f.execution
+    if execution is None:
+        return {}
+    stored = (
+        execution.rollback_verify_state
+        if action.state is S.ROLLING_BACK
+        else execution.verify_state
+    )
+    try:
+        return dict(VerificationState.model_validate(dict(stored or {})).baseline)
+    except ValueError:
+        return {}
 
 
 def _event_line(event: AuditEvent) -> str:
@@ -124,7 +152,7 @@ class PlainWatch:
             click.echo(f"{_clock(event.at)} {_event_line(event)}")
         for m in fresh:
             value = "-" if m.value is None else f"{m.value:.6g}"
-            click.echo(f"{_clock(m.at)} {m.phase} {m.name}={value} {m.outcome}")
+            click.echo(f"{_clock(m.at)} {m.phase} {m.name}={value} {_outcome(m)}")
 
 
 class LiveWatch:
@@ -156,13 +184,19 @@ class LiveWatch:
         for column in ("", "name", "latest", "range", "outcome"):
             table.add_column(column)
         spec = action.verification
-        rows = [("signal", s.name, pass_range_text(s)) for s in spec.signals]
-        rows += [("stop", c.name, "halt " + halt_range_text(c)) for c in spec.stop_conditions]
+        base = _baseline(f, action)
+        rows = [("signal", s.name, pass_range_text(s, base.get(s.name))) for s in spec.signals]
+        rows += [
+            ("stop", c.name, "halt " + halt_range_text(c, base.get(c.name)))
+            for c in spec.stop_conditions
+        ]
         for kind, name, shown_range in rows:
             record = f.latest.get(name)
             value = "-" if record is None or record.value is None else f"{record.value:.4g}"
-            outcome = record.outcome if record else "waiting"
-            style = _STYLE.get(outcome, "dim")
+            outcome = _outcome(record) if record else "waiting"
+            style = _STYLE.get(record.outcome if record else "", "dim")
+            if record is not None and record.not_counted:
+                style = "dim"
             table.add_row(kind, escape(name), value, shown_range, f"[{style}]{outcome}[/]")
         parts: list[Any] = [header, table, *(Text(m) for m in self.messages)]
         self._live.update(Group(*parts))
@@ -175,6 +209,7 @@ class LiveWatch:
     type=click.FloatRange(0.1, 60),
     default=1.0,
     show_default=True,
+    callback=finite_seconds,
     help="Seconds between looks at the store.",
 )
 @json_option

@@ -438,7 +438,7 @@ def render(snap: Snapshot) -> list[Metric]:
         "(OPSGATE_POLICY_TIMEOUT); also counted under code policy_engine_unavailable.",
         labels=("phase",),
     )
-    for phase, n in sorted(snap.deadline_exceeded.items()):
+    for phase, n in sorted({**dict.fromkeys(PHASES, 0), **snap.deadline_exceeded}.items()):
         deadline.add_metric([phase], n)
     latency = HistogramMetricFamily(
         "opsgate_policy_decision_duration_seconds",

@@ -50,6 +50,8 @@ def test_contexts_round_trip_and_choose_the_store(
     assert code == 4 and "no current context" in err
     assert cli("context", "use", "prod")[0] == 0
     assert cli("context", "current")[1].strip() == "prod"
+    assert cli.json("context", "current") == {"current": "prod", "file": str(config_file)}
+    assert cli.json("context", "path") == {"file": str(config_file)}
     listed = cli.json("context", "list")
     assert listed["current"] == "prod"
     assert [c["name"] for c in listed["contexts"]] == ["prod", "staging"]
@@ -172,6 +174,7 @@ def test_completion_of_commands_types_environments_and_ids(cli: Cli, tmp_path: P
     assert completions(env, "opsgate list --env ", 3) == ["dev", "prod", "staging"]
     assert completions(env, f"opsgate approve {action_id[:8].lower()}", 2) == [action_id]
     assert completions(env, "opsgate show ZZZZZZ", 2) == []
+    assert completions(env, "opsgate lsit x", 2) == []  # a typo completes nothing, quietly
     # No store: nothing offered, nothing created, no traceback in the shell.
     missing = {**env, "OPSGATE_DB": f"sqlite:///{tmp_path / 'none' / 'x.db'}"}
     assert completions(missing, "opsgate show 0", 2) == []
@@ -206,3 +209,13 @@ def test_completion_scripts_and_a_real_bash(cli: Cli, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["restart_service"]
     assert json.dumps(result.stdout)  # plain text, nothing else
+
+
+def test_oversized_config_and_values_are_refused(cli: Cli, config_file: Path) -> None:
+    code, _, err = cli("context", "set", "prod", "db=" + "x" * 5000)
+    assert code == 2 and "too long" in err
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text("# filler\n" * 40_000)
+    config_file.chmod(0o600)
+    code, _, err = cli("list")
+    assert code == 2 and "larger than" in err

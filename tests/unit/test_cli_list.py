@@ -3,6 +3,7 @@ the action that holds the target: through the real CLI over SQLite."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from opsgate.cli.live import PlainView
 from opsgate.executor.executor import ExecutorEvent
+from opsgate.models import ActionState
 from tests.unit.test_cli import SCALE, Cli
 
 RESTART = ["propose", "restart_service", "--env", "staging", "--reason", "stuck pods"]
@@ -241,3 +243,63 @@ def test_queue_mine_to_approve_is_what_approve_would_accept(cli: Cli) -> None:
     cli.as_user("carol")
     for action_id in mine("carol"):
         assert cli("approve", action_id)[0] == 0
+
+
+def test_list_warns_about_filter_values_nobody_knows(cli: Cli) -> None:
+    restart(cli, "web")
+    code, out, err = cli("list", "--env", "stagng", "--action", "restart_servce", "--json")
+    assert code == 0 and json.loads(out) == []
+    assert "warning: --env 'stagng' is not known to the policy bundle" in err
+    assert "did you mean 'staging'" in err and "did you mean 'restart_service'" in err
+    code, out, err = cli("list", "--env", "staging", "--action", "restart_service")
+    assert code == 0 and err == "" and "restart_service" in out
+
+
+def test_show_watch_follows_to_the_end_like_watch(cli: Cli) -> None:
+    action_id = restart(cli, "web")
+    assert cli("cancel", action_id[:10])[0] == 0
+    code, out, err = cli("show", action_id[:10], "--watch")
+    assert code == 1 and f"action {action_id} cancelled" in err
+    assert "action.cancelled -> cancelled by alice" in out
+
+
+def test_watch_refuses_a_bad_interval(cli: Cli) -> None:
+    action_id = restart(cli, "web")
+    for interval in ("0", "-1", "nan", "1e9", "soon"):
+        code, out, err = cli("watch", action_id, "--interval", interval)
+        assert code == 2 and "--interval" in err and out == ""
+
+
+def test_workers_table_prints_lease_ids_the_commands_accept(cli: Cli) -> None:
+    from opsgate.models import WorkerInfo
+    from opsgate.store.sql import SqlStore
+    from opsgate.testing import make_action, make_execution, utcnow
+
+    store = SqlStore(f"sqlite:///{cli.db}")
+    try:
+        action = make_action(state=ActionState.VERIFYING)
+        now = utcnow()
+        with store.transaction() as tx:
+            tx.insert_action(action)
+            tx.insert_execution(make_execution(action.id, worker_id="w1"))
+        store.register_worker(
+            WorkerInfo(id="w1", hostname="h", pid=1, started_at=now, heartbeat_at=now)
+        )
+        assert store.get_execution(action.id) is not None
+    finally:
+        store.close()
+    cli.monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = cli("workers")
+    assert code == 0
+    shown = re.search(r"\b([0-9A-Z]{13}) checkout", out)
+    assert shown is not None, out
+    assert action.id.startswith(shown.group(1))
+    code, out, err = cli("show", shown.group(1), "--json")
+    assert code == 0 and action.id in out, err
+
+
+def test_worker_refuses_a_poll_of_nan_seconds(cli: Cli) -> None:
+    before = cli.rows()
+    code, out, err = cli("worker", "--once", "--poll", "nan")
+    assert code == 2 and "--poll" in err and "not a number of seconds" in err and out == ""
+    assert cli.rows() == before

@@ -100,6 +100,8 @@ def test_json_on_audit_export_report_and_replay(cli: Cli, tmp_path: Path) -> Non
 
 
 def test_did_you_mean(cli: Cli) -> None:
+    code, _, err = cli("lsit")
+    assert code == 2 and "no such command 'lsit'; did you mean 'list'?" in err
     code, _, err = cli("catalog", "show", "scale_deploy")
     assert code == 4 and "did you mean 'scale_deployment'" in err
     code, _, err = cli(

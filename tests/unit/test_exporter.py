@@ -237,7 +237,9 @@ def test_policy_decisions_and_blocks(scraped: tuple[Samples, list[history.Record
         if not d.allow and any("exceeded its deadline" in x.message for x in d.deny)
     )
     assert sum(cut.values()) == 3
-    assert series(samples, "opsgate_policy_deadline_exceeded_total") == cut
+    assert nonzero(samples, "opsgate_policy_deadline_exceeded_total") == cut
+    deadlines = series(samples, "opsgate_policy_deadline_exceeded_total")
+    assert set(deadlines) == {labels(phase=p) for p in ("propose", "execute", "approval")}
     assert blocked[labels(phase="propose", code="not_allowlisted")] > 20
     assert set(latencies) == {"propose", "execute"}
     for phase, values in latencies.items():
