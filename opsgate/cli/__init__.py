@@ -10,6 +10,7 @@ import click
 
 from opsgate import __version__
 from opsgate.cli import actions, admin, demo, doctor, execution, mcp, metrics, policy, report
+from opsgate.cli import server as server_cli
 from opsgate.cli.context import CliConfig
 from opsgate.config import Settings
 from opsgate.errors import OpsgateError
@@ -64,6 +65,8 @@ cli.add_command(metrics.metrics)
 cli.add_command(mcp.mcp)
 cli.add_command(demo.demo)
 cli.add_command(doctor.doctor)
+cli.add_command(server_cli.server)
+cli.add_command(server_cli.token)
 
 
 def main(argv: list[str] | None = None) -> int:
