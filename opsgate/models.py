@@ -295,7 +295,7 @@ class Decision(Frozen):
 
     id: str
     action_id: str | None
-    phase: Literal["propose", "execute", "approval", "dry_run"]
+    phase: Literal["propose", "execute", "approval", "dry_run", "authz"]
     allow: bool
     deny: tuple[DenyReason, ...] = ()
     required_approvals: int = 1

@@ -124,6 +124,9 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
     """
     config.gate.expire_due()
     action = config.store.get_action(action_id)
+    if action is not None:
+        # Who may trigger a run is the bundle's call (authz), recorded when refused.
+        config.gate.authorize("run", config.identity(), action)
     title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
     view = PlainView() if as_json else view_for(action_id, f"{action_id}  {title}")
     executor = build_executor(config, None if as_json else view)
@@ -232,6 +235,9 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
     A running action is rolled back by the worker holding it; a succeeded one here.
     """
     identity = config.identity()
+    target = config.store.get_action(action_id)
+    if target is not None:
+        config.gate.authorize("rollback", identity, target)
     view = PlainView() if as_json else view_for(action_id, f"rollback {action_id}")
     executor = build_executor(config, None if as_json else view)
     try:

@@ -14,6 +14,7 @@ import regopy
 
 from opsgate.policies.engine import (
     APPROVAL_RULE,
+    AUTHZ_RULE,
     DECISION_RULE,
     PolicyResult,
     bundle_files,
@@ -77,7 +78,7 @@ class EmbeddedEngine:
                 if path.suffix == ".rego":
                     name = path.relative_to(self.directory).as_posix()
                     interp.add_module(name, path.read_text(encoding="utf-8"))
-            bundle = interp.build(None, [DECISION_RULE, APPROVAL_RULE])
+            bundle = interp.build(None, [DECISION_RULE, APPROVAL_RULE, AUTHZ_RULE])
             return _Compiled(bundle, revision, signature)
         except (OSError, ValueError, regopy.RegoError, RuntimeError) as exc:
             return _Compiled(None, "", (), error=f"cannot compile {self.directory}: {exc}")

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 UNAVAILABLE = "policy_engine_unavailable"
 DECISION_RULE = "opsgate/decision"
 APPROVAL_RULE = "opsgate/approval"
+AUTHZ_RULE = "opsgate/authz"  # may this principal perform this verb at all?
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,6 @@ from opsgate.errors import (
     Refused,
     StateConflict,
 )
-from opsgate.models import Action
 from opsgate.server.openapi import openapi_document
 from opsgate.store.base import StoreError
 
@@ -183,29 +182,22 @@ class Api:
 
     async def propose(self, request: Request, principal: Principal) -> tuple[int, Any]:
         document = await read_json(request)
-        outcome = await run_in_threadpool(self.config.gate.propose, document, principal.identity)
+        outcome = await run_in_threadpool(self.config.gate.propose, document, principal)
         return (200 if outcome.existing else 201), {
             "action": action_json(outcome.action, self.catalog),
             "decision": decision_json(outcome.decision),
             "existing": outcome.existing,
         }
 
-    def _visible(self, action: Action, principal: Principal) -> bool:
-        # Agents see only what they proposed: an agent token leaks nobody else's work.
-        return principal.kind != "agent" or action.proposer.id == principal.id
-
     async def queue(self, request: Request, principal: Principal) -> tuple[int, Any]:
-        actions = await run_in_threadpool(self.config.gate.queue)
+        # Only what the bundle's authz lets this principal read (agents: their own).
+        actions = await run_in_threadpool(self.config.gate.queue, principal)
         catalog = self.catalog
-        return 200, [action_json(a, catalog) for a in actions if self._visible(a, principal)]
+        return 200, [action_json(a, catalog) for a in actions]
 
     def _details(self, action_id: str, principal: Principal) -> Any:
         self.config.gate.expire_due()
-        details = self.config.gate.details(action_id)
-        if not self._visible(details.action, principal):
-            # The same answer as for an action that does not exist: nothing to probe.
-            raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
-        return details_json(details, self.catalog)
+        return details_json(self.config.gate.details(action_id, principal), self.catalog)
 
     async def show(self, request: Request, principal: Principal) -> tuple[int, Any]:
         return 200, await run_in_threadpool(
@@ -215,7 +207,7 @@ class Api:
     async def approve(self, request: Request, principal: Principal) -> tuple[int, Any]:
         comment = text_field(await read_json(request), "comment")
         outcome = await run_in_threadpool(
-            self.config.gate.approve, request.path_params["action_id"], principal.identity, comment
+            self.config.gate.approve, request.path_params["action_id"], principal, comment
         )
         return 200, {
             "action": action_json(outcome.action, self.catalog),
@@ -226,14 +218,14 @@ class Api:
     async def reject(self, request: Request, principal: Principal) -> tuple[int, Any]:
         reason = text_field(await read_json(request), "reason", required=True)
         action = await run_in_threadpool(
-            self.config.gate.reject, request.path_params["action_id"], principal.identity, reason
+            self.config.gate.reject, request.path_params["action_id"], principal, reason
         )
         return 200, action_json(action, self.catalog)
 
     async def cancel(self, request: Request, principal: Principal) -> tuple[int, Any]:
         reason = text_field(await read_json(request), "reason")
         action = await run_in_threadpool(
-            self.config.gate.cancel, request.path_params["action_id"], principal.identity, reason
+            self.config.gate.cancel, request.path_params["action_id"], principal, reason
         )
         return 200, action_json(action, self.catalog)
 

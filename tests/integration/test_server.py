@@ -74,6 +74,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         "alice": rig.token("alice", "--kind", "human", "--group", "sre"),
         "bob": rig.token("bob", "--kind", "human"),
         "carol": rig.token("carol", "--kind", "human"),
+        "dave": rig.token("dave", "--kind", "human"),
         "agent": rig.token("sre-agent", "--kind", "agent"),
         "other_agent": rig.token("demo-agent", "--kind", "agent"),
     }
@@ -253,6 +254,19 @@ def test_self_approval_through_the_api_is_refused(rig: Rig) -> None:
     status, body = rig.call("POST", f"/actions/{proposed['action']['id']}/approve",
                             rig.tokens["alice"], {})  # fmt: skip
     assert status == 403 and body["error"]["codes"] == ["self_approval"]
+
+
+def test_cancel_by_neither_proposer_nor_approver_is_a_stored_refusal(rig: Rig) -> None:
+    action_id = rig.propose("alice", 14)["action"]["id"]
+    status, body = rig.call("POST", f"/actions/{action_id}/cancel", rig.tokens["dave"], {})
+    assert status == 403 and body["error"]["codes"] == ["insufficient_permissions"]
+    assert body["error"]["message"].startswith("cancel refused")
+    _, details = rig.call("GET", f"/actions/{action_id}", rig.tokens["bob"])
+    assert details["action"]["state"] == "pending_approval"
+    refused = [d for d in details["decisions"] if d["phase"] == "authz"]
+    assert len(refused) == 1 and refused[0]["input"]["principal"]["id"] == "dave"
+    assert refused[0]["input"]["principal"]["method"] == "token"
+    assert [e["kind"] for e in details["events"]][-1] == "authz.refused"
 
 
 def test_agents_read_only_their_own_actions(rig: Rig) -> None:
