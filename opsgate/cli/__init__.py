@@ -10,6 +10,7 @@ import click
 
 from opsgate import __version__
 from opsgate.cli import actions, admin, demo, doctor, execution, mcp, metrics, policy, report
+from opsgate.cli import auth as auth_cli
 from opsgate.cli import server as server_cli
 from opsgate.cli.context import CliConfig
 from opsgate.config import Settings
@@ -67,6 +68,7 @@ cli.add_command(demo.demo)
 cli.add_command(doctor.doctor)
 cli.add_command(server_cli.server)
 cli.add_command(server_cli.token)
+cli.add_command(auth_cli.whoami)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,12 +130,12 @@ def propose(config: CliConfig, idempotency_key: str | None, as_json: bool, **fie
     if idempotency_key is not None:
         document["idempotency_key"] = idempotency_key
     identity = config.identity()
-    outcome = config.gate.propose(document, identity)
+    outcome = config.actions.propose(document, identity)
     action, decision = outcome.action, outcome.decision
     if as_json:
         echo_json(
             {
-                "action": action_json(action, config.catalog),
+                "action": action_json(action, config.render_catalog),
                 "decision": decision_json(decision),
                 "existing": outcome.existing,
             }
@@ -161,9 +161,9 @@ def propose(config: CliConfig, idempotency_key: str | None, as_json: bool, **fie
 @pass_config
 def queue(config: CliConfig, as_json: bool) -> None:
     """What waits for approval, oldest first."""
-    actions = config.gate.queue()
+    actions = config.actions.queue()
     if as_json:
-        echo_json([action_json(a, config.catalog) for a in actions])
+        echo_json([action_json(a, config.render_catalog) for a in actions])
     elif not actions:
         click.echo("nothing waits for approval")
     else:
@@ -176,21 +176,13 @@ def queue(config: CliConfig, as_json: bool) -> None:
 @pass_config
 def show(config: CliConfig, action_id: str, as_json: bool) -> None:
     """Everything known about one action: decision, approvals, audit events."""
-    config.gate.expire_due()
-    details = config.gate.details(action_id)
-    catalog = _catalog_or_none(config)
+    config.actions.expire_due()
+    details = config.actions.details(action_id)
+    catalog = config.render_catalog
     if as_json:
         echo_json(details_json(details, catalog))
     else:
         show_details(details, catalog)
-
-
-def _catalog_or_none(config: CliConfig) -> Any:
-    # Showing history must work even if today's catalog no longer loads.
-    try:
-        return config.catalog
-    except InvalidInput:
-        return None
 
 
 @click.command()
@@ -200,12 +192,12 @@ def _catalog_or_none(config: CliConfig) -> Any:
 @pass_config
 def approve(config: CliConfig, action_id: str, comment: str, as_json: bool) -> None:
     """Approve a pending action (never your own)."""
-    outcome = config.gate.approve(action_id, config.identity(), comment)
+    outcome = config.actions.approve(action_id, config.identity(), comment)
     action = outcome.action
     if as_json:
         echo_json(
             {
-                "action": action_json(action, config.catalog),
+                "action": action_json(action, config.render_catalog),
                 "approvals": [approval_json(a) for a in outcome.approvals],
                 "counted": outcome.counted,
             }
@@ -232,9 +224,9 @@ def approve(config: CliConfig, action_id: str, comment: str, as_json: bool) -> N
 @pass_config
 def reject(config: CliConfig, action_id: str, reason: str, as_json: bool) -> None:
     """Reject a pending action."""
-    action = config.gate.reject(action_id, config.identity(), reason)
+    action = config.actions.reject(action_id, config.identity(), reason)
     if as_json:
-        echo_json(action_json(action, config.catalog))
+        echo_json(action_json(action, config.render_catalog))
     else:
         click.echo(f"action {action.id} rejected")
 
@@ -246,8 +238,8 @@ def reject(config: CliConfig, action_id: str, reason: str, as_json: bool) -> Non
 @pass_config
 def cancel(config: CliConfig, action_id: str, reason: str, as_json: bool) -> None:
     """Withdraw a pending or approved action before it runs."""
-    action = config.gate.cancel(action_id, config.identity(), reason)
+    action = config.actions.cancel(action_id, config.identity(), reason)
     if as_json:
-        echo_json(action_json(action, config.catalog))
+        echo_json(action_json(action, config.render_catalog))
     else:
         click.echo(f"action {action.id} cancelled")
