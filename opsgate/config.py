@@ -1,4 +1,9 @@
-"""Settings from OPSGATE_* environment variables and an optional opsgate.toml."""
+"""Settings from OPSGATE_* environment variables and an optional TOML file (OPSGATE_CONFIG).
+
+No file is read unless OPSGATE_CONFIG names it: a file someone left in the working
+directory must not choose the store, the bundle or who acts. Identity settings are read
+from the environment only, never from any file.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from opsgate.errors import ConfigError
 from opsgate.models import parse_duration
 
 DEFAULT_DB = "sqlite:///opsgate.db"
+IDENTITY_SETTINGS = frozenset({"identity", "user", "user_kind"})
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,23 @@ class Settings:
     def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        path = toml_path or Path(env.get("OPSGATE_CONFIG", "opsgate.toml"))
-        if path.is_file():
+        named = env.get("OPSGATE_CONFIG") or None
+        path = toml_path or (Path(named) if named else None)
+        if path is not None and path.is_file():
             try:
                 document = tomllib.loads(path.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
-            values.update(document.get("opsgate", document))
+            from_file = document.get("opsgate", document)
+            if not isinstance(from_file, dict):
+                raise ConfigError(f"{path}: expected a table of settings")
+            refused = sorted(IDENTITY_SETTINGS & set(from_file))
+            if refused:
+                raise ConfigError(
+                    f"{path}: {refused[0]!r} is an identity setting; it is read from the "
+                    "environment only, never from a file"
+                )
+            values.update(from_file)
         names = {f.name for f in fields(cls)}
         for name in names:
             key = f"OPSGATE_{name.upper()}"

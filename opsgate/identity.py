@@ -65,6 +65,12 @@ class EnvIdentity:
 
 def identity_provider(settings: Settings, store: Store) -> IdentityProvider:
     if settings.identity == "env":
+        if store.url.split(":", 1)[0].startswith("postgres"):
+            # A shared store: anyone could name anyone. Teams go through `opsgate server`.
+            raise ConfigError(
+                "OPSGATE_IDENTITY=env is refused on a PostgreSQL store: use `opsgate server` "
+                "with API tokens (or OPSGATE_IDENTITY=postgres on the server side)"
+            )
         return EnvIdentity(settings.user, settings.user_kind)
     if settings.identity == "postgres":
         return PostgresIdentity(store)
