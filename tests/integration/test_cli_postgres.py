@@ -4,14 +4,20 @@ hold API tokens and use the unchanged commands through it. Nobody names who they
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ProgrammingError
 
 from opsgate.store.sql import SqlStore
 from tests.integration.api_server import ROOT, ApiServer, run_cli
+from tests.integration.fault_service import FaultService
+from tests.integration.prom import PrometheusServer
+from tests.integration.test_execution import action_type, set_fault
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +103,102 @@ def test_team_mode_through_the_server_on_postgresql(
     finally:
         server.stop()
         store.close()
+
+
+GRANTS = ROOT / "scripts" / "postgres-grants.sql"
+
+
+def test_server_and_worker_work_with_only_the_shipped_grants(
+    pg_database: Callable[[], str],
+    tmp_path: Path,
+    prometheus: PrometheusServer,
+    fault_service: FaultService,
+) -> None:
+    """scripts/postgres-grants.sql is enough for the server and a worker, and no more."""
+    url = pg_database()
+    suffix = uuid.uuid4().hex[:8]  # roles are cluster-wide: never clash with another run
+    server_role, worker_role = f"opsgate_server_{suffix}", f"opsgate_worker_{suffix}"
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    document = action_type("restart_service", run=set_fault("0"), undo=set_fault("0"), hold="1s")
+    (catalog / "restart_service.yaml").write_text(json.dumps(document))
+    owner = {
+        "OPSGATE_DB": url,
+        "OPSGATE_CATALOG": str(catalog),
+        "OPSGATE_POLICIES": str(ROOT / "policies"),
+        "OPSGATE_CONFIG": str(tmp_path / "absent.toml"),
+        "OPSGATE_IDENTITY": "postgres",
+    }
+    assert run_cli(owner, "init").returncode == 0
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    sql = GRANTS.read_text().replace("opsgate_server", server_role)
+    sql = sql.replace("opsgate_worker", worker_role)
+    sql = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
+    statements = [s for s in sql.split(";") if s.strip()]
+    server = None
+    try:
+        with admin.connect() as conn:
+            for role in (server_role, worker_role):
+                conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+            for statement in statements:
+                conn.execute(text(statement))
+        as_role = {
+            role: make_url(url).set(username=role).render_as_string(hide_password=False)
+            for role in (server_role, worker_role)
+        }
+        done = run_cli(owner, "token", "create", "--principal", "alice", "--kind", "human")
+        alice = done.stdout.strip()
+        bob = run_cli(owner, "token", "create", "--principal", "bob", "--kind", "human")
+        server = ApiServer({**owner, "OPSGATE_DB": as_role[server_role], "OPSGATE_IDENTITY": "os"})
+        server.start()
+        fault_service.add_service("granted")
+        proposal = {
+            "action": "restart_service", "target": "granted", "environment": "staging",
+            "params": {"fault_url": fault_service.url}, "reason": "grants test",
+        }  # fmt: skip
+        status, body = server.call("POST", "/api/v1/actions", alice, proposal)
+        assert status == 201, body
+        action_id = body["action"]["id"]
+        status, body = server.call("POST", f"/api/v1/actions/{action_id}/approve",
+                                   bob.stdout.strip(), {})  # fmt: skip
+        assert status == 200 and body["action"]["state"] == "approved", body
+
+        worker_env = {
+            **owner,
+            "OPSGATE_DB": as_role[worker_role],
+            "OPSGATE_IDENTITY": "os",
+            "OPSGATE_PROMETHEUS_URL": prometheus.url,
+        }
+        worked = run_cli(worker_env, "worker", "--once")
+        assert worked.returncode == 0, worked.stderr
+        status, body = server.call("GET", f"/api/v1/actions/{action_id}", alice)
+        assert body["action"]["state"] == "succeeded", body["action"]
+
+        # No more than that: neither role mints tokens, deletes history or approves.
+        for role, statement in [
+            (server_role, "INSERT INTO api_tokens (id) VALUES ('x')"),
+            (server_role, "DELETE FROM audit_events"),
+            (worker_role, "SELECT count(*) FROM api_tokens"),
+            (worker_role, "INSERT INTO approvals (id) VALUES ('x')"),
+            (worker_role, "DELETE FROM actions"),
+        ]:
+            engine = create_engine(as_role[role])
+            try:
+                with (
+                    pytest.raises(ProgrammingError, match="permission denied"),
+                    engine.begin() as conn,
+                ):
+                    conn.execute(text(statement))
+            finally:
+                engine.dispose()
+    finally:
+        if server is not None:
+            server.stop()
+        with admin.connect() as conn:
+            name = make_url(url).database
+            for role in (server_role, worker_role):
+                conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"))
+                conn.execute(text(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"))
+                conn.execute(text(f'REVOKE ALL ON DATABASE "{name}" FROM {role}'))
+                conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
