@@ -42,6 +42,7 @@ test: venv system-deps postgres
 
 bench: venv system-deps postgres
 	$(BIN)/python bench/propose.py
+	$(BIN)/python bench/api.py
 	$(BIN)/python bench/reaction.py
 	$(BIN)/python bench/fanout.py
 	$(BIN)/python bench/workers.py

@@ -98,19 +98,26 @@ def bearer(request: Request) -> str:
     return value.strip()
 
 
-async def read_json(request: Request) -> Any:
-    """The JSON body, at most MAX_BODY_BYTES; malformed is InvalidInput naming `body`."""
+async def read_body(request: Request) -> bytes | None:
+    """The raw body, or None when it is over MAX_BODY_BYTES (refused after authentication,
+    so a caller without credentials always gets 401)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-        raise InvalidInput("body", f"larger than {MAX_BODY_BYTES} bytes")
+        return None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise InvalidInput("body", f"larger than {MAX_BODY_BYTES} bytes")
+            return None
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes | None) -> Any:
+    """The JSON body; oversized or malformed is InvalidInput naming `body`."""
+    if raw is None:
+        raise InvalidInput("body", f"larger than {MAX_BODY_BYTES} bytes")
     if not raw.strip():
         return {}
     try:
@@ -130,7 +137,9 @@ def text_field(body: Any, name: str, *, required: bool = False) -> str:
     return value
 
 
-Handler = Callable[[Request, Principal], Awaitable[Any]]
+# A handler runs in a worker thread (the gate and the store are synchronous), once the
+# caller is authenticated, with the path parameters and the raw body.
+Handler = Callable[[Principal, dict[str, str], bytes | None], tuple[int, Any]]
 
 
 class Api:
@@ -147,20 +156,34 @@ class Api:
         except InvalidInput:  # history stays readable when today's catalog does not load
             return None
 
-    def authenticate(self, request: Request) -> Principal:
+    def bearer(self, request: Request) -> str:
         try:
-            return authenticate_token(self.config.store, bearer(request))
+            return bearer(request)
         except Unauthenticated as exc:
             reason = "missing" if "missing" in str(exc) else "invalid"
             self.metrics.auth_failures.labels(reason).inc()
             raise
 
+    def authenticate_token(self, token: str) -> Principal:
+        try:
+            return authenticate_token(self.config.store, token)
+        except Unauthenticated:
+            self.metrics.auth_failures.labels("invalid").inc()
+            raise
+
     def route(self, operation: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        def authenticated(token: str, params: dict[str, str], raw: bytes | None) -> Any:
+            # One trip to the thread pool per request: authenticate, then the gate.
+            return handler(self.authenticate_token(token), params, raw)
+
         async def endpoint(request: Request) -> Response:
             status, body = 200, None
             try:
-                principal = await run_in_threadpool(self.authenticate, request)
-                status, body = await handler(request, principal)
+                token = self.bearer(request)  # no credentials: 401 before reading a byte
+                raw = await read_body(request) if request.method == "POST" else b""
+                status, body = await run_in_threadpool(
+                    authenticated, token, dict(request.path_params), raw
+                )
             except OpsgateError as exc:
                 status, body = error_body(exc)
             except StoreError as exc:
@@ -175,58 +198,46 @@ class Api:
 
         return endpoint
 
-    # --- endpoints ------------------------------------------------------------------
+    # --- endpoints (in a worker thread) -------------------------------------------
 
-    async def whoami(self, request: Request, principal: Principal) -> tuple[int, Any]:
+    def whoami(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         return 200, principal.as_json()
 
-    async def propose(self, request: Request, principal: Principal) -> tuple[int, Any]:
-        document = await read_json(request)
-        outcome = await run_in_threadpool(self.config.gate.propose, document, principal)
+    def propose(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        outcome = self.config.gate.propose(parse_json(raw), principal)
         return (200 if outcome.existing else 201), {
             "action": action_json(outcome.action, self.catalog),
             "decision": decision_json(outcome.decision),
             "existing": outcome.existing,
         }
 
-    async def queue(self, request: Request, principal: Principal) -> tuple[int, Any]:
+    def queue(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         # Only what the bundle's authz lets this principal read (agents: their own).
-        actions = await run_in_threadpool(self.config.gate.queue, principal)
         catalog = self.catalog
-        return 200, [action_json(a, catalog) for a in actions]
+        return 200, [action_json(a, catalog) for a in self.config.gate.queue(principal)]
 
-    def _details(self, action_id: str, principal: Principal) -> Any:
+    def show(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         self.config.gate.expire_due()
-        return details_json(self.config.gate.details(action_id, principal), self.catalog)
+        details = self.config.gate.details(params["action_id"], principal)
+        return 200, details_json(details, self.catalog)
 
-    async def show(self, request: Request, principal: Principal) -> tuple[int, Any]:
-        return 200, await run_in_threadpool(
-            self._details, request.path_params["action_id"], principal
-        )
-
-    async def approve(self, request: Request, principal: Principal) -> tuple[int, Any]:
-        comment = text_field(await read_json(request), "comment")
-        outcome = await run_in_threadpool(
-            self.config.gate.approve, request.path_params["action_id"], principal, comment
-        )
+    def approve(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        comment = text_field(parse_json(raw), "comment")
+        outcome = self.config.gate.approve(params["action_id"], principal, comment)
         return 200, {
             "action": action_json(outcome.action, self.catalog),
             "approvals": [approval_json(a) for a in outcome.approvals],
             "counted": outcome.counted,
         }
 
-    async def reject(self, request: Request, principal: Principal) -> tuple[int, Any]:
-        reason = text_field(await read_json(request), "reason", required=True)
-        action = await run_in_threadpool(
-            self.config.gate.reject, request.path_params["action_id"], principal, reason
-        )
+    def reject(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        reason = text_field(parse_json(raw), "reason", required=True)
+        action = self.config.gate.reject(params["action_id"], principal, reason)
         return 200, action_json(action, self.catalog)
 
-    async def cancel(self, request: Request, principal: Principal) -> tuple[int, Any]:
-        reason = text_field(await read_json(request), "reason")
-        action = await run_in_threadpool(
-            self.config.gate.cancel, request.path_params["action_id"], principal, reason
-        )
+    def cancel(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        reason = text_field(parse_json(raw), "reason")
+        action = self.config.gate.cancel(params["action_id"], principal, reason)
         return 200, action_json(action, self.catalog)
 
 
