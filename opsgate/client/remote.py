@@ -13,6 +13,7 @@ from opsgate.errors import OpsgateError
 from opsgate.gate import ActionDetails, ApproveOutcome, ProposeOutcome
 from opsgate.models import (
     Action,
+    ActionState,
     Approval,
     AuditEvent,
     Decision,
@@ -116,6 +117,18 @@ class RemoteGate:
         return action_from_json(
             self.client.call("POST", f"/actions/{_path_id(action_id)}/reject", {"reason": reason})
         )
+
+    def catalog_document(self) -> dict[str, Any]:
+        return dict(self.client.call("GET", "/catalog"))
+
+    def policy_document(self) -> dict[str, Any]:
+        return dict(self.client.call("GET", "/policy"))
+
+    def my_actions(self, states: list[ActionState] | None, limit: int) -> list[Action]:
+        """What the caller proposed, oldest first."""
+        query = [("state", s.value) for s in states or []] + [("limit", str(limit))]
+        answer = self.client.call("GET", "/my-actions?" + urllib.parse.urlencode(query))
+        return [action_from_json(a) for a in answer]
 
     def cancel(self, action_id: str, actor: Identity, reason: str = "") -> Action:
         return action_from_json(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from starlette.routing import Route
 from opsgate import __version__
 from opsgate.auth.principal import Principal, Unauthenticated
 from opsgate.auth.tokens import authenticate_token
-from opsgate.catalog import Catalog
+from opsgate.catalog import Catalog, action_type_json
 from opsgate.cli.context import CliConfig
 from opsgate.cli.render import action_json, approval_json, decision_json, details_json
 from opsgate.errors import (
@@ -33,6 +34,7 @@ from opsgate.errors import (
     Refused,
     StateConflict,
 )
+from opsgate.models import ActionState
 from opsgate.server.openapi import openapi_document
 from opsgate.store.base import StoreError
 
@@ -139,7 +141,40 @@ def text_field(body: Any, name: str, *, required: bool = False) -> str:
 
 # A handler runs in a worker thread (the gate and the store are synchronous), once the
 # caller is authenticated, with the path parameters and the raw body.
+# The query string travels as params["?"].
 Handler = Callable[[Principal, dict[str, str], bytes | None], tuple[int, Any]]
+
+MAX_LIST = 5000
+
+
+def _query(query: str) -> dict[str, list[str]]:
+    if len(query) > 4096:
+        raise InvalidInput("query", "longer than 4096 characters")
+    try:
+        return urllib.parse.parse_qs(query, strict_parsing=False, max_num_fields=64)
+    except ValueError as exc:
+        raise InvalidInput("query", str(exc)) from None
+
+
+def _states_param(query: str) -> list[ActionState] | None:
+    values = _query(query).get("state")
+    if not values:
+        return None
+    try:
+        return [ActionState(v) for v in values]
+    except ValueError:
+        raise InvalidInput(
+            "state", f"expected one of {', '.join(s.value for s in ActionState)}"
+        ) from None
+
+
+def _limit_param(query: str) -> int:
+    values = _query(query).get("limit")
+    if not values:
+        return 100
+    if not values[-1].isdigit() or not 1 <= int(values[-1]) <= MAX_LIST:
+        raise InvalidInput("limit", f"expected 1 to {MAX_LIST}")
+    return int(values[-1])
 
 
 class Api:
@@ -181,9 +216,8 @@ class Api:
             try:
                 token = self.bearer(request)  # no credentials: 401 before reading a byte
                 raw = await read_body(request) if request.method == "POST" else b""
-                status, body = await run_in_threadpool(
-                    authenticated, token, dict(request.path_params), raw
-                )
+                params = {**request.path_params, "?": request.url.query}
+                status, body = await run_in_threadpool(authenticated, token, params, raw)
             except OpsgateError as exc:
                 status, body = error_body(exc)
             except StoreError as exc:
@@ -235,6 +269,27 @@ class Api:
         action = self.config.gate.reject(params["action_id"], principal, reason)
         return 200, action_json(action, self.catalog)
 
+    def catalog_document(
+        self, principal: Principal, params: dict[str, str], raw: bytes | None
+    ) -> Any:
+        catalog = self.config.catalog
+        return 200, {
+            "catalog_revision": catalog.revision,
+            "action_types": [action_type_json(t) for t in catalog],
+        }
+
+    def policy(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        engine = self.config.engine
+        return 200, {"bundle_revision": engine.revision(), "engine": engine.name}
+
+    def my_actions(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        query = params.get("?", "")
+        states = _states_param(query)
+        limit = _limit_param(query)
+        self.config.gate.expire_due()
+        found = self.config.store.list_actions(states=states, proposer_id=principal.id, limit=limit)
+        return 200, [action_json(a, self.catalog) for a in found]
+
     def cancel(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         reason = text_field(parse_json(raw), "reason")
         action = self.config.gate.cancel(params["action_id"], principal, reason)
@@ -267,5 +322,8 @@ def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
         Route(action + "/approve", api.route("approve", api.approve), methods=["POST"]),
         Route(action + "/reject", api.route("reject", api.reject), methods=["POST"]),
         Route(action + "/cancel", api.route("cancel", api.cancel), methods=["POST"]),
+        Route(API + "/catalog", api.route("catalog", api.catalog_document), methods=["GET"]),
+        Route(API + "/policy", api.route("policy", api.policy), methods=["GET"]),
+        Route(API + "/my-actions", api.route("my_actions", api.my_actions), methods=["GET"]),
     ]
     return Starlette(routes=routes)

@@ -161,6 +161,35 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _ok("Rejected"), **_errors(400, 401, 403, 404, 409)},
                 }
             },
+            "/my-actions": {
+                "get": {
+                    "operationId": "myActions",
+                    "summary": "Actions the caller proposed, oldest first.",
+                    "parameters": [
+                        {"name": "state", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 5000},
+                        },
+                    ],
+                    "responses": {"200": _ok("Actions"), **_errors(400, 401)},
+                }
+            },
+            "/catalog": {
+                "get": {
+                    "operationId": "catalog",
+                    "summary": "The action types, parameters as JSON schema.",
+                    "responses": {"200": _ok("The catalog"), **_errors(401)},
+                }
+            },
+            "/policy": {
+                "get": {
+                    "operationId": "policy",
+                    "summary": "The revision of the bundle decisions are made with.",
+                    "responses": {"200": _ok("Revision and engine"), **_errors(401)},
+                }
+            },
             "/actions/{action_id}/cancel": {
                 "post": {
                     "operationId": "cancel",

@@ -339,3 +339,34 @@ def test_unknown_or_hostile_action_ids_are_404(rig: Rig, action_id: str) -> None
     status, _ = rig.call("GET", f"/actions/{action_id}", rig.tokens["alice"])
     assert status == 404
     unchanged(rig, before)
+
+
+def test_my_actions_catalog_and_policy(rig: Rig) -> None:
+    mine = rig.propose("other_agent", 15)["action"]["id"]
+    status, listed = rig.call(
+        "GET", "/my-actions?state=pending_approval", rig.tokens["other_agent"]
+    )
+    assert status == 200 and [a["id"] for a in listed] == [mine]
+    assert {a["proposer"]["id"] for a in listed} == {"demo-agent"}
+    status, catalog = rig.call("GET", "/catalog", rig.tokens["agent"])
+    assert status == 200 and "scale_deployment" in [t["name"] for t in catalog["action_types"]]
+    status, policy = rig.call("GET", "/policy", rig.tokens["agent"])
+    assert status == 200 and policy["bundle_revision"].startswith("sha256:")
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("state=bogus", "state"),
+        ("state=pending_approval&state=%00", "state"),
+        ("limit=0", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=99999999999999999999", "limit"),
+        ("limit=ten", "limit"),
+        ("state=" + "x" * 5000, "query"),
+    ],
+)
+def test_bad_list_queries_are_400(rig: Rig, query: str, field: str) -> None:
+    status, body = rig.call("GET", f"/my-actions?{query}", rig.tokens["agent"])
+    assert status == 400, body
+    assert body["error"]["field"] == field
