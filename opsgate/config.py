@@ -47,6 +47,14 @@ class Settings:
     prometheus_timeout: float = 5.0
     lease: float = 30.0  # a worker's claim lapses this long after its last heartbeat
     worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
+    # `opsgate server`: OIDC bearer JWTs beside API tokens (both unset: tokens only)
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_user_claim: str = "sub"
+    oidc_groups_claim: str = "groups"
+    oidc_leeway: float = 30.0  # clock skew allowed on exp/iat/nbf
+    oidc_client_id: str | None = None  # the public client `opsgate login` uses
+    oidc_scopes: str = "openid profile offline_access"
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
@@ -99,6 +107,13 @@ class Settings:
                     raise ConfigError(f"OPSGATE_{name.upper()}: {exc}") from exc
                 if converted[name] <= 0:
                     raise ConfigError(f"OPSGATE_{name.upper()}: must be positive")
+            elif name == "oidc_leeway":
+                try:
+                    converted[name] = parse_duration(value)
+                except ValueError as exc:
+                    raise ConfigError(f"OPSGATE_OIDC_LEEWAY: {exc}") from exc
+                if converted[name] > 300:
+                    raise ConfigError("OPSGATE_OIDC_LEEWAY: at most 5m")
             elif name == "worker_concurrency":
                 try:
                     converted[name] = int(value)

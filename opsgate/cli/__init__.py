@@ -69,6 +69,7 @@ cli.add_command(doctor.doctor)
 cli.add_command(server_cli.server)
 cli.add_command(server_cli.token)
 cli.add_command(auth_cli.whoami)
+cli.add_command(auth_cli.login)
 
 
 def main(argv: list[str] | None = None) -> int:

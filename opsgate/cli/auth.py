@@ -1,10 +1,11 @@
-"""whoami: who the server (or, in local mode, this machine) says you are."""
+"""whoami and login: who the server (or, in local mode, this machine) says you are."""
 
 from __future__ import annotations
 
 import click
 
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.errors import ConfigError
 
 
 @click.command()
@@ -34,3 +35,16 @@ def whoami(config: CliConfig, as_json: bool) -> None:
         f"{answer['id']} ({answer['kind']}), groups: {groups}; "
         f"authenticated by {answer['method']}, {where}"
     )
+
+
+@click.command()
+@pass_config
+def login(config: CliConfig) -> None:
+    """Sign in to OPSGATE_URL with your identity provider (OAuth device authorization
+    grant, RFC 8628); the credentials are stored 0600 under your config directory."""
+    from opsgate.client.login import device_login
+
+    if config.server_url is None:
+        raise ConfigError("opsgate login needs OPSGATE_URL (the opsgate server to sign in to)")
+    path, answer = device_login(config.server_url, lambda line: click.echo(line, err=True))
+    click.echo(f"signed in as {answer['id']} ({answer['kind']}); credentials in {path}", err=True)

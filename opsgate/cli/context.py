@@ -56,9 +56,18 @@ class CliConfig:
             from opsgate.client.http import ApiClient  # only clients pay for it
             from opsgate.client.remote import RemoteGate
 
-            if self._server_token is None:
-                raise ConfigError("OPSGATE_URL is set but OPSGATE_TOKEN is not")
-            self._remote = RemoteGate(ApiClient(self.server_url, self._server_token))
+            token = self._server_token
+            if token is None:
+                from opsgate.client import credentials
+                from opsgate.client.http import check_url
+
+                token = credentials.access_token(check_url(self.server_url))
+            if token is None:
+                raise ConfigError(
+                    "OPSGATE_URL is set but there is no credential: set OPSGATE_TOKEN or run "
+                    "`opsgate login`"
+                )
+            self._remote = RemoteGate(ApiClient(self.server_url, token))
         return self._remote
 
     @property

@@ -21,11 +21,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from opsgate import __version__
+from opsgate.auth.oidc import OidcSettings, OidcVerifier, looks_like_jwt
 from opsgate.auth.principal import Principal, Unauthenticated
 from opsgate.auth.tokens import authenticate_token
 from opsgate.catalog import Catalog, action_type_json
 from opsgate.cli.context import CliConfig
 from opsgate.cli.render import action_json, approval_json, decision_json, details_json
+from opsgate.config import Settings
 from opsgate.errors import (
     ConfigError,
     InvalidInput,
@@ -180,9 +182,12 @@ def _limit_param(query: str) -> int:
 class Api:
     """Endpoints over one CliConfig (store, catalog, engine, gate)."""
 
-    def __init__(self, config: CliConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, config: CliConfig, metrics: Metrics, oidc: OidcVerifier | None = None
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        self.oidc = oidc
 
     @property
     def catalog(self) -> Catalog | None:
@@ -201,6 +206,8 @@ class Api:
 
     def authenticate_token(self, token: str) -> Principal:
         try:
+            if self.oidc is not None and looks_like_jwt(token):
+                return self.oidc.verify(token)
             return authenticate_token(self.config.store, token)
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid").inc()
@@ -296,13 +303,34 @@ class Api:
         return 200, action_json(action, self.catalog)
 
 
+def oidc_settings(settings: Settings) -> OidcSettings | None:
+    if settings.oidc_issuer is None and settings.oidc_audience is None:
+        return None
+    if not settings.oidc_issuer or not settings.oidc_audience:
+        raise ConfigError("OIDC needs both OPSGATE_OIDC_ISSUER and OPSGATE_OIDC_AUDIENCE")
+    return OidcSettings(
+        issuer=settings.oidc_issuer,
+        audience=settings.oidc_audience,
+        user_claim=settings.oidc_user_claim,
+        groups_claim=settings.oidc_groups_claim,
+        leeway=settings.oidc_leeway,
+        client_id=settings.oidc_client_id,
+        scopes=settings.oidc_scopes,
+    )
+
+
 def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
     metrics = metrics or Metrics()
-    api = Api(config, metrics)
+    oidc = oidc_settings(config.settings)
+    api = Api(config, metrics, OidcVerifier(oidc) if oidc is not None else None)
     document = openapi_document(__version__)
 
     async def openapi(_request: Request) -> Response:
         return JSONResponse(document)
+
+    async def auth_config(_request: Request) -> Response:
+        # Public: how to get a credential (`opsgate login`); no secret in it.
+        return JSONResponse({"oidc": oidc.public() if oidc is not None else None})
 
     async def health(_request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -314,6 +342,7 @@ def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
     routes = [
         Route(API + "/openapi.json", openapi, methods=["GET"]),
         Route("/healthz", health, methods=["GET"]),
+        Route(API + "/auth", auth_config, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         Route(API + "/whoami", api.route("whoami", api.whoami), methods=["GET"]),
         Route(API + "/actions", api.route("propose", api.propose), methods=["POST"]),
