@@ -599,7 +599,8 @@ class Gate:
             },
         )
         message = "; ".join(d["message"] or d["code"] for d in evaluation.result.deny)
-        return Refused(f"{verb} refused: {message}", evaluation.result.deny_codes)
+        codes = list(dict.fromkeys(evaluation.result.deny_codes))  # each code once, in order
+        return Refused(f"{verb} refused: {message}", codes)
 
     def authorize(self, verb: Verb, actor: Actor, action: Action | None = None) -> None:
         """Authorize a verb that is carried out elsewhere (run, rollback, read); a refusal

@@ -122,6 +122,10 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
 
     Exit 0 when verified, 3 when blocked at execution, 1 for any other end.
     """
+    if config.remote is not None:  # client mode: the server runs it
+        from opsgate.cli.remote_exec import remote_run
+
+        return remote_run(config, action_id, as_json)
     config.gate.expire_due()
     action = config.store.get_action(action_id)
     if action is not None:
@@ -234,6 +238,10 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
 
     A running action is rolled back by the worker holding it; a succeeded one here.
     """
+    if config.remote is not None:  # client mode: the server rolls it back
+        from opsgate.cli.remote_exec import remote_rollback
+
+        return remote_rollback(config, action_id, reason, wait, as_json)
     identity = config.identity()
     target = config.store.get_action(action_id)
     if target is not None:

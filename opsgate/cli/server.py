@@ -62,7 +62,10 @@ def server(config: CliConfig, listen: str) -> None:
         lifespan="off",
     )
     click.echo(f"opsgate server listening on http://{listen}/api/v1", err=True)
-    uvicorn.Server(settings).run()
+    try:
+        uvicorn.Server(settings).run()
+    finally:
+        app.state.close()  # actions it runs are handed over, as a worker does
     click.echo("opsgate server stopped", err=True)
 
 

@@ -37,6 +37,7 @@ from opsgate.errors import (
     StateConflict,
 )
 from opsgate.models import ActionState
+from opsgate.server.execution import ServerExecutor
 from opsgate.server.openapi import openapi_document
 from opsgate.store.base import StoreError
 
@@ -188,6 +189,7 @@ class Api:
         self.config = config
         self.metrics = metrics
         self.oidc = oidc
+        self.executor = ServerExecutor(config)
 
     @property
     def catalog(self) -> Catalog | None:
@@ -276,6 +278,15 @@ class Api:
         action = self.config.gate.reject(params["action_id"], principal, reason)
         return 200, action_json(action, self.catalog)
 
+    def run(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        action = self.executor.run(principal, params["action_id"])
+        return 202, action_json(action, self.catalog)
+
+    def rollback(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        reason = text_field(parse_json(raw), "reason", required=True)
+        action = self.executor.rollback(principal, params["action_id"], reason)
+        return 202, action_json(action, self.catalog)
+
     def catalog_document(
         self, principal: Principal, params: dict[str, str], raw: bytes | None
     ) -> Any:
@@ -351,8 +362,12 @@ def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
         Route(action + "/approve", api.route("approve", api.approve), methods=["POST"]),
         Route(action + "/reject", api.route("reject", api.reject), methods=["POST"]),
         Route(action + "/cancel", api.route("cancel", api.cancel), methods=["POST"]),
+        Route(action + "/run", api.route("run", api.run), methods=["POST"]),
+        Route(action + "/rollback", api.route("rollback", api.rollback), methods=["POST"]),
         Route(API + "/catalog", api.route("catalog", api.catalog_document), methods=["GET"]),
         Route(API + "/policy", api.route("policy", api.policy), methods=["GET"]),
         Route(API + "/my-actions", api.route("my_actions", api.my_actions), methods=["GET"]),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.state.close = api.executor.close  # `opsgate server` calls it when it stops
+    return app

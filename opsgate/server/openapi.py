@@ -161,6 +161,25 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _ok("Rejected"), **_errors(400, 401, 403, 404, 409)},
                 }
             },
+            "/actions/{action_id}/run": {
+                "post": {
+                    "operationId": "run",
+                    "summary": "Run an approved action on the server (authz `run`); follow it "
+                    "with GET /actions/{action_id}.",
+                    "parameters": _ID,
+                    "responses": {"202": _ok("Claimed"), **_errors(401, 403, 404, 409)},
+                }
+            },
+            "/actions/{action_id}/rollback": {
+                "post": {
+                    "operationId": "rollback",
+                    "summary": "Roll back an executing, verifying or succeeded action "
+                    "(authz `rollback`).",
+                    "parameters": _ID,
+                    "requestBody": _text_body("reason", True),
+                    "responses": {"202": _ok("Requested"), **_errors(400, 401, 403, 404, 409)},
+                }
+            },
             "/my-actions": {
                 "get": {
                     "operationId": "myActions",
