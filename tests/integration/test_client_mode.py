@@ -139,14 +139,12 @@ def test_no_identity_can_be_asserted_by_a_client(client: Client) -> None:
 
 
 def test_store_commands_refuse_in_client_mode(client: Client) -> None:
-    for args in (
-        ["run", "01NOSUCHACTION0000000000000"],
-        ["workers"],
-        ["audit", "verify"],
-        ["init"],
-    ):
-        code, _, err = client.run("alice", *args)
+    for args in (["workers"], ["audit", "verify"], ["init"], ["worker", "--once"]):
+        code, _, err = client.run("alice", *args, OPSGATE_PROMETHEUS_URL="http://127.0.0.1:9")
         assert code == 2 and "OPSGATE_URL is set" in err, (args, err)
+    # run goes to the server, which knows no such action
+    code, _, err = client.run("alice", "run", "01NOSUCHACTION0000000000000")
+    assert code == 4, err
 
 
 @pytest.mark.parametrize(
