@@ -32,12 +32,13 @@ class Settings:
     user: str | None = None  # only read when identity == "env"
     user_kind: str = "human"  # only read when identity == "env"
     approval_ttl: float = 3600.0
-    policy_engine: str = "embedded"  # embedded | opa
+    policy_engine: str = "embedded"  # embedded | opa-embedded | opa
     opa_url: str | None = None
     opa_mode: str = "push"  # push: opsgate uploads the bundle; external: OPA has its own
     opa_token: str | None = None
     opa_ca_file: str | None = None
     opa_timeout: float = 2.0
+    policy_timeout: float = 0.5  # the embedded engine's budget per decision
     shadow_policies: Path | None = None  # a second bundle, evaluated but never enforced
     prometheus_url: str | None = None
     prometheus_token: str | None = None
@@ -45,6 +46,10 @@ class Settings:
     prometheus_password: str | None = None
     prometheus_ca_file: str | None = None
     prometheus_timeout: float = 5.0
+    # The scrape term of the post-change evidence floor; None asks Prometheus.
+    prometheus_scrape_interval: float | None = None
+    # Refuse (instead of warn about) a catalog whose verification cannot be met as written.
+    catalog_strict: bool = False
     lease: float = 30.0  # a worker's claim lapses this long after its last heartbeat
     worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
     # `opsgate server`: OIDC bearer JWTs beside API tokens (both unset: tokens only)
@@ -93,14 +98,28 @@ class Settings:
             if name in {"catalog", "policies", "shadow_policies"}:
                 converted[name] = Path(str(value))
             elif name == "policy_engine":
-                if value not in {"embedded", "opa"}:
-                    raise ConfigError("OPSGATE_POLICY_ENGINE: expected embedded or opa")
+                if value not in {"embedded", "opa-embedded", "opa"}:
+                    raise ConfigError(
+                        "OPSGATE_POLICY_ENGINE: expected embedded, opa-embedded or opa"
+                    )
                 converted[name] = value
             elif name == "opa_mode":
                 if value not in {"push", "external"}:
                     raise ConfigError("OPSGATE_OPA_MODE: expected push or external")
                 converted[name] = value
-            elif name in {"approval_ttl", "prometheus_timeout", "lease", "opa_timeout"}:
+            elif name == "catalog_strict":
+                text = str(value).strip().lower()
+                if text not in {"1", "0", "true", "false", "yes", "no"}:
+                    raise ConfigError("OPSGATE_CATALOG_STRICT: expected true or false")
+                converted[name] = text in {"1", "true", "yes"}
+            elif name in {
+                "approval_ttl",
+                "prometheus_timeout",
+                "prometheus_scrape_interval",
+                "lease",
+                "opa_timeout",
+                "policy_timeout",
+            }:
                 try:
                     converted[name] = parse_duration(value)
                 except ValueError as exc:

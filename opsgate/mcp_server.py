@@ -33,6 +33,7 @@ from opsgate.cli.render import (
     decision_json,
     execution_json,
     measurement_json,
+    plan_of,
     ts,
 )
 from opsgate.errors import ConfigError, InvalidInput, NotFound, OpsgateError
@@ -302,6 +303,7 @@ class AgentTools:
                 "roles": list(action.approver_roles),
                 "by": [approval_json(a) for a in details.approvals],
             },
+            "plan": plan_of(details, self.catalog()),
             "execution": _execution_summary(details),
             "rollback": _rollback_summary(details),
             "measurements": {

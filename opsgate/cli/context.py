@@ -102,7 +102,11 @@ class CliConfig:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
-            self._catalog = load_catalog(self.settings.catalog)
+            self._catalog = load_catalog(
+                self.settings.catalog,
+                strict=self.settings.catalog_strict,
+                scrape_interval=self.settings.prometheus_scrape_interval,
+            )
         return self._catalog
 
     @property
@@ -127,8 +131,16 @@ class CliConfig:
                     ca_file=settings.opa_ca_file,
                     timeout=settings.opa_timeout,
                 )
+            elif self.settings.policy_engine == "opa-embedded":
+                from opsgate.policies.embedded import OpaEmbeddedEngine
+
+                self._engine = OpaEmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
             else:
-                self._engine = EmbeddedEngine(self.settings.policies)
+                self._engine = EmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
         return self._engine
 
     @property
@@ -153,7 +165,7 @@ class CliConfig:
             return None
         if not directory.is_dir():
             raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
-        return EmbeddedEngine(directory)
+        return EmbeddedEngine(directory, timeout=self.settings.policy_timeout)
 
     def optional_provider(self) -> PrometheusProvider | None:
         """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""

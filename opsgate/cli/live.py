@@ -16,9 +16,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from opsgate.cli.render import evidence_note
 from opsgate.executor.executor import ExecutorEvent
-from opsgate.models import Range
-from opsgate.verification.evaluator import remaining_hold
+from opsgate.verification.evaluator import halt_range_text, pass_range_text, remaining_hold
 from opsgate.verification.hub import Watch
 
 _STYLE = {"pass": "green", "fail": "red", "error": "magenta", "inconclusive": "yellow"}
@@ -28,12 +28,8 @@ def _clock() -> str:
     return datetime.now(UTC).strftime("%H:%M:%S")
 
 
-def fmt_range(r: Range) -> str:
-    if r.min is not None and r.max is not None:
-        return f"{r.min:g}..{r.max:g}"
-    if r.min is not None:
-        return f">= {r.min:g}"
-    return f"<= {r.max:g}"
+def _outcome_label(outcome: str, not_counted: str | None) -> str:
+    return f"{outcome} ({not_counted.replace('_', '-')})" if not_counted else outcome
 
 
 class PlainView:
@@ -57,11 +53,17 @@ class PlainView:
             for record in watch.last_records:
                 lines.append(
                     f"{prefix}{watch.phase} {record.name}="
-                    f"{'-' if record.value is None else f'{record.value:.6g}'} {record.outcome}"
+                    f"{'-' if record.value is None else f'{record.value:.6g}'} "
+                    f"{_outcome_label(record.outcome, record.not_counted)}"
                 )
             if watch.phase != "run" and not watch.state.done:
-                left = remaining_hold(watch.spec, watch.state, datetime.now(UTC))
-                lines.append(f"{prefix}{watch.phase} hold {left:.0f}s to go")
+                now = datetime.now(UTC)
+                note = evidence_note(watch.state, now)
+                if note is not None:
+                    lines.append(f"{prefix}{watch.phase} {note}")
+                else:
+                    left = remaining_hold(watch.spec, watch.state, now)
+                    lines.append(f"{prefix}{watch.phase} hold {left:.0f}s to go")
         elif event.kind != "finished" or self.prefix_ids:
             lines.append(f"{prefix}{event.kind}: {event.message}")
         with self._lock:
@@ -108,22 +110,33 @@ class LiveView:
             for column in ("", "name", "latest", "range", "outcome"):
                 table.add_column(column)
             latest = {r.name: r for r in watch.last_records}
-            rows = [("signal", s.name, fmt_range(s.pass_)) for s in watch.spec.signals]
+            base = watch.state.baseline
+            rows = [
+                ("signal", s.name, pass_range_text(s, base.get(s.name))) for s in watch.spec.signals
+            ]
             rows += [
-                ("stop", c.name, "halt " + fmt_range(c.halt)) for c in watch.spec.stop_conditions
+                ("stop", c.name, "halt " + halt_range_text(c, base.get(c.name)))
+                for c in watch.spec.stop_conditions
             ]
             for kind, name, shown_range in rows:
                 record = latest.get(name)
                 value = "-" if record is None or record.value is None else f"{record.value:.4g}"
                 outcome = record.outcome if record else "waiting"
                 style = _STYLE.get(outcome, "dim")
-                table.add_row(kind, escape(name), value, shown_range, f"[{style}]{outcome}[/]")
+                if record is not None and record.not_counted:
+                    style = "dim"
+                label = _outcome_label(outcome, record.not_counted if record else None)
+                table.add_row(kind, escape(name), value, shown_range, f"[{style}]{label}[/]")
             parts.append(table)
             if watch.phase != "run":
-                left = remaining_hold(watch.spec, watch.state, datetime.now(UTC))
-                elapsed = (datetime.now(UTC) - watch.state.started_at).total_seconds()
+                now = datetime.now(UTC)
+                left = remaining_hold(watch.spec, watch.state, now)
+                elapsed = (now - watch.state.started_at).total_seconds()
+                note = evidence_note(watch.state, now)
                 line = (
-                    f"{watch.phase}: hold {left:.0f}s to go of {watch.spec.hold:g}s · "
+                    f"{watch.phase}: "
+                    + (f"{note} · " if note and not watch.state.done else "")
+                    + f"hold {left:.0f}s to go of {watch.spec.hold:g}s · "
                     f"{elapsed:.0f}s of timeout {watch.spec.timeout:g}s"
                 )
                 if watch.phase == "verify":  # a rollback's verification counts no failures

@@ -15,6 +15,7 @@ from opsgate.catalog import Catalog
 from opsgate.gate import ActionDetails
 from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
 from opsgate.policies.input import mask_params
+from opsgate.verification.evaluator import VerificationState, evidence_wait
 
 
 def console() -> Console:
@@ -122,12 +123,24 @@ def measurement_json(measurement: Measurement) -> dict[str, Any]:
         "value": measurement.value,
         "outcome": measurement.outcome,
         "detail": measurement.detail,
+        "counted": measurement.not_counted is None,
+        "not_counted": measurement.not_counted,
     }
+
+
+def plan_of(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
+    from opsgate.executor.plan import action_plan
+
+    action = details.action
+    action_type = catalog.types.get(action.action_type) if catalog is not None else None
+    captured = details.execution.captured if details.execution is not None else {}
+    return action_plan(action, action_type, captured)
 
 
 def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
     return {
         "action": action_json(details.action, catalog),
+        "plan": plan_of(details, catalog),
         "decisions": [decision_json(d) for d in details.decisions],
         "approvals": [approval_json(a) for a in details.approvals],
         "execution": execution_json(details.execution) if details.execution else None,
@@ -136,8 +149,44 @@ def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, A
     }
 
 
+def escape_terminal(text: str) -> str:
+    """Control characters shown escaped, never interpreted by the terminal."""
+    return "".join(
+        ch if ch >= " " and ch != "\x7f" and not ("\x80" <= ch <= "\x9f") else repr(ch)[1:-1]
+        for ch in text
+    )
+
+
 def fmt_value(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
+
+
+def evidence_note(state: VerificationState, now: datetime) -> str | None:
+    """ "waiting for post-change evidence (12s)" while signal measurements do not count."""
+    why, left = evidence_wait(state, now)
+    if why == "pre_change":
+        return f"waiting for post-change evidence ({left:.0f}s)"
+    if why == "settling":
+        return f"settling: initial delay ({left:.0f}s)"
+    return None
+
+
+def _evidence_row(stored: Mapping[str, Any] | None, finished: datetime | None) -> str | None:
+    """While verifying: how long until measurements count; afterwards: from when they did."""
+    if not stored:
+        return None
+    try:
+        state = VerificationState.model_validate(dict(stored))
+    except ValueError:
+        return None
+    starts = state.counting_starts()
+    if starts is None:
+        return None
+    if finished is None and not state.done:
+        note = evidence_note(state, datetime.now(UTC))
+        if note is not None:
+            return note
+    return f"counted from {ts(starts)}"
 
 
 def show_execution(execution: Execution, measurements: Sequence[Measurement]) -> None:
@@ -152,6 +201,7 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
             execution.run_error,
         ),
         "verification started": ts(execution.verify_started_at),
+        "post-change evidence": _evidence_row(execution.verify_state, execution.finished_at),
         "outcome": execution.outcome,
         "reason": execution.reason or None,
     }
@@ -169,6 +219,9 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
             execution.undo_finished_at,
             execution.undo_exit_code,
             execution.undo_error,
+        )
+        rows["rollback evidence"] = _evidence_row(
+            execution.rollback_verify_state, execution.finished_at
         )
         rows["rollback verified"] = ts(execution.rollback_verified_at) or "not verified"
         if execution.rollback_time is not None:
@@ -193,7 +246,11 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
             m.phase,
             escape(m.name),
             fmt_value(m.value),
-            f"[{style[m.outcome]}]{m.outcome}[/]",
+            (
+                f"[dim]{m.outcome} ({m.not_counted.replace('_', '-')})[/]"
+                if m.not_counted
+                else f"[{style[m.outcome]}]{m.outcome}[/]"
+            ),
             escape(m.detail),
         )
     console().print(table)
@@ -269,6 +326,11 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
             or "none",
         }
     )
+    from opsgate.executor.plan import plan_lines
+
+    click.echo("\nplan:")
+    for line in plan_lines(plan_of(details, catalog)):
+        click.echo(f"  {escape_terminal(line)}")
     for decision in details.decisions:
         verdict = "allow" if decision.allow else "deny"
         click.echo(

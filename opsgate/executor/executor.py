@@ -10,6 +10,7 @@ use a small thread pool; verification of every action is measured by one
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -20,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict
-from opsgate.executor.runners import RunnerRegistry, StepResult
+from opsgate.executor.runners import RunnerRegistry, StepResult, typed_capture
 from opsgate.failpoints import failpoint
 from opsgate.gate import Gate
 from opsgate.lifecycle import new_id, record_event, record_transition
@@ -50,7 +51,9 @@ from opsgate.verification.hub import (
     rollback_check,
     stop_only,
 )
+from opsgate.verification.lookback import evidence_floor
 from opsgate.verification.promql import render_query
+from opsgate.verification.provider import PROMETHEUS_DEFAULT_SCRAPE_INTERVAL
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ class _Held:
     cancel: threading.Event = field(default_factory=threading.Event)
     watch: Watch | None = None
     finished: threading.Event = field(default_factory=threading.Event)
+    baseline: dict[str, float | None] = field(default_factory=dict)
     final_state: ActionState | None = None
 
 
@@ -148,8 +152,14 @@ class Executor:
         concurrency: int = 4,
         clock: Callable[[], datetime] = utcnow,
         on_event: Callable[[ExecutorEvent], None] | None = None,
+        scrape_interval: float | None = None,
+        fallback_scrape_interval: float = PROMETHEUS_DEFAULT_SCRAPE_INTERVAL,
     ) -> None:
         self.store = store
+        # Configured: used as is. None: asked of the provider per verification, and
+        # `fallback_scrape_interval` when it cannot say.
+        self.scrape_interval = scrape_interval
+        self.fallback_scrape_interval = fallback_scrape_interval
         self.gate = gate
         self.hub = hub
         self.runners = runners or RunnerRegistry()
@@ -429,25 +439,100 @@ class Executor:
                 )
         return execution
 
+    def _measure_baseline(self, held: _Held) -> bool:
+        """Every signal and stop condition once, just before anything runs: the values
+        relative ranges are judged against (docs/design.md, "Baseline"). Stored as
+        evidence. False when a relative range got no value: the action is then blocked
+        at execution, having run nothing (never judged blind)."""
+        action = held.action
+        spec = action.verification
+        queries = list(dict.fromkeys(held.rendered.values()))
+        if not queries:
+            return True
+        results = self.hub.provider.query_many(queries)
+        now = self.clock()
+        baseline: dict[str, float | None] = {}
+        measurements: list[Measurement] = []
+        kinds = [(s.name, "signal", s.pass_.relative) for s in spec.signals]
+        kinds += [(c.name, "stop_condition", c.halt.relative) for c in spec.stop_conditions]
+        missing: list[str] = []
+        for name, kind, relative in kinds:
+            query = held.rendered.get(name)
+            result = results.get(query) if query is not None else None
+            value = result.value if result is not None and result.error is None else None
+            if value is not None and not math.isfinite(value):
+                value = None
+            baseline[name] = value
+            if value is None and relative:
+                missing.append(name)
+            error = result.error if result is not None else "no result"
+            measurements.append(
+                Measurement(
+                    action_id=action.id,
+                    phase="baseline",
+                    name=name,
+                    kind=kind,  # type: ignore[arg-type]
+                    at=now,
+                    value=value,
+                    outcome="pass" if value is not None else ("error" if error else "inconclusive"),
+                    detail=(
+                        f"baseline {value:g}"
+                        if value is not None
+                        else f"no baseline: {error or 'no data'}"
+                    ),
+                )
+            )
+        held.baseline = baseline
+        with self.store.transaction() as tx:
+            locked = tx.lock_action(action.id)
+            assert locked is not None
+            tx.insert_measurements(measurements)
+            if not missing:
+                tx.update_execution(action.id, baseline=baseline)
+                return True
+            message = (
+                f"no baseline for {', '.join(missing)}, whose range is relative to it; nothing ran"
+            )
+            deny = [DenyReason(code="baseline_unavailable", message=message)]
+            decision = _local_decision(action, deny, now)
+            tx.insert_decision(decision)
+            tx.update_execution(action.id, baseline=baseline, reason=message, finished_at=now)
+            held.action = record_transition(
+                tx, locked, S.BLOCKED_AT_EXECUTION, actor=self.worker_id, now=now,
+                data={"deny": ["baseline_unavailable"], "message": message},
+            )  # fmt: skip
+        self._emit("blocked", action.id, message, state=S.BLOCKED_AT_EXECUTION)
+        self._release(held, S.BLOCKED_AT_EXECUTION)
+        return False
+
     def _capture_and_run(self, held: _Held) -> None:
         action, action_type = held.action, held.action_type
+        if not self._measure_baseline(held):
+            return
         if action_type.capture is not None:
             result = self._run_step(held, "capture", action_type.capture)
-            if not result.ok or result.value is None:
+            typed: Any = None
+            error = result.error
+            if result.ok and result.value is not None:
+                try:
+                    typed = typed_capture(result.value, action_type.capture.type)
+                except ValueError as exc:
+                    error = str(exc)
+            if not result.ok or result.value is None or error is not None:
                 self._update(action.id, capture_output=result.output)
                 self._end(
                     held,
                     S.FAILED,
                     outcome="runner_error",
-                    reason=_one_line(f"capture failed before anything ran: {result.error}"),
+                    reason=_one_line(f"capture failed before anything ran: {error}"),
                 )
                 return
             name = action_type.capture.as_ or "captured"
-            held.values[name] = result.value
+            held.values[name] = typed
             self._update(
                 action.id,
                 "execution.captured",
-                captured={name: result.value},
+                captured={name: typed},
                 capture_output=result.output,
             )
             failpoint("after_capture")
@@ -463,7 +548,7 @@ class Executor:
         if self._draining:  # nothing has run yet: the next worker starts it cleanly
             self._hand_over(held, f"worker {self.worker_id} is shutting down")
             return
-        now = self.clock()
+        now = run_started_at = self.clock()
         # Stored before the step starts: from here on, `run` may have changed something.
         self._update(action.id, "execution.run_started", run_started_at=now)
         failpoint("after_run_started")
@@ -474,7 +559,7 @@ class Executor:
                 phase="run",
                 spec=stop_only(action.verification),
                 rendered=held.rendered,
-                state=VerificationState.start(now),
+                state=VerificationState.start(now, baseline=held.baseline),
                 on_done=lambda _w: held.cancel.set(),
             )
             held.watch = watch
@@ -482,10 +567,11 @@ class Executor:
         result = self._run_step(held, "run", action_type.run)
         if watch is not None:
             self.hub.unwatch(watch)
+        run_finished_at = self.clock()
         self._update(
             action.id,
             "execution.run_finished",
-            run_finished_at=self.clock(),
+            run_finished_at=run_finished_at,
             run_exit_code=result.exit_code,
             run_output=result.output,
             run_error=result.error,
@@ -513,7 +599,34 @@ class Executor:
                 data={"exit_code": result.exit_code},
             )  # fmt: skip
         self._emit("state", action.id, "verifying", state=S.VERIFYING)
-        self._watch(held, "verify", action.verification, now, self._after_verify)
+        fresh = self._fresh_state(held, now, run_started_at, run_finished_at)
+        self._watch(held, "verify", action.verification, now, self._after_verify, resume=fresh)
+
+    def _scrape_interval(self) -> float:
+        if self.scrape_interval is not None:
+            return self.scrape_interval
+        asked = self.hub.provider.scrape_interval()
+        return self.fallback_scrape_interval if asked is None else asked
+
+    def _fresh_state(
+        self, held: _Held, now: datetime, step_started: datetime | None, step_finished: datetime
+    ) -> VerificationState:
+        """A verification that counts signal measurements only once their data postdates
+        the step (`run`, or `undo` for a rollback): docs/design.md, "Post-change
+        evidence"."""
+        spec = held.action.verification
+        queries = [held.rendered[s.name] for s in spec.signals if s.name in held.rendered]
+        floor = evidence_floor(queries, self._scrape_interval())
+        anchor = step_finished
+        if held.action_type.evidence_after == "run_start" and step_started is not None:
+            anchor = step_started
+        settled_at = now + timedelta(seconds=spec.initial_delay) if spec.initial_delay else None
+        return VerificationState.start(
+            now,
+            evidence_from=anchor + timedelta(seconds=floor),
+            settled_at=settled_at,
+            baseline=held.baseline,
+        )
 
     def _watch(
         self,
@@ -632,12 +745,14 @@ class Executor:
         action_id = held.action.id
         undo = held.action_type.undo
         assert undo is not None
-        self._update(action_id, "execution.undo_started", undo_started_at=self.clock())
+        undo_started_at = self.clock()
+        self._update(action_id, "execution.undo_started", undo_started_at=undo_started_at)
         result = self._run_step(held, "undo", undo)
+        undo_finished_at = self.clock()
         self._update(
             action_id,
             "execution.undo_finished",
-            undo_finished_at=self.clock(),
+            undo_finished_at=undo_finished_at,
             undo_exit_code=result.exit_code,
             undo_output=result.output,
             undo_error=result.error,
@@ -651,7 +766,9 @@ class Executor:
             )
             return
         spec = rollback_check(held.action.verification)
-        self._watch(held, "rollback", spec, self.clock(), self._after_rollback)
+        now = self.clock()
+        fresh = self._fresh_state(held, now, undo_started_at, undo_finished_at)
+        self._watch(held, "rollback", spec, now, self._after_rollback, resume=fresh)
 
     def _after_rollback(self, held: _Held, watch: Watch) -> None:
         if watch.abort_reason == "shutdown":
@@ -806,6 +923,7 @@ class Executor:
             values=values,
             secrets=secret_values(action_type, action.params),
             rendered=render_queries(action.verification, values),
+            baseline=dict(execution.baseline or {}),
         )
         with self._lock:
             self._held[action_id] = held
@@ -839,10 +957,17 @@ class Executor:
                     tx, locked, S.VERIFYING, actor=self.worker_id, now=now,
                     data={"recovered_from": dead},
                 )  # fmt: skip
-            self._watch(held, "verify", spec, now, self._after_verify)
+            run_finished_at = execution.run_finished_at or now
+            fresh = self._fresh_state(held, now, execution.run_started_at, run_finished_at)
+            self._watch(held, "verify", spec, now, self._after_verify, resume=fresh)
         elif action.state is S.VERIFYING:
-            state = _resumed(execution.verify_state, execution.verify_started_at, self.clock())
-            self._watch(held, "verify", spec, self.clock(), self._after_verify, resume=state)
+            now = self.clock()
+            started = execution.verify_started_at or now
+            fresh = self._fresh_state(
+                held, started, execution.run_started_at, execution.run_finished_at or started
+            )
+            state = _resumed(execution.verify_state, fresh)
+            self._watch(held, "verify", spec, now, self._after_verify, resume=state)
         elif action.state is S.ROLLING_BACK:
             if execution.undo_finished_at is None:
                 # An undo puts back the captured prior state: running it again is safe,
@@ -856,16 +981,12 @@ class Executor:
                     reason=f"undo failed: {execution.undo_error}; a human must act",
                 )
             else:
-                state = _resumed(
-                    execution.rollback_verify_state, execution.undo_finished_at, self.clock()
-                )
+                now = self.clock()
+                undone = execution.undo_finished_at or now
+                fresh = self._fresh_state(held, undone, execution.undo_started_at, undone)
+                state = _resumed(execution.rollback_verify_state, fresh)
                 self._watch(
-                    held,
-                    "rollback",
-                    rollback_check(spec),
-                    self.clock(),
-                    self._after_rollback,
-                    resume=state,
+                    held, "rollback", rollback_check(spec), now, self._after_rollback, resume=state
                 )
         else:  # terminal already; only the execution row was left open
             self._update(action.id, finished_at=self.clock())
@@ -1002,12 +1123,14 @@ class Executor:
                 rollback_requested_by=actor.id,
             )
             captured = execution.captured
+            baseline = dict(execution.baseline or {})
         held = _Held(
             action=rolling,
             action_type=action_type,
             values=step_values(rolling, captured),
             secrets=secret_values(action_type, rolling.params),
             rendered=render_queries(rolling.verification, step_values(rolling, captured)),
+            baseline=baseline,
         )
         with self._lock:
             self._held[action_id] = held
@@ -1016,18 +1139,24 @@ class Executor:
         return rolling
 
 
-def _resumed(
-    stored: Mapping[str, Any] | None, started: datetime | None, now: datetime
-) -> VerificationState:
+def _resumed(stored: Mapping[str, Any] | None, fresh: VerificationState) -> VerificationState:
     """A stored verification state to continue from, minus any passing run in progress:
-    nobody measured while the worker was dead, and hold counts only observed passing."""
+    nobody measured while the worker was dead, and hold counts only observed passing.
+    `fresh` (the state as it would have started, with its post-change evidence rule)
+    stands in when nothing usable was stored, and lends that rule to a state stored
+    before the rule existed."""
     if stored is None:
-        return VerificationState.start(started or now)
+        return fresh
     try:
         state = VerificationState.model_validate(dict(stored))
     except ValueError:
-        return VerificationState.start(started or now)
-    return state.model_copy(update={"passing_since": None})
+        return fresh
+    update: dict[str, Any] = {"passing_since": None}
+    if state.evidence_from is None:
+        update["evidence_from"] = fresh.evidence_from
+    if state.settled_at is None:
+        update["settled_at"] = fresh.settled_at
+    return state.model_copy(update=update)
 
 
 def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -187,6 +187,7 @@ executions = Table(
     Column("lease_expires_at", UTCDateTime, nullable=False),
     Column("heartbeat_at", UTCDateTime, nullable=False),
     Column("captured", _json(), nullable=False),
+    Column("baseline", _json(none_as_null=True), nullable=True),
     Column("capture_output", Text, nullable=False),
     Column("run_started_at", UTCDateTime, nullable=True),
     Column("run_finished_at", UTCDateTime, nullable=True),
@@ -275,6 +276,8 @@ measurements = Table(
     Column("value", Float, nullable=True),
     Column("outcome", String, nullable=False),
     Column("detail", Text, nullable=False),
+    # NULL: the measurement counted; else why not (`pre_change`, `settling`).
+    Column("not_counted", String, nullable=True),
     Index("ix_measurements_action_id_id", "action_id", "id"),
 )
 
