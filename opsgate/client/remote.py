@@ -24,6 +24,9 @@ from opsgate.models import (
 
 
 def _model(cls: Any, document: Any) -> Any:
+    # Renderers add derived keys (e.g. a measurement's `counted`): keep the model's own.
+    if isinstance(document, dict):
+        document = {k: v for k, v in document.items() if k in cls.model_fields}
     try:
         return cls.model_validate(document)
     except (ValidationError, TypeError, KeyError) as exc:
