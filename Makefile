@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test unit integration lint typecheck system-deps postgres venv bench demo clean
+.PHONY: test unit integration lint typecheck system-deps oidc-deps postgres venv bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ system-deps:
 postgres:
 	@bash scripts/ensure-postgres.sh
 
+oidc-deps: system-deps
+	@bash scripts/oidc-deps.sh
+
 lint: venv
 	$(BIN)/ruff check opsgate tests bench
 	$(BIN)/ruff format --check opsgate tests bench
@@ -33,10 +36,10 @@ typecheck: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-integration: venv system-deps postgres
+integration: venv system-deps oidc-deps postgres
 	$(BIN)/pytest tests/integration -q
 
-test: venv system-deps postgres
+test: venv system-deps oidc-deps postgres
 	$(BIN)/ruff check opsgate tests bench
 	$(BIN)/mypy
 	$(BIN)/opsgate policy test --policies policies
@@ -44,6 +47,7 @@ test: venv system-deps postgres
 
 bench: venv system-deps postgres
 	$(BIN)/python bench/propose.py
+	$(BIN)/python bench/api.py
 	$(BIN)/python bench/reaction.py
 	$(BIN)/python bench/evidence.py
 	$(BIN)/python bench/fanout.py

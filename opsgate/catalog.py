@@ -167,3 +167,26 @@ def param_json_schema(spec: ParamSpec) -> dict[str, Any]:
         # `secret: true` stays an input keyword; published schemas are standard.
         schema["writeOnly"] = True
     return schema
+
+
+def action_type_json(action_type: ActionType) -> dict[str, Any]:
+    """An action type as agents and API clients see it: parameters as JSON schema."""
+    required = [
+        name for name, spec in action_type.params.items() if spec.required and spec.default is None
+    ]
+    return {
+        "name": action_type.name,
+        "description": action_type.description,
+        "risk": action_type.risk,
+        "reversible": action_type.reversible,
+        "preconditions": list(action_type.preconditions),
+        "params": {
+            "type": "object",
+            "properties": {k: param_json_schema(v) for k, v in action_type.params.items()},
+            "required": required,
+            "additionalProperties": False,
+        },
+        "verification": action_type.verification.model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        ),
+    }

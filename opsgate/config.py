@@ -1,4 +1,9 @@
-"""Settings from OPSGATE_* environment variables and an optional opsgate.toml."""
+"""Settings from OPSGATE_* environment variables and an optional TOML file (OPSGATE_CONFIG).
+
+No file is read unless OPSGATE_CONFIG names it: a file someone left in the working
+directory must not choose the store, the bundle or who acts. Identity settings are read
+from the environment only, never from any file.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any
 from opsgate.errors import ConfigError
 
 DEFAULT_DB = "sqlite:///opsgate.db"
+IDENTITY_SETTINGS = frozenset({"identity", "user", "user_kind"})
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,14 @@ class Settings:
     catalog_strict: bool = False
     lease: float = 30.0  # a worker's claim lapses this long after its last heartbeat
     worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
+    # `opsgate server`: OIDC bearer JWTs beside API tokens (both unset: tokens only)
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_user_claim: str = "sub"
+    oidc_groups_claim: str = "groups"
+    oidc_leeway: float = 30.0  # clock skew allowed on exp/iat/nbf
+    oidc_client_id: str | None = None  # the public client `opsgate login` uses
+    oidc_scopes: str = "openid profile offline_access"
 
     @classmethod
     def load(
@@ -59,13 +73,23 @@ class Settings:
         OPSGATE_CONTEXT or the config file's current-context), then OPSGATE_* variables."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        path = toml_path or Path(env.get("OPSGATE_CONFIG", "opsgate.toml"))
-        if path.is_file():
+        named = env.get("OPSGATE_CONFIG") or None
+        path = toml_path or (Path(named) if named else None)
+        if path is not None and path.is_file():
             try:
                 document = tomllib.loads(path.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
-            values.update(document.get("opsgate", document))
+            from_file = document.get("opsgate", document)
+            if not isinstance(from_file, dict):
+                raise ConfigError(f"{path}: expected a table of settings")
+            refused = sorted(IDENTITY_SETTINGS & set(from_file))
+            if refused:
+                raise ConfigError(
+                    f"{path}: {refused[0]!r} is an identity setting; it is read from the "
+                    "environment only, never from a file"
+                )
+            values.update(from_file)
         if use_contexts:
             from opsgate.contexts import selected
 
@@ -116,6 +140,13 @@ class Settings:
                     raise ConfigError(f"OPSGATE_{name.upper()}: {exc}") from exc
                 if converted[name] <= 0:
                     raise ConfigError(f"OPSGATE_{name.upper()}: must be positive")
+            elif name == "oidc_leeway":
+                try:
+                    converted[name] = parse_duration(value)
+                except ValueError as exc:
+                    raise ConfigError(f"OPSGATE_OIDC_LEEWAY: {exc}") from exc
+                if converted[name] > 300:
+                    raise ConfigError("OPSGATE_OIDC_LEEWAY: at most 5m")
             elif name == "worker_concurrency":
                 try:
                     converted[name] = int(value)

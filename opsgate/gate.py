@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from opsgate.auth.principal import Principal
+from opsgate.authorization import AUTHZ_RULE, Actor, Verb, as_principal, authz_input
 from opsgate.catalog import Catalog
 from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict, did_you_mean
 from opsgate.lifecycle import (
@@ -228,25 +230,32 @@ class Gate:
 
     # --- proposing -------------------------------------------------------------------
 
-    def propose(self, document: Any, proposer: Identity) -> ProposeOutcome:
-        """Validate, decide, store: blocked or pending_approval, with decision and event."""
+    def propose(self, document: Any, proposer: Actor) -> ProposeOutcome:
+        """Validate, authorize, decide, store: blocked or pending_approval, with decision
+        and event."""
+        principal = as_principal(proposer)
         spec = self.validate(document)
         key = spec.proposal.idempotency_key
         if key is not None:
             existing = self._existing_for_key(key, spec.spec_hash)
             if existing is not None:
                 return existing
+        refusal: Refused | None = None
         try:
             with self.store.transaction() as tx:
-                # Decided inside the write transaction, so the concurrency count it saw
-                # is still true when the action is stored.
-                action, decision = self._decide_and_store(tx, spec, proposer)
+                refusal = self._authorize_in(tx, "propose", principal, spec=spec)
+                if refusal is None:
+                    # Decided inside the write transaction, so the concurrency count it saw
+                    # is still true when the action is stored.
+                    action, decision = self._decide_and_store(tx, spec, principal.identity)
         except DuplicateIdempotencyKey:
             assert key is not None
             existing = self._existing_for_key(key, spec.spec_hash)
             if existing is None:  # the other writer rolled back; nothing to return
                 raise StateConflict(f"idempotency key {key!r} is in use; retry") from None
             return existing
+        if refusal is not None:
+            raise refusal
         return ProposeOutcome(action, decision)
 
     def _decide_and_store(
@@ -321,14 +330,19 @@ class Gate:
     def _expire_if_due(self, tx: StoreTx, action: Action, now: datetime) -> Action | None:
         return expire_if_due(tx, action, now)
 
-    def approve(self, action_id: str, approver: Identity, comment: str = "") -> ApproveOutcome:
+    def approve(self, action_id: str, approver: Actor, comment: str = "") -> ApproveOutcome:
         if len(comment) > MAX_COMMENT_LENGTH:
             raise InvalidInput("comment", f"longer than {MAX_COMMENT_LENGTH} characters")
+        principal = as_principal(approver)
+        identity = principal.identity
         now = self.clock()
         refusal: Refused | StateConflict | None = None
         with self.store.transaction() as tx:
             action = self._locked(tx, action_id)
-            if self._expire_if_due(tx, action, now) is not None:
+            refusal = self._authorize_in(tx, "approve", principal, action=action, now=now)
+            if refusal is not None:
+                pass
+            elif self._expire_if_due(tx, action, now) is not None:
                 refusal = StateConflict(
                     f"action {action_id} expired at {action.expires_at}; propose it again"
                 )
@@ -339,15 +353,15 @@ class Gate:
                 )
             else:
                 self._check_spec_unchanged(action)
-                refusal = self._approval_refusal(tx, action, approver, now)
+                refusal = self._approval_refusal(tx, action, identity, now)
             if refusal is None:
                 approvals = tx.approvals_for(action_id)
-                if any(a.approver.id == approver.id for a in approvals):
+                if any(a.approver.id == identity.id for a in approvals):
                     return ApproveOutcome(action, approvals, counted=False)
                 approval = Approval(
                     id=new_id(),
                     action_id=action_id,
-                    approver=approver,
+                    approver=identity,
                     spec_hash=action.spec_hash,
                     comment=comment,
                     created_at=now,
@@ -359,7 +373,7 @@ class Gate:
                     tx,
                     action_id=action_id,
                     kind="approval.added",
-                    actor=approver.id,
+                    actor=identity.id,
                     now=now,
                     data={
                         "comment": comment,
@@ -373,7 +387,7 @@ class Gate:
                         tx,
                         action,
                         ActionState.APPROVED,
-                        actor=approver.id,
+                        actor=identity.id,
                         now=now,
                         data={"approvers": sorted(valid), "spec_hash": action.spec_hash},
                         # The approval is good for one run that starts within the TTL.
@@ -443,57 +457,84 @@ class Gate:
         shadow = self.shadow.evaluate(APPROVAL_RULE, document) if self.shadow else None
         return Evaluation(result, document, [], self.engine.name, elapsed, shadow)
 
-    def reject(self, action_id: str, actor: Identity, reason: str) -> Action:
+    def reject(self, action_id: str, actor: Actor, reason: str) -> Action:
         if not reason.strip():
             raise InvalidInput("reason", "a rejection needs a reason")
         if len(reason) > MAX_COMMENT_LENGTH:
             raise InvalidInput("reason", f"longer than {MAX_COMMENT_LENGTH} characters")
+        principal = as_principal(actor)
         now = self.clock()
-        refusal: Refused | None = None
         with self.store.transaction() as tx:
             action = self._locked(tx, action_id)
-            if action.state is not ActionState.PENDING_APPROVAL:
-                raise StateConflict(
-                    f"action {action_id} is {action.state.value}; only pending_approval "
-                    "actions can be rejected"
-                )
-            if actor.id == action.proposer.id:
-                raise Refused("you proposed this action; withdraw it with `opsgate cancel`")
-            refusal = self._approval_refusal(tx, action, actor, now)
-            if refusal is None:
-                return record_transition(
-                    tx,
-                    action,
-                    ActionState.REJECTED,
-                    actor=actor.id,
-                    now=now,
-                    data={"reason": reason},
-                )
-        raise refusal
+            refusal = self._authorize_in(tx, "reject", principal, action=action, now=now)
+            outcome: Action | Refused = (
+                refusal
+                if refusal is not None
+                else self._reject_in(tx, action, principal.identity, reason, now)
+            )
+        # A refusal leaves the block normally, so its decision and event are committed.
+        if isinstance(outcome, Refused):
+            raise outcome
+        return outcome
 
-    def cancel(self, action_id: str, actor: Identity, reason: str = "") -> Action:
+    def _reject_in(
+        self, tx: StoreTx, action: Action, actor: Identity, reason: str, now: datetime
+    ) -> Action | Refused:
+        if action.state is not ActionState.PENDING_APPROVAL:
+            raise StateConflict(
+                f"action {action.id} is {action.state.value}; only pending_approval "
+                "actions can be rejected"
+            )
+        if actor.id == action.proposer.id:
+            raise Refused("you proposed this action; withdraw it with `opsgate cancel`")
+        refusal = self._approval_refusal(tx, action, actor, now)
+        if refusal is not None:
+            return refusal
+        return record_transition(
+            tx,
+            action,
+            ActionState.REJECTED,
+            actor=actor.id,
+            now=now,
+            data={"reason": reason},
+        )
+
+    def cancel(self, action_id: str, actor: Actor, reason: str = "") -> Action:
         """The proposer, or anyone who may approve it, withdraws a not-yet-running action."""
+        principal = as_principal(actor)
         now = self.clock()
-        refusal: Refused | None = None
         with self.store.transaction() as tx:
             action = self._locked(tx, action_id)
-            if action.state not in (ActionState.PENDING_APPROVAL, ActionState.APPROVED):
-                raise StateConflict(
-                    f"action {action_id} is {action.state.value}; only pending or approved "
-                    "actions can be cancelled"
-                )
-            if actor.id != action.proposer.id:
-                refusal = self._approval_refusal(tx, action, actor, now)
-            if refusal is None:
-                return record_transition(
-                    tx,
-                    action,
-                    ActionState.CANCELLED,
-                    actor=actor.id,
-                    now=now,
-                    data={"reason": reason},
-                )
-        raise refusal
+            refusal = self._authorize_in(tx, "cancel", principal, action=action, now=now)
+            outcome: Action | Refused = (
+                refusal
+                if refusal is not None
+                else self._cancel_in(tx, action, principal.identity, reason, now)
+            )
+        if isinstance(outcome, Refused):
+            raise outcome
+        return outcome
+
+    def _cancel_in(
+        self, tx: StoreTx, action: Action, actor: Identity, reason: str, now: datetime
+    ) -> Action | Refused:
+        if action.state not in (ActionState.PENDING_APPROVAL, ActionState.APPROVED):
+            raise StateConflict(
+                f"action {action.id} is {action.state.value}; only pending or approved "
+                "actions can be cancelled"
+            )
+        if actor.id != action.proposer.id:
+            refusal = self._approval_refusal(tx, action, actor, now)
+            if refusal is not None:
+                return refusal
+        return record_transition(
+            tx,
+            action,
+            ActionState.CANCELLED,
+            actor=actor.id,
+            now=now,
+            data={"reason": reason},
+        )
 
     def expire_due(self) -> list[Action]:
         """Expire pending actions past their approval TTL, and approved ones not started
@@ -502,14 +543,26 @@ class Gate:
 
     # --- reading ---------------------------------------------------------------------
 
-    def queue(self) -> list[Action]:
+    def queue(self, reader: Actor | None = None) -> list[Action]:
+        """Pending actions; with a reader, only those policy lets it read."""
         self.expire_due()
-        return self.store.list_actions(states=[ActionState.PENDING_APPROVAL], limit=1000)
+        pending = self.store.list_actions(states=[ActionState.PENDING_APPROVAL], limit=1000)
+        if reader is None:
+            return pending
+        principal = as_principal(reader)
+        return [a for a in pending if self.authz(principal, "read", action=a).result.allow]
 
-    def details(self, action_id: str) -> ActionDetails:
+    def details(self, action_id: str, reader: Actor | None = None) -> ActionDetails:
+        """Everything about one action; a reader policy refuses gets NotFound, as if the
+        action did not exist, and the refusal is recorded."""
         action = self.store.get_action(action_id)
         if action is None:
             raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+        if reader is not None:
+            try:
+                self.authorize("read", reader, action)
+            except Refused:
+                raise NotFound(f"no action {action_id}; list them with `opsgate queue`") from None
         return ActionDetails(
             action,
             self.store.decisions_for(action_id),
@@ -518,3 +571,66 @@ class Gate:
             self.store.get_execution(action_id),
             self.store.measurements_for(action_id),
         )
+
+    # --- authorization ---------------------------------------------------------------
+
+    def authz(
+        self,
+        principal: Principal,
+        verb: Verb,
+        *,
+        action: Action | None = None,
+        spec: ValidatedProposal | None = None,
+        now: datetime | None = None,
+    ) -> Evaluation:
+        """`data.opsgate.authz`: may this principal perform this verb at all?"""
+        document = authz_input(verb, principal, now or self.clock(), action=action, spec=spec)
+        started = time.perf_counter()
+        result = self.engine.evaluate(AUTHZ_RULE, document)
+        elapsed = (time.perf_counter() - started) * 1000
+        return Evaluation(result, document, [], self.engine.name, elapsed)
+
+    def _authorize_in(
+        self,
+        tx: StoreTx,
+        verb: Verb,
+        principal: Principal,
+        *,
+        action: Action | None = None,
+        spec: ValidatedProposal | None = None,
+        now: datetime | None = None,
+    ) -> Refused | None:
+        """Ask authz; a refusal is stored (decision + audit event) in `tx` and returned."""
+        now = now or self.clock()
+        evaluation = self.authz(principal, verb, action=action, spec=spec, now=now)
+        if evaluation.result.allow:
+            return None
+        action_id = action.id if action is not None else None
+        decision = evaluation.decision(action_id=action_id, phase="authz", at=now)
+        tx.insert_decision(decision)
+        record_event(
+            tx,
+            action_id=action_id,
+            kind="authz.refused",
+            actor=principal.id,
+            now=now,
+            data={
+                "verb": verb,
+                "deny": decision.deny_codes,
+                "principal_kind": principal.kind,
+                "method": principal.method,
+                "decision_id": decision.id,
+            },
+        )
+        message = "; ".join(d["message"] or d["code"] for d in evaluation.result.deny)
+        codes = list(dict.fromkeys(evaluation.result.deny_codes))  # each code once, in order
+        return Refused(f"{verb} refused: {message}", codes)
+
+    def authorize(self, verb: Verb, actor: Actor, action: Action | None = None) -> None:
+        """Authorize a verb that is carried out elsewhere (run, rollback, read); a refusal
+        is stored and raised as Refused."""
+        principal = as_principal(actor)
+        with self.store.transaction() as tx:
+            refusal = self._authorize_in(tx, verb, principal, action=action)
+        if refusal is not None:
+            raise refusal

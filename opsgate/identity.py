@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 from typing import Protocol
 
 from pydantic import ValidationError
@@ -18,13 +19,19 @@ class IdentityProvider(Protocol):
 
 
 class OsIdentity:
-    """The operating-system user running the command (the default)."""
+    """The operating-system user running the command (the default, local mode).
+
+    The real uid's account name: LOGNAME and USER are plain environment variables that
+    anyone can set, so they are never consulted.
+    """
 
     def current(self) -> Identity:
+        uid = os.getuid()
         try:
-            return Identity(id=getpass.getuser(), kind="human")
-        except (OSError, KeyError) as exc:
-            raise ConfigError(f"cannot tell the OS user: {exc}") from exc
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            raise ConfigError(f"uid {uid} has no account name; cannot tell who acts") from None
+        return Identity(id=name, kind="human")
 
 
 class PostgresIdentity:
@@ -58,6 +65,12 @@ class EnvIdentity:
 
 def identity_provider(settings: Settings, store: Store) -> IdentityProvider:
     if settings.identity == "env":
+        if store.url.split(":", 1)[0].startswith("postgres"):
+            # A shared store: anyone could name anyone. Teams go through `opsgate server`.
+            raise ConfigError(
+                "OPSGATE_IDENTITY=env is refused on a PostgreSQL store: use `opsgate server` "
+                "with API tokens (or OPSGATE_IDENTITY=postgres on the server side)"
+            )
         return EnvIdentity(settings.user, settings.user_kind)
     if settings.identity == "postgres":
         return PostgresIdentity(store)

@@ -25,7 +25,7 @@ from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
 from opsgate import __version__
-from opsgate.catalog import Catalog, load_catalog, param_json_schema
+from opsgate.catalog import Catalog, action_type_json, load_catalog
 from opsgate.cli.context import CliConfig
 from opsgate.cli.render import (
     action_json,
@@ -37,14 +37,13 @@ from opsgate.cli.render import (
     ts,
 )
 from opsgate.errors import ConfigError, InvalidInput, NotFound, OpsgateError
-from opsgate.gate import ActionDetails, Gate
+from opsgate.gate import ActionDetails, Gate, ProposeOutcome
 from opsgate.models import (
     MAX_REASON_LENGTH,
     NAME_PATTERN,
     TARGET_PATTERN,
     Action,
     ActionState,
-    ActionType,
     AuditEvent,
     Identity,
 )
@@ -207,7 +206,7 @@ class AgentTools:
         catalog = self.catalog()
         return {
             "catalog_revision": catalog.revision,
-            "action_types": [_action_type_json(t) for t in catalog],
+            "action_types": [action_type_json(t) for t in catalog],
         }
 
     def policy_document(self) -> dict[str, Any]:
@@ -215,6 +214,21 @@ class AgentTools:
             "bundle_revision": bundle_revision(self.config.settings.policies),
             "engine": self.config.engine.name,
         }
+
+    # --- what differs through `opsgate server` (RemoteAgentTools overrides these) ------
+
+    def _propose(self, document: dict[str, Any]) -> ProposeOutcome:
+        return self.gate().propose(document, self.identity)
+
+    def _render_catalog(self) -> Catalog | None:
+        return self.catalog()
+
+    def _mine(self, states: list[ActionState] | None) -> list[Action]:
+        """This agent's actions, oldest first, at most LIST_SCAN."""
+        self.gate().expire_due()
+        return self.config.store.list_actions(
+            states=states, proposer_id=self.identity.id, limit=LIST_SCAN
+        )
 
     def _details(self, action_id: str) -> ActionDetails:
         gate = self.gate()
@@ -237,8 +251,7 @@ class AgentTools:
         # No `verification` override: an agent does not choose the checks that judge it.
         _known_fields(arguments, PROPOSAL_FIELDS + PROPOSAL_OPTIONAL)
         document = {k: arguments[k] for k in PROPOSAL_FIELDS + PROPOSAL_OPTIONAL if k in arguments}
-        gate = self.gate()
-        outcome = gate.propose(document, self.identity)
+        outcome = self._propose(document)
         action, decision = outcome.action, outcome.decision
         allowed = action.state is not ActionState.BLOCKED
         roles = "|".join(action.approver_roles) or "any role"
@@ -264,7 +277,7 @@ class AgentTools:
             "action": action.action_type,
             "target": action.target,
             "environment": action.environment,
-            "params": action_json(action, gate.catalog)["params"],
+            "params": action_json(action, self._render_catalog())["params"],
             "proposer": action.proposer.model_dump(),
             "spec_hash": action.spec_hash,
             "bundle_revision": decision.bundle_revision,
@@ -280,7 +293,7 @@ class AgentTools:
         valid = {a.approver.id for a in details.approvals if a.spec_hash == action.spec_hash}
         shown = details.measurements[-limit:] if limit else []
         return {
-            "action": action_json(action, self.catalog()),
+            "action": action_json(action, self._render_catalog()),
             "state": action.state.value,
             "terminal": action.state.terminal,
             "state_reason": _state_reason(details.events),
@@ -304,7 +317,7 @@ class AgentTools:
         _known_fields(arguments, ("action_id",))
         details = self._details(_action_id(arguments))
         action = details.action
-        current = bundle_revision(self.config.settings.policies)
+        current = self.policy_document()["bundle_revision"]
         decisions = [decision_json(d) for d in details.decisions]
         latest = details.decisions[-1] if details.decisions else None
         if latest is None:
@@ -332,11 +345,8 @@ class AgentTools:
         _known_fields(arguments, ("limit", "states"))
         limit = _bounded_int(arguments, "limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
         states = _states(arguments)
-        self.gate().expire_due()
-        found = self.config.store.list_actions(
-            states=states, proposer_id=self.identity.id, limit=LIST_SCAN
-        )
-        catalog = self.catalog()
+        found = self._mine(states)
+        catalog = self._render_catalog()
         newest = list(reversed(found))[:limit]
         return {
             "proposer": self.identity.model_dump(),
@@ -347,29 +357,49 @@ class AgentTools:
         }
 
 
-def _action_type_json(action_type: ActionType) -> dict[str, Any]:
-    required = [
-        name for name, spec in action_type.params.items() if spec.required and spec.default is None
-    ]
-    return {
-        "name": action_type.name,
-        "description": action_type.description,
-        "risk": action_type.risk,
-        "reversible": action_type.reversible,
-        "preconditions": list(action_type.preconditions),
-        "params": {
-            "type": "object",
-            "properties": {k: param_json_schema(v) for k, v in action_type.params.items()},
-            "required": required,
-            "additionalProperties": False,
-        },
-        "verification": action_type.verification.model_dump(
-            mode="json", by_alias=True, exclude_none=True
-        ),
-    }
+class RemoteAgentTools(AgentTools):
+    """The same tools through `opsgate server` with an agent token (OPSGATE_URL and
+    OPSGATE_TOKEN): this process holds no database credentials and names no identity;
+    the server knows the agent from its token, and decides and records as for the CLI."""
+
+    def __init__(self, config: CliConfig, remote: Any) -> None:
+        answer = remote.whoami()
+        if answer.get("kind") != "agent":
+            raise ConfigError(
+                f"opsgate mcp needs an agent token; OPSGATE_TOKEN is {answer.get('id')}'s "
+                f"({answer.get('kind')})"
+            )
+        super().__init__(config, Identity(id=answer["id"], kind="agent"))
+        self.remote = remote
+
+    def open(self) -> None:
+        self.remote.policy_document()  # a server that is not there fails now
+
+    def catalog_document(self) -> dict[str, Any]:
+        return dict(self.remote.catalog_document())
+
+    def policy_document(self) -> dict[str, Any]:
+        return dict(self.remote.policy_document())
+
+    def _propose(self, document: dict[str, Any]) -> ProposeOutcome:
+        return self.remote.propose(document, self.identity)
+
+    def _render_catalog(self) -> Catalog | None:
+        return None  # the server masked secret parameters already
+
+    def _mine(self, states: list[ActionState] | None) -> list[Action]:
+        return self.remote.my_actions(states, LIST_SCAN)
+
+    def _details(self, action_id: str) -> ActionDetails:
+        try:
+            return self.remote.details(action_id)
+        except NotFound:
+            raise NotFound(
+                f"action_id: no action {action_id}; list_my_actions lists yours"
+            ) from None
 
 
-def _action_line(action: Action, catalog: Catalog) -> dict[str, Any]:
+def _action_line(action: Action, catalog: Catalog | None) -> dict[str, Any]:
     document = action_json(action, catalog)
     keep = (
         "id", "action", "target", "environment", "params", "state", "required_approvals",

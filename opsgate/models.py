@@ -390,7 +390,7 @@ class Decision(Frozen):
 
     id: str
     action_id: str | None
-    phase: Literal["propose", "execute", "approval", "dry_run"]
+    phase: Literal["propose", "execute", "approval", "dry_run", "authz"]
     allow: bool
     deny: tuple[DenyReason, ...] = ()
     required_approvals: int = 1
@@ -568,3 +568,28 @@ class WorkerInfo(Frozen):
 # Fields of an execution fixed when it is claimed; everything else may change.
 EXECUTION_KEY_FIELDS = frozenset({"action_id", "target", "environment", "claimed_at"})
 MUTABLE_EXECUTION_FIELDS = frozenset(Execution.model_fields) - EXECUTION_KEY_FIELDS
+
+
+# --- API credentials ----------------------------------------------------------------------
+
+
+class ApiToken(Frozen):
+    """An opaque API token for `opsgate server`; only the secret's SHA-256 is kept."""
+
+    id: str = Field(min_length=1, max_length=64)
+    principal: str = Field(min_length=1, max_length=128)
+    kind: Literal["human", "agent"] = "agent"
+    groups: tuple[str, ...] = ()
+    secret_hash: str
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+
+    def status(self, now: datetime) -> Literal["active", "expired", "revoked"]:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"

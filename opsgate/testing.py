@@ -18,6 +18,7 @@ from opsgate.models import (
     MUTABLE_EXECUTION_FIELDS,
     Action,
     ActionState,
+    ApiToken,
     Approval,
     AuditEvent,
     Decision,
@@ -82,6 +83,7 @@ class _Tables:
     executions: dict[str, Execution] = field(default_factory=dict)
     measurements: list[Measurement] = field(default_factory=list)
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
+    api_tokens: dict[str, ApiToken] = field(default_factory=dict)
 
     def copy(self) -> _Tables:
         # Models are frozen and replaced, never changed, so copying the containers suffices.
@@ -93,6 +95,7 @@ class _Tables:
             dict(self.executions),
             list(self.measurements),
             dict(self.workers),
+            dict(self.api_tokens),
         )
 
 
@@ -303,6 +306,19 @@ class MemoryTx:
         worker = self._t.workers.get(worker_id)
         if worker is not None:
             self._t.workers[worker_id] = worker.model_copy(update={"stopped_at": _utc(now)})
+
+    def insert_api_token(self, token: ApiToken) -> None:
+        if token.id in self._t.api_tokens:
+            raise self._fail(f"api token {token.id} already exists")
+        self._t.api_tokens[token.id] = _in_utc(token, "created_at", "expires_at")
+
+    def revoke_api_token(self, token_id: str, at: datetime, by: str) -> ApiToken | None:
+        token = self._t.api_tokens.get(token_id)
+        if token is None or token.revoked_at is not None:
+            return None
+        revoked = token.model_copy(update={"revoked_at": _utc(at), "revoked_by": by})
+        self._t.api_tokens[token_id] = revoked
+        return revoked.model_copy(deep=True)
 
 
 class MemoryStore:
@@ -532,10 +548,22 @@ class MemoryStore:
                 "executions": len(t.executions),
                 "measurements": len(t.measurements),
                 "workers": len(t.workers),
+                "api_tokens": len(t.api_tokens),
             }
 
     def session_user(self) -> str | None:
         return None
+
+    def get_api_token(self, token_id: str) -> ApiToken | None:
+        with self._lock:
+            token = self._tables.api_tokens.get(token_id)
+        return token.model_copy(deep=True) if token is not None else None
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        with self._lock:
+            found = list(self._tables.api_tokens.values())
+        found.sort(key=lambda t: (_utc(t.created_at), t.id))
+        return [t.model_copy(deep=True) for t in found]
 
     def close(self) -> None:
         """Nothing to release."""

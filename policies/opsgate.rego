@@ -6,7 +6,7 @@
 #   data.opsgate.approval  {"allow", "deny"} for the same input plus input.approver.
 #
 # Tunables live in data.json next to this file (roles, allowlist, param_bounds,
-# propose_roles, approver_roles, freeze_windows, max_required_approvals).
+# propose_roles, approver_roles, run_roles, freeze_windows, max_required_approvals).
 #
 # Written for rego-cpp (regopy) as well as OPA. rego-cpp quirks avoided here:
 #   - no top-level commas inside comprehension bodies (`[x | some i, x in xs]` fails to parse);
@@ -527,4 +527,89 @@ approval_deny contains violation("self_approval", msg) if {
 approval := {
 	"allow": count(approval_deny) == 0,
 	"deny": [d | some d in approval_deny],
+}
+
+# ---------------------------------------------------------------------------
+# authz: may input.principal perform input.verb on this action at all?
+#
+# Asked before every verb (propose, approve, reject, cancel, run, rollback, read), beside
+# decision and approval, which still decide what they decide. Input: input.verb,
+# input.principal {"id", "kind", "groups", "method"}, input.action {"id", "type",
+# "target", "environment", "state"} and input.proposer (the action's proposer).
+# A principal's roles are data.roles[id] plus the groups its credential carries.
+
+authz_verbs := {"propose", "approve", "reject", "cancel", "run", "rollback", "read"}
+
+default principal := {}
+
+principal := input.principal if is_object(input.principal)
+
+principal_id := object.get(principal, "id", "")
+
+principal_kind := object.get(principal, "kind", "")
+
+default principal_groups := []
+
+principal_groups := principal.groups if is_array(principal.groups)
+
+principal_roles := {r | some r in roles_of(principal_id)} | {g | some g in principal_groups}
+
+default verb := ""
+
+verb := input.verb if is_string(input.verb)
+
+default run_roles_table := {"default": ["sre", "sre-lead"]}
+
+run_roles_table := data.run_roles if is_object(data.run_roles)
+
+# Who may trigger `run` or a manual `rollback` in this environment.
+run_roles := env_entry(run_roles_table)
+
+is_proposer if {
+	principal_id != ""
+	principal_id == proposer_id
+}
+
+authz_deny contains violation("unknown_verb", msg) if {
+	not verb in authz_verbs
+	msg := sprintf("%v is not an opsgate verb", [input.verb])
+}
+
+authz_deny contains violation("unauthenticated", "no principal") if principal_id == ""
+
+authz_deny contains violation("insufficient_permissions", msg) if {
+	verb in {"approve", "reject", "run", "rollback"}
+	principal_kind != "human"
+	msg := sprintf("%s is an agent (kind %s); only humans may %s", [principal_id, principal_kind, input.verb])
+}
+
+authz_deny contains violation("insufficient_permissions", msg) if {
+	verb == "read"
+	principal_kind != "human"
+	not is_proposer
+	msg := sprintf("agent %s reads only the actions it proposed", [principal_id])
+}
+
+authz_deny contains violation("insufficient_permissions", msg) if {
+	verb == "cancel"
+	not is_proposer
+	not has_any_role(principal_roles, approver_roles)
+	msg := sprintf(
+		"only the proposer or an approver (%s in %s) may cancel; %s has roles %s",
+		[list_text(approver_roles), environment, principal_id, list_text(principal_roles)],
+	)
+}
+
+authz_deny contains violation("insufficient_permissions", msg) if {
+	verb in {"run", "rollback"}
+	not has_any_role(principal_roles, run_roles)
+	msg := sprintf(
+		"%s in %s needs one of the roles %s; %s has %s",
+		[input.verb, environment, list_text(run_roles), principal_id, list_text(principal_roles)],
+	)
+}
+
+authz := {
+	"allow": count(authz_deny) == 0,
+	"deny": [d | some d in authz_deny],
 }

@@ -787,3 +787,81 @@ test_builtin_concat_endswith_trim_suffix if {
 	concat("", ["2026-11-23T00:00:00", "+00:00"]) == "2026-11-23T00:00:00+00:00"
 	time.parse_rfc3339_ns(concat("", [trim_suffix("2026-11-23T00:00:00Z", "Z"), "+00:00"])) == 1795392000000000000
 }
+
+# ---------------------------------------------------------------------------
+# authz: every verb, by principal
+
+authz(verb, who, proposer) := a if {
+	a := data.opsgate.authz with input.verb as verb
+		with input.principal as who
+		with input.action as base_action
+		with input.proposer as proposer
+}
+
+authz_codes(verb, who, proposer) := {d.code | some d in authz(verb, who, proposer).deny}
+
+grouped(who, groups) := merge(who, {"groups": groups})
+
+test_authz_humans_may_do_every_verb_with_the_roles if {
+	every verb in ["propose", "approve", "reject", "cancel", "run", "rollback", "read"] {
+		authz(verb, alice, bob).allow
+	}
+}
+
+test_authz_agents_never_approve_reject_run_or_rollback if {
+	every verb in ["approve", "reject", "run", "rollback"] {
+		authz_codes(verb, sre_agent, bob) == {"insufficient_permissions"}
+	}
+}
+
+test_authz_agents_propose if {
+	authz("propose", sre_agent, sre_agent).allow
+}
+
+test_authz_agents_read_only_their_own_actions if {
+	authz("read", sre_agent, sre_agent).allow
+	authz_codes("read", sre_agent, bob) == {"insufficient_permissions"}
+	authz("read", dave, bob).allow
+}
+
+test_authz_cancel_only_by_the_proposer_or_an_approver if {
+	authz("cancel", dave, dave).allow
+	authz("cancel", sre_agent, sre_agent).allow
+	authz("cancel", alice, dave).allow
+	authz_codes("cancel", dave, alice) == {"insufficient_permissions"}
+	authz_codes("cancel", sre_agent, alice) == {"insufficient_permissions"}
+}
+
+test_authz_run_and_rollback_need_a_run_role if {
+	authz("run", carol, bob).allow
+	authz_codes("run", dave, bob) == {"insufficient_permissions"}
+	authz_codes("rollback", dave, bob) == {"insufficient_permissions"}
+	authz_codes("rollback", {"id": "mallory", "kind": "human"}, bob) == {"insufficient_permissions"}
+}
+
+test_authz_groups_from_the_credential_count_as_roles if {
+	authz("rollback", grouped({"id": "erin", "kind": "human"}, ["sre"]), bob).allow
+	authz_codes("rollback", grouped({"id": "erin", "kind": "human"}, ["dev"]), bob) == {"insufficient_permissions"}
+}
+
+test_authz_unknown_verb_or_no_principal_denies if {
+	authz_codes("drop", alice, bob) == {"unknown_verb"}
+	"unauthenticated" in authz_codes("read", {}, bob)
+	not authz("read", {}, bob).allow
+}
+
+test_authz_run_roles_from_data if {
+	# Under `with data.X`, rego-cpp loses inputs taken from this package's rules: literals.
+	a := data.opsgate.authz with input.verb as "run"
+		with input.principal as {"id": "dave", "kind": "human"}
+		with input.action as {"type": "scale_deployment", "environment": "prod"}
+		with input.proposer as {"id": "bob", "kind": "human"}
+		with data.run_roles as {"prod": ["developer"]}
+	a.allow
+	b := data.opsgate.authz with input.verb as "run"
+		with input.principal as {"id": "alice", "kind": "human"}
+		with input.action as {"type": "scale_deployment", "environment": "prod"}
+		with input.proposer as {"id": "bob", "kind": "human"}
+		with data.run_roles as {"prod": ["developer"]}
+	not b.allow
+}

@@ -46,6 +46,10 @@ COMMANDS = {
     "doctor": "doctor:doctor",
     "context": "contexts:context",
     "completion": "completion:completion",
+    "server": "server:server",
+    "token": "server:token",
+    "whoami": "auth:whoami",
+    "login": "auth:login",
 }
 
 

@@ -13,6 +13,7 @@ from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import (
     action_json,
+    actions_table,
     approval_json,
     decision_json,
     deny_lines,
@@ -134,12 +135,12 @@ def propose(config: CliConfig, idempotency_key: str | None, as_json: bool, **fie
     if idempotency_key is not None:
         document["idempotency_key"] = idempotency_key
     identity = config.identity()
-    outcome = config.gate.propose(document, identity)
+    outcome = config.actions.propose(document, identity)
     action, decision = outcome.action, outcome.decision
     if as_json:
         echo_json(
             {
-                "action": action_json(action, config.catalog),
+                "action": action_json(action, config.render_catalog),
                 "decision": decision_json(decision),
                 "existing": outcome.existing,
             }
@@ -166,6 +167,19 @@ def propose(config: CliConfig, idempotency_key: str | None, as_json: bool, **fie
 @pass_config
 def queue(config: CliConfig, mine_to_approve: bool, as_json: bool) -> None:
     """What waits for approval, oldest first: progress, time left, reason."""
+    if config.server_url is not None:  # client mode: the server lists, and masks
+        if mine_to_approve:
+            raise InvalidInput(
+                "--mine-to-approve", "not available through the server yet; use `opsgate queue`"
+            )
+        actions = config.actions.queue()
+        if as_json:
+            echo_json([action_json(a, config.render_catalog) for a in actions])
+        elif not actions:
+            click.echo("nothing waits for approval")
+        else:
+            actions_table(actions, f"{len(actions)} waiting for approval")
+        return
     from opsgate.cli.listing import show_queue
 
     config.expire_due()
@@ -185,21 +199,13 @@ def show(config: CliConfig, action_id: str, follow: bool, as_json: bool) -> None
 
         click.get_current_context().invoke(watch, action_id=action_id, as_json=as_json)
         return
-    config.expire_due()
-    details = config.gate.details(action_id)
-    catalog = _catalog_or_none(config)
+    config.actions.expire_due()
+    details = config.actions.details(action_id)
+    catalog = config.render_catalog
     if as_json:
         echo_json(details_json(details, catalog))
     else:
         show_details(details, catalog)
-
-
-def _catalog_or_none(config: CliConfig) -> Any:
-    # Showing history must work even if today's catalog no longer loads.
-    try:
-        return config.catalog
-    except InvalidInput:
-        return None
 
 
 @click.command()
@@ -209,12 +215,12 @@ def _catalog_or_none(config: CliConfig) -> Any:
 @pass_config
 def approve(config: CliConfig, action_id: str, comment: str, as_json: bool) -> None:
     """Approve a pending action (never your own)."""
-    outcome = config.gate.approve(action_id, config.identity(), comment)
+    outcome = config.actions.approve(action_id, config.identity(), comment)
     action = outcome.action
     if as_json:
         echo_json(
             {
-                "action": action_json(action, config.catalog),
+                "action": action_json(action, config.render_catalog),
                 "approvals": [approval_json(a) for a in outcome.approvals],
                 "counted": outcome.counted,
             }
@@ -241,9 +247,9 @@ def approve(config: CliConfig, action_id: str, comment: str, as_json: bool) -> N
 @pass_config
 def reject(config: CliConfig, action_id: str, reason: str, as_json: bool) -> None:
     """Reject a pending action."""
-    action = config.gate.reject(action_id, config.identity(), reason)
+    action = config.actions.reject(action_id, config.identity(), reason)
     if as_json:
-        echo_json(action_json(action, config.catalog))
+        echo_json(action_json(action, config.render_catalog))
     else:
         click.echo(f"action {action.id} rejected")
 
@@ -255,8 +261,8 @@ def reject(config: CliConfig, action_id: str, reason: str, as_json: bool) -> Non
 @pass_config
 def cancel(config: CliConfig, action_id: str, reason: str, as_json: bool) -> None:
     """Withdraw a pending or approved action before it runs."""
-    action = config.gate.cancel(action_id, config.identity(), reason)
+    action = config.actions.cancel(action_id, config.identity(), reason)
     if as_json:
-        echo_json(action_json(action, config.catalog))
+        echo_json(action_json(action, config.render_catalog))
     else:
         click.echo(f"action {action.id} cancelled")

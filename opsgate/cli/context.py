@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -16,6 +17,7 @@ from opsgate.errors import ConfigError, InvalidInput
 
 if TYPE_CHECKING:  # imported where used: a command pays only for what it opens
     from opsgate.catalog import Catalog
+    from opsgate.client.service import ActionService
     from opsgate.gate import Gate
     from opsgate.models import Identity
     from opsgate.policies.engine import PolicyEngine
@@ -26,10 +28,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class CliConfig:
-    """Settings plus the store, catalog, engine and identity they point at, opened on use."""
+    """Settings plus the store, catalog, engine and identity they point at, opened on use.
 
-    def __init__(self, settings: Settings) -> None:
+    With OPSGATE_URL set (client mode) the action commands go through `opsgate server`
+    with OPSGATE_TOKEN, and nothing here opens a store: only the server and workers do.
+    Both are read from the environment alone, never from a file in the working directory.
+    """
+
+    def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
         self.settings = settings
+        self.server_url = env.get("OPSGATE_URL") or None
+        self._server_token = env.get("OPSGATE_TOKEN") or None
+        self._remote: Any = None
         self._store: Store | None = None
         self._catalog: Catalog | None = None
         self._engine: PolicyEngine | None = None
@@ -37,7 +48,53 @@ class CliConfig:
         self._provider: PrometheusProvider | None = None
 
     @property
+    def remote(self) -> Any:
+        """The RemoteGate for OPSGATE_URL (client mode), or None in local mode."""
+        if self.server_url is None:
+            return None
+        if self._remote is None:
+            from opsgate.client.http import ApiClient  # only clients pay for it
+            from opsgate.client.remote import RemoteGate
+
+            token = self._server_token
+            if token is None:
+                from opsgate.client import credentials
+                from opsgate.client.http import check_url
+
+                token = credentials.access_token(check_url(self.server_url))
+            if token is None:
+                raise ConfigError(
+                    "OPSGATE_URL is set but there is no credential: set OPSGATE_TOKEN or run "
+                    "`opsgate login`"
+                )
+            self._remote = RemoteGate(ApiClient(self.server_url, token))
+        return self._remote
+
+    @property
+    def actions(self) -> ActionService:
+        """propose/queue/show/approve/reject/cancel: the server in client mode, else the
+        local gate; the same Gate code decides either way."""
+        remote = self.remote
+        return remote if remote is not None else self.gate
+
+    @property
+    def render_catalog(self) -> Catalog | None:
+        """The catalog for masking output; none in client mode (the server masked it) or
+        when today's catalog does not load (history must stay readable)."""
+        if self.server_url is not None:
+            return None
+        try:
+            return self.catalog
+        except InvalidInput:
+            return None
+
+    @property
     def store(self) -> Store:
+        if self.server_url is not None:
+            raise ConfigError(
+                "OPSGATE_URL is set: this command needs the database, which only the server "
+                "and workers hold; run it there (without OPSGATE_URL)"
+            )
         if self._store is None:
             from opsgate.store import open_store
 
@@ -169,11 +226,25 @@ class CliConfig:
         expire_due(self.store, datetime.now(UTC))
 
     def identity(self) -> Identity:
+        if self.server_url is not None:
+            if self.settings.identity != "os":
+                raise ConfigError(
+                    f"OPSGATE_IDENTITY={self.settings.identity} is refused when OPSGATE_URL "
+                    "is set: the server tells who you are from your token"
+                )
+            from opsgate.models import Identity as IdentityModel
+
+            answer = self.remote.whoami()
+            return IdentityModel.model_validate(
+                {"id": answer.get("id"), "kind": answer.get("kind")}
+            )
         from opsgate.identity import identity_provider
 
         return identity_provider(self.settings, self.store).current()
 
     def close(self) -> None:
+        if self._remote is not None:
+            self._remote.client.close()
         close_engine = getattr(self._engine, "close", None)
         if callable(close_engine):  # the OPA engine holds HTTP sessions
             close_engine()

@@ -128,8 +128,15 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
     Ctrl-C the action is handed over (exit 130): a worker resumes it, or `opsgate run
     ID` resumes it here.
     """
+    if config.remote is not None:  # client mode: the server runs it
+        from opsgate.cli.remote_exec import remote_run
+
+        return remote_run(config, action_id, as_json)
     config.gate.expire_due()
     action = config.store.get_action(action_id)
+    if action is not None:
+        # Who may trigger a run is the bundle's call (authz), recorded when refused.
+        config.gate.authorize("run", config.identity(), action)
     title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
     view = PlainView() if as_json else view_for(action_id, f"{action_id}  {title}")
     resuming = resumable(config, action)  # left under way by an interrupted `run`
@@ -251,7 +258,14 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
 
     A running action is rolled back by the worker holding it; a succeeded one here.
     """
+    if config.remote is not None:  # client mode: the server rolls it back
+        from opsgate.cli.remote_exec import remote_rollback
+
+        return remote_rollback(config, action_id, reason, wait, as_json)
     identity = config.identity()
+    target = config.store.get_action(action_id)
+    if target is not None:
+        config.gate.authorize("rollback", identity, target)
     view = PlainView() if as_json else view_for(action_id, f"rollback {action_id}")
     executor = build_executor(config, None if as_json else view)
     try:

@@ -25,6 +25,9 @@ class ActionIdType(click.ParamType):
         config = ctx.find_object(CliConfig) if ctx is not None else None
         if config is None:  # no store to resolve against (used outside the opsgate group)
             return value
+        if config.server_url is not None:
+            # Client mode holds no store: the server is given the id as typed (full ids).
+            return value
         return resolve(config.store, value, field)
 
     def shell_complete(

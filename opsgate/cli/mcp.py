@@ -35,8 +35,13 @@ def mcp(config: CliConfig, http_port: int | None, host: str | None) -> None:
 
     if host is not None and http_port is None:
         raise InvalidInput("--host", "only meaningful with --http PORT")
-    identity = mcp_server.agent_identity()
-    tools = mcp_server.AgentTools(config, identity)
+    tools: mcp_server.AgentTools
+    if config.remote is not None:
+        # Through `opsgate server`: the agent is whoever the token says; no database here.
+        tools = mcp_server.RemoteAgentTools(config, config.remote)
+    else:
+        tools = mcp_server.AgentTools(config, mcp_server.agent_identity())
+    identity = tools.identity
     tools.open()
     server = mcp_server.build_server(tools)
     try:

@@ -8,7 +8,7 @@ from datetime import UTC
 from typing import Any
 
 from opsgate.models import Decision
-from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE
+from opsgate.policies.engine import APPROVAL_RULE, AUTHZ_RULE, DECISION_RULE
 
 MASKED = "***"
 # The revision opsgate computes for a bundle it loads or pushes (engine.bundle_revision).
@@ -45,7 +45,7 @@ def masked_pointers(document: Mapping[str, Any]) -> list[str]:
 def opa_decision_log(decision: Decision, *, app_version: str) -> dict[str, Any]:
     """One decision as an OPA decision-log event (decision_id, path, input, result,
     bundle revision, timestamp, masked), plus an `opsgate` object with our own keys."""
-    path = APPROVAL_RULE if decision.phase == "approval" else DECISION_RULE
+    path = {"approval": APPROVAL_RULE, "authz": AUTHZ_RULE}.get(decision.phase, DECISION_RULE)
     event: dict[str, Any] = {
         "labels": {"app": "opsgate", "version": app_version},
         "decision_id": decision.id,

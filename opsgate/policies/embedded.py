@@ -17,6 +17,7 @@ from typing import Any
 
 from opsgate.policies.engine import (
     APPROVAL_RULE,
+    AUTHZ_RULE,
     DECISION_RULE,
     UNAVAILABLE,
     PolicyResult,
@@ -123,7 +124,7 @@ class EmbeddedEngine:
             else:
                 raise ValueError("the bundle kept changing while it was read")
             payload = Payload(
-                revision, modules, data, (DECISION_RULE, APPROVAL_RULE), self.evaluator
+                revision, modules, data, (DECISION_RULE, APPROVAL_RULE, AUTHZ_RULE), self.evaluator
             )
             self._validate(payload)
             return _Compiled(revision, signature, payload=payload)

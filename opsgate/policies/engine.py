@@ -14,6 +14,7 @@ UNAVAILABLE = "policy_engine_unavailable"
 DEADLINE_EXCEEDED = "exceeded its deadline"
 DECISION_RULE = "opsgate/decision"
 APPROVAL_RULE = "opsgate/approval"
+AUTHZ_RULE = "opsgate/authz"  # may this principal perform this verb at all?
 
 
 @dataclass(frozen=True)

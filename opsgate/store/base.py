@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # annotations only: `except StoreError` must not load pydanti
     from opsgate.models import (
         Action,
         ActionState,
+        ApiToken,
         Approval,
         AuditEvent,
         Decision,
@@ -115,6 +116,14 @@ class StoreTx(Protocol):
         """One verification interval for many actions at once: store each action's state
         in `field` (verify_state or rollback_verify_state) and return, per action, who
         holds its lease and who asked for a rollback (a worker must let go or roll back)."""
+
+    # --- API tokens ---------------------------------------------------------------------
+
+    def insert_api_token(self, token: ApiToken) -> None: ...
+
+    def revoke_api_token(self, token_id: str, at: datetime, by: str) -> ApiToken | None:
+        """Revoke a token that is not yet revoked; the revoked row, or None if there is
+        no such unrevoked token."""
 
 
 class Store(Protocol):
@@ -216,5 +225,10 @@ class Store(Protocol):
 
     def session_user(self) -> str | None:
         """The database's authenticated user (PostgreSQL), or None where there is none."""
+
+    def get_api_token(self, token_id: str) -> ApiToken | None: ...
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        """Oldest first."""
 
     def close(self) -> None: ...

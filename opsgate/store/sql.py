@@ -38,6 +38,7 @@ from opsgate.models import (
     MUTABLE_EXECUTION_FIELDS,
     Action,
     ActionState,
+    ApiToken,
     Approval,
     AuditEvent,
     Decision,
@@ -55,6 +56,7 @@ from opsgate.store.base import (
 from opsgate.store.tables import (
     RUNNING_ON_TARGET_INDEX,
     actions,
+    api_tokens,
     approvals,
     audit_events,
     audit_head,
@@ -536,6 +538,15 @@ class SqlStore:
             return None
         return str(self._all(select(func.session_user()))[0][0])
 
+    @_translate_errors
+    def get_api_token(self, token_id: str) -> ApiToken | None:
+        rows = self._all(_SELECT_API_TOKEN, {"token_id": token_id})
+        return api_token_from_row(rows[0]._mapping) if rows else None
+
+    @_translate_errors
+    def list_api_tokens(self) -> list[ApiToken]:
+        return [api_token_from_row(row._mapping) for row in self._all(_LIST_API_TOKENS)]
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -794,6 +805,26 @@ class SqlTx:
     def stop_worker(self, worker_id: str, now: datetime) -> None:
         self._conn.execute(_STOP_WORKER, {"worker_id": worker_id, "now": now})
 
+    @_translate_errors
+    def insert_api_token(self, token: ApiToken) -> None:
+        self._conn.execute(insert(api_tokens), api_token_to_row(token))
+
+    @_translate_errors
+    def revoke_api_token(self, token_id: str, at: datetime, by: str) -> ApiToken | None:
+        row = self._conn.execute(
+            _REVOKE_API_TOKEN, {"token_id": token_id, "at": at, "by": by}
+        ).first()
+        return api_token_from_row(row._mapping) if row is not None else None
+
+
+_SELECT_API_TOKEN = select(api_tokens).where(api_tokens.c.id == bindparam("token_id"))
+_LIST_API_TOKENS = select(api_tokens).order_by(api_tokens.c.created_at, api_tokens.c.id)
+_REVOKE_API_TOKEN = (
+    update(api_tokens)
+    .where(api_tokens.c.id == bindparam("token_id"), api_tokens.c.revoked_at.is_(None))
+    .values(revoked_at=bindparam("at"), revoked_by=bindparam("by"))
+    .returning(api_tokens)
+)
 
 # Statements are built once, with bind parameters: building and cache-keying a select on
 # every call costs more than running it on SQLite.
@@ -1252,3 +1283,13 @@ def worker_to_row(worker: WorkerInfo) -> dict[str, Any]:
 
 def worker_from_row(row: Mapping[Any, Any]) -> WorkerInfo:
     return WorkerInfo.model_validate(dict(row))
+
+
+def api_token_to_row(token: ApiToken) -> dict[str, Any]:
+    row = token.model_dump()
+    row["groups"] = list(token.groups)
+    return row
+
+
+def api_token_from_row(row: Mapping[Any, Any]) -> ApiToken:
+    return ApiToken.model_validate(dict(row))

@@ -291,3 +291,19 @@ workers = Table(
     Column("heartbeat_at", UTCDateTime, nullable=False),
     Column("stopped_at", UTCDateTime, nullable=True),
 )
+
+# Opaque API tokens for `opsgate server`: the secret itself is never stored, only its hash.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("principal", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("groups", _json(), nullable=False),
+    Column("secret_hash", String, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("created_by", String, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("revoked_by", String, nullable=True),
+)

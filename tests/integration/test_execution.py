@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from opsgate.audit import verify_chain
 from opsgate.catalog import load_catalog
@@ -527,34 +529,46 @@ def test_cli_run_worker_show_and_rollback(
         action_type("restart_service", run=set_fault("0"), undo=set_fault("0"), hold="2s"),
     ):
         (catalog / f"{document['name']}.yaml").write_text(json.dumps(document))
-    store = open_store(pg_url)
-    assert isinstance(store, SqlStore)
-    store.close()
+    # On a shared store who acts is never self-asserted (OPSGATE_IDENTITY=env is refused):
+    # the operator running `opsgate run` here is PostgreSQL's session_user, given the sre
+    # role in a copy of the bundle. People propose and approve through `opsgate server`;
+    # here the gate is driven in-process instead.
+    operator = make_url(pg_url).username or "postgres"
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    data = json.loads((policies / "data.json").read_text())
+    data["roles"][operator] = ["sre"]
+    (policies / "data.json").write_text(json.dumps(data))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")},
         "OPSGATE_DB": pg_url,
         "OPSGATE_CATALOG": str(catalog),
-        "OPSGATE_POLICIES": str(ROOT / "policies"),
+        "OPSGATE_POLICIES": str(policies),
         "OPSGATE_PROMETHEUS_URL": prometheus.url,
-        "OPSGATE_IDENTITY": "env",
+        "OPSGATE_IDENTITY": "postgres",
     }
-    alice, bob = {**env, "OPSGATE_USER": "alice"}, {**env, "OPSGATE_USER": "bob"}
+    bob = env
     assert opsgate(env, "init").returncode == 0
+    refused = opsgate({**env, "OPSGATE_IDENTITY": "env", "OPSGATE_USER": "bob"}, "whoami")
+    assert refused.returncode == 2 and "OPSGATE_IDENTITY=env is refused" in refused.stderr
+    store = open_store(pg_url)
+    assert isinstance(store, SqlStore)
+    gate = Gate(store=store, catalog=load_catalog(catalog), engine=EmbeddedEngine(policies))
     good, bad = f"cli-good-{os.getpid()}", f"cli-bad-{os.getpid()}"
     for name in (good, bad):
         fault_service.add_service(name)
         wait_for_rate(prometheus, name)
 
     def propose_and_approve(action: str, target: str) -> str:
-        proposed = opsgate(
-            alice, "propose", action, "--target", target, "--env", "staging",
-            "--param", f"fault_url={fault_service.url}", "--reason", "cli test", "--json",
-        )  # fmt: skip
-        assert proposed.returncode == 0, proposed.stderr
-        action_id = str(json.loads(proposed.stdout)["action"]["id"])
-        approved = opsgate(bob, "approve", action_id)
-        assert approved.returncode == 0, approved.stderr
-        return action_id
+        document = {
+            "action": action, "target": target, "environment": "staging",
+            "params": {"fault_url": fault_service.url}, "reason": "cli test",
+        }  # fmt: skip
+        proposed = gate.propose(document, Identity(id="alice", kind="human")).action
+        assert proposed.state is ActionState.PENDING_APPROVAL
+        approved = gate.approve(proposed.id, Identity(id="bob", kind="human")).action
+        assert approved.state is ActionState.APPROVED
+        return proposed.id
 
     good_id = propose_and_approve("restart_service", good)
     ran = opsgate(bob, "run", good_id)
@@ -586,6 +600,7 @@ def test_cli_run_worker_show_and_rollback(
     assert again.returncode == 5 and "only approved actions" in again.stderr
     verified = opsgate(bob, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    store.close()
 
 
 def test_cli_run_without_prometheus_refuses_to_run(tmp_path: Path, sqlite_url: str) -> None:

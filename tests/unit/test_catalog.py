@@ -80,9 +80,8 @@ def test_published_schemas_are_standard_json_schema(tmp_path: Path) -> None:
     import jsonschema
     from click.testing import CliRunner
 
-    from opsgate.catalog import load_catalog, param_json_schema
+    from opsgate.catalog import action_type_json, load_catalog, param_json_schema
     from opsgate.cli import cli
-    from opsgate.mcp_server import _action_type_json
 
     (tmp_path / "rotate_key.yaml").write_text(
         "name: rotate_key\nrisk: low\n"
@@ -102,7 +101,7 @@ def test_published_schemas_are_standard_json_schema(tmp_path: Path) -> None:
     )
     assert shown.exit_code == 0, shown.output
     published = json.loads(shown.stdout)["params"]
-    over_mcp = _action_type_json(spec)["params"]
+    over_mcp = action_type_json(spec)["params"]
     for schema in (published["token"], over_mcp["properties"]["token"]):
         assert schema.get("writeOnly") is True and "secret" not in schema
     # Every published schema is valid JSON Schema and validates as it should.

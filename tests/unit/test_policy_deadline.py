@@ -125,7 +125,10 @@ def test_a_crashing_worker_denies_and_is_replaced(tmp_path: Path) -> None:
         [worker] = engine._pool.pids()
         os.kill(worker, 9)
         crashed = engine.evaluate(DECISION_RULE, proposal("a"))
-        assert crashed.deny_codes == [UNAVAILABLE] and "died" in (crashed.error or "")
+        # Whether the write to its pipe or the read of its answer notices first is a race.
+        error = crashed.error or ""
+        assert crashed.deny_codes == [UNAVAILABLE]
+        assert "worker died" in error or "worker is gone" in error
         assert "exceeded its deadline" not in crashed.deny[0]["message"]
         assert engine.describe()["worker_crashes"] == 1
         assert engine.evaluate(DECISION_RULE, proposal("a")).allow

@@ -1,0 +1,142 @@
+"""`RemoteGate`: the ActionService over the API, returning the same outcome objects as
+the local Gate so every command renders the same either way."""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+from pydantic import ValidationError
+
+from opsgate.client.http import ApiClient
+from opsgate.errors import OpsgateError
+from opsgate.gate import ActionDetails, ApproveOutcome, ProposeOutcome
+from opsgate.models import (
+    Action,
+    ActionState,
+    Approval,
+    AuditEvent,
+    Decision,
+    Execution,
+    Identity,
+    Measurement,
+)
+
+
+def _model(cls: Any, document: Any) -> Any:
+    # Renderers add derived keys (e.g. a measurement's `counted`): keep the model's own.
+    if isinstance(document, dict):
+        document = {k: v for k, v in document.items() if k in cls.model_fields}
+    try:
+        return cls.model_validate(document)
+    except (ValidationError, TypeError, KeyError) as exc:
+        raise OpsgateError(f"the server's answer does not fit ({cls.__name__}): {exc}") from None
+
+
+def action_from_json(d: dict[str, Any]) -> Action:
+    fields = {k: v for k, v in d.items() if k != "action"}
+    return _model(Action, {**fields, "action_type": d.get("action")})
+
+
+def decision_from_json(d: dict[str, Any]) -> Decision:
+    return _model(Decision, d)
+
+
+def approval_from_json(d: dict[str, Any], action_id: str) -> Approval:
+    return _model(Approval, {**d, "action_id": action_id})
+
+
+def event_from_json(d: dict[str, Any]) -> AuditEvent:
+    fields = {k: v for k, v in d.items() if k != "at_precise"}
+    fields["at"] = d.get("at_precise") or d.get("at")
+    return _model(AuditEvent, fields)
+
+
+def execution_from_json(d: dict[str, Any]) -> Execution:
+    return _model(Execution, {k: v for k, v in d.items() if k != "rollback_time"})
+
+
+def measurement_from_json(d: dict[str, Any], action_id: str) -> Measurement:
+    return _model(Measurement, {**d, "action_id": action_id})
+
+
+def details_from_json(d: dict[str, Any]) -> ActionDetails:
+    action = action_from_json(d["action"])
+    return ActionDetails(
+        action,
+        [decision_from_json(x) for x in d.get("decisions", [])],
+        [approval_from_json(x, action.id) for x in d.get("approvals", [])],
+        [event_from_json(x) for x in d.get("events", [])],
+        execution_from_json(d["execution"]) if d.get("execution") else None,
+        [measurement_from_json(x, action.id) for x in d.get("measurements", [])],
+    )
+
+
+def _path_id(action_id: str) -> str:
+    return urllib.parse.quote(action_id, safe="")
+
+
+class RemoteGate:
+    """Gate verbs through `opsgate server`; the server decides who acts."""
+
+    def __init__(self, client: ApiClient) -> None:
+        self.client = client
+
+    def whoami(self) -> dict[str, Any]:
+        answer = self.client.call("GET", "/whoami")
+        if not isinstance(answer, dict):
+            raise OpsgateError("the server's whoami answer is not an object")
+        return answer
+
+    def propose(self, document: Any, proposer: Identity) -> ProposeOutcome:
+        answer = self.client.call("POST", "/actions", document)
+        return ProposeOutcome(
+            action_from_json(answer["action"]),
+            decision_from_json(answer["decision"]),
+            existing=bool(answer.get("existing")),
+        )
+
+    def queue(self) -> list[Action]:
+        return [action_from_json(a) for a in self.client.call("GET", "/queue")]
+
+    def expire_due(self) -> list[Action]:
+        return []  # the server expires what is due before it answers
+
+    def details(self, action_id: str) -> ActionDetails:
+        return details_from_json(self.client.call("GET", f"/actions/{_path_id(action_id)}"))
+
+    def approve(self, action_id: str, approver: Identity, comment: str = "") -> ApproveOutcome:
+        answer = self.client.call(
+            "POST", f"/actions/{_path_id(action_id)}/approve", {"comment": comment}
+        )
+        action = action_from_json(answer["action"])
+        return ApproveOutcome(
+            action,
+            [approval_from_json(a, action.id) for a in answer["approvals"]],
+            counted=bool(answer["counted"]),
+        )
+
+    def reject(self, action_id: str, actor: Identity, reason: str) -> Action:
+        return action_from_json(
+            self.client.call("POST", f"/actions/{_path_id(action_id)}/reject", {"reason": reason})
+        )
+
+    def catalog_document(self) -> dict[str, Any]:
+        return dict(self.client.call("GET", "/catalog"))
+
+    def policy_document(self) -> dict[str, Any]:
+        return dict(self.client.call("GET", "/policy"))
+
+    def my_actions(self, states: list[ActionState] | None, limit: int) -> list[Action]:
+        """What the caller proposed, oldest first."""
+        query = [("state", s.value) for s in states or []] + [("limit", str(limit))]
+        answer = self.client.call("GET", "/my-actions?" + urllib.parse.urlencode(query))
+        return [action_from_json(a) for a in answer]
+
+    def cancel(self, action_id: str, actor: Identity, reason: str = "") -> Action:
+        return action_from_json(
+            self.client.call("POST", f"/actions/{_path_id(action_id)}/cancel", {"reason": reason})
+        )
+
+
+__all__ = ["RemoteGate", "details_from_json"]

@@ -1,0 +1,23 @@
+-- opsgate team mode on PostgreSQL: the grants of the server role and the worker role.
+--
+-- Run as the owner of opsgate's tables (the role that runs `opsgate init`), after every
+-- `opsgate init` that adds tables. Rename opsgate_server / opsgate_worker to your login
+-- roles. People, agents and CI get no database role at all: they hold API tokens for
+-- `opsgate server`. Nothing here grants DELETE: the store never deletes.
+
+-- The API server: reads everything, writes what the gate writes (proposals, decisions,
+-- approvals, expiry, the audit chain) and reads, never writes, the API tokens (an
+-- administrator issues them with `opsgate token` as the owner).
+GRANT SELECT ON actions, decisions, approvals, audit_events, audit_head, segments,
+    executions, measurements, workers, api_tokens TO opsgate_server;
+GRANT INSERT, UPDATE ON actions, decisions, approvals, audit_events, audit_head, segments
+    TO opsgate_server;
+
+-- A worker: claims approved actions, runs, verifies and rolls them back, heartbeats.
+-- It never approves (no write on approvals) and never sees the API tokens.
+GRANT SELECT ON actions, decisions, approvals, audit_events, audit_head, segments,
+    executions, measurements, workers TO opsgate_worker;
+GRANT INSERT, UPDATE ON actions, decisions, audit_events, audit_head, segments, executions,
+    measurements, workers TO opsgate_worker;
+
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO opsgate_server, opsgate_worker;

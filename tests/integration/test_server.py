@@ -1,0 +1,372 @@
+"""`opsgate server` as clients meet it: a real server process over HTTP, API tokens,
+and every spoofing, injection, overflow and malformed-input attempt refused with nothing
+stored."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from opsgate.store.sql import SqlStore
+from tests.integration.api_server import ROOT, ApiServer, run_cli
+
+pytestmark = pytest.mark.integration
+
+SCALE = {
+    "action": "scale_deployment",
+    "target": "checkout",
+    "environment": "prod",
+    "params": {"deployment": "checkout", "replicas": 6},
+    "reason": "p99 latency over SLO since 14:02",
+    "incident": {"id": "INC-42", "severity": "sev2", "class": "capacity-saturation",
+                 "tier": "standard"},
+}  # fmt: skip
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.db = f"sqlite:///{tmp / 'server.db'}"
+        self.env = {
+            "OPSGATE_DB": self.db,
+            "OPSGATE_CATALOG": str(ROOT / "catalog"),
+            "OPSGATE_POLICIES": str(ROOT / "policies"),
+            "OPSGATE_CONFIG": str(tmp / "absent.toml"),
+        }
+        done = run_cli(self.env, "init")
+        assert done.returncode == 0, done.stderr
+        self.server = ApiServer(self.env)
+        self.store = SqlStore(self.db)
+        self.tokens: dict[str, str] = {}
+
+    def token(self, principal: str, *args: str) -> str:
+        done = run_cli(self.env, "token", "create", "--principal", principal, *args)
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.strip()
+        assert token.startswith("ogt_") and "\n" not in token
+        return token
+
+    def propose(self, who: str, replicas: int) -> dict[str, Any]:
+        # One target per proposal: an approved action on a target blocks new ones there.
+        target = f"svc-{replicas}"
+        document = {**SCALE, "target": target,
+                    "params": {"deployment": target, "replicas": replicas}}  # fmt: skip
+        status, body = self.call("POST", "/actions", self.tokens[who], document)
+        assert status == 201, body
+        return dict(body)
+
+    def rows(self) -> dict[str, int]:
+        return self.store.row_counts()
+
+    def call(self, method: str, path: str, token: str | None = None, body: Any = None,
+             **kwargs: Any) -> tuple[int, Any]:  # fmt: skip
+        return self.server.call(method, "/api/v1" + path, token, body, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    rig = Rig(tmp_path_factory.mktemp("server"))
+    rig.tokens = {
+        "alice": rig.token("alice", "--kind", "human", "--group", "sre"),
+        "bob": rig.token("bob", "--kind", "human"),
+        "carol": rig.token("carol", "--kind", "human"),
+        "dave": rig.token("dave", "--kind", "human"),
+        "agent": rig.token("sre-agent", "--kind", "agent"),
+        "other_agent": rig.token("demo-agent", "--kind", "agent"),
+    }
+    rig.server.start()
+    try:
+        yield rig
+    finally:
+        rig.server.stop()
+        rig.store.close()
+
+
+def unchanged(rig: Rig, before: dict[str, int]) -> None:
+    assert rig.rows() == before
+
+
+def auth_failures(rig: Rig) -> float:
+    text = requests.get(rig.server.url + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("opsgate_api_auth_failures_total{")
+    )
+
+
+# --- the happy path ----------------------------------------------------------------------
+
+
+def test_whoami_is_the_token_principal(rig: Rig) -> None:
+    status, body = rig.call("GET", "/whoami", rig.tokens["alice"])
+    assert status == 200
+    assert body["id"] == "alice" and body["kind"] == "human" and body["groups"] == ["sre"]
+    assert body["method"] == "token"
+
+
+def test_openapi_document_is_served(rig: Rig) -> None:
+    status, body = rig.call("GET", "/openapi.json")
+    assert status == 200 and body["openapi"].startswith("3.")
+    assert {"/actions", "/actions/{action_id}/approve", "/whoami"} <= set(body["paths"])
+    assert "Proposal" in body["components"]["schemas"]
+
+
+def test_agent_proposes_a_human_approves_through_the_gate(rig: Rig) -> None:
+    status, body = rig.call("POST", "/actions", rig.tokens["agent"], SCALE)
+    assert status == 201, body
+    action = body["action"]
+    assert action["proposer"] == {"id": "sre-agent", "kind": "agent"}
+    assert action["state"] == "pending_approval" and body["decision"]["allow"] is True
+
+    status, queue = rig.call("GET", "/queue", rig.tokens["bob"])
+    assert status == 200 and action["id"] in [a["id"] for a in queue]
+
+    status, body = rig.call("POST", f"/actions/{action['id']}/approve", rig.tokens["alice"],
+                            {"comment": "scale it"})  # fmt: skip
+    assert status == 200, body
+    assert body["counted"] is True
+    assert body["approvals"][0]["approver"] == {"id": "alice", "kind": "human"}
+
+    status, details = rig.call("GET", f"/actions/{action['id']}", rig.tokens["bob"])
+    assert status == 200
+    kinds = [e["kind"] for e in details["events"]]
+    assert "approval.added" in kinds
+    assert {e["actor"] for e in details["events"]} == {"sre-agent", "alice"}
+
+
+def test_idempotency_key_through_the_api(rig: Rig) -> None:
+    document = {**SCALE, "target": "cart", "params": {"deployment": "cart", "replicas": 3},
+                "idempotency_key": "api-retry-1"}  # fmt: skip
+    first_status, first = rig.call("POST", "/actions", rig.tokens["agent"], document)
+    again_status, again = rig.call("POST", "/actions", rig.tokens["agent"], document)
+    assert (first_status, again_status) == (201, 200)
+    assert again["existing"] is True and again["action"]["id"] == first["action"]["id"]
+
+
+def test_reject_and_cancel_through_the_api(rig: Rig) -> None:
+    proposed = rig.propose("bob", 7)
+    action_id = proposed["action"]["id"]
+    status, body = rig.call("POST", f"/actions/{action_id}/reject", rig.tokens["alice"],
+                            {"reason": "not now"})  # fmt: skip
+    assert status == 200 and body["state"] == "rejected"
+
+    proposed = rig.propose("bob", 8)
+    action_id = proposed["action"]["id"]
+    status, body = rig.call("POST", f"/actions/{action_id}/cancel", rig.tokens["bob"], {})
+    assert status == 200 and body["state"] == "cancelled"
+
+
+# --- authentication: never self-asserted -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-Forwarded-User": "alice"},
+        {"X-Forwarded-User": "alice", "X-Forwarded-Groups": "sre-lead"},
+        {"X-Remote-User": "alice", "Remote-User": "alice", "X-User": "alice"},
+        {"Authorization": "Basic YWxpY2U6cGFzc3dvcmQ="},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer alice"},
+        {"Authorization": "Bearer ogt_' OR '1'='1"},
+        {"Authorization": "Bearer ogt_01aaaaaaaaaaaaaaaaaaaaaaaa_" + "A" * 43},
+        {"Authorization": "Bearer " + "A" * 20_000},
+        {"Authorization": "Token ogt_x"},
+    ],
+)
+def test_no_valid_credentials_is_401_and_changes_nothing(rig: Rig, headers: dict[str, str]) -> None:
+    before, failures = rig.rows(), auth_failures(rig)
+    for method, path, body in [
+        ("GET", "/whoami", None),
+        ("GET", "/queue", None),
+        ("POST", "/actions", SCALE),
+    ]:
+        status, answer = rig.call(method, path, None, body, headers=headers)
+        assert status == 401, answer
+        assert answer["error"]["type"] == "unauthenticated"
+        assert "\n" not in answer["error"]["message"]
+    unchanged(rig, before)
+    assert auth_failures(rig) == failures + 3
+
+
+def test_wrong_secret_for_a_real_token_id_is_401(rig: Rig) -> None:
+    real = rig.tokens["alice"]
+    forged = real[:-4] + ("AAAA" if not real.endswith("AAAA") else "BBBB")
+    status, body = rig.call("GET", "/whoami", forged)
+    assert status == 401 and body["error"]["type"] == "unauthenticated"
+
+
+def test_forged_header_beside_a_token_does_not_change_who_acts(rig: Rig) -> None:
+    status, body = rig.call("GET", "/whoami", rig.tokens["agent"],
+                            headers={"X-Forwarded-User": "alice"})  # fmt: skip
+    assert status == 200 and body["id"] == "sre-agent" and body["kind"] == "agent"
+
+
+def test_expired_token_is_401(rig: Rig) -> None:
+    token = rig.token("bob", "--kind", "human", "--ttl", "1s")
+    time.sleep(1.2)
+    before = rig.rows()
+    status, body = rig.call("POST", "/actions", token, SCALE)
+    assert status == 401 and body["error"]["type"] == "unauthenticated"
+    unchanged(rig, before)
+
+
+def test_revoked_token_is_401_from_the_next_request(rig: Rig) -> None:
+    token = rig.token("carol", "--kind", "human")
+    assert rig.call("GET", "/whoami", token)[0] == 200
+    token_id = token.split("_")[1]
+    done = run_cli(rig.env, "token", "revoke", token_id)
+    assert done.returncode == 0, done.stderr
+    before = rig.rows()
+    status, _ = rig.call("POST", "/actions", token, SCALE)
+    assert status == 401
+    unchanged(rig, before)
+    listed = run_cli(rig.env, "token", "list", "--all", "--json")
+    assert token.split("_", 2)[2] not in listed.stdout  # secrets are never listed
+    assert '"revoked"' in listed.stdout
+
+
+# --- authorization through the gate ------------------------------------------------------
+
+
+def test_agent_token_cannot_approve_even_with_a_forged_header(rig: Rig) -> None:
+    proposed = rig.propose("bob", 9)
+    action_id = proposed["action"]["id"]
+    approvals = rig.rows()["approvals"]
+    status, body = rig.call("POST", f"/actions/{action_id}/approve", rig.tokens["agent"],
+                            {"comment": "lgtm"}, headers={"X-Forwarded-User": "alice"})  # fmt: skip
+    assert status == 403
+    assert body["error"]["codes"] == ["insufficient_permissions"]
+    assert rig.rows()["approvals"] == approvals
+    _, details = rig.call("GET", f"/actions/{action_id}", rig.tokens["alice"])
+    assert details["action"]["state"] == "pending_approval"
+
+
+def test_self_approval_through_the_api_is_refused(rig: Rig) -> None:
+    proposed = rig.propose("alice", 10)
+    status, body = rig.call("POST", f"/actions/{proposed['action']['id']}/approve",
+                            rig.tokens["alice"], {})  # fmt: skip
+    assert status == 403 and body["error"]["codes"] == ["self_approval"]
+
+
+def test_cancel_by_neither_proposer_nor_approver_is_a_stored_refusal(rig: Rig) -> None:
+    action_id = rig.propose("alice", 14)["action"]["id"]
+    status, body = rig.call("POST", f"/actions/{action_id}/cancel", rig.tokens["dave"], {})
+    assert status == 403 and body["error"]["codes"] == ["insufficient_permissions"]
+    assert body["error"]["message"].startswith("cancel refused")
+    _, details = rig.call("GET", f"/actions/{action_id}", rig.tokens["bob"])
+    assert details["action"]["state"] == "pending_approval"
+    refused = [d for d in details["decisions"] if d["phase"] == "authz"]
+    assert len(refused) == 1 and refused[0]["input"]["principal"]["id"] == "dave"
+    assert refused[0]["input"]["principal"]["method"] == "token"
+    assert [e["kind"] for e in details["events"]][-1] == "authz.refused"
+
+
+def test_agents_read_only_their_own_actions(rig: Rig) -> None:
+    mine = rig.propose("agent", 11)
+    human = rig.propose("bob", 12)
+    status, _ = rig.call("GET", f"/actions/{mine['action']['id']}", rig.tokens["other_agent"])
+    assert status == 404
+    status, _ = rig.call("GET", f"/actions/{human['action']['id']}", rig.tokens["agent"])
+    assert status == 404
+    assert rig.call("GET", f"/actions/{mine['action']['id']}", rig.tokens["agent"])[0] == 200
+    _, queue = rig.call("GET", "/queue", rig.tokens["other_agent"])
+    assert all(a["proposer"]["id"] == "demo-agent" for a in queue)
+
+
+# --- bad input: 400 naming the field, nothing stored -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (b"{not json", "body"),
+        (b"\xff\xfe\x00", "body"),
+        (b"[1, 2, 3]", "proposal"),
+        (b'"a string"', "proposal"),
+        (b"[" * 100_000 + b"]" * 100_000, "body"),
+        (b'{"action": "scale_deployment", "target": "checkout"}', None),
+        (b'{"action": "drop table actions; --", "target": "x", "environment": "prod"}', None),
+        (b" " * 1_000_001, "body"),
+    ],
+)
+def test_malformed_proposals_are_400_and_store_nothing(
+    rig: Rig, data: bytes, field: str | None
+) -> None:
+    before = rig.rows()
+    status, body = rig.call("POST", "/actions", rig.tokens["agent"], data=data,
+                            headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_input"
+    if field is not None:
+        assert body["error"]["field"] == field
+    assert "\n" not in body["error"]["message"]
+    unchanged(rig, before)
+
+
+def test_bad_verb_bodies_are_400_and_store_nothing(rig: Rig) -> None:
+    proposed = rig.propose("bob", 13)
+    action_id = proposed["action"]["id"]
+    before = rig.rows()
+    for verb, body, field in [
+        ("reject", {}, "reason"),
+        ("reject", {"reason": 42}, "reason"),
+        ("approve", {"comment": ["x"]}, "comment"),
+        ("approve", {"comment": "x" * 2001}, "comment"),
+        ("cancel", [1], "body"),
+    ]:
+        status, answer = rig.call("POST", f"/actions/{action_id}/{verb}", rig.tokens["alice"],
+                                  body)  # fmt: skip
+        assert status == 400, (verb, answer)
+        assert answer["error"]["field"] == field
+    unchanged(rig, before)
+
+
+@pytest.mark.parametrize(
+    "action_id", ["nope", "' OR 1=1 --", "%00", "..%2F..%2Fetc%2Fpasswd", "x" * 5000]
+)
+def test_unknown_or_hostile_action_ids_are_404(rig: Rig, action_id: str) -> None:
+    before = rig.rows()
+    status, body = rig.call("POST", f"/actions/{action_id}/approve", rig.tokens["alice"], {})
+    assert status == 404, body
+    status, _ = rig.call("GET", f"/actions/{action_id}", rig.tokens["alice"])
+    assert status == 404
+    unchanged(rig, before)
+
+
+def test_my_actions_catalog_and_policy(rig: Rig) -> None:
+    mine = rig.propose("other_agent", 15)["action"]["id"]
+    status, listed = rig.call(
+        "GET", "/my-actions?state=pending_approval", rig.tokens["other_agent"]
+    )
+    assert status == 200 and [a["id"] for a in listed] == [mine]
+    assert {a["proposer"]["id"] for a in listed} == {"demo-agent"}
+    status, catalog = rig.call("GET", "/catalog", rig.tokens["agent"])
+    assert status == 200 and "scale_deployment" in [t["name"] for t in catalog["action_types"]]
+    status, policy = rig.call("GET", "/policy", rig.tokens["agent"])
+    assert status == 200 and policy["bundle_revision"].startswith("sha256:")
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("state=bogus", "state"),
+        ("state=pending_approval&state=%00", "state"),
+        ("limit=0", "limit"),
+        ("limit=-1", "limit"),
+        ("limit=99999999999999999999", "limit"),
+        ("limit=ten", "limit"),
+        ("state=" + "x" * 5000, "query"),
+    ],
+)
+def test_bad_list_queries_are_400(rig: Rig, query: str, field: str) -> None:
+    status, body = rig.call("GET", f"/my-actions?{query}", rig.tokens["agent"])
+    assert status == 400, body
+    assert body["error"]["field"] == field
