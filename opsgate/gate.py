@@ -410,6 +410,62 @@ class Gate:
         shadow = self.shadow.evaluate(APPROVAL_RULE, document) if self.shadow else None
         return Evaluation(result, document, [], self.engine.name, elapsed, shadow)
 
+    def prove_approvals(
+        self,
+        tx: StoreTx,
+        action: Action,
+        document: Mapping[str, Any],
+        required: int,
+        now: datetime,
+    ) -> DenyReason | None:
+        """Recount, from the approval rows alone, whether this action may run now.
+
+        The action's `approved` state is not evidence: anyone who can write the table can
+        set it. An approval counts only if it is bound to this spec hash, was given by a
+        human other than the proposer after the proposal, and the current approval rule
+        still allows its approver for this action (`document`: today's execute input).
+        The run must start within the TTL of the moment the requirement was met.
+        """
+        counted: dict[str, datetime] = {}
+        dropped: list[str] = []
+        earliest = action.created_at
+        for approval in tx.approvals_for(action.id):
+            who = approval.approver
+            if (
+                approval.action_id != action.id
+                or approval.spec_hash != action.spec_hash
+                or who.id == action.proposer.id
+                or who.kind != "human"
+                or not earliest <= approval.created_at <= now
+            ):
+                dropped.append(who.id)
+                continue
+            if who.id in counted:
+                continue
+            verdict = self.engine.evaluate(
+                APPROVAL_RULE, {**document, "approver": {"id": who.id, "kind": who.kind}}
+            )
+            if verdict.allow:
+                counted[who.id] = approval.created_at
+            else:
+                dropped.append(who.id)
+        required = max(required, action.required_approvals, 1)
+        times = sorted(counted.values())
+        if len(times) < required:
+            extra = f" (not counted: {', '.join(sorted(set(dropped)))})" if dropped else ""
+            return DenyReason(
+                code="approval_missing",
+                message=f"valid approvals: {len(times)} of {required} required{extra}",
+            )
+        met_at = times[required - 1]
+        if now >= met_at + timedelta(seconds=self.approval_ttl):
+            return DenyReason(
+                code="approval_missing",
+                message=f"the approvals expired at "
+                f"{(met_at + timedelta(seconds=self.approval_ttl)).isoformat()}",
+            )
+        return None
+
     def reject(self, action_id: str, actor: Identity, reason: str) -> Action:
         if not reason.strip():
             raise InvalidInput("reason", "a rejection needs a reason")

@@ -122,6 +122,7 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
 
     Exit 0 when verified, 3 when blocked at execution, 1 for any other end.
     """
+    principal = config.identity()  # who asked for this run, recorded with its claim
     config.gate.expire_due()
     action = config.store.get_action(action_id)
     title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
@@ -130,7 +131,7 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
     try:
         with sigterm_as_interrupt(), view:
             executor.start()
-            claimed = executor.claim(action_id)
+            claimed = executor.claim(action_id, principal=principal)
             if claimed is not None and claimed.state is S.EXECUTING:
                 executor.launch(action_id)
                 wait_finishing(executor, "this action")

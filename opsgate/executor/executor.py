@@ -244,10 +244,14 @@ class Executor:
 
     # --- claiming -----------------------------------------------------------------------
 
-    def claim(self, action_id: str | None = None) -> Action | None:
+    def claim(
+        self, action_id: str | None = None, *, principal: Identity | None = None
+    ) -> Action | None:
         """Claim one approved action (this one, or the oldest), re-check it, hold it.
 
-        Returns it as executing or blocked_at_execution; None if nothing was approved.
+        `principal` is who asked for this run in the foreground (`opsgate run`); it is
+        recorded beside the worker. Returns the action as executing or
+        blocked_at_execution; None if nothing was approved.
         """
         now = self.clock()
         with self.store.transaction() as tx:
@@ -269,7 +273,7 @@ class Executor:
                         f"the approval of {action_id} expired at {action.expires_at}; "
                         "propose it again"
                     )
-            claimed = self._recheck_and_hold(tx, action, now)
+            claimed = self._recheck_and_hold(tx, action, now, principal)
         if claimed.state is S.EXECUTING:
             failpoint("after_claim")
         return claimed
@@ -280,8 +284,10 @@ class Executor:
             held = self._held[action_id]
         self._pool.submit(self._guarded, held, self._capture_and_run, held)
 
-    def _recheck_and_hold(self, tx: StoreTx, action: Action, now: datetime) -> Action:
-        """Policy and preconditions again, as the world is now; block or start."""
+    def _recheck_and_hold(
+        self, tx: StoreTx, action: Action, now: datetime, principal: Identity | None = None
+    ) -> Action:
+        """Policy, preconditions and approvals again, as the world is now; block or start."""
         action_type = self.gate.catalog.types.get(action.action_type)
         values = step_values(action, {})
         deny: list[DenyReason] = []
@@ -321,6 +327,16 @@ class Executor:
             decision = evaluation.decision(action_id=action.id, phase="execute", at=now)
             if not decision.allow:
                 deny.extend(decision.deny or (DenyReason(code="policy_engine_unavailable"),))
+            # In the claiming transaction, so no approval can be withdrawn in between.
+            missing = self.gate.prove_approvals(
+                tx, action, evaluation.input, decision.required_approvals, now
+            )
+            if missing is not None:
+                deny.append(missing)
+                # Stored with the execute decision, so `run` and `show` name it.
+                decision = decision.model_copy(
+                    update={"allow": False, "deny": (*decision.deny, missing)}
+                )
         tx.insert_decision(decision)
         if deny:
             codes = list(dict.fromkeys(d.code for d in deny))
@@ -330,7 +346,11 @@ class Executor:
                 S.BLOCKED_AT_EXECUTION,
                 actor=self.worker_id,
                 now=now,
-                data={"deny": codes, "bundle_revision": decision.bundle_revision},
+                data={
+                    "deny": codes,
+                    "bundle_revision": decision.bundle_revision,
+                    **(_principal_data(principal) if principal is not None else {}),
+                },
             )
             self._emit(
                 "blocked",
@@ -356,7 +376,11 @@ class Executor:
             S.EXECUTING,
             actor=self.worker_id,
             now=now,
-            data={"worker": self.worker_id, "bundle_revision": decision.bundle_revision},
+            data={
+                "worker": self.worker_id,
+                "bundle_revision": decision.bundle_revision,
+                **(_principal_data(principal) if principal is not None else {}),
+            },
         )
         with self._lock:
             self._held[action.id] = _Held(
@@ -1038,6 +1062,10 @@ def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out[key] = value.isoformat() if isinstance(value, datetime) else value
     return out
+
+
+def _principal_data(principal: Identity) -> dict[str, str]:
+    return {"triggered_by": principal.id, "triggered_by_kind": principal.kind}
 
 
 def _proposal_of(action: Action) -> Proposal:
