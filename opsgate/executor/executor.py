@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 S = ActionState
 MAX_REASON = 2000
+# Beyond a run step's timeout, before a new owner may undo it: the step's process starts
+# a moment after run_started_at is stored, and workers' clocks may differ a little.
+RUN_RECOVERY_GRACE = 5.0
 _STATE_FIELD: dict[WatchPhase, str] = {
     "verify": "verify_state",
     "rollback": "rollback_verify_state",
@@ -797,6 +800,8 @@ class Executor:
                 or execution.lease_expires_at >= now
             ):
                 return None  # someone else took it, or it finished meanwhile
+            if now < self._run_may_be_alive_until(action, execution):
+                return None  # not yet: looked at again on the next poll
             dead = execution.worker_id
             execution = tx.update_execution(
                 action_id,
@@ -836,6 +841,22 @@ class Executor:
         self._emit("claimed", action_id, f"recovered from {dead}", state=action.state)
         self._pool.submit(self._guarded, held, self._resume, held, execution, dead)
         return held
+
+    def _run_may_be_alive_until(self, action: Action, execution: Execution) -> datetime:
+        """Until when the run step of a lapsed execution may still be changing the target.
+
+        A lapsed lease proves only that the worker stopped writing to the store, not that
+        it is dead (a network partition, a stalled host), and its run step keeps going
+        until its own timeout. Undo before then could be overtaken by the run it undoes.
+        """
+        if execution.run_started_at is None or execution.run_finished_at is not None:
+            return execution.lease_expires_at
+        action_type = self.gate.catalog.types.get(action.action_type)
+        if action_type is None:
+            return execution.lease_expires_at  # nothing can be undone anyway; say so now
+        return execution.run_started_at + timedelta(
+            seconds=action_type.run.timeout + RUN_RECOVERY_GRACE
+        )
 
     def _resume(self, held: _Held, execution: Execution, dead: str) -> None:
         action = held.action

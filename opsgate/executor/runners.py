@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -92,8 +95,18 @@ def cap(text: str) -> str:
     return text[:OUTPUT_CAP] + f"\n... ({len(text) - OUTPUT_CAP} more characters cut)"
 
 
+STEP_GUARD = Path(__file__).with_name("stepguard.py")
+
+
+def guarded_argv(program: str, argv: list[str]) -> list[str]:
+    """The step under `stepguard.py`, which takes its process group down with it when
+    this worker dies. `-I -S`: no user site, no environment, a fast start."""
+    return [sys.executable, "-I", "-S", str(STEP_GUARD), str(os.getpid()), program, "--", *argv]
+
+
 class ShellRunner:
-    """Runs an argv with no shell, in its own process group, with a hard timeout."""
+    """Runs an argv with no shell, in its own process group, with a hard timeout; the
+    group dies with this worker (see stepguard.py)."""
 
     name = "shell"
 
@@ -109,9 +122,14 @@ class ShellRunner:
             raise StepError("the shell runner needs argv")
         argv = render_argv(step.argv, values)
         started = time.monotonic()
+        program = shutil.which(argv[0])
+        if program is None:
+            return StepResult(
+                False, None, "", error=f"cannot start {argv[0]}: not found or not executable"
+            )
         try:
             process = subprocess.Popen(
-                argv,
+                guarded_argv(program, argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
