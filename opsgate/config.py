@@ -41,6 +41,9 @@ class Settings:
     prometheus_timeout: float = 5.0
     lease: float = 30.0  # a worker's claim lapses this long after its last heartbeat
     worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
+    # The Ed25519 private key (PEM) that signs audit checkpoints: workers and the server
+    # hold it, people and agents never do.
+    audit_key: Path | None = None
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
@@ -66,7 +69,7 @@ class Settings:
     def with_overrides(self, values: Mapping[str, Any]) -> Settings:
         converted: dict[str, Any] = {}
         for name, value in values.items():
-            if name in {"catalog", "policies", "shadow_policies"}:
+            if name in {"catalog", "policies", "shadow_policies", "audit_key"}:
                 converted[name] = Path(str(value))
             elif name == "policy_engine":
                 if value not in {"embedded", "opa"}:

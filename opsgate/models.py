@@ -366,6 +366,16 @@ class AuditEvent(Frozen):
     hash: str
 
 
+class AuditCheckpoint(Frozen):
+    """The chain's head as the key holder (worker/server tier) saw and signed it."""
+
+    seq: int
+    hash: str
+    at: datetime
+    key_id: str
+    signature: str  # base64 Ed25519 signature of `checkpoint_payload(seq, hash, at)`
+
+
 class Measurement(Frozen):
     """One query result at one time: the evidence behind every pass and fail.
 

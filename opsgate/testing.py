@@ -19,6 +19,7 @@ from opsgate.models import (
     Action,
     ActionState,
     Approval,
+    AuditCheckpoint,
     AuditEvent,
     Decision,
     Execution,
@@ -81,6 +82,7 @@ class _Tables:
     executions: dict[str, Execution] = field(default_factory=dict)
     measurements: list[Measurement] = field(default_factory=list)
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
+    checkpoints: list[AuditCheckpoint] = field(default_factory=list)
 
     def copy(self) -> _Tables:
         # Models are frozen and replaced, never changed, so copying the containers suffices.
@@ -92,6 +94,7 @@ class _Tables:
             dict(self.executions),
             list(self.measurements),
             dict(self.workers),
+            list(self.checkpoints),
         )
 
 
@@ -163,6 +166,9 @@ class MemoryTx:
         self, target: str, environment: str, *, exclude_id: str | None = None
     ) -> int:
         return _count_active(self._t, target, environment, exclude_id)
+
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        self._t.checkpoints.append(_in_utc(checkpoint, "at"))
 
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         last = self._t.audit[-1] if self._t.audit else None
@@ -481,6 +487,15 @@ class MemoryStore:
             last = self._tables.audit[-1] if self._tables.audit else None
         return (last.seq, last.hash) if last else (0, GENESIS_HASH)
 
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        with self.transaction() as tx:
+            tx.insert_audit_checkpoint(checkpoint)
+
+    def audit_checkpoints(self) -> list[AuditCheckpoint]:
+        with self._lock:
+            found = list(self._tables.checkpoints)
+        return sorted(found, key=lambda c: c.seq)
+
     def row_counts(self) -> dict[str, int]:
         with self._lock:
             t = self._tables
@@ -492,6 +507,7 @@ class MemoryStore:
                 "executions": len(t.executions),
                 "measurements": len(t.measurements),
                 "workers": len(t.workers),
+                "audit_checkpoints": len(t.checkpoints),
             }
 
     def session_user(self) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 
 import click
 
+from opsgate.audit_signing import Checkpointer, load_private_key
 from opsgate.catalog import Catalog, load_catalog
 from opsgate.config import Settings
 from opsgate.errors import ConfigError
@@ -88,6 +89,12 @@ class CliConfig:
                 shadow=self.shadow_engine(),
             )
         return self._gate
+
+    def checkpointer(self) -> Checkpointer | None:
+        """Signs the audit head when this process holds the key (OPSGATE_AUDIT_KEY)."""
+        if self.settings.audit_key is None:
+            return None
+        return Checkpointer(load_private_key(self.settings.audit_key))
 
     def shadow_engine(self) -> PolicyEngine | None:
         """The shadow bundle (OPSGATE_SHADOW_POLICIES), always in process: it is advice."""

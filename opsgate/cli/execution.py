@@ -14,6 +14,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from opsgate.audit_signing import Checkpointer
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.live import PlainView, view_for
 from opsgate.cli.render import console, details_json, fmt_value, ts
@@ -123,6 +124,7 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
     Exit 0 when verified, 3 when blocked at execution, 1 for any other end.
     """
     principal = config.identity()  # who asked for this run, recorded with its claim
+    checkpointer = config.checkpointer()
     config.gate.expire_due()
     action = config.store.get_action(action_id)
     title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
@@ -137,7 +139,19 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
                 wait_finishing(executor, "this action")
     finally:
         executor.close()
+        sign_head(config, checkpointer)
     finish(config, action_id, as_json)
+
+
+def sign_head(config: CliConfig, checkpointer: Checkpointer | None) -> None:
+    """Sign the audit head if it moved; a failure here loses no event, only delays the
+    signature to the next checkpoint, so it is reported and not raised."""
+    if checkpointer is None:
+        return
+    try:
+        checkpointer.maybe_sign(config.store, datetime.now(UTC))
+    except StoreError as exc:
+        click.echo(f"could not sign the audit head: {exc}", err=True)
 
 
 @click.command()
@@ -172,6 +186,7 @@ def worker(
 ) -> None:
     """Claim approved actions and run, verify and roll them back; Ctrl-C finishes cleanly."""
     view = PlainView(prefix_ids=True)
+    checkpointer = config.checkpointer()
     executor = build_executor(config, view, concurrency=concurrency)
     claimed = 0
     stop_metrics = serve_in_background(config.store, metrics_port, lease=config.settings.lease)
@@ -195,6 +210,8 @@ def worker(
                             claimed += 1
                             if action.state is S.EXECUTING:
                                 executor.launch(action.id)
+                        if checkpointer is not None:
+                            checkpointer.maybe_sign(config.store, datetime.now(UTC))
                         backoff = poll
                     except StoreError as exc:
                         # The database restarts, fails over or refused one transaction:
@@ -218,6 +235,7 @@ def worker(
     finally:
         stop_metrics()
         executor.close()
+        sign_head(config, checkpointer)
     click.echo(f"worker {executor.worker_id} stopped after {claimed} claims", err=True)
 
 

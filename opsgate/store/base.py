@@ -16,6 +16,7 @@ from opsgate.models import (
     Action,
     ActionState,
     Approval,
+    AuditCheckpoint,
     AuditEvent,
     Decision,
     Execution,
@@ -63,6 +64,8 @@ class StoreTx(Protocol):
         self, target: str, environment: str, *, exclude_id: str | None = None
     ) -> int:
         """Actions on this target in ACTIVE_STATES (approved .. rolling_back)."""
+
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None: ...
 
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         """Seal the draft onto the end of the chain (serialised across writers)."""
@@ -175,6 +178,12 @@ class Store(Protocol):
 
     def audit_head(self) -> tuple[int, str]:
         """The sequence number and hash of the newest event, as the chain's head records it."""
+
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        """Store a signed head (its own transaction)."""
+
+    def audit_checkpoints(self) -> list[AuditCheckpoint]:
+        """Every stored signed head, lowest seq first."""
 
     def row_counts(self) -> dict[str, int]:
         """Rows per table: lets tests prove that bad input left nothing behind."""

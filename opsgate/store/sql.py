@@ -42,6 +42,7 @@ from opsgate.models import (
     Action,
     ActionState,
     Approval,
+    AuditCheckpoint,
     AuditEvent,
     Decision,
     Execution,
@@ -58,6 +59,7 @@ from opsgate.store.tables import (
     RUNNING_ON_TARGET_INDEX,
     actions,
     approvals,
+    audit_checkpoints,
     audit_events,
     audit_head,
     decisions,
@@ -460,6 +462,15 @@ class SqlStore:
             raise StoreError("the audit_head row is missing (is the schema migrated?)")
         return int(row[0].seq), str(row[0].hash)
 
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        with self.transaction() as tx:
+            tx.insert_audit_checkpoint(checkpoint)
+
+    @_translate_errors
+    def audit_checkpoints(self) -> list[AuditCheckpoint]:
+        rows = self._all(_AUDIT_CHECKPOINTS)
+        return [AuditCheckpoint.model_validate(dict(row._mapping)) for row in rows]
+
     @_translate_errors
     def row_counts(self) -> dict[str, int]:
         """Rows per table, read in one statement so the counts are one consistent snapshot."""
@@ -718,6 +729,10 @@ class SqlTx:
         self._conn.execute(self._upsert_worker, worker_to_row(worker))
 
     @_translate_errors
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        self._conn.execute(insert(audit_checkpoints), checkpoint.model_dump())
+
+    @_translate_errors
     def stop_worker(self, worker_id: str, now: datetime) -> None:
         self._conn.execute(_STOP_WORKER, {"worker_id": worker_id, "now": now})
 
@@ -763,6 +778,13 @@ _AUDIT_PAGE_ALL = (
     .limit(_AUDIT_PAGE)
 )
 _AUDIT_PAGE_OF = _AUDIT_PAGE_ALL.where(audit_events.c.action_id == bindparam("action_id"))
+_AUDIT_CHECKPOINTS = select(
+    audit_checkpoints.c.seq,
+    audit_checkpoints.c.hash,
+    audit_checkpoints.c.at,
+    audit_checkpoints.c.key_id,
+    audit_checkpoints.c.signature,
+).order_by(audit_checkpoints.c.seq, audit_checkpoints.c.id)
 _ROW_COUNTS = select(
     *(select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in _COUNTED)
 )

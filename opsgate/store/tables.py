@@ -176,6 +176,20 @@ audit_head = Table(
     CheckConstraint("id = 1", name="single_row"),
 )
 
+# Signed heads. No link to audit_events: a checkpoint must outlive a cut of the chain so
+# that the cut shows.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("seq", BIG_INTEGER, nullable=False),
+    Column("hash", String, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("key_id", String, nullable=False),
+    Column("signature", String, nullable=False),
+    Index("ix_audit_checkpoints_seq", "seq"),
+)
+
 executions = Table(
     "executions",
     metadata,

@@ -400,6 +400,7 @@ def test_row_counts(store: Store) -> None:
         "executions": 0,
         "measurements": 0,
         "workers": 0,
+        "audit_checkpoints": 0,
     }
     assert store.row_counts() == empty
     action = make_action()
