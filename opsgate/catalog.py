@@ -32,14 +32,51 @@ def first_error(exc: ValidationError, prefix: str = "") -> InvalidInput:
     return InvalidInput(field, message)
 
 
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_DEPTH = 64
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with bounded nesting.
+
+    An alias expands to a reference to another node, so a few hundred bytes of nested
+    aliases ("billion laughs") become billions of values; no catalog entry or proposal
+    needs one. Deep nesting would exhaust the stack instead.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed", event.start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def load_yaml_text(raw: bytes, source: str) -> Any:
-    """Parse YAML or JSON bytes; non-UTF-8 and syntax errors are InvalidInput."""
+    """Parse YAML or JSON bytes; non-UTF-8, oversized, aliased, too deep and malformed
+    documents are InvalidInput."""
+    if len(raw) > MAX_YAML_BYTES:
+        raise InvalidInput(source, f"larger than {MAX_YAML_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(source, f"not UTF-8 (byte {exc.start})") from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -15,6 +15,11 @@ from opsgate.models import parse_duration
 DEFAULT_DB = "sqlite:///opsgate.db"
 
 
+# A TTL of weeks is a standing approval; one of a second, a typo. The same for leases.
+MAX_SETTING_DURATION = 30 * 86400.0
+_DURATION_BOUNDS = {"approval_ttl": (1.0, MAX_SETTING_DURATION), "lease": (1.0, 86400.0)}
+
+
 @dataclass(frozen=True)
 class Settings:
     """One config object for every command (rq's pass_cli_config habit)."""
@@ -86,6 +91,11 @@ class Settings:
                     raise ConfigError(f"OPSGATE_{name.upper()}: {exc}") from exc
                 if converted[name] <= 0:
                     raise ConfigError(f"OPSGATE_{name.upper()}: must be positive")
+                low, high = _DURATION_BOUNDS.get(name, (0.0, MAX_SETTING_DURATION))
+                if not low <= converted[name] <= high:
+                    raise ConfigError(
+                        f"OPSGATE_{name.upper()}: expected {low:g}s to {high / 86400:g}d"
+                    )
             elif name == "worker_concurrency":
                 try:
                     converted[name] = int(value)

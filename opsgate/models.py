@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -23,22 +24,49 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+# Ten years: beyond it a duration is a mistake, and date arithmetic would overflow.
+MAX_DURATION = 3650 * 86400.0
+# A verification step (interval, hold, timeout) or a runner step: at most a day.
+MAX_STEP_DURATION = 86400.0
+# Below this an interval is a busy loop against Prometheus.
+MIN_INTERVAL = 0.05
+
+
 def parse_duration(value: Any) -> float:
-    """Seconds from `90`, `90s`, `2m`, `1h`, `500ms`; negative or garbage is refused."""
+    """Seconds from `90`, `90s`, `2m`, `1h`, `500ms`; negative, NaN, infinite, more
+    than ten years or garbage is refused."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 2m or 1h")
+    seconds: float | None = None
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("a duration must be at most 3650d") from None
+    elif isinstance(value, str) and len(value) <= 40:
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError("expected a duration like 30s, 2m or 1h")
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds is None:
+        raise ValueError("expected a duration like 30s, 2m or 1h")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration must be at most 3650d")
+    return seconds
+
+
+def _step_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds > MAX_STEP_DURATION:
+        raise ValueError("must be at most 1d")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+StepDuration = Annotated[float, BeforeValidator(_step_duration)]
 
 
 class Frozen(BaseModel):
@@ -143,7 +171,7 @@ class Step(Frozen):
     runner: str = "shell"
     argv: tuple[str, ...] | None = None
     http: HttpSpec | None = None
-    timeout: Duration = 60.0
+    timeout: StepDuration = 60.0
     as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN)
 
     @field_validator("argv", mode="before")
@@ -165,8 +193,9 @@ class Step(Frozen):
 class Range(Frozen):
     """Flagger-style range: min and/or max, both inclusive."""
 
-    min: float | None = None
-    max: float | None = None
+    # NaN never compares, so a NaN bound would make every value pass (or none, forever).
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _bounded(self) -> Range:
@@ -199,9 +228,9 @@ class StopCondition(Frozen):
 
 
 class VerificationSpec(Frozen):
-    interval: Duration = 10.0
-    hold: Duration = 120.0
-    timeout: Duration = 600.0
+    interval: StepDuration = 10.0
+    hold: StepDuration = 120.0
+    timeout: StepDuration = 600.0
     signals: tuple[Signal, ...] = ()
     stop_conditions: tuple[StopCondition, ...] = ()
     failure_limit: int = Field(default=2, ge=0)
@@ -209,8 +238,8 @@ class VerificationSpec(Frozen):
 
     @model_validator(mode="after")
     def _coherent(self) -> VerificationSpec:
-        if self.interval <= 0:
-            raise ValueError("interval must be positive")
+        if self.interval < MIN_INTERVAL:
+            raise ValueError(f"interval must be at least {MIN_INTERVAL:g}s")
         if self.timeout < self.hold:
             raise ValueError("timeout must be at least hold")
         names = [s.name for s in self.signals] + [c.name for c in self.stop_conditions]
