@@ -17,7 +17,7 @@ from rich.table import Table
 from opsgate.audit_signing import Checkpointer
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.live import PlainView, view_for
-from opsgate.cli.render import console, details_json, fmt_value, ts
+from opsgate.cli.render import console, details_json, fmt_value, shown, ts
 from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
@@ -104,7 +104,7 @@ def finish(config: CliConfig, action_id: str, as_json: bool) -> None:
     if as_json:
         echo_json(details_json(config.gate.details(action_id), config.catalog))
     elif state is S.SUCCEEDED:
-        click.echo(line)
+        click.echo(shown(line))
     if state is S.BLOCKED_AT_EXECUTION:
         decisions = [d for d in config.store.decisions_for(action_id) if d.phase == "execute"]
         codes = decisions[-1].deny_codes if decisions else []
@@ -275,7 +275,7 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
     if as_json:
         echo_json(details_json(config.gate.details(action_id), config.catalog))
     else:
-        click.echo(line)
+        click.echo(shown(line))
     if state is not S.ROLLED_BACK:
         raise ActionFailed(line)
 

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from opsgate.cli.render import shown
 from opsgate.executor.executor import ExecutorEvent
 from opsgate.models import Range
 from opsgate.verification.evaluator import remaining_hold
@@ -66,7 +67,7 @@ class PlainView:
             lines.append(f"{prefix}{event.kind}: {event.message}")
         with self._lock:
             for line in lines:
-                click.echo(line)
+                click.echo(shown(line))
 
 
 class LiveView:
@@ -100,7 +101,9 @@ class LiveView:
         self._live.update(self._render())
 
     def _render(self) -> Group:
-        header = Text.from_markup(f"[bold]{escape(self.title)}[/]  state: [bold]{self.state}[/]")
+        header = Text.from_markup(
+            f"[bold]{escape(shown(self.title))}[/]  state: [bold]{self.state}[/]"
+        )
         parts: list[Any] = [header]
         watch = self.watch
         if watch is not None:
@@ -117,7 +120,9 @@ class LiveView:
                 value = "-" if record is None or record.value is None else f"{record.value:.4g}"
                 outcome = record.outcome if record else "waiting"
                 style = _STYLE.get(outcome, "dim")
-                table.add_row(kind, escape(name), value, shown_range, f"[{style}]{outcome}[/]")
+                table.add_row(
+                    kind, escape(shown(name)), value, shown_range, f"[{style}]{outcome}[/]"
+                )
             parts.append(table)
             if watch.phase != "run":
                 left = remaining_hold(watch.spec, watch.state, datetime.now(UTC))
@@ -129,7 +134,7 @@ class LiveView:
                 if watch.phase == "verify":  # a rollback's verification counts no failures
                     line += f" · failures {watch.state.failures}/{watch.spec.failure_limit}"
                 parts.append(Text(line))
-        parts.extend(Text(m) for m in self.messages)
+        parts.extend(Text(shown(m)) for m in self.messages)
         return Group(*parts)
 
 

@@ -15,6 +15,9 @@ from opsgate.catalog import Catalog
 from opsgate.gate import ActionDetails
 from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
 from opsgate.policies.input import mask_params
+from opsgate.safe_text import shown, shown_block
+
+__all__ = ["shown", "shown_block"]  # re-exported for the other commands
 
 
 def console() -> Console:
@@ -180,7 +183,7 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
         ("undo output", execution.undo_output),
     ):
         if output.strip():
-            click.echo(f"\n{label}:\n{output.rstrip()}")
+            click.echo(f"\n{label}:\n{shown_block(output.rstrip())}")
     if not measurements:
         return
     table = Table(title=f"\nmeasurements ({len(measurements)})", title_justify="left")
@@ -191,10 +194,10 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
         table.add_row(
             m.at.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3],
             m.phase,
-            escape(m.name),
+            escape(shown(m.name)),
             fmt_value(m.value),
             f"[{style[m.outcome]}]{m.outcome}[/]",
-            escape(m.detail),
+            escape(shown(m.detail)),
         )
     console().print(table)
 
@@ -213,7 +216,7 @@ def _step_line(
 
 
 def deny_lines(decision: Decision) -> list[str]:
-    return [f"  deny {d.code}: {d.message}" for d in decision.deny]
+    return [f"  deny {shown(d.code)}: {shown(d.message)}" for d in decision.deny]
 
 
 def actions_table(actions: Sequence[Action], title: str) -> None:
@@ -221,7 +224,7 @@ def actions_table(actions: Sequence[Action], title: str) -> None:
     for column in ("id", "action", "target", "env", "state", "approvals", "proposer", "created"):
         table.add_column(column, overflow="fold")
     for action in actions:
-        table.add_row(
+        cells = (
             action.id,
             action.action_type,
             action.target,
@@ -231,6 +234,7 @@ def actions_table(actions: Sequence[Action], title: str) -> None:
             f"{action.proposer.id} ({action.proposer.kind})",
             ts(action.created_at) or "",
         )
+        table.add_row(*(escape(shown(cell)) for cell in cells))
     console().print(table)
 
 
@@ -239,7 +243,7 @@ def kv_table(rows: Mapping[str, Any], title: str | None = None) -> None:
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in rows.items():
-        table.add_row(key, "" if value is None else escape(str(value)))
+        table.add_row(key, "" if value is None else escape(shown(value)))
     console().print(table)
 
 
@@ -281,10 +285,11 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
         if shadow is not None and shadow.get("allow") != decision.allow:
             codes = ", ".join(d.get("code", "") for d in shadow.get("deny", []))
             verdict = f"would have blocked ({codes})" if not shadow.get("allow") else "would allow"
-            click.echo(f"  shadow bundle {str(shadow.get('revision'))[:19]}: {verdict}")
+            click.echo(f"  shadow bundle {str(shadow.get('revision'))[:19]}: {shown(verdict)}")
     for approval in details.approvals:
-        note = f": {approval.comment}" if approval.comment else ""
-        click.echo(f"\napproved by {approval.approver.id} at {ts(approval.created_at)}{note}")
+        note = f": {shown(approval.comment)}" if approval.comment else ""
+        who = shown(approval.approver.id)
+        click.echo(f"\napproved by {who} at {ts(approval.created_at)}{note}")
     if details.execution is not None:
         show_execution(details.execution, details.measurements)
     table = Table(title="\naudit events", title_justify="left")
@@ -292,5 +297,6 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
         table.add_column(column)
     for event in details.events:
         transition = f"{event.from_state} -> {event.to_state}" if event.to_state else ""
-        table.add_row(str(event.seq), ts(event.at) or "", event.kind, event.actor, transition)
+        cells = (str(event.seq), ts(event.at) or "", event.kind, event.actor, transition)
+        table.add_row(*(escape(shown(cell)) for cell in cells))
     console().print(table)

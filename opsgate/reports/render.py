@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from opsgate.reports.build import Report
+from opsgate.safe_text import csv_cell, shown
 
 FORMATS = ("table", "json", "csv", "markdown", "html")
 
@@ -63,9 +64,9 @@ def to_csv(report: Report) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     for table in report.tables:
-        writer.writerow(["table", *table.columns])
+        writer.writerow(["table", *(csv_cell(c) for c in table.columns)])
         for row in table.rows:
-            writer.writerow([table.name, *row])
+            writer.writerow([table.name, *(csv_cell(v) for v in row)])
     return out.getvalue()
 
 
@@ -94,18 +95,18 @@ def print_table(report: Report, console: Console | None = None) -> None:
         console = Console(highlight=False)
         if not console.is_terminal:  # piped: do not squeeze the tables into 80 columns
             console = Console(highlight=False, width=200)
-    console.print(f"[bold]{escape(report.title)}[/]  {escape(_scope(report))}")
+    console.print(f"[bold]{escape(shown(report.title))}[/]  {escape(shown(_scope(report)))}")
     for sentence in report.headline:
-        console.print(f"  {escape(sentence)}")
+        console.print(f"  {escape(shown(sentence))}")
     for table in report.tables:
         rich_table = RichTable(title=f"\n{table.title}", title_justify="left")
         for column in table.columns:
             rich_table.add_column(column, overflow="fold")
         for row in table.formatted():
-            rich_table.add_row(*(escape(v) for v in row))
+            rich_table.add_row(*(escape(shown(v)) for v in row))
         console.print(rich_table)
         if table.note:
-            console.print(f"[dim]{escape(table.note)}[/]")
+            console.print(f"[dim]{escape(shown(table.note))}[/]")
 
 
 # --- HTML -----------------------------------------------------------------------------------
