@@ -29,6 +29,7 @@ from opsgate.proposals import ValidatedProposal, spec_hash, validate
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
 
 SYSTEM_ACTOR = "opsgate"
+SECRET_PARAMS_KEY = "secret_params"  # noqa: S105 - a key name, not a secret
 MAX_COMMENT_LENGTH = 2000
 
 
@@ -249,6 +250,11 @@ class Gate:
                 "bundle_revision": decision.bundle_revision,
                 "spec_hash": spec.spec_hash,
                 "proposer_kind": proposer.kind,
+                # Which params are secret, as the type said when proposed: masking must
+                # not depend on today's catalog (an edited or broken file).
+                SECRET_PARAMS_KEY: sorted(
+                    name for name, p in spec.action_type.params.items() if p.secret
+                ),
             },
         )
         return action, decision
@@ -539,14 +545,20 @@ class Gate:
         return self.store.list_actions(states=[ActionState.PENDING_APPROVAL], limit=1000)
 
     def details(self, action_id: str) -> ActionDetails:
-        action = self.store.get_action(action_id)
-        if action is None:
-            raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
-        return ActionDetails(
-            action,
-            self.store.decisions_for(action_id),
-            self.store.approvals_for(action_id),
-            list(self.store.audit_events(action_id=action_id)),
-            self.store.get_execution(action_id),
-            self.store.measurements_for(action_id),
-        )
+        return action_details(self.store, action_id)
+
+
+def action_details(store: Store, action_id: str) -> ActionDetails:
+    """Everything stored about one action; needs neither catalog nor policy engine, so
+    history stays readable when either is broken."""
+    action = store.get_action(action_id)
+    if action is None:
+        raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+    return ActionDetails(
+        action,
+        store.decisions_for(action_id),
+        store.approvals_for(action_id),
+        list(store.audit_events(action_id=action_id)),
+        store.get_execution(action_id),
+        store.measurements_for(action_id),
+    )

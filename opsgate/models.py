@@ -136,8 +136,8 @@ class ParamSpec(Frozen):
     pattern: str | None = None
     min_length: int | None = Field(default=None, alias="minLength", ge=0)
     max_length: int | None = Field(default=256, alias="maxLength", ge=1)
-    minimum: float | None = None
-    maximum: float | None = None
+    minimum: float | None = Field(default=None, allow_inf_nan=False)
+    maximum: float | None = Field(default=None, allow_inf_nan=False)
     enum: tuple[str | int | float | bool, ...] | None = None
     required: bool = True
     default: str | int | float | bool | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from opsgate.cli.render import (
     details_json,
     show_details,
 )
-from opsgate.errors import InvalidInput, Refused
+from opsgate.errors import ConfigError, InvalidInput, Refused
+from opsgate.gate import action_details
 from opsgate.models import ActionState
 
 MAX_PROPOSAL_BYTES = 1_000_000
@@ -176,9 +178,13 @@ def queue(config: CliConfig, as_json: bool) -> None:
 @pass_config
 def show(config: CliConfig, action_id: str, as_json: bool) -> None:
     """Everything known about one action: decision, approvals, audit events."""
-    config.gate.expire_due()
-    details = config.gate.details(action_id)
     catalog = _catalog_or_none(config)
+    if catalog is not None:
+        # A broken policy bundle: expiry is left to the next command that can decide.
+        with contextlib.suppress(ConfigError):
+            config.gate.expire_due()
+    # From the store alone: a broken catalog file must not hide any action's history.
+    details = action_details(config.store, action_id)
     if as_json:
         echo_json(details_json(details, catalog))
     else:

@@ -12,9 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from opsgate.catalog import Catalog
-from opsgate.gate import ActionDetails
+from opsgate.gate import SECRET_PARAMS_KEY, ActionDetails
 from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
-from opsgate.policies.input import mask_params
 from opsgate.safe_text import shown, shown_block
 
 __all__ = ["shown", "shown_block"]  # re-exported for the other commands
@@ -31,19 +30,41 @@ def ts(at: datetime | None) -> str | None:
     return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def masked(action: Action, catalog: Catalog | None) -> dict[str, Any]:
-    if catalog is None or action.action_type not in catalog.types:
-        return dict(action.params)
-    return mask_params(action.params, catalog.types[action.action_type].params)
+def secret_names(
+    action: Action, catalog: Catalog | None, events: Sequence[AuditEvent] = ()
+) -> set[str] | None:
+    """The params that were secret when the action was proposed (its creation event
+    records them); else what today's catalog says; None when nobody can tell."""
+    for event in events:
+        if event.action_id == action.id and event.from_state == "proposed":
+            recorded = event.data.get(SECRET_PARAMS_KEY)
+            if isinstance(recorded, list):
+                return {str(name) for name in recorded}
+            break
+    if catalog is not None and action.action_type in catalog.types:
+        specs = catalog.types[action.action_type].params
+        return {name for name, spec in specs.items() if spec.secret}
+    return None
 
 
-def action_json(action: Action, catalog: Catalog | None = None) -> dict[str, Any]:
+def masked(
+    action: Action, catalog: Catalog | None, events: Sequence[AuditEvent] = ()
+) -> dict[str, Any]:
+    secret = secret_names(action, catalog, events)
+    if secret is None:  # which params are secret is unknown: show none of the values
+        return {name: "***" for name in action.params}
+    return {k: ("***" if k in secret else v) for k, v in action.params.items()}
+
+
+def action_json(
+    action: Action, catalog: Catalog | None = None, events: Sequence[AuditEvent] = ()
+) -> dict[str, Any]:
     return {
         "id": action.id,
         "action": action.action_type,
         "target": action.target,
         "environment": action.environment,
-        "params": masked(action, catalog),
+        "params": masked(action, catalog, events),
         "reason": action.reason,
         "incident": action.incident.model_dump(by_alias=True),
         "risk": action.risk,
@@ -130,7 +151,7 @@ def measurement_json(measurement: Measurement) -> dict[str, Any]:
 
 def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
     return {
-        "action": action_json(details.action, catalog),
+        "action": action_json(details.action, catalog, details.events),
         "decisions": [decision_json(d) for d in details.decisions],
         "approvals": [approval_json(a) for a in details.approvals],
         "execution": execution_json(details.execution) if details.execution else None,
@@ -249,7 +270,7 @@ def kv_table(rows: Mapping[str, Any], title: str | None = None) -> None:
 
 def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
     action = details.action
-    params = ", ".join(f"{k}={v}" for k, v in masked(action, catalog).items())
+    params = ", ".join(f"{k}={v}" for k, v in masked(action, catalog, details.events).items())
     kv_table(
         {
             "id": action.id,
