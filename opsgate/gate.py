@@ -188,7 +188,7 @@ class Gate:
         spec = validate(self.catalog, document)
         key = spec.proposal.idempotency_key
         if key is not None:
-            existing = self._existing_for_key(key, spec.spec_hash)
+            existing = self._existing_for_key(key, proposer, spec.spec_hash)
             if existing is not None:
                 return existing
         try:
@@ -198,7 +198,7 @@ class Gate:
                 action, decision = self._decide_and_store(tx, spec, proposer)
         except DuplicateIdempotencyKey:
             assert key is not None
-            existing = self._existing_for_key(key, spec.spec_hash)
+            existing = self._existing_for_key(key, proposer, spec.spec_hash)
             if existing is None:  # the other writer rolled back; nothing to return
                 raise StateConflict(f"idempotency key {key!r} is in use; retry") from None
             return existing
@@ -259,8 +259,8 @@ class Gate:
         )
         return action, decision
 
-    def _existing_for_key(self, key: str, digest: str) -> ProposeOutcome | None:
-        action = self.store.find_action_by_idempotency_key(key)
+    def _existing_for_key(self, key: str, proposer: Identity, digest: str) -> ProposeOutcome | None:
+        action = self.store.find_action_by_idempotency_key(key, proposer.id)
         if action is None:
             return None
         if action.spec_hash != digest:

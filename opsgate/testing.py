@@ -116,7 +116,10 @@ class MemoryTx:
         if action.id in self._t.actions:
             raise self._fail(f"action {action.id} already exists")
         key = action.idempotency_key
-        if key is not None and any(a.idempotency_key == key for a in self._t.actions.values()):
+        if key is not None and any(
+            a.idempotency_key == key and a.proposer.id == action.proposer.id
+            for a in self._t.actions.values()
+        ):
             raise DuplicateIdempotencyKey(
                 f"idempotency key {key!r} is already used by another action"
             )
@@ -343,10 +346,10 @@ class MemoryStore:
         with self._lock:
             return _copy(self._tables.actions.get(action_id))
 
-    def find_action_by_idempotency_key(self, key: str) -> Action | None:
+    def find_action_by_idempotency_key(self, key: str, proposer_id: str) -> Action | None:
         with self._lock:
             for action in self._tables.actions.values():
-                if action.idempotency_key == key:
+                if action.idempotency_key == key and action.proposer.id == proposer_id:
                     return _copy(action)
             return None
 

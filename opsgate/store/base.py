@@ -111,7 +111,8 @@ class Store(Protocol):
 
     def get_action(self, action_id: str) -> Action | None: ...
 
-    def find_action_by_idempotency_key(self, key: str) -> Action | None: ...
+    def find_action_by_idempotency_key(self, key: str, proposer_id: str) -> Action | None:
+        """This proposer's action with this key (keys are scoped to their proposer)."""
 
     def list_actions(
         self,

@@ -74,6 +74,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def _sqlite_pragma(conn: Connection, statement: str) -> None:
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
 # Serialises concurrent `migrate()` calls on one PostgreSQL database (any constant works).
 _MIGRATE_LOCK_KEY = 0x6F7073676174
 _AUDIT_PAGE = 500
@@ -282,10 +292,28 @@ class SqlStore:
     def migrate(self) -> None:
         """Upgrade the schema to the newest revision (alembic `upgrade head`)."""
         try:
-            with self._engine.begin() as conn:
-                if self.dialect == "postgresql":
-                    conn.execute(select(func.pg_advisory_xact_lock(_MIGRATE_LOCK_KEY)))
-                command.upgrade(alembic_config(conn), "head")
+            with self._engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    # SQLite changes a constraint by copying the table; with foreign keys on,
+                    # dropping the old copy would fail for every row that references it.
+                    # The documented procedure: keys off outside the transaction, checked
+                    # before commit, on again after (raw cursor: no BEGIN around a PRAGMA).
+                    _sqlite_pragma(conn, "PRAGMA foreign_keys = OFF")
+                try:
+                    with conn.begin():
+                        if self.dialect == "postgresql":
+                            conn.execute(select(func.pg_advisory_xact_lock(_MIGRATE_LOCK_KEY)))
+                        command.upgrade(alembic_config(conn), "head")
+                        if self.dialect == "sqlite":
+                            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                            if broken:
+                                raise StoreError(
+                                    f"migration left {len(broken)} broken references in "
+                                    f"{broken[0][0]}; nothing was changed"
+                                )
+                finally:
+                    if self.dialect == "sqlite":
+                        _sqlite_pragma(conn, "PRAGMA foreign_keys = ON")
         except CommandError as exc:  # e.g. the database is at a revision this code lacks
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed"
             raise StoreError(
@@ -307,8 +335,8 @@ class SqlStore:
         return action_from_row(rows[0]._mapping) if rows else None
 
     @_translate_errors
-    def find_action_by_idempotency_key(self, key: str) -> Action | None:
-        rows = self._all(_ACTION_BY_KEY, {"key": key})
+    def find_action_by_idempotency_key(self, key: str, proposer_id: str) -> Action | None:
+        rows = self._all(_ACTION_BY_KEY, {"key": key, "proposer_id": proposer_id})
         return action_from_row(rows[0]._mapping) if rows else None
 
     @_translate_errors
@@ -741,7 +769,10 @@ class SqlTx:
 # every call costs more than running it on SQLite.
 _SELECT_ACTION = select(actions).where(actions.c.id == bindparam("action_id"))
 _LOCK_ACTION = _SELECT_ACTION.with_for_update()
-_ACTION_BY_KEY = select(actions).where(actions.c.idempotency_key == bindparam("key"))
+_ACTION_BY_KEY = select(actions).where(
+    actions.c.idempotency_key == bindparam("key"),
+    actions.c.proposer_id == bindparam("proposer_id"),
+)
 _DUE_FOR_EXPIRY = (
     select(actions)
     .where(
@@ -791,7 +822,7 @@ _ROW_COUNTS = select(
 # ON CONFLICT on the key alone; any other constraint still raises.
 _INSERT_ACTION = {
     name: dialect.insert(actions)
-    .on_conflict_do_nothing(index_elements=[actions.c.idempotency_key])
+    .on_conflict_do_nothing(index_elements=[actions.c.proposer_id, actions.c.idempotency_key])
     .returning(actions.c.id)
     for name, dialect in (("postgresql", postgresql), ("sqlite", sqlite))
 }

@@ -99,7 +99,8 @@ actions = Table(
     # The report segment (severity, class, tier, environment, action, proposer kind) as
     # one small integer: reports group by it from covering indexes, not by six strings.
     Column("segment_id", Integer, nullable=True),
-    UniqueConstraint("idempotency_key"),
+    # Scoped to the proposer: one proposer's key never finds, nor blocks, another's action.
+    UniqueConstraint("proposer_id", "idempotency_key"),
     Index("ix_actions_state_created_at", "state", "created_at"),
     Index("ix_actions_target_environment_state", "target", "environment", "state"),
     Index("ix_actions_proposer_id", "proposer_id"),

@@ -1,4 +1,5 @@
 """Signed audit checkpoints: the chain's head, signed by the worker/server tier's key.
+Idempotency keys scoped to their proposer: unique per (proposer_id, idempotency_key).
 
 Revision ID: 0007
 Revises: 0005
@@ -30,8 +31,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_audit_checkpoints_seq", "audit_checkpoints", ["seq"])
+    with op.batch_alter_table("actions") as batch:
+        batch.drop_constraint("uq_actions_idempotency_key", type_="unique")
+        batch.create_unique_constraint(
+            "uq_actions_proposer_id_idempotency_key", ["proposer_id", "idempotency_key"]
+        )
 
 
 def downgrade() -> None:
+    # Fails if two proposers now share a key, as it must: the old constraint cannot hold.
+    with op.batch_alter_table("actions") as batch:
+        batch.drop_constraint("uq_actions_proposer_id_idempotency_key", type_="unique")
+        batch.create_unique_constraint("uq_actions_idempotency_key", ["idempotency_key"])
     op.drop_index("ix_audit_checkpoints_seq", table_name="audit_checkpoints")
     op.drop_table("audit_checkpoints")
