@@ -162,6 +162,8 @@ def param_json_schema(spec: ParamSpec) -> dict[str, Any]:
     """The JSON-schema view of a parameter, for `catalog show` and agents."""
     schema: dict[str, Any] = {"type": spec.type}
     for key in ("pattern", "minimum", "maximum", "enum", "default", "description"):
+        if key == "default" and spec.secret:
+            continue  # a secret default is a secret: `catalog show` and agents never see it
         value = getattr(spec, key)
         if value not in (None, ""):
             if key in ("minimum", "maximum") and spec.type == "integer":

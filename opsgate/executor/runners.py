@@ -3,6 +3,8 @@ and third-party runners from the `opsgate.runners` entry-point group."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import requests
 
@@ -82,10 +84,30 @@ def render_argv(argv: tuple[str, ...], values: Mapping[str, Any]) -> list[str]:
     return rendered
 
 
+def secret_forms(secret: str) -> list[str]:
+    """The ways a secret shows up in an error or a response body: as is, URL-encoded
+    (path and form style), base64 (standard and URL-safe, padded or not), JSON-escaped."""
+    raw = secret.encode("utf-8")
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        text = encoded.decode("ascii")
+        forms.update({text, text.rstrip("=")})
+    # Longest first, so a form is masked whole before a shorter one inside it.
+    return sorted((f for f in forms if len(f) >= 3 or f == secret), key=len, reverse=True)
+
+
 def mask(text: str, secrets: Collection[str]) -> str:
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            for form in secret_forms(secret):
+                text = text.replace(form, "***")
     return text
 
 

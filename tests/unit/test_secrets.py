@@ -1,0 +1,91 @@
+"""Secrets stay secret: every encoded form of a secret value is masked in step output
+and errors, a secret default is never printed, and the decision-log export marks as
+masked exactly the secret params, by flag."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+from urllib.parse import quote, quote_plus
+
+import pytest
+
+from opsgate.executor.runners import HttpRunner, mask
+from opsgate.models import Step
+from opsgate.policies.decision_log import masked_pointers
+from tests.unit.test_cli import ROOT, Cli
+
+SECRET = 'S3CRET/tok en?"\\ü'
+
+
+def forms(secret: str) -> list[str]:
+    raw = secret.encode()
+    return [
+        secret,
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+        base64.b64encode(raw).decode(),
+        base64.b64encode(raw).decode().rstrip("="),
+        base64.urlsafe_b64encode(raw).decode(),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    ]
+
+
+@pytest.mark.parametrize("form", forms(SECRET))
+def test_every_encoded_form_of_a_secret_is_masked(form: str) -> None:
+    text = f"GET /api?token={form} failed: 500 body={{'echo': '{form}'}}"
+    out = mask(text, [SECRET])
+    assert form not in out
+    assert out.count("***") == 2
+
+
+def test_the_issues_url_encoded_leak_through_an_http_error_is_masked() -> None:
+    secret = "S3CRET/tok en?"
+    step = Step.model_validate(
+        {"http": {"method": "GET", "url": "http://127.0.0.1:9/flags/{token}"}, "timeout": "1s"}
+    )
+    result = HttpRunner().run(step, {"token": secret}, secrets=[secret])
+    assert not result.ok and result.error
+    assert "S3CRET%2Ftok%20en%3F" not in result.error and secret not in result.error
+    assert "***" in result.error
+
+
+def test_a_short_secret_is_still_masked_as_is() -> None:
+    assert mask("pin=42;", ["42"]) == "pin=***;"
+
+
+def test_a_secret_default_is_never_printed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    catalog = tmp_path / "catalog"
+    shutil.copytree(ROOT / "catalog", catalog)
+    scale = catalog / "scale_deployment.yaml"
+    scale.write_text(
+        scale.read_text().replace(
+            "params:\n",
+            "params:\n  token: {type: string, secret: true, required: false, "
+            "default: hunter2-default}\n",
+            1,
+        )
+    )
+    cli = Cli(monkeypatch, capsys, tmp_path / "opsgate.db")
+    monkeypatch.setenv("OPSGATE_CATALOG", str(catalog))
+    shown = cli.json("catalog", "show", "scale_deployment")
+    assert shown["params"]["token"] == {"type": "string", "maxLength": 256, "secret": True}
+    code, out, _ = cli("catalog", "show", "scale_deployment")
+    assert code == 0 and "hunter2" not in out
+
+
+def test_the_decision_log_marks_secret_params_by_flag_not_by_value() -> None:
+    document = {
+        "action": {
+            "params": {"token": "***", "comment": "***", "replicas": 3},
+            "secret_params": ["token"],
+        }
+    }
+    # "comment" is literally "***" but not secret; "token" is secret.
+    assert masked_pointers(document) == ["/input/action/params/token"]
