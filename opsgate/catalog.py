@@ -87,7 +87,7 @@ def load_yaml_text(raw: bytes, source: str) -> Any:
 def step_placeholders(step: Step | None) -> set[str]:
     if step is None:
         return set()
-    parts: list[str] = list(step.argv or ())
+    parts: list[str] = list(step.argv or ()) + list((step.env or {}).values())
     if step.http is not None:
         parts.append(step.http.url)
         parts.append(repr(step.http.body))
@@ -95,6 +95,16 @@ def step_placeholders(step: Step | None) -> set[str]:
 
 
 def _check_placeholders(action: ActionType, source: str) -> None:
+    secret = {name for name, spec in action.params.items() if spec.secret}
+    for label, step in (("capture", action.capture), ("run", action.run), ("undo", action.undo)):
+        argv = step.argv if step is not None else None
+        in_argv = {m for part in (argv or ()) for m in _PLACEHOLDER.findall(part)} & secret
+        if in_argv:
+            raise InvalidInput(
+                f"{source}: {label}.argv",
+                f"secret param {{{sorted(in_argv)[0]}}} may not be in argv, where `ps` shows "
+                "it to every user; pass it in env",
+            )
     known = set(action.params) | BUILTIN_PLACEHOLDERS
     for label, step in (("capture", action.capture), ("run", action.run)):
         unknown = step_placeholders(step) - known

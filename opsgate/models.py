@@ -24,6 +24,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 # Ten years: beyond it a duration is a mistake, and date arithmetic would overflow.
 MAX_DURATION = 3650 * 86400.0
 # A verification step (interval, hold, timeout) or a runner step: at most a day.
@@ -173,6 +174,19 @@ class Step(Frozen):
     http: HttpSpec | None = None
     timeout: StepDuration = 60.0
     as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN)
+    # Extra environment variables of an argv step (values may use placeholders): the way
+    # to hand a step a secret, since argv is visible to every user through `ps`.
+    env: dict[str, str] | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name in value or {}:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"env name {name!r}: expected upper-case letters, digits, _")
+        if value is not None and len(value) > 64:
+            raise ValueError("at most 64 env variables")
+        return value
 
     @field_validator("argv", mode="before")
     @classmethod
@@ -187,6 +201,8 @@ class Step(Frozen):
             raise ValueError("a step needs argv (shell runner) or http")
         if self.argv is not None and len(self.argv) == 0:
             raise ValueError("argv cannot be empty")
+        if self.env is not None and self.argv is None:
+            raise ValueError("env is for argv steps")
         return self
 
 

@@ -143,6 +143,10 @@ class ShellRunner:
         if not step.argv:
             raise StepError("the shell runner needs argv")
         argv = render_argv(step.argv, values)
+        env = None
+        if step.env:
+            env = dict(os.environ)
+            env.update({k: render_text(v, values, where=f"env.{k}") for k, v in step.env.items()})
         started = time.monotonic()
         program = shutil.which(argv[0])
         if program is None:
@@ -152,6 +156,7 @@ class ShellRunner:
         try:
             process = subprocess.Popen(
                 guarded_argv(program, argv),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -89,3 +89,53 @@ def test_the_decision_log_marks_secret_params_by_flag_not_by_value() -> None:
     }
     # "comment" is literally "***" but not secret; "token" is secret.
     assert masked_pointers(document) == ["/input/action/params/token"]
+
+
+def test_a_secret_in_argv_is_refused_at_catalog_load(tmp_path: Path) -> None:
+    from opsgate.catalog import load_catalog
+    from opsgate.errors import InvalidInput
+
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    (catalog / "t.yaml").write_text(
+        "name: t\nparams:\n  token: {type: string, secret: true}\n"
+        'run: {argv: [curl, "-H", "Authorization: {token}", "http://x"]}\n'
+    )
+    with pytest.raises(InvalidInput, match=r"run\.argv.*secret param \{token\}.*env"):
+        load_catalog(catalog)
+
+
+def test_a_secret_reaches_a_shell_step_through_env_and_not_argv(tmp_path: Path) -> None:
+    from opsgate.executor.runners import ShellRunner
+
+    out = tmp_path / "seen"
+    script = (
+        'printf "%s" "$OPSGATE_TEST_TOKEN" > "$0.env"; '
+        'tr "\\0" " " < /proc/$$/cmdline > "$0.self"; '
+        'tr "\\0" " " < /proc/$PPID/cmdline > "$0.parent"'
+    )
+    step = Step.model_validate(
+        {"argv": ["/bin/sh", "-c", script, str(out)], "env": {"OPSGATE_TEST_TOKEN": "{token}"}}
+    )
+    result = ShellRunner().run(step, {"token": SECRET}, secrets=[SECRET])
+    assert result.ok, result
+    assert Path(f"{out}.env").read_text() == SECRET
+    for argv_file in (f"{out}.self", f"{out}.parent"):
+        seen = Path(argv_file).read_text()
+        assert seen and SECRET not in seen and "S3CRET" not in seen
+
+
+@pytest.mark.parametrize(
+    ("step", "problem"),
+    [
+        ({"argv": ["true"], "env": {"lower": "x"}}, "env name"),
+        ({"argv": ["true"], "env": {"A=B": "x"}}, "env name"),
+        ({"http": {"method": "GET", "url": "http://127.0.0.1:9"}, "env": {"A": "x"}}, "argv"),
+        ({"argv": ["true"], "env": {f"V{i}": "x" for i in range(65)}}, "at most 64"),
+    ],
+)
+def test_malformed_step_env_is_refused(step: dict[str, object], problem: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=problem):
+        Step.model_validate(step)
