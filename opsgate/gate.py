@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,13 +24,20 @@ from opsgate.models import (
     Identity,
     Measurement,
 )
-from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE, PolicyEngine, PolicyResult
+from opsgate.policies.engine import (
+    APPROVAL_RULE,
+    DECISION_RULE,
+    PolicyEngine,
+    PolicyResult,
+    unavailable,
+)
 from opsgate.policies.input import build_input
 from opsgate.preconditions import CheckContext, PreconditionRegistry, PreconditionResult
 from opsgate.proposals import ValidatedProposal, spec_hash, validate
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
 
 SYSTEM_ACTOR = "opsgate"
+OPTIMISTIC_TRIES = 3
 SECRET_PARAMS_KEY = "secret_params"  # noqa: S105 - a key name, not a secret
 MAX_COMMENT_LENGTH = 2000
 
@@ -46,6 +55,54 @@ def shadow_json(result: PolicyResult) -> dict[str, Any]:
         "revision": result.revision,
         "error": result.error,
     }
+
+
+class _DecisionThreads:
+    """A few long-lived daemon threads that evaluate preconditions and policy, so the
+    caller can stop waiting at a deadline. Long-lived, because engines keep one
+    interpreter (or HTTP session) per thread; daemon, because an evaluation that never
+    ends must not keep the process alive. A hung one holds its thread: the others serve
+    on, and when all are held every decision is denied at its deadline."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[], Any], dict[str, Any], threading.Event]
+        ] = queue.SimpleQueue()
+        self._started = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], Any], seconds: float) -> tuple[bool, Any]:
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        with self._lock:
+            if self._idle == 0 and self._started < self._size:
+                self._started += 1
+                threading.Thread(target=self._serve, name="opsgate-decide", daemon=True).start()
+            else:
+                self._idle -= 1  # claimed by this job; its thread re-counts itself when free
+            self._queue.put((work, box, done))
+        if not done.wait(max(seconds, 0.0)):
+            return False, None
+        if "error" in box:
+            raise box["error"]
+        return True, box["value"]
+
+    def _serve(self) -> None:
+        while True:
+            work, box, done = self._queue.get()
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # handed to the caller, who decides
+                box["error"] = exc
+            finally:
+                done.set()
+                with self._lock:
+                    self._idle += 1
+
+
+_DECISIONS = _DecisionThreads(size=8)
 
 
 @dataclass(frozen=True)
@@ -115,6 +172,30 @@ class Gate:
     freeze_windows: Callable[[], list[Mapping[str, Any]]] = list
     clock: Callable[[], datetime] = utcnow
     shadow: PolicyEngine | None = None  # evaluated beside `engine`, never enforced
+    # Preconditions, then the policy, must answer within this; past it the decision is a
+    # deny (missing_precondition, policy_engine_unavailable), never a wait.
+    decision_deadline: float = 5.0
+
+    def _within(self, seconds: float, work: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run `work` on a decision thread; (False, None) if it is not done in time."""
+        return _DECISIONS.run(work, seconds)
+
+    def policy(
+        self, rule: str, document: Mapping[str, Any], deadline: float
+    ) -> tuple[PolicyResult, PolicyResult | None]:
+        """The engine's (and shadow's) verdict, or `policy_engine_unavailable` past the
+        deadline (a monotonic time)."""
+
+        def ask() -> tuple[PolicyResult, PolicyResult | None]:
+            result = self.engine.evaluate(rule, document)
+            shadow = self.shadow.evaluate(rule, document) if self.shadow else None
+            return result, shadow
+
+        finished, value = self._within(deadline - time.monotonic(), ask)
+        if not finished:
+            return unavailable(f"no decision within {self.decision_deadline:g}s"), None
+        result, shadow = value
+        return result, shadow
 
     # --- deciding --------------------------------------------------------------------
 
@@ -141,19 +222,22 @@ class Gate:
             active = reader.count_active_on_target(
                 proposal.target, proposal.environment, exclude_id=exclude_id
             )
-        checks = self.preconditions.evaluate(
-            CheckContext(
-                action_type=spec.action_type,
-                target=proposal.target,
-                environment=proposal.environment,
-                params=spec.params,
-                now=now,
-                active_on_target=active,
-                freeze_windows=self.freeze_windows(),
-                verification=spec.verification,
-                phase=phase,
-            )
+        context = CheckContext(
+            action_type=spec.action_type,
+            target=proposal.target,
+            environment=proposal.environment,
+            params=spec.params,
+            now=now,
+            active_on_target=active,
+            freeze_windows=self.freeze_windows(),
+            verification=spec.verification,
+            phase=phase,
         )
+        answered, checks = self._within(
+            self.decision_deadline, lambda: self.preconditions.evaluate(context)
+        )
+        if not answered:  # a hung Prometheus: decide on what is known, fail closed
+            checks = self.preconditions.timed_out(context, self.decision_deadline)
         document = build_input(
             action_type=spec.action_type,
             target=proposal.target,
@@ -170,9 +254,11 @@ class Gate:
             active_on_target=active,
         )
         started = time.perf_counter()
-        result = self.engine.evaluate(DECISION_RULE, document)
+        # Its own deadline: timed-out preconditions still get a decision that names them.
+        result, shadow = self.policy(
+            DECISION_RULE, document, time.monotonic() + self.decision_deadline
+        )
         elapsed = (time.perf_counter() - started) * 1000
-        shadow = self.shadow.evaluate(DECISION_RULE, document) if self.shadow else None
         return Evaluation(result, document, checks, self.engine.name, elapsed, shadow)
 
     def dry_run(self, document: Any, proposer: Identity) -> tuple[ValidatedProposal, Decision]:
@@ -192,10 +278,7 @@ class Gate:
             if existing is not None:
                 return existing
         try:
-            with self.store.transaction() as tx:
-                # Decided inside the write transaction, so the concurrency count it saw
-                # is still true when the action is stored.
-                action, decision = self._decide_and_store(tx, spec, proposer)
+            action, decision = self._decide_then_store(spec, proposer)
         except DuplicateIdempotencyKey:
             assert key is not None
             existing = self._existing_for_key(key, proposer, spec.spec_hash)
@@ -204,12 +287,35 @@ class Gate:
             return existing
         return ProposeOutcome(action, decision)
 
-    def _decide_and_store(
-        self, tx: StoreTx, spec: ValidatedProposal, proposer: Identity
+    def _decide_then_store(
+        self, spec: ValidatedProposal, proposer: Identity
     ) -> tuple[Action, Decision]:
-        now = self.clock()
+        """Decide with no transaction open (a slow policy or Prometheus must not hold the
+        store's write lock), then store only if the concurrency count the decision saw
+        is still true; else decide again. After a few tries, decide under the lock."""
+        proposal = spec.proposal
+        for _ in range(OPTIMISTIC_TRIES):
+            now = self.clock()
+            evaluation = self.evaluate(spec, proposer, now=now)
+            seen = evaluation.input.get("context", {}).get("active_on_target")
+            with self.store.transaction() as tx:
+                active = tx.count_active_on_target(proposal.target, proposal.environment)
+                if active == seen:
+                    return self._store_decided(tx, spec, proposer, evaluation, now)
+        with self.store.transaction() as tx:
+            now = self.clock()
+            evaluation = self.evaluate(spec, proposer, now=now, tx=tx)
+            return self._store_decided(tx, spec, proposer, evaluation, now)
+
+    def _store_decided(
+        self,
+        tx: StoreTx,
+        spec: ValidatedProposal,
+        proposer: Identity,
+        evaluation: Evaluation,
+        now: datetime,
+    ) -> tuple[Action, Decision]:
         key = spec.proposal.idempotency_key
-        evaluation = self.evaluate(spec, proposer, now=now, tx=tx)
         action_id = new_id()
         decision = evaluation.decision(action_id=action_id, phase="propose", at=now)
         state = ActionState.PENDING_APPROVAL if decision.allow else ActionState.BLOCKED
@@ -411,9 +517,10 @@ class Gate:
         document = dict(proposed[0].input) if proposed else {}
         document["approver"] = {"id": approver.id, "kind": approver.kind}
         started = time.perf_counter()
-        result = self.engine.evaluate(APPROVAL_RULE, document)
+        result, shadow = self.policy(
+            APPROVAL_RULE, document, time.monotonic() + self.decision_deadline
+        )
         elapsed = (time.perf_counter() - started) * 1000
-        shadow = self.shadow.evaluate(APPROVAL_RULE, document) if self.shadow else None
         return Evaluation(result, document, [], self.engine.name, elapsed, shadow)
 
     def prove_approvals(
@@ -435,6 +542,7 @@ class Gate:
         counted: dict[str, datetime] = {}
         dropped: list[str] = []
         earliest = action.created_at
+        deadline = time.monotonic() + self.decision_deadline
         for approval in tx.approvals_for(action.id):
             who = approval.approver
             if (
@@ -448,8 +556,8 @@ class Gate:
                 continue
             if who.id in counted:
                 continue
-            verdict = self.engine.evaluate(
-                APPROVAL_RULE, {**document, "approver": {"id": who.id, "kind": who.kind}}
+            verdict, _ = self.policy(
+                APPROVAL_RULE, {**document, "approver": {"id": who.id, "kind": who.kind}}, deadline
             )
             if verdict.allow:
                 counted[who.id] = approval.created_at
