@@ -17,7 +17,11 @@ DEFAULT_DB = "sqlite:///opsgate.db"
 
 # A TTL of weeks is a standing approval; one of a second, a typo. The same for leases.
 MAX_SETTING_DURATION = 30 * 86400.0
-_DURATION_BOUNDS = {"approval_ttl": (1.0, MAX_SETTING_DURATION), "lease": (1.0, 86400.0)}
+_DURATION_BOUNDS = {
+    "approval_ttl": (1.0, MAX_SETTING_DURATION),
+    "lease": (1.0, 86400.0),
+    "decision_deadline": (0.1, 300.0),
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Settings:
     # The Ed25519 private key (PEM) that signs audit checkpoints: workers and the server
     # hold it, people and agents never do.
     audit_key: Path | None = None
+    # Preconditions, then the policy, must answer within this; past it: a deny.
+    decision_deadline: float = 5.0
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, toml_path: Path | None = None) -> Settings:
@@ -84,7 +90,13 @@ class Settings:
                 if value not in {"push", "external"}:
                     raise ConfigError("OPSGATE_OPA_MODE: expected push or external")
                 converted[name] = value
-            elif name in {"approval_ttl", "prometheus_timeout", "lease", "opa_timeout"}:
+            elif name in {
+                "approval_ttl",
+                "prometheus_timeout",
+                "lease",
+                "opa_timeout",
+                "decision_deadline",
+            }:
                 try:
                     converted[name] = parse_duration(value)
                 except ValueError as exc:

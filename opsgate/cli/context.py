@@ -84,6 +84,7 @@ class CliConfig:
                 catalog=self.catalog,
                 engine=self.engine,
                 approval_ttl=self.settings.approval_ttl,
+                decision_deadline=self.settings.decision_deadline,
                 freeze_windows=lambda: _freeze_windows(policies),
                 preconditions=PreconditionRegistry(prometheus_checks(self.optional_provider())),
                 shadow=self.shadow_engine(),

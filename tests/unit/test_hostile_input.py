@@ -169,3 +169,10 @@ def test_since_out_of_range_is_exit_2(cli: Cli, since: str) -> None:
         code, _, err = cli(*command)
         assert code == 2, (command, err)
         assert "--since" in err and "unexpected" not in err
+
+
+@pytest.mark.parametrize("value", ["0s", "0.01s", "6m", "nan"])
+def test_the_decision_deadline_has_bounds(cli: Cli, value: str) -> None:
+    cli.monkeypatch.setenv("OPSGATE_DECISION_DEADLINE", value)
+    code, _, err = cli("queue")
+    assert code == 2 and "OPSGATE_DECISION_DEADLINE" in err
