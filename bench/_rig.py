@@ -158,3 +158,33 @@ def child_pythonpath() -> None:
 
 def pid_tag() -> str:
     return str(os.getpid())
+
+
+def run_facts() -> str:
+    """What a reader needs to reproduce a figure: commit, machine, interpreter, time."""
+    import platform
+    import subprocess
+    from datetime import UTC, datetime
+
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        if dirty:
+            commit += " (with uncommitted changes)"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    return (
+        f"commit {commit}; {os.cpu_count()} cores, {platform.machine()}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}; "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"
+    )

@@ -141,6 +141,9 @@ class TimedProvider:
     def check_health(self) -> ProviderHealth:
         return self.inner.check_health()
 
+    def scrape_interval(self) -> float | None:
+        return self.inner.scrape_interval()
+
     def timed_sink(self, inner: Callable[[TickReport], None]) -> Callable[[TickReport], None]:
         """The executor's sink (one store transaction per tick), timed."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from pydantic import ValidationError
 
 from opsgate.errors import InvalidInput
 from opsgate.models import ActionType, ParamSpec, Step
+from opsgate.verification.lint import Finding, lint_action_type
+from opsgate.verification.provider import PROMETHEUS_DEFAULT_SCRAPE_INTERVAL
 
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 BUILTIN_PLACEHOLDERS = frozenset({"target", "environment"})
@@ -136,6 +138,8 @@ class Catalog:
     types: Mapping[str, ActionType]
     revision: str
     directory: Path | None = None
+    # Verifications that cannot be met as written (opsgate.verification.lint).
+    warnings: tuple[Finding, ...] = field(default=())
 
     def get(self, name: str) -> ActionType:
         try:
@@ -151,8 +155,18 @@ class Catalog:
         return len(self.types)
 
 
-def load_catalog(directory: Path) -> Catalog:
-    """Load every *.yaml / *.yml under `directory`; a broken file names file and field."""
+def load_catalog(
+    directory: Path,
+    *,
+    strict: bool = False,
+    scrape_interval: float | None = None,
+) -> Catalog:
+    """Load every *.yaml / *.yml under `directory`; a broken file names file and field.
+
+    Each verification is linted with `scrape_interval` (default: Prometheus's own 60s
+    default): findings are kept as `warnings`, or refuse the file when `strict`."""
+    interval = PROMETHEUS_DEFAULT_SCRAPE_INTERVAL if scrape_interval is None else scrape_interval
+    warnings: list[Finding] = []
     if not directory.is_dir():
         raise InvalidInput("catalog", f"{directory} is not a directory (set OPSGATE_CATALOG)")
     types: dict[str, ActionType] = {}
@@ -164,8 +178,17 @@ def load_catalog(directory: Path) -> Catalog:
         action = parse_action_type(load_yaml_text(raw, str(path)), str(path))
         if action.name in types:
             raise InvalidInput(str(path), f"action type {action.name!r} is defined twice")
+        findings = lint_action_type(action, scrape_interval=interval)
+        if strict and findings:
+            raise InvalidInput(f"{path}: {findings[0].field}", findings[0].message)
+        warnings.extend(findings)
         types[action.name] = action
-    return Catalog(types=types, revision="sha256:" + digest.hexdigest(), directory=directory)
+    return Catalog(
+        types=types,
+        revision="sha256:" + digest.hexdigest(),
+        directory=directory,
+        warnings=tuple(warnings),
+    )
 
 
 def param_json_schema(spec: ParamSpec) -> dict[str, Any]:

@@ -48,6 +48,10 @@ class Settings:
     prometheus_password: str | None = None
     prometheus_ca_file: str | None = None
     prometheus_timeout: float = 5.0
+    # The scrape term of the post-change evidence floor; None asks Prometheus.
+    prometheus_scrape_interval: float | None = None
+    # Refuse (instead of warn about) a catalog whose verification cannot be met as written.
+    catalog_strict: bool = False
     lease: float = 30.0  # a worker's claim lapses this long after its last heartbeat
     worker_concurrency: int = 4  # runner steps (capture/run/undo) at once per worker
     # The Ed25519 private key (PEM) that signs audit checkpoints: workers and the server
@@ -90,9 +94,15 @@ class Settings:
                 if value not in {"push", "external"}:
                     raise ConfigError("OPSGATE_OPA_MODE: expected push or external")
                 converted[name] = value
+            elif name == "catalog_strict":
+                text = str(value).strip().lower()
+                if text not in {"1", "0", "true", "false", "yes", "no"}:
+                    raise ConfigError("OPSGATE_CATALOG_STRICT: expected true or false")
+                converted[name] = text in {"1", "true", "yes"}
             elif name in {
                 "approval_ttl",
                 "prometheus_timeout",
+                "prometheus_scrape_interval",
                 "lease",
                 "opa_timeout",
                 "decision_deadline",

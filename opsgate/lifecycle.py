@@ -14,7 +14,7 @@ from opsgate.store.base import StoreTx
 
 S = ActionState
 
-# Every edge of DESIGN.md's lifecycle; anything else is refused, never applied.
+# Every edge of the lifecycle (docs/design.md, "Lifecycle"); anything else is refused.
 TRANSITIONS: dict[ActionState, frozenset[ActionState]] = {
     S.PROPOSED: frozenset({S.BLOCKED, S.PENDING_APPROVAL}),
     S.PENDING_APPROVAL: frozenset({S.APPROVED, S.REJECTED, S.EXPIRED, S.CANCELLED}),

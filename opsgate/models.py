@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from opsgate.verification.lookback import query_lookback
+
 MAX_REASON_LENGTH = 2000
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 TARGET_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
@@ -227,12 +229,24 @@ class Range(Frozen):
         return not (self.max is not None and value > self.max)
 
 
+def _bounded_lookback(query: str) -> str:
+    """A signal's query must say how far back it reads: the post-change evidence floor
+    rests on it (docs/design.md, "Post-change evidence")."""
+    query_lookback(query)
+    return query
+
+
 class Signal(Frozen):
     """A PromQL query whose value must stay in `pass` for the action to be verified."""
 
     name: str = Field(pattern=NAME_PATTERN)
     query: str = Field(min_length=1, max_length=4000)
     pass_: Range = Field(alias="pass")
+
+    @field_validator("query")
+    @classmethod
+    def _lookback_known(cls, value: str) -> str:
+        return _bounded_lookback(value)
 
 
 class StopCondition(Frozen):
@@ -247,6 +261,9 @@ class VerificationSpec(Frozen):
     interval: StepDuration = 10.0
     hold: StepDuration = 120.0
     timeout: StepDuration = 600.0
+    # Signal measurements taken before this many seconds after `run` ended are stored
+    # but not counted (settling); it only ever lengthens the post-change evidence floor.
+    initial_delay: StepDuration = 0.0
     signals: tuple[Signal, ...] = ()
     stop_conditions: tuple[StopCondition, ...] = ()
     failure_limit: int = Field(default=2, ge=0)
@@ -280,6 +297,21 @@ class ActionType(Frozen):
     undo: Step | None = None
     preconditions: tuple[str, ...] = ()
     verification: VerificationSpec = Field(default_factory=VerificationSpec)
+    # Where post-change evidence may start: after `run` ended (the default), or after it
+    # started, for a step that keeps running while its effect is already live (a slow
+    # rollout). Only the action type can say so, and it must say why.
+    evidence_after: Literal["run_end", "run_start"] = "run_end"
+    evidence_after_reason: str | None = Field(default=None, max_length=500)
+
+    @model_validator(mode="after")
+    def _evidence_rule_explained(self) -> ActionType:
+        reason = (self.evidence_after_reason or "").strip()
+        if self.evidence_after == "run_start" and len(reason) < 10:
+            raise ValueError(
+                "evidence_after: run_start needs evidence_after_reason saying why evidence "
+                "taken while run is under way shows the change"
+            )
+        return self
 
     @field_validator("params")
     @classmethod
@@ -436,6 +468,9 @@ class Measurement(Frozen):
     value: float | None
     outcome: Literal["pass", "fail", "inconclusive", "error"]
     detail: str = ""
+    # Evidence that did not count toward hold or failure_limit: `pre_change` (its query
+    # window still reached back before the change) or `settling` (initial_delay).
+    not_counted: Literal["pre_change", "settling"] | None = None
 
 
 ExecutionOutcome = Literal[

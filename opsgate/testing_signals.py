@@ -36,8 +36,11 @@ class StaticSignalProvider:
         *,
         default: StaticValue | object = _MISSING,
         clock: Callable[[], datetime] = _utcnow,
+        scrape_interval: float | None = 0.0,
     ) -> None:
         self.values: dict[str, StaticValue] = dict(values or {})
+        # Values set here are live at once: no scrape lag unless a test asks for one.
+        self._scrape_interval = scrape_interval
         self.default = default
         self.healthy = True
         self.calls: list[str] = []
@@ -66,6 +69,9 @@ class StaticSignalProvider:
 
     def query_many(self, queries: Sequence[str]) -> dict[str, QueryResult]:
         return {q: self.query(q) for q in dict.fromkeys(queries)}
+
+    def scrape_interval(self) -> float | None:
+        return self._scrape_interval
 
     def check_health(self) -> ProviderHealth:
         if self.healthy:

@@ -97,6 +97,50 @@ def catalog_show(config: CliConfig, name: str, as_json: bool) -> None:
     click.echo(yaml.safe_dump(document, sort_keys=False, width=100))
 
 
+@catalog.command("lint")
+@json_option
+@pass_config
+def catalog_lint(config: CliConfig, as_json: bool) -> None:
+    """Verifications that cannot be met as written; exit 1 if there is one.
+
+    The post-change evidence floor needs the scrape interval: OPSGATE_PROMETHEUS_SCRAPE_INTERVAL,
+    else what the configured Prometheus says, else Prometheus's default of 60s.
+    """
+    from opsgate.catalog import load_catalog
+    from opsgate.verification.provider import PROMETHEUS_DEFAULT_SCRAPE_INTERVAL
+
+    interval = config.settings.prometheus_scrape_interval
+    source = "OPSGATE_PROMETHEUS_SCRAPE_INTERVAL"
+    if interval is None:
+        provider = config.optional_provider()
+        asked = provider.scrape_interval() if provider is not None else None
+        interval, source = (
+            (asked, "Prometheus configuration")
+            if asked is not None
+            else (PROMETHEUS_DEFAULT_SCRAPE_INTERVAL, "Prometheus's default")
+        )
+    loaded = load_catalog(config.settings.catalog, scrape_interval=interval)
+    findings = list(loaded.warnings)
+    if as_json:
+        echo_json(
+            {
+                "scrape_interval": interval,
+                "scrape_interval_from": source,
+                "findings": [
+                    {"action_type": f.action_type, "field": f.field, "message": f.message}
+                    for f in findings
+                ],
+            }
+        )
+    else:
+        click.echo(f"scrape interval {interval:g}s ({source})")
+        for finding in findings:
+            click.echo(str(finding))
+        click.echo(f"{len(findings)} finding(s) in {len(loaded)} action types")
+    if findings:
+        raise SystemExit(1)
+
+
 @click.group()
 def audit() -> None:
     """The hash-chained audit trail."""

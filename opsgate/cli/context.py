@@ -46,7 +46,11 @@ class CliConfig:
     @property
     def catalog(self) -> Catalog:
         if self._catalog is None:
-            self._catalog = load_catalog(self.settings.catalog)
+            self._catalog = load_catalog(
+                self.settings.catalog,
+                strict=self.settings.catalog_strict,
+                scrape_interval=self.settings.prometheus_scrape_interval,
+            )
         return self._catalog
 
     @property

@@ -156,7 +156,12 @@ def check_catalog(config: CliConfig) -> Check:
     facts["action_types"] = count
     if count == 0:
         return Check("catalog", False, f"{directory} has no action types", facts=facts)
-    return Check("catalog", True, f"{directory}: {count} action types", facts=facts)
+    warnings = [str(w) for w in config.catalog.warnings]
+    facts["warnings"] = warnings
+    detail = f"{directory}: {count} action types"
+    if warnings:
+        detail += f"; {len(warnings)} warning(s), see `opsgate catalog lint`: {warnings[0]}"
+    return Check("catalog", True, detail, facts=facts)
 
 
 def check_prometheus(config: CliConfig) -> Check:

@@ -44,6 +44,7 @@ def build_executor(
         RunnerRegistry(),
         lease=config.settings.lease,
         concurrency=concurrency or config.settings.worker_concurrency,
+        scrape_interval=config.settings.prometheus_scrape_interval,
         on_event=on_event,
     )
 
@@ -194,6 +195,8 @@ def worker(
         with sigterm_as_interrupt():
             executor.start()
             click.echo(f"worker {executor.worker_id} started", err=True)
+            for warning in config.catalog.warnings:
+                click.echo(f"catalog warning: {warning}", err=True)
             try:
                 next_expiry = 0.0
                 backoff = poll

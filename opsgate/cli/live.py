@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from opsgate.cli.render import shown
+from opsgate.cli.render import evidence_note, shown
 from opsgate.executor.executor import ExecutorEvent
 from opsgate.models import Range
 from opsgate.verification.evaluator import remaining_hold
@@ -35,6 +35,10 @@ def fmt_range(r: Range) -> str:
     if r.min is not None:
         return f">= {r.min:g}"
     return f"<= {r.max:g}"
+
+
+def _outcome_label(outcome: str, not_counted: str | None) -> str:
+    return f"{outcome} ({not_counted.replace('_', '-')})" if not_counted else outcome
 
 
 class PlainView:
@@ -58,11 +62,17 @@ class PlainView:
             for record in watch.last_records:
                 lines.append(
                     f"{prefix}{watch.phase} {record.name}="
-                    f"{'-' if record.value is None else f'{record.value:.6g}'} {record.outcome}"
+                    f"{'-' if record.value is None else f'{record.value:.6g}'} "
+                    f"{_outcome_label(record.outcome, record.not_counted)}"
                 )
             if watch.phase != "run" and not watch.state.done:
-                left = remaining_hold(watch.spec, watch.state, datetime.now(UTC))
-                lines.append(f"{prefix}{watch.phase} hold {left:.0f}s to go")
+                now = datetime.now(UTC)
+                note = evidence_note(watch.state, now)
+                if note is not None:
+                    lines.append(f"{prefix}{watch.phase} {note}")
+                else:
+                    left = remaining_hold(watch.spec, watch.state, now)
+                    lines.append(f"{prefix}{watch.phase} hold {left:.0f}s to go")
         elif event.kind != "finished" or self.prefix_ids:
             lines.append(f"{prefix}{event.kind}: {event.message}")
         with self._lock:
@@ -120,15 +130,20 @@ class LiveView:
                 value = "-" if record is None or record.value is None else f"{record.value:.4g}"
                 outcome = record.outcome if record else "waiting"
                 style = _STYLE.get(outcome, "dim")
-                table.add_row(
-                    kind, escape(shown(name)), value, shown_range, f"[{style}]{outcome}[/]"
-                )
+                if record is not None and record.not_counted:
+                    style = "dim"
+                label = _outcome_label(outcome, record.not_counted if record else None)
+                table.add_row(kind, escape(shown(name)), value, shown_range, f"[{style}]{label}[/]")
             parts.append(table)
             if watch.phase != "run":
-                left = remaining_hold(watch.spec, watch.state, datetime.now(UTC))
-                elapsed = (datetime.now(UTC) - watch.state.started_at).total_seconds()
+                now = datetime.now(UTC)
+                left = remaining_hold(watch.spec, watch.state, now)
+                elapsed = (now - watch.state.started_at).total_seconds()
+                note = evidence_note(watch.state, now)
                 line = (
-                    f"{watch.phase}: hold {left:.0f}s to go of {watch.spec.hold:g}s · "
+                    f"{watch.phase}: "
+                    + (f"{note} · " if note and not watch.state.done else "")
+                    + f"hold {left:.0f}s to go of {watch.spec.hold:g}s · "
                     f"{elapsed:.0f}s of timeout {watch.spec.timeout:g}s"
                 )
                 if watch.phase == "verify":  # a rollback's verification counts no failures

@@ -15,6 +15,7 @@ from opsgate.catalog import Catalog
 from opsgate.gate import SECRET_PARAMS_KEY, ActionDetails
 from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
 from opsgate.safe_text import shown, shown_block
+from opsgate.verification.evaluator import VerificationState, evidence_wait
 
 __all__ = ["shown", "shown_block"]  # re-exported for the other commands
 
@@ -146,6 +147,8 @@ def measurement_json(measurement: Measurement) -> dict[str, Any]:
         "value": measurement.value,
         "outcome": measurement.outcome,
         "detail": measurement.detail,
+        "counted": measurement.not_counted is None,
+        "not_counted": measurement.not_counted,
     }
 
 
@@ -164,6 +167,34 @@ def fmt_value(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
+def evidence_note(state: VerificationState, now: datetime) -> str | None:
+    """ "waiting for post-change evidence (12s)" while signal measurements do not count."""
+    why, left = evidence_wait(state, now)
+    if why == "pre_change":
+        return f"waiting for post-change evidence ({left:.0f}s)"
+    if why == "settling":
+        return f"settling: initial delay ({left:.0f}s)"
+    return None
+
+
+def _evidence_row(stored: Mapping[str, Any] | None, finished: datetime | None) -> str | None:
+    """While verifying: how long until measurements count; afterwards: from when they did."""
+    if not stored:
+        return None
+    try:
+        state = VerificationState.model_validate(dict(stored))
+    except ValueError:
+        return None
+    starts = state.counting_starts()
+    if starts is None:
+        return None
+    if finished is None and not state.done:
+        note = evidence_note(state, datetime.now(UTC))
+        if note is not None:
+            return note
+    return f"counted from {ts(starts)}"
+
+
 def show_execution(execution: Execution, measurements: Sequence[Measurement]) -> None:
     rows: dict[str, Any] = {
         "worker": execution.worker_id,
@@ -176,6 +207,7 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
             execution.run_error,
         ),
         "verification started": ts(execution.verify_started_at),
+        "post-change evidence": _evidence_row(execution.verify_state, execution.finished_at),
         "outcome": execution.outcome,
         "reason": execution.reason or None,
     }
@@ -193,6 +225,9 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
             execution.undo_finished_at,
             execution.undo_exit_code,
             execution.undo_error,
+        )
+        rows["rollback evidence"] = _evidence_row(
+            execution.rollback_verify_state, execution.finished_at
         )
         rows["rollback verified"] = ts(execution.rollback_verified_at) or "not verified"
         if execution.rollback_time is not None:
@@ -217,7 +252,11 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
             m.phase,
             escape(shown(m.name)),
             fmt_value(m.value),
-            f"[{style[m.outcome]}]{m.outcome}[/]",
+            (
+                f"[dim]{m.outcome} ({m.not_counted.replace('_', '-')})[/]"
+                if m.not_counted
+                else f"[{style[m.outcome]}]{m.outcome}[/]"
+            ),
             escape(shown(m.detail)),
         )
     console().print(table)

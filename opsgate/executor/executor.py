@@ -50,7 +50,9 @@ from opsgate.verification.hub import (
     rollback_check,
     stop_only,
 )
+from opsgate.verification.lookback import evidence_floor
 from opsgate.verification.promql import render_query
+from opsgate.verification.provider import PROMETHEUS_DEFAULT_SCRAPE_INTERVAL
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +153,14 @@ class Executor:
         concurrency: int = 4,
         clock: Callable[[], datetime] = utcnow,
         on_event: Callable[[ExecutorEvent], None] | None = None,
+        scrape_interval: float | None = None,
+        fallback_scrape_interval: float = PROMETHEUS_DEFAULT_SCRAPE_INTERVAL,
     ) -> None:
         self.store = store
+        # Configured: used as is. None: asked of the provider per verification, and
+        # `fallback_scrape_interval` when it cannot say.
+        self.scrape_interval = scrape_interval
+        self.fallback_scrape_interval = fallback_scrape_interval
         self.gate = gate
         self.hub = hub
         self.runners = runners or RunnerRegistry()
@@ -490,7 +498,7 @@ class Executor:
         if self._draining:  # nothing has run yet: the next worker starts it cleanly
             self._hand_over(held, f"worker {self.worker_id} is shutting down")
             return
-        now = self.clock()
+        now = run_started_at = self.clock()
         # Stored before the step starts: from here on, `run` may have changed something.
         self._update(action.id, "execution.run_started", run_started_at=now)
         failpoint("after_run_started")
@@ -509,10 +517,11 @@ class Executor:
         result = self._run_step(held, "run", action_type.run)
         if watch is not None:
             self.hub.unwatch(watch)
+        run_finished_at = self.clock()
         self._update(
             action.id,
             "execution.run_finished",
-            run_finished_at=self.clock(),
+            run_finished_at=run_finished_at,
             run_exit_code=result.exit_code,
             run_output=result.output,
             run_error=result.error,
@@ -540,7 +549,31 @@ class Executor:
                 data={"exit_code": result.exit_code},
             )  # fmt: skip
         self._emit("state", action.id, "verifying", state=S.VERIFYING)
-        self._watch(held, "verify", action.verification, now, self._after_verify)
+        fresh = self._fresh_state(held, now, run_started_at, run_finished_at)
+        self._watch(held, "verify", action.verification, now, self._after_verify, resume=fresh)
+
+    def _scrape_interval(self) -> float:
+        if self.scrape_interval is not None:
+            return self.scrape_interval
+        asked = self.hub.provider.scrape_interval()
+        return self.fallback_scrape_interval if asked is None else asked
+
+    def _fresh_state(
+        self, held: _Held, now: datetime, step_started: datetime | None, step_finished: datetime
+    ) -> VerificationState:
+        """A verification that counts signal measurements only once their data postdates
+        the step (`run`, or `undo` for a rollback): docs/design.md, "Post-change
+        evidence"."""
+        spec = held.action.verification
+        queries = [held.rendered[s.name] for s in spec.signals if s.name in held.rendered]
+        floor = evidence_floor(queries, self._scrape_interval())
+        anchor = step_finished
+        if held.action_type.evidence_after == "run_start" and step_started is not None:
+            anchor = step_started
+        settled_at = now + timedelta(seconds=spec.initial_delay) if spec.initial_delay else None
+        return VerificationState.start(
+            now, evidence_from=anchor + timedelta(seconds=floor), settled_at=settled_at
+        )
 
     def _watch(
         self,
@@ -659,12 +692,14 @@ class Executor:
         action_id = held.action.id
         undo = held.action_type.undo
         assert undo is not None
-        self._update(action_id, "execution.undo_started", undo_started_at=self.clock())
+        undo_started_at = self.clock()
+        self._update(action_id, "execution.undo_started", undo_started_at=undo_started_at)
         result = self._run_step(held, "undo", undo)
+        undo_finished_at = self.clock()
         self._update(
             action_id,
             "execution.undo_finished",
-            undo_finished_at=self.clock(),
+            undo_finished_at=undo_finished_at,
             undo_exit_code=result.exit_code,
             undo_output=result.output,
             undo_error=result.error,
@@ -678,7 +713,9 @@ class Executor:
             )
             return
         spec = rollback_check(held.action.verification)
-        self._watch(held, "rollback", spec, self.clock(), self._after_rollback)
+        now = self.clock()
+        fresh = self._fresh_state(held, now, undo_started_at, undo_finished_at)
+        self._watch(held, "rollback", spec, now, self._after_rollback, resume=fresh)
 
     def _after_rollback(self, held: _Held, watch: Watch) -> None:
         if watch.abort_reason == "shutdown":
@@ -884,10 +921,17 @@ class Executor:
                     tx, locked, S.VERIFYING, actor=self.worker_id, now=now,
                     data={"recovered_from": dead},
                 )  # fmt: skip
-            self._watch(held, "verify", spec, now, self._after_verify)
+            run_finished_at = execution.run_finished_at or now
+            fresh = self._fresh_state(held, now, execution.run_started_at, run_finished_at)
+            self._watch(held, "verify", spec, now, self._after_verify, resume=fresh)
         elif action.state is S.VERIFYING:
-            state = _resumed(execution.verify_state, execution.verify_started_at, self.clock())
-            self._watch(held, "verify", spec, self.clock(), self._after_verify, resume=state)
+            now = self.clock()
+            started = execution.verify_started_at or now
+            fresh = self._fresh_state(
+                held, started, execution.run_started_at, execution.run_finished_at or started
+            )
+            state = _resumed(execution.verify_state, fresh)
+            self._watch(held, "verify", spec, now, self._after_verify, resume=state)
         elif action.state is S.ROLLING_BACK:
             if execution.undo_finished_at is None:
                 # An undo puts back the captured prior state: running it again is safe,
@@ -901,16 +945,12 @@ class Executor:
                     reason=f"undo failed: {execution.undo_error}; a human must act",
                 )
             else:
-                state = _resumed(
-                    execution.rollback_verify_state, execution.undo_finished_at, self.clock()
-                )
+                now = self.clock()
+                undone = execution.undo_finished_at or now
+                fresh = self._fresh_state(held, undone, execution.undo_started_at, undone)
+                state = _resumed(execution.rollback_verify_state, fresh)
                 self._watch(
-                    held,
-                    "rollback",
-                    rollback_check(spec),
-                    self.clock(),
-                    self._after_rollback,
-                    resume=state,
+                    held, "rollback", rollback_check(spec), now, self._after_rollback, resume=state
                 )
         else:  # terminal already; only the execution row was left open
             self._update(action.id, finished_at=self.clock())
@@ -1061,18 +1101,24 @@ class Executor:
         return rolling
 
 
-def _resumed(
-    stored: Mapping[str, Any] | None, started: datetime | None, now: datetime
-) -> VerificationState:
+def _resumed(stored: Mapping[str, Any] | None, fresh: VerificationState) -> VerificationState:
     """A stored verification state to continue from, minus any passing run in progress:
-    nobody measured while the worker was dead, and hold counts only observed passing."""
+    nobody measured while the worker was dead, and hold counts only observed passing.
+    `fresh` (the state as it would have started, with its post-change evidence rule)
+    stands in when nothing usable was stored, and lends that rule to a state stored
+    before the rule existed."""
     if stored is None:
-        return VerificationState.start(started or now)
+        return fresh
     try:
         state = VerificationState.model_validate(dict(stored))
     except ValueError:
-        return VerificationState.start(started or now)
-    return state.model_copy(update={"passing_since": None})
+        return fresh
+    update: dict[str, Any] = {"passing_since": None}
+    if state.evidence_from is None:
+        update["evidence_from"] = fresh.evidence_from
+    if state.settled_at is None:
+        update["settled_at"] = fresh.settled_at
+    return state.model_copy(update=update)
 
 
 def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

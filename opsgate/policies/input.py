@@ -1,4 +1,4 @@
-"""Build the policy input document (DESIGN.md's contract); pure, no I/O."""
+"""Build the policy input document (docs/design.md, "The policy contract"); pure, no I/O."""
 
 from __future__ import annotations
 

@@ -290,6 +290,8 @@ measurements = Table(
     Column("value", Float, nullable=True),
     Column("outcome", String, nullable=False),
     Column("detail", Text, nullable=False),
+    # NULL: the measurement counted; else why not (`pre_change`, `settling`).
+    Column("not_counted", String, nullable=True),
     Index("ix_measurements_action_id_id", "action_id", "id"),
 )
 

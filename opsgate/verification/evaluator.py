@@ -2,7 +2,7 @@
 
 The caller (the verification loop) renders each signal's and stop condition's query,
 asks a `SignalProvider` for the results once per interval, and folds them into a
-`VerificationState` with `step`. Rules (DESIGN.md, "Verification semantics"):
+`VerificationState` with `step`. Rules (docs/design.md, "Verification semantics"):
 
 - A measurement is `pass`, `fail`, `inconclusive` (no data: empty vector or NaN) or
   `error` (the provider failed, the query is invalid, returned several series, or no
@@ -18,6 +18,15 @@ asks a `SignalProvider` for the results once per interval, and folds them into a
   fail or inconclusive: the provider answered). When any streak exceeds
   `error_limit` the verification ends as `provider_errors`. Errors do not count as
   failures, and failures do not count as errors.
+- Post-change evidence: a signal measurement counts toward `hold` and `failures` only
+  when the data behind it postdates the change. The caller sets `evidence_from` (the
+  end of `run` plus the queries' longest look-back plus one scrape interval, see
+  `opsgate.verification.lookback`) and `settled_at` (the end of `initial_delay`); a
+  signal measurement *asked for* before either is stored with `not_counted`
+  (`pre_change` or `settling`), neither fails nor passes the verification, and resets
+  `passing_since`. Stop conditions are not gated (they watch from the first second),
+  and errors count against `error_limit` as always: a query nobody can answer is no
+  evidence either way.
 - `hold` only counts time during which every signal passed: `passing_since` is the
   time of the first interval of the current run of intervals in which every signal
   passed; any interval in which one signal is not `pass` resets it to None. Stop
@@ -56,15 +65,18 @@ __all__ = [
     "MeasurementKind",
     "MeasurementOutcome",
     "MeasurementRecord",
+    "NotCounted",
     "VerificationOutcome",
     "VerificationState",
     "classify_signal",
     "classify_stop",
+    "evidence_wait",
     "remaining_hold",
     "step",
 ]
 
 MeasurementOutcome = Literal["pass", "fail", "inconclusive", "error"]
+NotCounted = Literal["pre_change", "settling"]
 MeasurementKind = Literal["signal", "stop_condition"]
 VerificationOutcome = Literal[
     "succeeded", "failed_verification", "timeout", "provider_errors", "stopped"
@@ -117,6 +129,7 @@ class MeasurementRecord:
     value: float | None
     outcome: MeasurementOutcome
     detail: str = ""
+    not_counted: NotCounted | None = None
 
     def to_measurement(
         self, action_id: str, phase: Literal["run", "verify", "rollback"] = "verify"
@@ -130,6 +143,7 @@ class MeasurementRecord:
             value=self.value,
             outcome=self.outcome,
             detail=self.detail,
+            not_counted=self.not_counted,
         )
 
 
@@ -149,6 +163,9 @@ class VerificationState(BaseModel):
     consecutive_errors: dict[str, int] = Field(default_factory=dict)
     measurements: int = 0
     intervals: int = 0
+    # Before either instant, signal measurements are evidence but do not count.
+    evidence_from: datetime | None = None
+    settled_at: datetime | None = None
     any_pass: bool = False
     last_at: datetime | None = None
     outcome: VerificationOutcome | None = None
@@ -159,8 +176,27 @@ class VerificationState(BaseModel):
     detail: str = ""
 
     @classmethod
-    def start(cls, now: datetime) -> VerificationState:
-        return cls(started_at=now)
+    def start(
+        cls,
+        now: datetime,
+        *,
+        evidence_from: datetime | None = None,
+        settled_at: datetime | None = None,
+    ) -> VerificationState:
+        return cls(started_at=now, evidence_from=evidence_from, settled_at=settled_at)
+
+    def not_counted_at(self, at: datetime) -> NotCounted | None:
+        """Why a signal measurement asked for at `at` does not count, if it does not."""
+        if self.evidence_from is not None and at < self.evidence_from:
+            return "pre_change"
+        if self.settled_at is not None and at < self.settled_at:
+            return "settling"
+        return None
+
+    def counting_starts(self) -> datetime | None:
+        """When signal measurements start to count (None: from the start)."""
+        instants = [t for t in (self.evidence_from, self.settled_at) if t is not None]
+        return max(instants) if instants else None
 
     @property
     def done(self) -> bool:
@@ -186,7 +222,9 @@ def _lookup(
     return result
 
 
-def _signal_record(signal: Signal, result: QueryResult, now: datetime) -> MeasurementRecord:
+def _signal_record(
+    signal: Signal, result: QueryResult, now: datetime, not_counted: NotCounted | None
+) -> MeasurementRecord:
     outcome = classify_signal(signal, result)
     value = result.value if _has_value(result) else None
     if outcome == "error":
@@ -196,7 +234,17 @@ def _signal_record(signal: Signal, result: QueryResult, now: datetime) -> Measur
     else:
         where = "within" if outcome == "pass" else "outside"
         detail = f"{value:g} {where} pass range {_fmt_range(signal.pass_)}"
-    return MeasurementRecord(signal.name, "signal", now, value, outcome, detail)
+    if not_counted is not None and outcome in ("pass", "fail", "inconclusive"):
+        detail += f" (not counted: {_NOT_COUNTED_WHY[not_counted]})"
+    else:
+        not_counted = None  # an error is counted against error_limit all the same
+    return MeasurementRecord(signal.name, "signal", now, value, outcome, detail, not_counted)
+
+
+_NOT_COUNTED_WHY: dict[str, str] = {
+    "pre_change": "its window still reaches back before the change",
+    "settling": "within initial_delay",
+}
 
 
 def _stop_record(stop: StopCondition, result: QueryResult, now: datetime) -> MeasurementRecord:
@@ -219,12 +267,16 @@ def step(
     now: datetime,
     results: Mapping[str, QueryResult],
     rendered: Mapping[str, str],
+    asked_at: datetime | None = None,
 ) -> tuple[VerificationState, list[MeasurementRecord]]:
     """Fold one interval's results into `state` (see the module doc for the rules).
 
     `rendered` maps each signal / stop condition name to its rendered query and
-    `results` maps a rendered query to its result (`SignalProvider.query_many`). A
-    finished state is returned unchanged, with no records.
+    `results` maps a rendered query to its result (`SignalProvider.query_many`).
+    `asked_at` is when the queries were sent (default `now`): Prometheus evaluates them
+    at or after it, so a window that starts after `evidence_from - look-back` when
+    asked holds post-change samples only. A finished state is returned unchanged,
+    with no records.
     """
     if state.outcome is not None:
         return state, []
@@ -246,15 +298,22 @@ def step(
         if halted is None and record.outcome == "fail":
             halted = record
 
+    not_counted = state.not_counted_at(asked_at or now)
     signal_records: list[MeasurementRecord] = []
     for signal in spec.signals:
-        record = _signal_record(signal, _lookup(signal.name, rendered, results, now), now)
+        result = _lookup(signal.name, rendered, results, now)
+        record = _signal_record(signal, result, now, not_counted)
         track(record)
         signal_records.append(record)
 
-    failed_now = [r for r in signal_records if r.outcome == "fail"]
+    counted = [r for r in signal_records if r.not_counted is None]
+    failed_now = [r for r in counted if r.outcome == "fail"]
     failures = state.failures + len(failed_now)
-    all_pass = bool(signal_records) and all(r.outcome == "pass" for r in signal_records)
+    all_pass = (
+        bool(signal_records)
+        and not_counted is None
+        and all(r.outcome == "pass" for r in signal_records)
+    )
     passing_since = (state.passing_since or now) if all_pass else None
 
     update: dict[str, object] = {
@@ -263,7 +322,7 @@ def step(
         "consecutive_errors": errors,
         "measurements": state.measurements + len(records),
         "intervals": state.intervals + 1,
-        "any_pass": state.any_pass or any(r.outcome == "pass" for r in signal_records),
+        "any_pass": state.any_pass or any(r.outcome == "pass" for r in counted),
         "last_at": now,
     }
 
@@ -313,7 +372,12 @@ def step(
         )
     elif elapsed >= spec.timeout:
         held = (now - passing_since).total_seconds() if passing_since is not None else 0.0
-        reason = "no signals defined" if not spec.signals else f"passing for {held:g}s"
+        if not spec.signals:
+            reason = "no signals defined"
+        elif not_counted is not None:
+            reason = f"still no post-change evidence ({not_counted.replace('_', '-')})"
+        else:
+            reason = f"passing for {held:g}s"
         final = end(
             "timeout",
             f"hold of {spec.hold:g}s not reached within timeout {spec.timeout:g}s ({reason})",
@@ -341,3 +405,13 @@ def remaining_hold(spec: VerificationSpec, state: VerificationState, now: dateti
         return float(spec.hold)
     held = (now - state.passing_since).total_seconds()
     return max(0.0, spec.hold - held)
+
+
+def evidence_wait(state: VerificationState, now: datetime) -> tuple[NotCounted | None, float]:
+    """For a live view: why signal measurements do not count yet, and for how many
+    more seconds (`(None, 0.0)` once they count)."""
+    why = state.not_counted_at(now)
+    until = state.evidence_from if why == "pre_change" else state.settled_at
+    if why is None or until is None:
+        return None, 0.0
+    return why, max(0.0, (until - now).total_seconds())

@@ -190,6 +190,9 @@ class VerificationHub:
         started = self._monotonic()
         measuring = [w for w in due if w.abort_reason is None]
         queries = list(dict.fromkeys(q for w in measuring for q in w.queries))
+        # Before the queries leave: Prometheus evaluates them at or after this instant,
+        # which is what decides whether their windows hold post-change samples only.
+        asked_at = self._clock()
         results = self.provider.query_many(queries) if queries else {}
         now = self._clock()
         for watch in due:
@@ -197,7 +200,7 @@ class VerificationHub:
                 watch.last_records = []
                 continue
             watch.state, watch.last_records = step(
-                watch.spec, watch.state, now, results, watch.rendered
+                watch.spec, watch.state, now, results, watch.rendered, asked_at=asked_at
             )
             watch.last_results = {q: results[q] for q in watch.queries if q in results}
             # From the tick's start, not from now: watches that were due together stay

@@ -5,22 +5,32 @@ from __future__ import annotations
 import ast
 import json
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
 import requests
+import yaml
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from opsgate.tls import pin_ca
-from opsgate.verification.provider import ProviderHealth, QueryResult, result_from_samples
+from opsgate.verification.lookback import parse_promql_duration
+from opsgate.verification.provider import (
+    PROMETHEUS_DEFAULT_SCRAPE_INTERVAL,
+    ProviderHealth,
+    QueryResult,
+    result_from_samples,
+)
 
-__all__ = ["PrometheusProvider"]
+__all__ = ["PROMETHEUS_DEFAULT_SCRAPE_INTERVAL", "PrometheusProvider", "scrape_interval_of"]
 
 _MAX_ERROR_LENGTH = 500
+_SCRAPE_INTERVAL_TTL = 60.0
 _HTTP_ERROR = re.compile(r"^HTTP Status Code (\d+) \((b(?:'.*'|\".*\"))\)$", re.DOTALL)
 
 
@@ -97,6 +107,10 @@ class PrometheusProvider:
             raise ValueError("max_workers must be at least 1")
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
+        self._auth_headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._basic_auth = basic_auth
+        self._scrape_lock = threading.Lock()
+        self._scrape_cache: tuple[float, float | None] | None = None  # (monotonic, value)
         self.max_workers = max_workers
         self._clock = clock
         self._session = session if session is not None else requests.Session()
@@ -147,6 +161,36 @@ class PrometheusProvider:
             results = list(pool.map(self.query, distinct))
         return dict(zip(distinct, results, strict=True))
 
+    def scrape_interval(self) -> float | None:
+        """The longest scrape interval in the server's configuration (`global` and every
+        scrape job), from `/api/v1/status/config`; cached for a minute. None when the
+        server does not say (a PromQL-compatible API without that endpoint, an error):
+        the caller then uses its configured fallback. The longest, because opsgate cannot
+        tell which job feeds a query, and a floor too short lets old samples count."""
+        with self._scrape_lock:
+            cached = self._scrape_cache
+            if cached is not None and time.monotonic() - cached[0] < _SCRAPE_INTERVAL_TTL:
+                return cached[1]
+            value = self._fetch_scrape_interval()
+            self._scrape_cache = (time.monotonic(), value)
+            return value
+
+    def _fetch_scrape_interval(self) -> float | None:
+        try:
+            response = self._session.get(
+                f"{self.url}/api/v1/status/config",
+                headers=self._auth_headers,
+                auth=self._basic_auth,
+                timeout=self.timeout,
+            )
+            if response.status_code != 200:
+                return None
+            payload = response.json()
+            config = yaml.safe_load(payload["data"]["yaml"]) or {}
+        except (requests.RequestException, ValueError, KeyError, TypeError, yaml.YAMLError):
+            return None
+        return scrape_interval_of(config)
+
     def check_health(self) -> ProviderHealth:
         """Runs `vector(1)`: proves reachability, credentials and a working query API."""
         result = self.query("vector(1)")
@@ -155,3 +199,20 @@ class PrometheusProvider:
         if result.value != 1.0:
             return ProviderHealth(ok=False, detail=f"vector(1) returned {result.value!r}")
         return ProviderHealth(ok=True, detail=f"{self.url} answers queries")
+
+
+def scrape_interval_of(config: Any) -> float | None:
+    """The longest scrape interval of a Prometheus configuration document (a job
+    without its own interval scrapes at the global one); None if it is malformed."""
+    if not isinstance(config, dict):
+        return None
+    try:
+        global_section = config.get("global") or {}
+        default = parse_promql_duration(str(global_section.get("scrape_interval", "1m")))
+        intervals = [default]
+        for job in config.get("scrape_configs") or []:
+            if isinstance(job, dict) and "scrape_interval" in job:
+                intervals.append(parse_promql_duration(str(job["scrape_interval"])))
+    except (ValueError, AttributeError):
+        return None
+    return max(intervals)

@@ -24,11 +24,17 @@ from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "PROMETHEUS_DEFAULT_SCRAPE_INTERVAL",
     "ProviderHealth",
     "QueryResult",
     "SignalProvider",
     "result_from_samples",
 ]
+
+
+# Prometheus's own default `global.scrape_interval`: the floor's scrape term when the
+# provider cannot say and nothing is configured.
+PROMETHEUS_DEFAULT_SCRAPE_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,11 @@ class SignalProvider(Protocol):
         ...
 
     def check_health(self) -> ProviderHealth: ...
+
+    def scrape_interval(self) -> float | None:
+        """The longest interval at which the data behind the queries is collected, in
+        seconds (one of the terms of the post-change evidence floor); None if unknown."""
+        ...
 
 
 def _parse_sample(raw: Any) -> float:

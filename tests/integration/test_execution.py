@@ -203,7 +203,9 @@ def test_a_fix_passes_verification(rig: Rig, prometheus: PrometheusServer) -> No
             run=set_fault("0"),
             undo=set_fault("0.5"),
             halt_min=0.9,  # a fix starts from a high error rate: halt only if it gets worse
-            failure_limit=8,  # the rate window needs a few seconds to forget the fault
+            # No failure is tolerated: measurements whose window still holds the fault's
+            # samples are stored as pre-change and do not count.
+            failure_limit=0,
             preconditions=("error_rate_elevated",),
         )
     )
@@ -217,6 +219,10 @@ def test_a_fix_passes_verification(rig: Rig, prometheus: PrometheusServer) -> No
     signals = [m for m in rig.store.measurements_for(action_id) if m.kind == "signal"]
     assert signals[-1].outcome == "pass" and signals[-1].value is not None
     assert signals[-1].value <= 0.05
+    assert signals[-1].not_counted is None
+    # the first measurements still read the fault through the [4s] window: kept, not counted
+    assert signals[0].not_counted == "pre_change"
+    assert all(m.outcome == "pass" for m in signals if m.not_counted is None)
     # the error rate was elevated before: the live precondition saw it, twice
     decisions = rig.store.decisions_for(action_id)
     for decision in decisions:
@@ -289,7 +295,8 @@ def test_verification_that_never_reaches_hold_times_out_and_rolls_back(
             run=set_fault("0.1"),  # worse, but under the halt range: fails, never halts
             undo=set_fault("0"),
             hold="2s",
-            timeout="5s",
+            # [4s] window + 1 s scrape: counting starts 5 s after run; the undo needs as long
+            timeout="10s",
             failure_limit=100,
         )
     )
@@ -300,6 +307,52 @@ def test_verification_that_never_reaches_hold_times_out_and_rolls_back(
     execution = rig.store.get_execution(action_id)
     assert execution is not None and execution.outcome == "timeout"
     assert "not reached within timeout" in execution.reason
+    assert_no_pre_change_evidence_counted(rig, action_id, harmful_ratio=0.1)
+
+
+def assert_no_pre_change_evidence_counted(rig: Rig, action_id: str, harmful_ratio: float) -> None:
+    """Every counted verify measurement saw the change's own error ratio (nothing of the
+    healthy samples before it); the pre-change ones were stored but not counted."""
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.run_finished_at is not None
+    verify = [
+        m
+        for m in rig.store.measurements_for(action_id)
+        if m.phase == "verify" and m.kind == "signal"
+    ]
+    counted = [m for m in verify if m.not_counted is None]
+    assert counted, "no measurement counted"
+    for m in counted:
+        assert m.outcome == "fail" and m.value == pytest.approx(harmful_ratio, abs=0.02), m
+        assert (m.at - execution.run_finished_at).total_seconds() >= 5.0
+    assert all(m.not_counted == "pre_change" for m in verify if m not in counted)
+    assert not any(m.outcome == "pass" for m in counted)
+
+
+def test_a_harmful_change_is_rolled_back_even_while_its_window_still_looks_healthy(
+    rig: Rig, prometheus: PrometheusServer
+) -> None:
+    """The flake this rule removes: with hold shorter than the query window, the first
+    intervals after `run` read mostly healthy samples and used to pass the whole hold.
+    Now they are pre-change, and the first counted measurement fails (failure_limit 0)."""
+    rig.define(
+        action_type(
+            "scale_deployment",
+            run=set_fault("0.1"),  # worse, under the halt range: only the signal can tell
+            undo=set_fault("0"),
+            hold="1s",
+            timeout="15s",
+            failure_limit=0,
+        )
+    )
+    target = rig.service()
+    wait_for_rate(prometheus, target)
+    action_id = rig.approved("scale_deployment", target)
+    assert rig.run(action_id) is S.ROLLED_BACK
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.outcome == "failed_verification"
+    assert_no_pre_change_evidence_counted(rig, action_id, harmful_ratio=0.1)
+    assert rig.faults.state()[target]["error_ratio"] == 0.0
 
 
 def test_prometheus_down_mid_verification_counts_errors_and_rolls_back(

@@ -85,3 +85,25 @@ def test_the_run_phase_watches_stop_conditions_only() -> None:
         hub.close()
     assert watch.state.outcome == "stopped" and watch.state.decided_by == "error_spike"
     assert [r.kind for r in watch.last_records] == ["stop_condition"]
+
+
+def test_a_tick_judges_evidence_by_when_the_queries_were_asked() -> None:
+    """The answer may come back after `evidence_from`, but the query was evaluated on a
+    window that started before it: not counted."""
+    t0 = datetime(2026, 12, 1, tzinfo=UTC)
+    moments = iter([t0, t0.replace(second=5)])  # asked at :00, answered at :05
+
+    provider = StaticSignalProvider(default=0.001)
+    hub = VerificationHub(provider, clock=lambda: next(moments))
+    query = 'err{service="s"}'
+    watch = Watch(
+        action_id="a",
+        phase="verify",
+        spec=SPEC,
+        rendered={"error_rate": query, "error_spike": query},
+        state=VerificationState.start(t0, evidence_from=t0.replace(second=2)),
+    )
+    hub.tick([watch])
+    signal = [r for r in watch.last_records if r.kind == "signal"]
+    assert signal[0].not_counted == "pre_change" and signal[0].at == t0.replace(second=5)
+    assert watch.state.passing_since is None
