@@ -79,3 +79,26 @@ def test_without_a_snapshot_or_a_catalog_entry_every_value_is_masked(cli: Cli) -
         assert masked(action, None, events)["token"] == "***"
     finally:
         store.close()
+
+
+def test_mcp_get_action_masks_by_snapshot_and_survives_a_broken_catalog(cli: Cli) -> None:
+    from opsgate.cli.context import CliConfig
+    from opsgate.config import Settings
+    from opsgate.mcp_server import AgentTools
+    from opsgate.models import Identity
+
+    config = CliConfig(
+        Settings(db=f"sqlite:///{cli.db}", catalog=cli.catalog, policies=ROOT / "policies")  # type: ignore[attr-defined]
+    )
+    tools = AgentTools(config, Identity(id="sre-agent", kind="agent"))
+    try:
+        tools.open()
+        action_id = proposed(cli)
+        scale = cli.catalog / "scale_deployment.yaml"  # type: ignore[attr-defined]
+        scale.write_text(scale.read_text().replace("secret: true", "secret: false"))
+        (cli.catalog / "zz_broken.yaml").write_text("name: [\n")  # type: ignore[attr-defined]
+        got = tools.get_action({"action_id": action_id})
+        assert got["action"]["params"]["token"] == "***"
+        assert TOKEN not in str(got)
+    finally:
+        config.close()
