@@ -629,7 +629,16 @@ class SqlTx:
         if head is None:
             raise StoreError("the audit_head row is missing (is the schema migrated?)")
         event = seal(draft, seq=head.seq + 1, prev_hash=head.hash)
-        self._conn.execute(_INSERT_AUDIT_EVENT, audit_event_to_row(event))
+        try:
+            self._conn.execute(_INSERT_AUDIT_EVENT, audit_event_to_row(event))
+        except IntegrityError:
+            # opsgate moves the head with every event it appends, so a row already at
+            # head + 1 was written by someone else. It is evidence: say so, touch nothing.
+            raise StoreError(
+                f"audit event seq {event.seq} already exists though the chain's head is at "
+                f"seq {head.seq}: it was written outside opsgate, and no event can be "
+                "appended until it is dealt with; `opsgate audit verify` names it"
+            ) from None
         self._conn.execute(_MOVE_HEAD, {"new_seq": event.seq, "new_hash": event.hash})
         return event
 

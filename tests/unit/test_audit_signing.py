@@ -340,3 +340,21 @@ def test_a_worker_holding_the_key_signs_the_head_as_it_moves(trail: Trail) -> No
     trail.not_signer()
     code, report = trail.verify()
     assert code == 0 and report["signed_through"] == 4 and report["notes"] == []
+
+
+def test_a_row_past_the_head_stops_appends_with_a_message_that_says_why(trail: Trail) -> None:
+    events = trail.rows()
+    forged = {**events[-1], "seq": events[-1]["seq"] + 1, "id": "01FORGED000000000000000001"}
+    forged["data"] = (
+        json.loads(forged["data"]) if isinstance(forged["data"], str) else forged["data"]
+    )
+    forged["at"] = datetime.now(UTC)
+    with trail.engine.begin() as conn:
+        conn.execute(insert(audit_events), forged)
+    before = trail.rows()
+    trail.as_user("carol")
+    code, _, err = trail("cancel", trail.action_id)  # type: ignore[attr-defined]
+    assert code != 0
+    assert "already exists though the chain's head is at seq 3" in err
+    assert "written outside opsgate" in err and len(err.strip().splitlines()) == 1
+    assert trail.rows() == before  # nothing half-written
