@@ -120,6 +120,13 @@ def cap(text: str) -> str:
 STEP_GUARD = Path(__file__).with_name("stepguard.py")
 
 
+def step_environment(worker: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment minus opsgate's own settings: those hold the database
+    URL (and its password), the Prometheus and OPA tokens and the audit key's path,
+    which only the worker tier may hold, never a step a catalog author wrote."""
+    return {k: v for k, v in worker.items() if not k.startswith("OPSGATE_")}
+
+
 def guarded_argv(program: str, argv: list[str]) -> list[str]:
     """The step under `stepguard.py`, which takes its process group down with it when
     this worker dies. `-I -S`: no user site, no environment, a fast start."""
@@ -143,10 +150,9 @@ class ShellRunner:
         if not step.argv:
             raise StepError("the shell runner needs argv")
         argv = render_argv(step.argv, values)
-        env = None
-        if step.env:
-            env = dict(os.environ)
-            env.update({k: render_text(v, values, where=f"env.{k}") for k, v in step.env.items()})
+        env = step_environment(os.environ)
+        for name, template in (step.env or {}).items():
+            env[name] = render_text(template, values, where=f"env.{name}")
         started = time.monotonic()
         program = shutil.which(argv[0])
         if program is None:

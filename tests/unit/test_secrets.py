@@ -139,3 +139,18 @@ def test_malformed_step_env_is_refused(step: dict[str, object], problem: str) ->
 
     with pytest.raises(ValidationError, match=problem):
         Step.model_validate(step)
+
+
+def test_a_step_never_sees_the_workers_opsgate_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opsgate.executor.runners import ShellRunner
+
+    monkeypatch.setenv("OPSGATE_DB", "postgresql+psycopg://opsgate:db-password@db/opsgate")
+    monkeypatch.setenv("OPSGATE_AUDIT_KEY", "/etc/opsgate/audit.key")
+    monkeypatch.setenv("KUBECONFIG", "/etc/kube/config")
+    step = Step.model_validate({"argv": ["/usr/bin/env"]})
+    result = ShellRunner().run(step, {})
+    assert result.ok
+    assert "db-password" not in result.output and "OPSGATE_" not in result.output
+    assert "KUBECONFIG=/etc/kube/config" in result.output  # the rest is inherited
