@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -525,7 +525,7 @@ class Gate:
 
     def prove_approvals(
         self,
-        tx: StoreTx,
+        approvals: Sequence[Approval],
         action: Action,
         document: Mapping[str, Any],
         required: int,
@@ -543,7 +543,7 @@ class Gate:
         dropped: list[str] = []
         earliest = action.created_at
         deadline = time.monotonic() + self.decision_deadline
-        for approval in tx.approvals_for(action.id):
+        for approval in approvals:
             who = approval.approver
             if (
                 approval.action_id != action.id

@@ -28,6 +28,7 @@ from opsgate.models import (
     Action,
     ActionState,
     ActionType,
+    Approval,
     Decision,
     DenyReason,
     Execution,
@@ -61,6 +62,9 @@ MAX_REASON = 2000
 # Beyond a run step's timeout, before a new owner may undo it: the step's process starts
 # a moment after run_started_at is stored, and workers' clocks may differ a little.
 RUN_RECOVERY_GRACE = 5.0
+# A worker that loses the race for a candidate looks again, at most this often per claim.
+CLAIM_TRIES = 3
+CANDIDATES = 20
 _STATE_FIELD: dict[WatchPhase, str] = {
     "verify": "verify_state",
     "rollback": "rollback_verify_state",
@@ -260,34 +264,67 @@ class Executor:
     ) -> Action | None:
         """Claim one approved action (this one, or the oldest), re-check it, hold it.
 
-        `principal` is who asked for this run in the foreground (`opsgate run`); it is
-        recorded beside the worker. Returns the action as executing or
-        blocked_at_execution; None if nothing was approved.
+        The re-check (preconditions, policy, approvals) is judged with no transaction
+        open, so a slow policy or a hung Prometheus never holds the store's write lock;
+        the claiming transaction then holds it only if what the judgement saw is still
+        true (state, running actions on the target, approval rows), else judges again
+        under the lock. `principal` is who asked for this run in the foreground
+        (`opsgate run`); it is recorded beside the worker. Returns the action as
+        executing or blocked_at_execution; None if nothing was approved.
         """
-        now = self.clock()
-        with self.store.transaction() as tx:
-            if action_id is None:
-                action = tx.claim_next_approved(now)
+        for _ in range(CLAIM_TRIES):
+            now = self.clock()
+            candidate = self._candidate(action_id, now)
+            if candidate is None:
+                return None
+            judged = self._judge(candidate, now, None)
+            with self.store.transaction() as tx:
+                action = self._lock_for_claim(tx, candidate.id, now, explicit=action_id)
                 if action is None:
-                    return None
-            else:
-                action = tx.lock_action(action_id)
-                if action is None:
-                    raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
-                if action.state is not S.APPROVED:
-                    raise StateConflict(
-                        f"action {action_id} is {action.state.value}; only approved actions "
-                        "can be run"
-                    )
-                if action.expires_at is not None and now >= action.expires_at:
-                    raise StateConflict(
-                        f"the approval of {action_id} expired at {action.expires_at}; "
-                        "propose it again"
-                    )
-            claimed = self._recheck_and_hold(tx, action, now, principal)
-        if claimed.state is S.EXECUTING:
-            failpoint("after_claim")
-        return claimed
+                    continue  # claimed by another worker meanwhile: look again
+                if not _still_true(tx, action, judged):
+                    judged = self._judge(action, now, tx)
+                claimed = self._hold(tx, action, now, principal, judged)
+            if claimed.state is S.EXECUTING:
+                failpoint("after_claim")
+            return claimed
+        return None
+
+    def _candidate(self, action_id: str | None, now: datetime) -> Action | None:
+        if action_id is not None:
+            found = self.store.get_action(action_id)
+            if found is None:
+                raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+            return found
+        for found in self.store.list_actions(states=[S.APPROVED], limit=CANDIDATES):
+            if found.expires_at is None or now < found.expires_at:
+                return found
+        return None
+
+    @staticmethod
+    def _lock_for_claim(
+        tx: StoreTx, action_id: str, now: datetime, *, explicit: str | None
+    ) -> Action | None:
+        """The candidate, locked, if it may still be claimed: for the worker, None when
+        not (someone else took it); for `opsgate run ID`, an error that says why."""
+        action = tx.lock_action(action_id)
+        if explicit is None:
+            if action is None or action.state is not S.APPROVED:
+                return None
+            if action.expires_at is not None and now >= action.expires_at:
+                return None
+            return action
+        if action is None:
+            raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+        if action.state is not S.APPROVED:
+            raise StateConflict(
+                f"action {action_id} is {action.state.value}; only approved actions can be run"
+            )
+        if action.expires_at is not None and now >= action.expires_at:
+            raise StateConflict(
+                f"the approval of {action_id} expired at {action.expires_at}; propose it again"
+            )
+        return action
 
     def launch(self, action_id: str) -> None:
         """Start running a held (executing) action in the step pool."""
@@ -295,15 +332,14 @@ class Executor:
             held = self._held[action_id]
         self._pool.submit(self._guarded, held, self._capture_and_run, held)
 
-    def _recheck_and_hold(
-        self, tx: StoreTx, action: Action, now: datetime, principal: Identity | None = None
-    ) -> Action:
-        """Policy, preconditions and approvals again, as the world is now; block or start."""
+    def _judge(self, action: Action, now: datetime, tx: StoreTx | None) -> _Judgement:
+        """Policy, preconditions and approvals again, as the world is now."""
         action_type = self.gate.catalog.types.get(action.action_type)
         values = step_values(action, {})
         deny: list[DenyReason] = []
         rendered: dict[str, str] = {}
-        decision: Decision
+        reader = tx if tx is not None else self.store
+        approvals = reader.approvals_for(action.id)
         current = (
             spec_hash(
                 action_type, action.target, action.environment, action.params, action.verification
@@ -319,35 +355,51 @@ class Executor:
                     "propose it again",
                 )
             )
-            decision = _local_decision(action, deny, now)
-        else:
-            try:
-                rendered = render_queries(action.verification, values)
-            except ValueError as exc:
-                deny.append(DenyReason(code="verification_undefined", message=str(exc)))
-            spec = ValidatedProposal(
-                proposal=_proposal_of(action),
-                action_type=action_type,
-                params=dict(action.params),
-                verification=action.verification,
-                spec_hash=action.spec_hash,
+            return _Judgement(
+                action, action_type, values, rendered, deny, _local_decision(action, deny, now),
+                None, approvals,
+            )  # fmt: skip
+        try:
+            rendered = render_queries(action.verification, values)
+        except ValueError as exc:
+            deny.append(DenyReason(code="verification_undefined", message=str(exc)))
+        spec = ValidatedProposal(
+            proposal=_proposal_of(action),
+            action_type=action_type,
+            params=dict(action.params),
+            verification=action.verification,
+            spec_hash=action.spec_hash,
+        )
+        evaluation = self.gate.evaluate(
+            spec, action.proposer, phase="execute", exclude_id=action.id, now=now, tx=tx
+        )
+        decision = evaluation.decision(action_id=action.id, phase="execute", at=now)
+        if not decision.allow:
+            deny.extend(decision.deny or (DenyReason(code="policy_engine_unavailable"),))
+        # From the approval rows alone; the claim holds them only if they are unchanged.
+        missing = self.gate.prove_approvals(
+            approvals, action, evaluation.input, decision.required_approvals, now
+        )
+        if missing is not None:
+            deny.append(missing)
+            # Stored with the execute decision, so `run` and `show` name it.
+            decision = decision.model_copy(
+                update={"allow": False, "deny": (*decision.deny, missing)}
             )
-            evaluation = self.gate.evaluate(
-                spec, action.proposer, phase="execute", exclude_id=action.id, now=now, tx=tx
-            )
-            decision = evaluation.decision(action_id=action.id, phase="execute", at=now)
-            if not decision.allow:
-                deny.extend(decision.deny or (DenyReason(code="policy_engine_unavailable"),))
-            # In the claiming transaction, so no approval can be withdrawn in between.
-            missing = self.gate.prove_approvals(
-                tx, action, evaluation.input, decision.required_approvals, now
-            )
-            if missing is not None:
-                deny.append(missing)
-                # Stored with the execute decision, so `run` and `show` name it.
-                decision = decision.model_copy(
-                    update={"allow": False, "deny": (*decision.deny, missing)}
-                )
+        active = evaluation.input.get("context", {}).get("active_on_target")
+        return _Judgement(action, action_type, values, rendered, deny, decision, active, approvals)
+
+    def _hold(
+        self,
+        tx: StoreTx,
+        action: Action,
+        now: datetime,
+        principal: Identity | None,
+        judged: _Judgement,
+    ) -> Action:
+        """Block or start, in the claiming transaction, as judged."""
+        action_type, values, rendered = judged.action_type, judged.values, judged.rendered
+        deny, decision = judged.deny, judged.decision
         tx.insert_decision(decision)
         if deny:
             codes = list(dict.fromkeys(d.code for d in deny))
@@ -1129,6 +1181,32 @@ def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out[key] = value.isoformat() if isinstance(value, datetime) else value
     return out
+
+
+@dataclass(frozen=True)
+class _Judgement:
+    """A re-check's verdict and what it saw, to hold the claim only while still true."""
+
+    action: Action
+    action_type: ActionType | None
+    values: dict[str, Any]
+    rendered: dict[str, str]
+    deny: list[DenyReason]
+    decision: Decision
+    active: int | None  # running actions on the target the policy saw
+    approvals: list[Approval]
+
+
+def _still_true(tx: StoreTx, action: Action, judged: _Judgement) -> bool:
+    if action != judged.action:  # any field, the state and required approvals included
+        return False
+    if judged.active is not None:
+        running = tx.count_running_on_target(
+            action.target, action.environment, exclude_id=action.id
+        )
+        if running != judged.active:
+            return False
+    return tx.approvals_for(action.id) == judged.approvals
 
 
 def _principal_data(principal: Identity) -> dict[str, str]:

@@ -151,3 +151,49 @@ def test_the_decision_threads_survive_a_hung_evaluation() -> None:
         threads.run(lambda: 1 / 0, deadline)
     stuck.set()
     assert threads.run(lambda: "again", deadline) == (True, "again")
+
+
+class SlowAtExecution(SlowEngine):
+    def evaluate(self, rule: str, input: Mapping[str, Any]) -> PolicyResult:
+        if input.get("context", {}).get("phase") == "execute":
+            self.release.wait(self.delay)
+        return self.inner.evaluate(rule, input)
+
+
+def test_a_slow_recheck_at_claim_holds_no_write_lock(tmp_path: Path, sqlite_url: str) -> None:
+    from opsgate.executor.executor import Executor
+    from opsgate.executor.runners import RunnerRegistry
+    from opsgate.testing_signals import StaticSignalProvider
+    from opsgate.verification.hub import VerificationHub
+
+    store = SqlStore(sqlite_url)
+    engine = SlowAtExecution(delay=30)
+    gate = Gate(
+        store=store,
+        catalog=load_catalog(ROOT / "catalog"),
+        engine=engine,  # type: ignore[arg-type]
+        decision_deadline=3.0,
+    )
+    executor = Executor(
+        store, gate, VerificationHub(StaticSignalProvider({})), RunnerRegistry(), lease=30
+    )
+    try:
+        to_run = gate.propose(scale(target="checkout"), ALICE).action.id
+        gate.approve(to_run, BOB)
+        other = gate.propose(scale(target="search"), ALICE).action.id
+        result: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: result.update(claimed=executor.claim(to_run)))
+        thread.start()
+        time.sleep(0.5)  # the claim's re-check is under way, waiting on the policy
+        started = time.monotonic()
+        assert gate.approve(other, BOB).action.state is S.APPROVED
+        assert time.monotonic() - started < 2.0
+        thread.join(15)
+        claimed = result["claimed"]
+        assert claimed.state is S.BLOCKED_AT_EXECUTION
+        execute = [d for d in store.decisions_for(to_run) if d.phase == "execute"]
+        assert "policy_engine_unavailable" in execute[-1].deny_codes
+    finally:
+        engine.release.set()
+        executor.close()
+        store.close()
