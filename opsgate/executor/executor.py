@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ RUN_RECOVERY_GRACE = 5.0
 # A worker that loses the race for a candidate looks again, at most this often per claim.
 CLAIM_TRIES = 3
 CANDIDATES = 20
+SPREAD = 4
 _STATE_FIELD: dict[WatchPhase, str] = {
     "verify": "verify_state",
     "rollback": "rollback_verify_state",
@@ -179,6 +181,7 @@ class Executor:
         self._heartbeat: threading.Thread | None = None
         self._started = False
         self._draining = False
+        self._spread = zlib.crc32(self.worker_id.encode("utf-8"))
         hub.sink = self._store_tick
 
     # --- the worker itself --------------------------------------------------------------
@@ -296,10 +299,16 @@ class Executor:
             if found is None:
                 raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
             return found
-        for found in self.store.list_actions(states=[S.APPROVED], limit=CANDIDATES):
-            if found.expires_at is None or now < found.expires_at:
-                return found
-        return None
+        ready = [
+            found
+            for found in self.store.list_actions(states=[S.APPROVED], limit=CANDIDATES)
+            if found.expires_at is None or now < found.expires_at
+        ]
+        if not ready:
+            return None
+        # Workers start at different places among the oldest few, so they rarely judge
+        # the same action only for one of them to hold it.
+        return ready[self._spread % min(len(ready), SPREAD)]
 
     @staticmethod
     def _lock_for_claim(
