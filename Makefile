@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The `opa` extra (OPA's Go evaluator) declares Python >= 3.14 yet runs on 3.11.
+	$(BIN)/python -m pip install -q --ignore-requires-python 'opa-golib-python-bindings>=0.4.4'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -42,6 +42,7 @@ from bench._rig import (  # noqa: E402
     percentile,
     pid_tag,
     propose_approved,
+    run_facts,
     scrape_phase,
     sigterm_as_interrupt,
     wait_for_values,
@@ -96,7 +97,9 @@ class Recorder:
             timeline.done.set()
 
 
-def action_type(window: str, fn: str, halt_min: float, hold: float) -> dict[str, Any]:
+def action_type(
+    window: str, fn: str, halt_min: float, hold: float, relative: bool
+) -> dict[str, Any]:
     query = error_ratio("{target}", window, fn)
     return {
         "name": ACTION,
@@ -115,7 +118,15 @@ def action_type(window: str, fn: str, halt_min: float, hold: float) -> dict[str,
             "hold": f"{hold:g}s",
             "timeout": "30s",
             "signals": [{"name": "error_rate", "query": query, "pass": {"max": 0.05}}],
-            "stop_conditions": [{"name": "error_spike", "query": query, "halt": {"min": halt_min}}],
+            # Relative by default, as the shipped mitigations stop: "this much worse than
+            # the baseline measured just before run" (the baseline here is 0).
+            "stop_conditions": [
+                {
+                    "name": "error_spike",
+                    "query": query,
+                    "halt": {"baseline_plus": halt_min} if relative else {"min": halt_min},
+                }
+            ],
             # Failed signal measurements are tolerated here so that what ends the
             # verification is the stop condition this bench measures, not the count.
             "failure_limit": 20,
@@ -215,6 +226,11 @@ def main() -> int:
     parser.add_argument("--halt", type=float, default=0.3, help="stop condition halt min")
     parser.add_argument("--hold", type=float, default=4.0, help="verification hold, seconds")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--absolute",
+        action="store_true",
+        help="halt at a fixed level instead of relative to the baseline",
+    )
     args = parser.parse_args()
     if not re.fullmatch(r"[0-9]+(ms|s|m)", args.window):
         parser.error("--window is a PromQL duration such as 3s")
@@ -236,7 +252,8 @@ def main() -> int:
         store = open_store(f"sqlite:///{Path(tmp) / 'opsgate.db'}")
         store.migrate()
         catalog = write_catalog(
-            Path(tmp) / "catalog", [action_type(args.window, args.fn, args.halt, args.hold)]
+            Path(tmp) / "catalog",
+            [action_type(args.window, args.fn, args.halt, args.hold, not args.absolute)],
         )
         gate = make_gate(store, catalog)
         provider = PrometheusProvider(prometheus.url, timeout=2.0)
@@ -251,10 +268,12 @@ def main() -> int:
         executor.start()
         results: list[RunResult] = []
         try:
+            print(f"reaction: {run_facts()}")
+            halt = f"baseline + {args.halt:g}" if not args.absolute else f"{args.halt:g}"
             print(
-                f"reaction: {args.runs} runs; Prometheus {prometheus.url} scraping every 1 s; "
+                f"{args.runs} runs; Prometheus {prometheus.url} scraping every 1 s; "
                 f"interval {INTERVAL:g}s, signal/stop query "
-                f"{args.fn}[{args.window}], halt >= {args.halt:g}, hold {args.hold:g}s; "
+                f"{args.fn}[{args.window}], halt >= {halt}, hold {args.hold:g}s; "
                 f"fault = error ratio 0 -> {FAULT_RATIO:g} at a random phase (seed {seed}); "
                 f"run = `true`, undo = a shell step that sets the ratio back to 0"
             )

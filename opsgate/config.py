@@ -35,12 +35,13 @@ class Settings:
     user: str | None = None  # only read when identity == "env"
     user_kind: str = "human"  # only read when identity == "env"
     approval_ttl: float = 3600.0
-    policy_engine: str = "embedded"  # embedded | opa
+    policy_engine: str = "embedded"  # embedded | opa-embedded | opa
     opa_url: str | None = None
     opa_mode: str = "push"  # push: opsgate uploads the bundle; external: OPA has its own
     opa_token: str | None = None
     opa_ca_file: str | None = None
     opa_timeout: float = 2.0
+    policy_timeout: float = 0.5  # the embedded engine's budget per decision
     shadow_policies: Path | None = None  # a second bundle, evaluated but never enforced
     prometheus_url: str | None = None
     prometheus_token: str | None = None
@@ -87,8 +88,10 @@ class Settings:
             if name in {"catalog", "policies", "shadow_policies", "audit_key"}:
                 converted[name] = Path(str(value))
             elif name == "policy_engine":
-                if value not in {"embedded", "opa"}:
-                    raise ConfigError("OPSGATE_POLICY_ENGINE: expected embedded or opa")
+                if value not in {"embedded", "opa-embedded", "opa"}:
+                    raise ConfigError(
+                        "OPSGATE_POLICY_ENGINE: expected embedded, opa-embedded or opa"
+                    )
                 converted[name] = value
             elif name == "opa_mode":
                 if value not in {"push", "external"}:
@@ -106,6 +109,7 @@ class Settings:
                 "lease",
                 "opa_timeout",
                 "decision_deadline",
+                "policy_timeout",
             }:
                 try:
                     converted[name] = parse_duration(value)

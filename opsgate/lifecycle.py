@@ -19,7 +19,8 @@ TRANSITIONS: dict[ActionState, frozenset[ActionState]] = {
     S.PROPOSED: frozenset({S.BLOCKED, S.PENDING_APPROVAL}),
     S.PENDING_APPROVAL: frozenset({S.APPROVED, S.REJECTED, S.EXPIRED, S.CANCELLED}),
     S.APPROVED: frozenset({S.EXECUTING, S.BLOCKED_AT_EXECUTION, S.CANCELLED, S.EXPIRED}),
-    S.EXECUTING: frozenset({S.VERIFYING, S.ROLLING_BACK, S.FAILED}),
+    # executing -> blocked_at_execution only before anything ran: no baseline to judge by.
+    S.EXECUTING: frozenset({S.VERIFYING, S.ROLLING_BACK, S.FAILED, S.BLOCKED_AT_EXECUTION}),
     S.VERIFYING: frozenset({S.SUCCEEDED, S.ROLLING_BACK, S.FAILED}),
     # A manual rollback of a verified action is allowed (`opsgate rollback`).
     S.SUCCEEDED: frozenset({S.ROLLING_BACK}),

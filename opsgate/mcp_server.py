@@ -34,6 +34,7 @@ from opsgate.cli.render import (
     decision_json,
     execution_json,
     measurement_json,
+    plan_of,
     ts,
 )
 from opsgate.errors import ConfigError, InvalidInput, NotFound, OpsgateError
@@ -299,6 +300,7 @@ class AgentTools:
                 "roles": list(action.approver_roles),
                 "by": [approval_json(a) for a in details.approvals],
             },
+            "plan": plan_of(details, self._catalog_or_none()),
             "execution": _execution_summary(details),
             "rollback": _rollback_summary(details),
             "measurements": {

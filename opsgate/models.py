@@ -90,7 +90,8 @@ class ActionState(enum.StrEnum):
     EXPIRED = "expired"  # terminal
     CANCELLED = "cancelled"  # terminal
     BLOCKED_AT_EXECUTION = "blocked_at_execution"  # terminal: world changed since approval
-    EXECUTING = "executing"  # -> verifying | rolling_back | failed
+    # -> verifying | rolling_back | failed | blocked_at_execution (no baseline, nothing ran)
+    EXECUTING = "executing"
     VERIFYING = "verifying"  # -> succeeded | rolling_back | failed
     SUCCEEDED = "succeeded"  # terminal, verified (a manual rollback may still follow)
     ROLLING_BACK = "rolling_back"  # -> rolled_back | rollback_failed
@@ -168,6 +169,9 @@ class HttpSpec(Frozen):
     extract: str | None = None
 
 
+CaptureType = Literal["string", "integer", "number", "boolean", "json"]
+
+
 class Step(Frozen):
     """One runnable step: exactly one of `argv` (shell runner) or `http`."""
 
@@ -176,6 +180,10 @@ class Step(Frozen):
     http: HttpSpec | None = None
     timeout: StepDuration = 60.0
     as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN)
+    # For a capture: the type of the kept value, so `undo` gets it back as it was (a
+    # JSON boolean stays a boolean in an HTTP body, not the string "false").
+    type: CaptureType | None = None
+
     # Extra environment variables of an argv step (values may use placeholders): the way
     # to hand a step a secret, since argv is visible to every user through `ps`.
     env: dict[str, str] | None = None
@@ -209,21 +217,55 @@ class Step(Frozen):
 
 
 class Range(Frozen):
-    """Flagger-style range: min and/or max, both inclusive."""
+    """Flagger-style range: min and/or max, both inclusive, and optionally one bound
+    relative to the action's baseline (the value measured just before `run`).
+
+    `baseline_plus: x` puts the bound at baseline + x, `baseline_times: x` at
+    baseline * x. Which side it bounds follows from the query's `worse_when`: in a halt
+    range it is the worse side (a halt on "0.05 worse than before"), in a pass range the
+    better side (a mitigation passes at "half the baseline or better"). A value is in the
+    range when it is within the absolute bounds (if any) *or* beyond the relative one:
+    `pass: {max: 0.01, baseline_times: 0.5}` passes at 1 % or at half the baseline.
+    """
 
     # NaN never compares, so a NaN bound would make every value pass (or none, forever).
     min: float | None = Field(default=None, allow_inf_nan=False)
     max: float | None = Field(default=None, allow_inf_nan=False)
+    baseline_plus: float | None = Field(default=None, allow_inf_nan=False)
+    baseline_times: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _bounded(self) -> Range:
-        if self.min is None and self.max is None:
-            raise ValueError("a range needs min, max or both")
+        bounds = (self.min, self.max, self.baseline_plus, self.baseline_times)
+        if all(b is None for b in bounds):
+            raise ValueError("a range needs min, max, baseline_plus or baseline_times")
+        if any(b is not None and not math.isfinite(b) for b in bounds):
+            raise ValueError("range bounds must be finite numbers")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min is greater than max")
+        if self.baseline_plus is not None and self.baseline_times is not None:
+            raise ValueError("use baseline_plus or baseline_times, not both")
         return self
 
+    @property
+    def absolute(self) -> bool:
+        return self.min is not None or self.max is not None
+
+    @property
+    def relative(self) -> bool:
+        return self.baseline_plus is not None or self.baseline_times is not None
+
+    def threshold(self, baseline: float) -> float:
+        """The relative bound for this baseline (only for a relative range)."""
+        if self.baseline_plus is not None:
+            return baseline + self.baseline_plus
+        assert self.baseline_times is not None
+        return baseline * self.baseline_times
+
     def contains(self, value: float) -> bool:
+        """Within the absolute bounds (False for a range that has none)."""
+        if not self.absolute:
+            return False
         if self.min is not None and value < self.min:
             return False
         return not (self.max is not None and value > self.max)
@@ -236,12 +278,17 @@ def _bounded_lookback(query: str) -> str:
     return query
 
 
+Worse = Literal["higher", "lower"]
+
+
 class Signal(Frozen):
     """A PromQL query whose value must stay in `pass` for the action to be verified."""
 
     name: str = Field(pattern=NAME_PATTERN)
     query: str = Field(min_length=1, max_length=4000)
     pass_: Range = Field(alias="pass")
+    # Which way is worse (error rates, latency: higher); orients relative bounds.
+    worse_when: Worse = "higher"
 
     @field_validator("query")
     @classmethod
@@ -255,6 +302,12 @@ class StopCondition(Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     query: str = Field(min_length=1, max_length=4000)
     halt: Range
+    worse_when: Worse = "higher"
+
+    @field_validator("query")
+    @classmethod
+    def _lookback_known(cls, value: str) -> str:
+        return _bounded_lookback(value)
 
 
 class VerificationSpec(Frozen):
@@ -284,6 +337,13 @@ class VerificationSpec(Frozen):
     def defined(self) -> bool:
         return bool(self.signals) and bool(self.stop_conditions)
 
+    @property
+    def relative(self) -> bool:
+        """Some range is relative to the baseline: the action needs one to run."""
+        return any(s.pass_.relative for s in self.signals) or any(
+            c.halt.relative for c in self.stop_conditions
+        )
+
 
 class ActionType(Frozen):
     """One entry of the action catalog: what may be proposed at all."""
@@ -291,6 +351,9 @@ class ActionType(Frozen):
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     risk: Literal["low", "medium", "high", "critical"] = "medium"
+    # A mitigation is applied while signals are bad and must improve them; a change is
+    # applied to a healthy system and must keep it healthy. The lint holds each to it.
+    intent: Literal["mitigation", "change"] = "change"
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     capture: Step | None = None
     run: Step
@@ -461,7 +524,7 @@ class Measurement(Frozen):
     """
 
     action_id: str
-    phase: Literal["run", "verify", "rollback"] = "verify"
+    phase: Literal["baseline", "run", "verify", "rollback"] = "verify"
     name: str
     kind: Literal["signal", "stop_condition"]
     at: datetime
@@ -500,6 +563,8 @@ class Execution(Frozen):
     heartbeat_at: datetime
     captured: dict[str, Any] = Field(default_factory=dict)
     capture_output: str = ""
+    # Each signal's and stop condition's value just before `run` (None: no value).
+    baseline: dict[str, float | None] | None = None
     run_started_at: datetime | None = None
     run_finished_at: datetime | None = None
     run_exit_code: int | None = None

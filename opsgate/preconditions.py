@@ -147,6 +147,13 @@ def signal_out_of_range(name: str, signal_name: str, provider: Any) -> Check:
             return PreconditionResult(
                 name, ok=False, error=f"the verification has no signal named {signal_name}"
             )
+        if not signal.pass_.absolute:
+            # "Outside a range relative to a baseline" has no meaning before there is one.
+            return PreconditionResult(
+                name,
+                ok=False,
+                error=f"signal {signal_name} has no absolute pass bound to be elevated against",
+            )
         values = {k: v for k, v in ctx.params.items() if isinstance(v, str | int | float | bool)}
         values.update(target=ctx.target, environment=ctx.environment)
         query = render_query(signal.query, values)

@@ -12,7 +12,7 @@
 #   - no top-level commas inside comprehension bodies (`[x | some i, x in xs]` fails to parse);
 #   - time.parse_rfc3339_ns rejects a trailing "Z": timestamps are normalised to "+00:00";
 #   - no net.cidr_* builtins, no sprintf %d / %q (use %v / %s);
-#   - sort() of a set returns a set: sort an array comprehension instead;
+#   - no sort(), max() or min(): rego-cpp orders numbers of different lengths as text;
 #   - a string built by concat/upper/trim_* keeps literal quotes when passed to sprintf,
 #     so messages only interpolate input/data values, numbers and collections.
 # Every builtin used here has a test in opsgate_test.rego (test_builtin_*), so a builtin
@@ -135,9 +135,10 @@ parse_time_ns(ts) := time.parse_rfc3339_ns(concat("", [trim_suffix(ts, "Z"), "+0
 	endswith(ts, "Z")
 } else := time.parse_rfc3339_ns(ts)
 
-# A sorted JSON-ish list for messages, e.g. ["sre", "sre-lead"]. (Not concat: in rego-cpp a
-# string made by concat/upper/trim_* keeps its quotes when passed through sprintf.)
-list_text(xs) := sprintf("%v", [sort([x | some x in xs])])
+# A JSON-ish list for messages, e.g. ["sre", "sre-lead"], in the data's order. (Not sort:
+# rego-cpp orders numbers as text. Not concat: in rego-cpp a string made by
+# concat/upper/trim_* keeps its quotes when passed through sprintf.)
+list_text(xs) := sprintf("%v", [[x | some x in xs]])
 
 has_any_role(roles, wanted) if {
 	some role in roles
@@ -333,6 +334,31 @@ deny contains violation("verification_undefined", msg) if {
 }
 
 # ---------------------------------------------------------------------------
+# verification_weakened: in prod, a proposal may replace its action type's verification
+# only with one at least as strict (opsgate lists what makes it weaker in
+# input.verification.weakened: signals or stop conditions removed or changed, a shorter
+# hold, higher limits, ...), unless the proposer holds one of
+# data.verification_override_roles.
+
+default weakened_codes := []
+
+weakened_codes := verification.weakened if is_array(verification.weakened)
+
+default override_roles := []
+
+override_roles := data.verification_override_roles if is_array(data.verification_override_roles)
+
+deny contains violation("verification_weakened", msg) if {
+	environment == "prod"
+	count(weakened_codes) > 0
+	not has_any_role(proposer_roles, override_roles)
+	msg := sprintf(
+		"the proposed verification is weaker than %s's default: %s; in prod only %s may weaken it",
+		[action_type, list_text(weakened_codes), list_text(override_roles)],
+	)
+}
+
+# ---------------------------------------------------------------------------
 # change_freeze: data.freeze_windows [{name, start, end, environments, exempt_severities?}],
 # half-open [start, end), "*" in environments matches every environment.
 
@@ -444,7 +470,17 @@ approval_counts contains 2 if {
 	incident.tier == "critical"
 }
 
-required_approvals := max([1, min([max(approval_counts), max_required_approvals])])
+# Not max()/min(): rego-cpp orders numbers of different lengths as text (max([2, 10]) is 2).
+wanted_approvals := 2 if 2 in approval_counts
+
+else := 1
+
+# Capped by data.max_required_approvals, and never below 1.
+required_approvals := 1 if {
+	max_required_approvals < 1
+} else := max_required_approvals if {
+	wanted_approvals > max_required_approvals
+} else := wanted_approvals
 
 # ---------------------------------------------------------------------------
 # decision

@@ -154,7 +154,7 @@ test_not_allowlisted_drain_node_in_prod if {
 	d := decide(with_action({"type": "drain_node", "params": {"node": "node-1"}}))
 	messages(d, "not_allowlisted") == {concat("", [
 		"action type drain_node is not allowlisted in prod; allowed there: ",
-		"[\"restart_service\", \"rollback_deploy\", \"scale_deployment\", \"toggle_feature_flag\"]",
+		"[\"restart_service\", \"scale_deployment\", \"rollback_deploy\", \"toggle_feature_flag\"]",
 	])}
 }
 
@@ -312,7 +312,7 @@ test_missing_precondition_leaves_own_code_checks_to_their_codes if {
 test_insufficient_permissions_developer_in_prod if {
 	d := decide(proposed_by(dave))
 	messages(d, "insufficient_permissions") == {
-		"proposer dave has roles [\"developer\"]; proposing in prod needs one of [\"agent\", \"sre\", \"sre-lead\"]",
+		"proposer dave has roles [\"developer\"]; proposing in prod needs one of [\"sre\", \"sre-lead\", \"agent\"]",
 	}
 }
 
@@ -392,6 +392,41 @@ test_verification_undefined_no_stop_conditions if {
 	messages(d, "verification_undefined") == {
 		"scale_deployment defines no stop conditions; add at least one stop condition with a halt range",
 	}
+}
+
+# ---------------------------------------------------------------------------
+# verification_weakened
+
+in_env(c, env) := merge(c, {"action": merge(c.action, {"environment": env})})
+
+weakened(codes) := {"defined": true, "signals": 1, "stop_conditions": 1, "custom": true, "weakened": codes}
+
+test_verification_weakened_in_prod_by_an_sre if {
+	d := decide(in_env(with_verification(weakened(["hold_shorter", "signal_removed"])), "prod"))
+	messages(d, "verification_weakened") == {
+		`the proposed verification is weaker than scale_deployment's default: ["hold_shorter", "signal_removed"]; in prod only ["sre-lead"] may weaken it`,
+	}
+}
+
+test_verification_weakened_allowed_for_an_override_role if {
+	c := in_env(with_verification(weakened(["hold_shorter"])), "prod")
+	not denied_with(merge(c, {"proposer": {"id": "carol", "kind": "human"}}), "verification_weakened")
+}
+
+test_verification_weakened_only_in_prod if {
+	not denied_with(in_env(with_verification(weakened(["hold_shorter"])), "staging"), "verification_weakened")
+}
+
+test_verification_stricter_custom_is_fine_in_prod if {
+	not denied_with(in_env(with_verification(weakened([])), "prod"), "verification_weakened")
+	v := {"defined": true, "signals": 1, "stop_conditions": 1, "custom": true}
+	not denied_with(in_env(with_verification(v), "prod"), "verification_weakened")
+}
+
+test_verification_weakened_without_override_roles if {
+	c := in_env(with_verification(weakened(["failure_limit_higher"])), "prod")
+	d := decide(merge(c, {"proposer": {"id": "carol", "kind": "human"}})) with data.verification_override_roles as "nope"
+	"verification_weakened" in codes(d)
 }
 
 test_verification_undefined_missing_fields if {
@@ -645,7 +680,7 @@ test_approval_denied_for_agent if {
 	{x.code | some x in a.deny} == {"insufficient_permissions"}
 	{x.message | some x in a.deny} == {
 		"approver sre-agent is not a human (kind agent); only humans approve actions",
-		"approver sre-agent has roles [\"agent\"]; approving in prod needs one of [\"sre\", \"sre-lead\"]",
+		"approver sre-agent has roles [\"agent\"]; approving in prod needs one of [\"sre-lead\", \"sre\"]",
 	}
 }
 
@@ -659,7 +694,7 @@ test_approval_denied_missing_role if {
 	a := approve(merge(base_case, {"approver": dave}))
 	a.allow == false
 	{x.message | some x in a.deny} == {
-		"approver dave has roles [\"developer\"]; approving in prod needs one of [\"sre\", \"sre-lead\"]",
+		"approver dave has roles [\"developer\"]; approving in prod needs one of [\"sre-lead\", \"sre\"]",
 	}
 }
 
@@ -743,16 +778,6 @@ test_builtin_type_checks if {
 	not is_array({})
 	is_string("")
 	not is_string(1)
-}
-
-test_builtin_max_min if {
-	max([1, 3, 2]) == 3
-	max({1, 2}) == 2
-	min([3, 5]) == 3
-}
-
-test_builtin_sort if {
-	sort(["sre-lead", "agent", "sre"]) == ["agent", "sre", "sre-lead"]
 }
 
 test_builtin_concat_endswith_trim_suffix if {

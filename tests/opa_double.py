@@ -1,8 +1,9 @@
 """A test double of OPA's REST wire protocol, and the fixture helper that picks a real OPA.
 
 `OpaDouble` is NOT Open Policy Agent. It is a small threaded HTTP server on 127.0.0.1 that
-speaks the subset of OPA's v1 REST API the OPA engine uses, evaluating with regopy
-(rego-cpp) instead of OPA's evaluator:
+speaks the subset of OPA's v1 REST API the OPA engine uses. It evaluates with OPA's own
+Go evaluator (`github.com/open-policy-agent/opa/v1/rego`, embedded in process by
+opa-golib-python-bindings), so answers are OPA's, not regopy's:
 
     PUT/GET/DELETE /v1/policies/<id>    GET /v1/policies
     PUT/GET/DELETE /v1/data[/<path>]     POST /v1/data/<path>   (query with input)
@@ -10,9 +11,10 @@ speaks the subset of OPA's v1 REST API the OPA engine uses, evaluating with rego
 
 Queries answer `{"result": ...}` or `{}` when undefined, add `provenance` on
 `?provenance`, and honour `?strict-builtin-errors` (an erroring built-in is a 500, as in
-OPA; without it the built-in is undefined, as in OPA). Known gaps: no PATCH, no path
-conflict checks between data and rules, and compile errors that rego-cpp only detects at
-evaluation surface as a 500 on the query instead of a 400 on the policy PUT.
+OPA). The bindings always evaluate with strict built-in errors, so a query WITHOUT the
+flag (which opsgate never sends) falls back to regopy in lax mode, where an erroring
+built-in is undefined as in OPA. A policy PUT is compiled with every other module held,
+as OPA does. Known gaps: no PATCH, no path conflict checks between data and rules.
 
 Switches for fail-closed tests: `stop()`/`start()` (down, same port), `slow` (seconds to
 sleep before answering a query), `fail_status` (every /v1 request answers this status),
@@ -46,6 +48,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import regopy
+from opa_bindings import OpaEngine as GoOpa
+from opa_bindings import OpaError, OpaUndefinedError
 
 from opsgate.demo.processes import free_port
 
@@ -101,6 +105,7 @@ class OpaDouble:
         self._lock = threading.Lock()
         self._version = 0
         self._bundles_cache: dict[tuple[int, str], Any] = {}
+        self._go: tuple[int, GoOpa] | None = None
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -163,17 +168,18 @@ class OpaDouble:
 
     def put_policy(self, policy_id: str, source: str) -> tuple[int, Any]:
         with self._lock:
-            interp = _interpreter(True)
+            modules = {**self.policies, policy_id: source}
             try:
-                for other_id, other in sorted(self.policies.items()):
-                    if other_id != policy_id:
-                        interp.add_module(other_id, other)
-                interp.add_module(policy_id, source)
-            except regopy.RegoError as exc:
+                with GoOpa() as compiler:
+                    for module_id, module in sorted(modules.items()):
+                        compiler.add_policy(module_id, module)
+                    compiler.eval_query("true")  # compiles every module, as OPA's PUT does
+            except OpaError as exc:
+                code = "rego_parse_error" if exc.code == "parse_error" else "rego_compile_error"
                 return 400, {
                     "code": "invalid_parameter",
                     "message": "error(s) occurred while compiling module(s)",
-                    "errors": [{"code": "rego_parse_error", "message": str(exc)[:500]}],
+                    "errors": [{"code": code, "message": exc.message[:500]}],
                 }
             self.policies[policy_id] = source
             self._changed()
@@ -216,6 +222,34 @@ class OpaDouble:
 
     def evaluate(self, path: list[str], input: Any, *, strict: bool) -> tuple[int, Any]:
         """(status, result-or-_UNSET): evaluates data.<path> like OPA's Data API."""
+        if not strict:
+            return self._evaluate_lax(path, input)
+        with self._lock:
+            if self._go is None or self._go[0] != self._version:
+                if self._go is not None:
+                    self._go[1].close()
+                engine = GoOpa()
+                engine.print_handler = lambda message, location: None
+                try:
+                    engine.add_data(self.data)
+                    for policy_id, source in sorted(self.policies.items()):
+                        engine.add_policy(policy_id, source)
+                except OpaError as exc:
+                    engine.close()
+                    return 500, {"code": "internal_error", "message": exc.message[:500]}
+                self._go = (self._version, engine)
+            go = self._go[1]
+            try:
+                value = go.eval_document(".".join(path), None if input is _UNSET else input)
+            except OpaUndefinedError:
+                return 200, _UNSET
+            except OpaError as exc:
+                return 500, {"code": "internal_error", "message": exc.message[:500]}
+        return 200, value
+
+    def _evaluate_lax(self, path: list[str], input: Any) -> tuple[int, Any]:
+        """Without strict built-in errors (regopy): an erroring built-in is undefined."""
+        strict = False
         entrypoint = "/".join(path)
         with self._lock:
             key = (self._version, entrypoint)

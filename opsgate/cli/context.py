@@ -75,8 +75,16 @@ class CliConfig:
                     ca_file=settings.opa_ca_file,
                     timeout=settings.opa_timeout,
                 )
+            elif self.settings.policy_engine == "opa-embedded":
+                from opsgate.policies.embedded import OpaEmbeddedEngine
+
+                self._engine = OpaEmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
             else:
-                self._engine = EmbeddedEngine(self.settings.policies)
+                self._engine = EmbeddedEngine(
+                    self.settings.policies, timeout=self.settings.policy_timeout
+                )
         return self._engine
 
     @property
@@ -108,7 +116,7 @@ class CliConfig:
             return None
         if not directory.is_dir():
             raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
-        return EmbeddedEngine(directory)
+        return EmbeddedEngine(directory, timeout=self.settings.policy_timeout)
 
     def optional_provider(self) -> PrometheusProvider | None:
         """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""

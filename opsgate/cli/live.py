@@ -18,8 +18,7 @@ from rich.text import Text
 
 from opsgate.cli.render import evidence_note, shown
 from opsgate.executor.executor import ExecutorEvent
-from opsgate.models import Range
-from opsgate.verification.evaluator import remaining_hold
+from opsgate.verification.evaluator import halt_range_text, pass_range_text, remaining_hold
 from opsgate.verification.hub import Watch
 
 _STYLE = {"pass": "green", "fail": "red", "error": "magenta", "inconclusive": "yellow"}
@@ -27,14 +26,6 @@ _STYLE = {"pass": "green", "fail": "red", "error": "magenta", "inconclusive": "y
 
 def _clock() -> str:
     return datetime.now(UTC).strftime("%H:%M:%S")
-
-
-def fmt_range(r: Range) -> str:
-    if r.min is not None and r.max is not None:
-        return f"{r.min:g}..{r.max:g}"
-    if r.min is not None:
-        return f">= {r.min:g}"
-    return f"<= {r.max:g}"
 
 
 def _outcome_label(outcome: str, not_counted: str | None) -> str:
@@ -121,9 +112,13 @@ class LiveView:
             for column in ("", "name", "latest", "range", "outcome"):
                 table.add_column(column)
             latest = {r.name: r for r in watch.last_records}
-            rows = [("signal", s.name, fmt_range(s.pass_)) for s in watch.spec.signals]
+            base = watch.state.baseline
+            rows = [
+                ("signal", s.name, pass_range_text(s, base.get(s.name))) for s in watch.spec.signals
+            ]
             rows += [
-                ("stop", c.name, "halt " + fmt_range(c.halt)) for c in watch.spec.stop_conditions
+                ("stop", c.name, "halt " + halt_range_text(c, base.get(c.name)))
+                for c in watch.spec.stop_conditions
             ]
             for kind, name, shown_range in rows:
                 record = latest.get(name)

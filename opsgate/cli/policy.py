@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ class RegoTestsFailed(OpsgateError):
     exit_code = 3
 
 
+MAX_INPUTS = 100_000
+
+
 @policy.command("test")
 @click.option(
     "--policies",
@@ -54,29 +58,146 @@ class RegoTestsFailed(OpsgateError):
     default=None,
     help="Bundle directory (default: OPSGATE_POLICIES).",
 )
+@click.option(
+    "--against-opa",
+    is_flag=True,
+    help="Also decide generated inputs with regopy and with OPA's Go evaluator; "
+    "any disagreement fails.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1, MAX_INPUTS),
+    default=500,
+    show_default=True,
+    help="Inputs to generate for --against-opa.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of the generated inputs (the same seed, the same inputs).",
+)
 @json_option
 @pass_config
-def policy_test(config: CliConfig, directory: Path | None, as_json: bool) -> None:
+def policy_test(
+    config: CliConfig,
+    directory: Path | None,
+    against_opa: bool,
+    count: int,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Run the bundle's Rego unit tests (test_* rules)."""
     from opsgate.policies.rego_tests import run_rego_tests
 
     bundle = directory or config.settings.policies
     if not bundle.is_dir():
-        raise OpsgateError(f"{bundle} is not a directory (set OPSGATE_POLICIES)")
+        raise InvalidInput("--policies", f"{bundle} is not a directory (set OPSGATE_POLICIES)")
     results = run_rego_tests(bundle)
     failed = [r for r in results if not r.passed]
+    refused = any(r.name == "(bundle)" for r in failed)
+    differential: dict[str, Any] | None = None
+    if against_opa and not refused:
+        differential = _against_opa(config, bundle, count, seed)
     if as_json:
-        echo_json([r.__dict__ for r in results])
+        rows = [r.__dict__ for r in results]
+        echo_json(rows if differential is None else {"tests": rows, "against_opa": differential})
     else:
         for r in results:
             mark = "PASS" if r.passed else "FAIL"
             extra = f" ({r.error})" if r.error else ""
-            click.echo(f"{mark} {r.package}.{r.name}{extra}")
+            name = f"{r.package}.{r.name}" if r.package else r.name
+            click.echo(f"{mark} {name}{extra}")
         click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+        if differential is not None:
+            _print_differential(differential)
+        elif against_opa:
+            click.echo("against OPA: skipped, the bundle does not load in the embedded engine")
     if not results:
         raise RegoTestsFailed(f"no test_* rules found in {bundle}")
+    if refused:
+        problems = [r for r in failed if r.name == "(bundle)"]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise RegoTestsFailed(f"{bundle}: {problems[0].error}{more}")
     if failed:
         raise RegoTestsFailed(f"{len(failed)} Rego test(s) failed")
+    if differential is not None and differential["disagreements"]:
+        raise RegoTestsFailed(
+            f"regopy and OPA disagree on {differential['disagreements']} of "
+            f"{differential['inputs']} generated inputs (seed {seed})"
+        )
+
+
+# Shrinking costs evaluations: only the first few disagreements are shrunk and shown.
+SHOWN_DISAGREEMENTS = 3
+
+
+def _against_opa(config: CliConfig, bundle: Path, count: int, seed: int) -> dict[str, Any]:
+    """Generated inputs through both engines (each sandboxed, under the deadline)."""
+    from opsgate.policies.differential import Space, compare, random_inputs, shrink
+    from opsgate.policies.embedded import EmbeddedEngine, OpaEmbeddedEngine
+    from opsgate.policies.engine import load_bundle_data
+
+    try:
+        import opa_bindings  # noqa: F401
+    except ImportError:
+        raise OpsgateError(
+            "--against-opa needs OPA's Go evaluator: pip install --ignore-requires-python "
+            "opa-golib-python-bindings"
+        ) from None
+    try:
+        catalog = sorted(config.catalog.types)
+    except OpsgateError:
+        catalog = []  # a bundle tested on its own: the names in its data suffice
+    try:
+        space = Space.from_data(load_bundle_data(bundle), catalog)
+    except (OSError, ValueError) as exc:
+        raise InvalidInput("--policies", f"cannot read the bundle's data: {exc}") from None
+    timeout = config.settings.policy_timeout
+    with (
+        EmbeddedEngine(bundle, timeout=timeout) as embedded,
+        OpaEmbeddedEngine(bundle, timeout=timeout) as opa,
+    ):
+        found = [
+            d
+            for rule, document in random_inputs(space, count, seed)
+            if (d := compare(embedded, opa, rule, document)) is not None
+        ]
+        shown = [shrink(embedded, opa, d) for d in found[:SHOWN_DISAGREEMENTS]]
+    return {
+        "inputs": count,
+        "seed": seed,
+        "disagreements": len(found),
+        "minimal": [
+            {
+                "rule": d.rule,
+                "fields": d.fields(),
+                "input": d.input,
+                "embedded": d.embedded,
+                "opa": d.opa,
+            }
+            for d in shown
+        ],
+    }
+
+
+def _print_differential(result: dict[str, Any]) -> None:
+    if not result["disagreements"]:
+        click.echo(
+            f"against OPA: {result['inputs']} generated inputs (seed {result['seed']}), "
+            "every decision identical"
+        )
+        return
+    click.echo(
+        f"against OPA: {result['disagreements']} of {result['inputs']} generated inputs "
+        f"(seed {result['seed']}) decided differently; minimal inputs:"
+    )
+    for item in result["minimal"]:
+        click.echo(f"  {item['rule']} differs in {', '.join(item['fields'])}:")
+        click.echo(f"    input:  {json.dumps(item['input'], sort_keys=True)}")
+        click.echo(f"    regopy: {json.dumps(item['embedded'], sort_keys=True)}")
+        click.echo(f"    OPA:    {json.dumps(item['opa'], sort_keys=True)}")
 
 
 @policy.command("replay")

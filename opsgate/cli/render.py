@@ -152,15 +152,33 @@ def measurement_json(measurement: Measurement) -> dict[str, Any]:
     }
 
 
+def plan_of(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
+    from opsgate.executor.plan import action_plan
+
+    action = details.action
+    action_type = catalog.types.get(action.action_type) if catalog is not None else None
+    captured = details.execution.captured if details.execution is not None else {}
+    return action_plan(action, action_type, captured)
+
+
 def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
     return {
         "action": action_json(details.action, catalog, details.events),
+        "plan": plan_of(details, catalog),
         "decisions": [decision_json(d) for d in details.decisions],
         "approvals": [approval_json(a) for a in details.approvals],
         "execution": execution_json(details.execution) if details.execution else None,
         "measurements": [measurement_json(m) for m in details.measurements],
         "events": [event_json(e) for e in details.events],
     }
+
+
+def escape_terminal(text: str) -> str:
+    """Control characters shown escaped, never interpreted by the terminal."""
+    return "".join(
+        ch if ch >= " " and ch != "\x7f" and not ("\x80" <= ch <= "\x9f") else repr(ch)[1:-1]
+        for ch in text
+    )
 
 
 def fmt_value(value: float | None) -> str:
@@ -333,6 +351,11 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
             or "none",
         }
     )
+    from opsgate.executor.plan import plan_lines
+
+    click.echo("\nplan:")
+    for line in plan_lines(plan_of(details, catalog)):
+        click.echo(f"  {escape_terminal(line)}")
     for decision in details.decisions:
         verdict = "allow" if decision.allow else "deny"
         click.echo(

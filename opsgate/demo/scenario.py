@@ -65,12 +65,6 @@ class Profile:
     timeout: int  # seconds a verification may take
     beat: float  # pause between scenes, so a reader can follow
 
-    @property
-    def failure_limit(self) -> int:
-        # Right after the fix the rate windows still hold the bad release's samples:
-        # both signals fail for about window + scrape + tick seconds before they pass.
-        return 2 * (self.window + 4)
-
 
 PROFILES = {
     "normal": Profile("normal", window=5, hold=10, timeout=90, beat=1.5),
@@ -99,25 +93,29 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
     errors = error_ratio_query(profile.window)
     error_rate = {"name": "error_rate", "query": errors, "pass": {"max": 0.01}}
 
-    def verification(
-        signals: list[dict[str, Any]], halt_min: float, failure_limit: int
-    ) -> dict[str, Any]:
+    def verification(signals: list[dict[str, Any]], halt: dict[str, float]) -> dict[str, Any]:
+        # The catalog's own semantics, untuned: measurements whose windows still reach
+        # back before the step do not count, so failure_limit needs no slack for them.
         return {
             "interval": "1s",
             "hold": f"{profile.hold}s",
             "timeout": f"{profile.timeout}s",
             "signals": signals,
-            "stop_conditions": [
-                {"name": "error_spike", "query": errors, "halt": {"min": halt_min}}
-            ],
-            "failure_limit": failure_limit,
+            "stop_conditions": [{"name": "error_spike", "query": errors, "halt": halt}],
+            "failure_limit": 2,
             "error_limit": 3,
         }
+
+    # A fix passes at 1 % errors or at half the error rate it started from, and stops
+    # only when it makes things 5 points worse than that (docs/design.md, "Baseline").
+    fixed = {"name": "error_rate", "query": errors, "pass": {"max": 0.01, "baseline_times": 0.5}}
+    worse_than_before = {"baseline_plus": 0.05}
 
     return {
         "rollback_deploy": {
             "name": "rollback_deploy",
             "description": "Roll the service back to its previous good release.",
+            "intent": "mitigation",
             "risk": "medium",
             "params": {"deployment": name_param, "service_url": url_param},
             # Only while there is something to fix: the error rate is out of its range.
@@ -144,19 +142,16 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
                 },
                 "timeout": "10s",
             },
-            # Halts only on errors well above the bad release's own ~25%: the rollback
-            # starts while those are still in the window.
             "verification": verification(
                 [
-                    error_rate,
+                    fixed,
                     {
                         "name": "latency_p99",
                         "query": latency_query(profile.window),
-                        "pass": {"max": 0.25},
+                        "pass": {"max": 0.25, "baseline_times": 0.8},
                     },
                 ],
-                halt_min=0.5,
-                failure_limit=profile.failure_limit,
+                worse_than_before,
             ),
         },
         "toggle_feature_flag": {
@@ -176,6 +171,7 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
                     "extract": "enabled",
                 },
                 "as": "previous_enabled",
+                "type": "boolean",  # undo sends a JSON boolean back, as the API wants
             },
             "run": {
                 "http": {
@@ -195,9 +191,9 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
                 },
                 "timeout": "10s",
             },
-            # A flag flip is instant, so errors climb at once: the stop condition must
-            # win over failure_limit, which therefore leaves room for a few failures.
-            "verification": verification([error_rate], halt_min=0.2, failure_limit=8),
+            "intent": "change",
+            # A change to a healthy service: an absolute bound is what "healthy" means.
+            "verification": verification([error_rate], {"min": 0.2}),
         },
         "scale_deployment": {
             "name": "scale_deployment",
@@ -216,6 +212,7 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
                     "extract": "replicas",
                 },
                 "as": "previous_replicas",
+                "type": "integer",
             },
             "run": {
                 "http": {
@@ -233,7 +230,8 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
                     "expect_status": [200],
                 },
             },
-            "verification": verification([error_rate], halt_min=0.2, failure_limit=2),
+            "intent": "mitigation",
+            "verification": verification([fixed], worse_than_before),
         },
         "drain_node": {
             "name": "drain_node",
@@ -241,7 +239,8 @@ def demo_catalog(profile: Profile) -> dict[str, dict[str, Any]]:
             "risk": "high",
             "params": {"node": name_param, "service_url": url_param},
             "run": {"http": {"method": "POST", "url": "{service_url}/nodes/{node}/drain"}},
-            "verification": verification([error_rate], halt_min=0.2, failure_limit=2),
+            "intent": "change",
+            "verification": verification([error_rate], {"min": 0.2}),
         },
     }
 
@@ -563,8 +562,13 @@ class Scenario:
         self.scene(3, "A human approves the rollback; opsgate runs and verifies it")
         self.opsgate("approve", rollback_id, "--comment", f"roll back to {GOOD_VERSION}")
         self.say(
-            f"  verification: error_rate <= 1% and latency_p99 <= 0.25s, continuously for "
-            f"{self.profile.hold}s; stop if errors reach 50%"
+            "  a mitigation, judged against its baseline (the error rate just before it runs):"
+        )
+        self.say(
+            f"  verification: error_rate <= 1% or half its baseline, latency_p99 <= 0.25s or "
+            f"0.8 x its baseline, continuously for {self.profile.hold}s once the "
+            f"{self.profile.window}s windows hold only post-change samples; stop if errors "
+            "get 5 points worse than the baseline"
         )
         self.opsgate("run", rollback_id, live=True, timeout=self.profile.timeout * 2 + 60)
         self.outcome(rollback_id)

@@ -13,8 +13,9 @@ HTTP API (JSON in, JSON out):
   `{"version": "v2.5.0", "bad": true}` deploys a release (a bad one raises the error
   ratio and the latency). `POST /release/rollback` restores the previous good release.
   `PUT /release` `{"version": "v2.5.0"}` re-activates a version from the history.
-- `GET /flags`, `GET /flags/<name>`, `PUT /flags/<name>` `{"enabled": true}`; flag
-  `new-pricing` on makes errors spike.
+- `GET /flags`, `GET /flags/<name>`, `PUT /flags/<name>` `{"enabled": true}` (a JSON
+  boolean: `"false"` is refused, as a strict flag API would); flag `new-pricing` on
+  makes errors spike.
 - `GET /deployment`, `PUT /deployment` `{"replicas": 8}`; `POST /nodes/<node>/drain`.
 """
 
@@ -78,12 +79,11 @@ class _Counters:
 
 
 def parse_bool(value: Any, name: str) -> bool:
-    """JSON true/false, or "true"/"false" as a captured value comes back from opsgate."""
+    """A JSON boolean and nothing else, as a strict flag API reads it: the string "false"
+    is refused (a loose API would read it as true)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in {"true", "false"}:
-        return value.lower() == "true"
-    raise ServiceError(400, f"{name}: expected true or false")
+    raise ServiceError(400, f"{name}: expected a JSON boolean (true or false)")
 
 
 def parse_int(value: Any, name: str, low: int, high: int) -> int:

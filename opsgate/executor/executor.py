@@ -10,6 +10,7 @@ use a small thread pool; verification of every action is measured by one
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -21,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opsgate.errors import InvalidInput, NotFound, Refused, StateConflict
-from opsgate.executor.runners import RunnerRegistry, StepResult
+from opsgate.executor.runners import RunnerRegistry, StepResult, typed_capture
 from opsgate.failpoints import failpoint
 from opsgate.gate import Gate
 from opsgate.lifecycle import new_id, record_event, record_transition
@@ -141,6 +142,7 @@ class _Held:
     cancel: threading.Event = field(default_factory=threading.Event)
     watch: Watch | None = None
     finished: threading.Event = field(default_factory=threading.Event)
+    baseline: dict[str, float | None] = field(default_factory=dict)
     final_state: ActionState | None = None
 
 
@@ -525,25 +527,100 @@ class Executor:
                 )
         return execution
 
+    def _measure_baseline(self, held: _Held) -> bool:
+        """Every signal and stop condition once, just before anything runs: the values
+        relative ranges are judged against (docs/design.md, "Baseline"). Stored as
+        evidence. False when a relative range got no value: the action is then blocked
+        at execution, having run nothing (never judged blind)."""
+        action = held.action
+        spec = action.verification
+        queries = list(dict.fromkeys(held.rendered.values()))
+        if not queries:
+            return True
+        results = self.hub.provider.query_many(queries)
+        now = self.clock()
+        baseline: dict[str, float | None] = {}
+        measurements: list[Measurement] = []
+        kinds = [(s.name, "signal", s.pass_.relative) for s in spec.signals]
+        kinds += [(c.name, "stop_condition", c.halt.relative) for c in spec.stop_conditions]
+        missing: list[str] = []
+        for name, kind, relative in kinds:
+            query = held.rendered.get(name)
+            result = results.get(query) if query is not None else None
+            value = result.value if result is not None and result.error is None else None
+            if value is not None and not math.isfinite(value):
+                value = None
+            baseline[name] = value
+            if value is None and relative:
+                missing.append(name)
+            error = result.error if result is not None else "no result"
+            measurements.append(
+                Measurement(
+                    action_id=action.id,
+                    phase="baseline",
+                    name=name,
+                    kind=kind,  # type: ignore[arg-type]
+                    at=now,
+                    value=value,
+                    outcome="pass" if value is not None else ("error" if error else "inconclusive"),
+                    detail=(
+                        f"baseline {value:g}"
+                        if value is not None
+                        else f"no baseline: {error or 'no data'}"
+                    ),
+                )
+            )
+        held.baseline = baseline
+        with self.store.transaction() as tx:
+            locked = tx.lock_action(action.id)
+            assert locked is not None
+            tx.insert_measurements(measurements)
+            if not missing:
+                tx.update_execution(action.id, baseline=baseline)
+                return True
+            message = (
+                f"no baseline for {', '.join(missing)}, whose range is relative to it; nothing ran"
+            )
+            deny = [DenyReason(code="baseline_unavailable", message=message)]
+            decision = _local_decision(action, deny, now)
+            tx.insert_decision(decision)
+            tx.update_execution(action.id, baseline=baseline, reason=message, finished_at=now)
+            held.action = record_transition(
+                tx, locked, S.BLOCKED_AT_EXECUTION, actor=self.worker_id, now=now,
+                data={"deny": ["baseline_unavailable"], "message": message},
+            )  # fmt: skip
+        self._emit("blocked", action.id, message, state=S.BLOCKED_AT_EXECUTION)
+        self._release(held, S.BLOCKED_AT_EXECUTION)
+        return False
+
     def _capture_and_run(self, held: _Held) -> None:
         action, action_type = held.action, held.action_type
+        if not self._measure_baseline(held):
+            return
         if action_type.capture is not None:
             result = self._run_step(held, "capture", action_type.capture)
-            if not result.ok or result.value is None:
+            typed: Any = None
+            error = result.error
+            if result.ok and result.value is not None:
+                try:
+                    typed = typed_capture(result.value, action_type.capture.type)
+                except ValueError as exc:
+                    error = str(exc)
+            if not result.ok or result.value is None or error is not None:
                 self._update(action.id, capture_output=result.output)
                 self._end(
                     held,
                     S.FAILED,
                     outcome="runner_error",
-                    reason=_one_line(f"capture failed before anything ran: {result.error}"),
+                    reason=_one_line(f"capture failed before anything ran: {error}"),
                 )
                 return
             name = action_type.capture.as_ or "captured"
-            held.values[name] = result.value
+            held.values[name] = typed
             self._update(
                 action.id,
                 "execution.captured",
-                captured={name: result.value},
+                captured={name: typed},
                 capture_output=result.output,
             )
             failpoint("after_capture")
@@ -570,7 +647,7 @@ class Executor:
                 phase="run",
                 spec=stop_only(action.verification),
                 rendered=held.rendered,
-                state=VerificationState.start(now),
+                state=VerificationState.start(now, baseline=held.baseline),
                 on_done=lambda _w: held.cancel.set(),
             )
             held.watch = watch
@@ -633,7 +710,10 @@ class Executor:
             anchor = step_started
         settled_at = now + timedelta(seconds=spec.initial_delay) if spec.initial_delay else None
         return VerificationState.start(
-            now, evidence_from=anchor + timedelta(seconds=floor), settled_at=settled_at
+            now,
+            evidence_from=anchor + timedelta(seconds=floor),
+            settled_at=settled_at,
+            baseline=held.baseline,
         )
 
     def _watch(
@@ -933,6 +1013,7 @@ class Executor:
             values=values,
             secrets=secret_values(action_type, action.params),
             rendered=render_queries(action.verification, values),
+            baseline=dict(execution.baseline or {}),
         )
         with self._lock:
             self._held[action_id] = held
@@ -1148,12 +1229,14 @@ class Executor:
                 rollback_requested_by=actor.id,
             )
             captured = execution.captured
+            baseline = dict(execution.baseline or {})
         held = _Held(
             action=rolling,
             action_type=action_type,
             values=step_values(rolling, captured),
             secrets=secret_values(action_type, rolling.params),
             rendered=render_queries(rolling.verification, step_values(rolling, captured)),
+            baseline=baseline,
         )
         with self._lock:
             self._held[action_id] = held

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import shutil
@@ -279,7 +280,9 @@ class HttpRunner:
             if spec.extract is not None:
                 try:
                     document = response.json()
-                    value = text_value(document[spec.extract])
+                    field = document[spec.extract]
+                    # JSON text, so a capture typed `boolean` or `json` reads it back
+                    value = field if isinstance(field, str) else json.dumps(field)
                 except (ValueError, KeyError, TypeError):
                     return StepResult(
                         False,
@@ -350,3 +353,37 @@ class _LazyRunner:
             loaded = self._load()
             self._runner = loaded() if isinstance(loaded, type) else loaded
         return self._runner.run(step, values, secrets=secrets, cancel=cancel)
+
+
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+
+
+def typed_capture(text: str, kind: str | None) -> Any:
+    """A captured value read as the type its capture declares, so `undo` puts back what
+    was there (a JSON boolean, not the string "false"). ValueError names the problem."""
+    value = text.strip()
+    if kind is None or kind == "string":
+        return value
+    if kind == "integer":
+        if not _INTEGER.match(value):
+            raise ValueError(f"captured value {value[:40]!r} is not an integer")
+        return int(value)
+    if kind == "number":
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"captured value {value[:40]!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"captured value {value[:40]!r} is not a finite number")
+        return number
+    if kind == "boolean":
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        raise ValueError(f"captured value {value[:40]!r} is not true or false")
+    if kind == "json":
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ValueError(f"captured value {value[:40]!r} is not JSON") from None
+    raise ValueError(f"unknown capture type {kind!r}")

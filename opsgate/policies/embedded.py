@@ -1,20 +1,24 @@
-"""The embedded engine: regopy (rego-cpp) in process, compiled once, strict errors."""
+"""The embedded engine: regopy (rego-cpp), strict errors, every evaluation under a deadline.
+
+The bundle is compiled here once (to report errors and refuse it early) and evaluated in
+worker processes (`opsgate.policies.sandbox`) that are killed when an evaluation
+outlives its deadline: regopy cannot be interrupted, and some built-ins never return.
+"""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import regopy
-
 from opsgate.policies.engine import (
     APPROVAL_RULE,
     DECISION_RULE,
+    UNAVAILABLE,
     PolicyResult,
     bundle_files,
     bundle_revision,
@@ -22,25 +26,29 @@ from opsgate.policies.engine import (
     load_bundle_data,
     unavailable,
 )
+from opsgate.policies.fidelity import opa_compile_error, scan
+from opsgate.policies.sandbox import (
+    DEFAULT_MAX_MEMORY_BYTES,
+    EVALUATORS,
+    LoadError,
+    Payload,
+    SandboxError,
+    WorkerPool,
+)
 
 # How often the bundle's files are checked for changes (stat only).
 RELOAD_CHECK_SECONDS = 1.0
+# The time budget of one decision, and how many evaluations may run at once.
+DEFAULT_TIMEOUT_SECONDS = 0.5
+DEFAULT_WORKERS = 2
 
 
 @dataclass(frozen=True)
 class _Compiled:
-    bundle: Any
     revision: str
     signature: tuple[tuple[str, int, int], ...]
     error: str | None = None
-
-
-def _new_interpreter() -> Any:
-    interp = regopy.Interpreter()
-    interp.strict_built_in_errors = True
-    # rego-cpp prints compile errors to stdout otherwise, which would corrupt --json output.
-    interp.log_level = regopy.LogLevel.NONE
-    return interp
+    payload: Payload | None = None
 
 
 def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
@@ -54,33 +62,85 @@ def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
 class EmbeddedEngine:
     """Evaluates a policy bundle directory with regopy.
 
-    The compiled bundle is shared; each thread has its own interpreter, because
-    `set_input` + `query_bundle` on one interpreter is not a thread-safe pair.
+    Evaluations run in a pool of worker processes (one evaluation per worker at a time),
+    each under `timeout` seconds and `max_memory` bytes resident; past either the
+    decision denies with policy_engine_unavailable and the worker is killed and replaced.
     """
 
     name = "embedded"
+    evaluator = "regopy"
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        workers: int = DEFAULT_WORKERS,
+        max_memory: int | None = DEFAULT_MAX_MEMORY_BYTES,
+    ) -> None:
         self.directory = directory
+        self.timeout = float(timeout)
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._counter_lock = threading.Lock()
+        self._pool = WorkerPool(size=workers, timeout=self.timeout, max_memory=max_memory)
+        # An engine dropped without close() still ends its worker processes.
+        self._finalizer = weakref.finalize(self, self._pool.close)
+        self.evaluations = 0
+        self.failures = 0
+        self.last_error: str | None = None
         self._compiled = self._compile()
         self._checked_at = time.monotonic()
 
+    @property
+    def timeouts(self) -> int:
+        """Evaluations abandoned at the deadline (their worker was killed)."""
+        return self._pool.timeouts
+
+    def close(self) -> None:
+        """End the worker processes; an evaluation after this denies."""
+        self._finalizer()
+
+    def __enter__(self) -> EmbeddedEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _compile(self) -> _Compiled:
         try:
-            signature = _signature(self.directory)
-            revision = bundle_revision(self.directory)
-            interp = _new_interpreter()
-            interp.add_data(load_bundle_data(self.directory))
-            for path in bundle_files(self.directory):
-                if path.suffix == ".rego":
-                    name = path.relative_to(self.directory).as_posix()
-                    interp.add_module(name, path.read_text(encoding="utf-8"))
-            bundle = interp.build(None, [DECISION_RULE, APPROVAL_RULE])
-            return _Compiled(bundle, revision, signature)
-        except (OSError, ValueError, regopy.RegoError, RuntimeError) as exc:
-            return _Compiled(None, "", (), error=f"cannot compile {self.directory}: {exc}")
+            # The revision must name exactly the bytes the workers compile: read twice.
+            for _ in range(3):
+                signature = _signature(self.directory)
+                revision = bundle_revision(self.directory)
+                data = load_bundle_data(self.directory)
+                modules = tuple(
+                    (path.relative_to(self.directory).as_posix(), path.read_text("utf-8"))
+                    for path in bundle_files(self.directory)
+                    if path.suffix == ".rego"
+                )
+                if bundle_revision(self.directory) == revision:
+                    break
+            else:
+                raise ValueError("the bundle kept changing while it was read")
+            payload = Payload(
+                revision, modules, data, (DECISION_RULE, APPROVAL_RULE), self.evaluator
+            )
+            self._validate(payload)
+            return _Compiled(revision, signature, payload=payload)
+        except (OSError, ValueError, LoadError) as exc:
+            return _Compiled("", (), error=f"cannot compile {self.directory}: {exc}")
+
+    def _validate(self, payload: Payload) -> None:
+        """Refuse what regopy answers unlike OPA; compile here once, so a broken bundle is
+        reported before any decision."""
+        refusals = scan(payload.modules)
+        if refusals:
+            raise LoadError("; ".join(str(r) for r in refusals))
+        EVALUATORS[self.evaluator](payload.message())
+        # What OPA would not even compile must not be evaluated by a laxer compiler.
+        rejected = opa_compile_error(payload.modules)
+        if rejected is not None:
+            raise LoadError(rejected)
 
     def _current(self) -> _Compiled:
         now = time.monotonic()
@@ -104,38 +164,57 @@ class EmbeddedEngine:
     def revision(self) -> str:
         return self._current().revision
 
-    def _interpreter(self) -> Any:
-        interp = getattr(self._local, "interp", None)
-        if interp is None:
-            interp = _new_interpreter()
-            self._local.interp = interp
-        return interp
-
     def evaluate(self, rule: str, input: Mapping[str, Any]) -> PolicyResult:
+        result = self._evaluate(rule, input)
+        with self._counter_lock:
+            self.evaluations += 1
+            if UNAVAILABLE in result.deny_codes:
+                self.failures += 1
+                self.last_error = result.error
+        return result
+
+    def _evaluate(self, rule: str, input: Mapping[str, Any]) -> PolicyResult:
         compiled = self._current()
-        if compiled.error is not None or compiled.bundle is None:
+        if compiled.error is not None or compiled.payload is None:
             return unavailable(compiled.error or "no compiled bundle")
         try:
-            interp = self._interpreter()
-            interp.set_input(dict(input))
-            output = interp.query_bundle_entrypoint(compiled.bundle, rule)
-            # Reading an errored output aborts the process in regopy 1.5.2: check ok() first.
-            if not output.ok():
-                return unavailable(f"evaluation error in {rule}", compiled.revision)
-            text = str(output)
-        except (regopy.RegoError, RuntimeError, ValueError, TypeError) as exc:
+            answer = self._pool.evaluate(compiled.payload, rule, input)
+        except SandboxError as exc:
+            return unavailable(str(exc), compiled.revision)
+        except (TypeError, ValueError) as exc:  # an input that is not JSON
             return unavailable(f"{type(exc).__name__}: {exc}", compiled.revision)
-        return interpret(_first_expression(text), compiled.revision)
+        if answer.get("ok") is not True:
+            return unavailable(str(answer.get("error") or "no answer"), compiled.revision)
+        return interpret(answer.get("value"), compiled.revision)
+
+    def describe(self) -> dict[str, Any]:
+        """What doctor prints: the deadline and the counters."""
+        return {
+            "engine": self.name,
+            "timeout": self.timeout,
+            "workers": self._pool.size,
+            "max_memory_mib": None
+            if self._pool.max_memory is None
+            else self._pool.max_memory >> 20,
+            "evaluations": self.evaluations,
+            "failures": self.failures,
+            "timeouts": self._pool.timeouts,
+            "worker_crashes": self._pool.crashes,
+            "worker_restarts": self._pool.restarts,
+            "last_error": self.last_error,
+        }
 
 
-def _first_expression(text: str) -> Any:
-    if text.strip() == "undefined":
-        return None
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    expressions = document.get("expressions") if isinstance(document, dict) else None
-    if not isinstance(expressions, list) or len(expressions) != 1:
-        return None
-    return expressions[0]
+class OpaEmbeddedEngine(EmbeddedEngine):
+    """The same isolation and deadline, evaluating with OPA's own Go evaluator.
+
+    opa-golib-python-bindings embeds `github.com/open-policy-agent/opa/v1/rego`: the
+    decisions are OPA's, without an OPA server to run.
+    """
+
+    name = "opa-embedded"
+    evaluator = "opa"
+
+    def _validate(self, payload: Payload) -> None:
+        # OPA's own evaluator: nothing to refuse, only compile errors to report.
+        EVALUATORS[self.evaluator](payload.message())

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 UNAVAILABLE = "policy_engine_unavailable"
+# In the deny message of every decision cut at its time budget; the metrics count it.
+DEADLINE_EXCEEDED = "exceeded its deadline"
 DECISION_RULE = "opsgate/decision"
 APPROVAL_RULE = "opsgate/approval"
 

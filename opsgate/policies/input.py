@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from opsgate.models import ActionType, Identity, Incident, ParamSpec, VerificationSpec
 from opsgate.preconditions import PreconditionResult
+from opsgate.verification.plan import verification_differences, verification_document
 
 
 def rfc3339(at: datetime) -> str:
@@ -22,6 +23,22 @@ def epoch_ns(at: datetime) -> int:
 def mask_params(params: Mapping[str, Any], specs: Mapping[str, ParamSpec]) -> dict[str, Any]:
     """Secret params are masked everywhere they are shown, policy input included."""
     return {k: ("***" if specs.get(k) and specs[k].secret else v) for k, v in params.items()}
+
+
+def verification_input(default: VerificationSpec, proposed: VerificationSpec) -> dict[str, Any]:
+    """Counts (the original contract), the whole plan, whether the proposal replaced the
+    action type's default (`custom`) and, if so, how (`differences`; `weakened` lists
+    the codes of those that make it easier to pass or slower to catch harm)."""
+    differences = verification_differences(default, proposed)
+    return {
+        "defined": proposed.defined,
+        "signals": len(proposed.signals),
+        "stop_conditions": len(proposed.stop_conditions),
+        "custom": proposed != default,
+        "plan": verification_document(proposed),
+        "differences": [d.as_input() for d in differences],
+        "weakened": sorted({d.code for d in differences if d.weakens}),
+    }
 
 
 def build_input(
@@ -61,11 +78,7 @@ def build_input(
             "class": incident.class_,
             "tier": incident.tier,
         },
-        "verification": {
-            "defined": verification.defined,
-            "signals": len(verification.signals),
-            "stop_conditions": len(verification.stop_conditions),
-        },
+        "verification": verification_input(action_type.verification, verification),
         "preconditions": [p.as_input() for p in preconditions],
         "context": {
             "now": rfc3339(now),

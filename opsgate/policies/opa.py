@@ -468,10 +468,26 @@ class OpaEngine:
         return modules, keys
 
     def _put_modules(self, client: Any, modules: Mapping[str, str]) -> None:
-        for module_id, source in sorted(modules.items()):
-            # rego_compat=False: on a rejection the client would otherwise rewrite v0 syntax
-            # and upload a policy whose bytes the revision hash does not cover.
-            client.update_policy_from_string(source, quote(module_id, safe="/"), rego_compat=False)
+        # OPA compiles each PUT against the modules it already holds, so a module that uses
+        # a rule from a file not pushed yet is rejected: push in passes, each retrying the
+        # rejected ones, until a pass makes no progress (then the last rejection stands).
+        pending = sorted(modules.items())
+        while pending:
+            rejected: list[tuple[str, str]] = []
+            error: RegoParseError | None = None
+            for module_id, source in pending:
+                try:
+                    # rego_compat=False: on a rejection the client would otherwise rewrite
+                    # v0 syntax and upload bytes the revision hash does not cover.
+                    client.update_policy_from_string(
+                        source, quote(module_id, safe="/"), rego_compat=False
+                    )
+                except RegoParseError as exc:
+                    rejected.append((module_id, source))
+                    error = exc
+            if error is not None and len(rejected) == len(pending):
+                raise error
+            pending = rejected
 
     def _put_data(self, client: Any, key: str, value: Any) -> None:
         endpoint = quote(key, safe="")

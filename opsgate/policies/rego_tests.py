@@ -10,10 +10,10 @@ value is exactly `true`.
 The interpreter runs with strict built-in errors, as the engine does, so a builtin that
 errors in this engine makes its test fail instead of silently making a rule undefined.
 
-regopy 1.5.2 can crash the process when an errored output is read, so the in-process
-run only calls `ok()` on an errored output; the error message is then fetched from a
-child process (`python -m opsgate.policies.rego_tests --explain ...`), where a crash
-costs nothing but the message.
+The run happens in a child process (`--results-json`), because rego-cpp can abort the
+process or never return. Within it, regopy 1.5.2 can crash when an errored output is
+read, so the run only calls `ok()` on an errored output; the error message is then
+fetched from a grandchild (`--explain`), where a crash costs nothing but the message.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ NO_SAFE_MESSAGE = "evaluation error (regopy gives no safe message)"
 # Errored tests beyond this many are reported without a child process each.
 MAX_EXPLAINED_ERRORS = 10
 EXPLAIN_TIMEOUT_SECONDS = 60.0
+RUN_TIMEOUT_SECONDS = 300.0
 
 # regopy NodeKind values for error nodes (regopy.rego_shared.NodeKind).
 _ERROR_MESSAGE = 1801
@@ -108,20 +110,10 @@ def discover_tests(bundle_dir: Path) -> list[_TestRule]:
 
 
 def _describe_load_error(exc: BaseException, source: str, name: str) -> str:
-    """rego-cpp errors are s-expressions: keep the messages, add a line:column."""
-    text = str(exc)
-    messages = re.findall(r"\(errormsg \d+:([^\n]*?)\)\s*$", text, re.MULTILINE)
-    where = re.search(r"\(error \d+:[^|\n]*\|(\d+)\|", text)
-    location = name
-    if where is not None:
-        offset = int(where.group(1))
-        if 0 <= offset <= len(source):
-            line = source.count("\n", 0, offset) + 1
-            column = offset - (source.rfind("\n", 0, offset) + 1) + 1
-            location = f"{name}:{line}:{column}"
-    if messages:
-        return f"{location}: {'; '.join(m.strip() for m in messages)}"
-    return f"{location}: {' '.join(text.split())[:500]}"
+    """rego-cpp errors are s-expressions with byte offsets: one line, file:line:col."""
+    from opsgate.policies.fidelity import readable_rego_error
+
+    return readable_rego_error(str(exc), {name: source})
 
 
 def new_interpreter(bundle_dir: Path) -> Any:
@@ -176,30 +168,134 @@ def _value_of(output: Any) -> tuple[bool, Any]:
     return True, expressions[0]
 
 
-def _build(interp: Any, entrypoints: list[str]) -> Any:
+def _sources(bundle_dir: Path) -> dict[str, str]:
+    return {
+        p.relative_to(bundle_dir).as_posix(): p.read_text(encoding="utf-8", errors="replace")
+        for p in rego_files(bundle_dir)
+    }
+
+
+def _build(interp: Any, entrypoints: list[str], bundle_dir: Path) -> Any:
     """Compile the modules once for every entrypoint (a plain query recompiles each time)."""
     try:
         bundle = interp.build(None, entrypoints)
     except (regopy.RegoError, ValueError) as exc:
-        detail = " ".join(str(exc).split())[:500]
+        from opsgate.policies.fidelity import readable_rego_error
+
+        detail = readable_rego_error(str(exc), _sources(bundle_dir))
         raise BundleLoadError(f"compile error: {detail}") from exc
     if not bundle.ok():
         raise BundleLoadError("compile error (regopy gives no message)")
     return bundle
 
 
-def run_rego_tests(bundle_dir: Path) -> list[RegoTestResult]:
-    """Run every `test_*` rule of the bundle; see the module docstring."""
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Point fd 1 at stderr meanwhile: rego-cpp writes Rego print() output to the process's
+    stdout, which must stay clean for `--json`."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def bundle_problems(bundle_dir: Path) -> list[str]:
+    """Why the embedded engine would refuse this bundle (its policy files, tests excluded)."""
+    from opsgate.policies.engine import bundle_files
+    from opsgate.policies.fidelity import opa_compile_error, scan
+
+    try:
+        modules = [
+            (p.relative_to(bundle_dir).as_posix(), p.read_text(encoding="utf-8"))
+            for p in bundle_files(bundle_dir)
+            if p.suffix == ".rego"
+        ]
+    except (OSError, UnicodeDecodeError) as exc:
+        return [f"cannot read the bundle: {exc}"]
+    problems = [str(r) for r in scan(modules)]
+    rejected = opa_compile_error(modules) if modules else None
+    if rejected is not None:
+        problems.append(rejected)
+    return problems
+
+
+def run_rego_tests(
+    bundle_dir: Path, *, timeout: float = RUN_TIMEOUT_SECONDS
+) -> list[RegoTestResult]:
+    """Run every `test_*` rule of the bundle in a child process; see the module docstring.
+
+    A bundle that does not load is one failed result, `(bundle)`, with the error once;
+    a bundle the embedded engine refuses adds one such result per reason. rego-cpp can
+    abort the process (an internal assertion on some `with` expressions) or never return
+    (`replace(s, "", r)`): in the child that costs the run, reported as one `(bundle)`
+    error, instead of the caller.
+    """
     bundle_dir = Path(bundle_dir)
+    command = [sys.executable, "-m", "opsgate.policies.rego_tests", "--results-json"]
+    try:
+        proc = subprocess.run(
+            [*command, str(bundle_dir)],
+            capture_output=True,
+            timeout=timeout,
+            env=_child_env(),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return [_bundle_error(bundle_dir, f"the tests did not finish within {timeout:g}s")]
+    except OSError as exc:
+        return [_bundle_error(bundle_dir, f"cannot run the tests: {exc}")]
+    lines = proc.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        rows = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        rows = None
+    if not isinstance(rows, list):
+        stderr = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        why = f"exit {proc.returncode}" if proc.returncode >= 0 else f"signal {-proc.returncode}"
+        last = f": {stderr[-1].strip()[:200]}" if stderr else ""
+        return [_bundle_error(bundle_dir, f"regopy crashed running the tests ({why}){last}")]
+    return [RegoTestResult(**row) for row in rows if isinstance(row, dict)]
+
+
+def _bundle_error(bundle_dir: Path, message: str) -> RegoTestResult:
+    return RegoTestResult("", "(bundle)", str(bundle_dir), False, message)
+
+
+def _child_env() -> dict[str, str]:
+    package_root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(package_root), env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
+def run_in_process(bundle_dir: Path) -> list[RegoTestResult]:
+    """The run itself, in this process (the child's side of run_rego_tests)."""
+    with stdout_to_stderr():
+        return _run(Path(bundle_dir))
+
+
+def _run(bundle_dir: Path) -> list[RegoTestResult]:
     tests = discover_tests(bundle_dir)
     try:
         interp = new_interpreter(bundle_dir)
-        bundle = _build(interp, [entrypoint(t.package, t.name) for t in tests]) if tests else None
+        bundle = (
+            _build(interp, [entrypoint(t.package, t.name) for t in tests], bundle_dir)
+            if tests
+            else None
+        )
     except BundleLoadError as exc:
         error = f"cannot load the bundle: {exc}"
-        if not tests:
-            return [RegoTestResult("", "(bundle)", str(bundle_dir), False, error)]
-        return [RegoTestResult(t.package, t.name, t.file, False, error) for t in tests]
+        return [RegoTestResult("", "(bundle)", str(bundle_dir), False, error)]
+    refused = [
+        RegoTestResult("", "(bundle)", str(bundle_dir), False, problem)
+        for problem in bundle_problems(bundle_dir)
+    ]
 
     results: list[RegoTestResult] = []
     explained = 0
@@ -224,16 +320,12 @@ def run_rego_tests(bundle_dir: Path) -> list[RegoTestResult]:
             else:
                 message = NO_SAFE_MESSAGE + " (not explained: too many errors)"
             results.append(RegoTestResult(test.package, test.name, test.file, False, message))
-    return results
+    return refused + results
 
 
 def explain_error(bundle_dir: Path, package: str, name: str) -> str:
     """The error message of a failing query, fetched in a child process (crash-safe)."""
-    package_root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(package_root), env.get("PYTHONPATH", "")) if p
-    )
+    env = _child_env()
     command = [sys.executable, "-m", "opsgate.policies.rego_tests", "--explain"]
     try:
         proc = subprocess.run(
@@ -316,7 +408,7 @@ def _explain_main(bundle_dir: Path, rule: str) -> int:
     package, _, name = rule.rpartition(".")
     try:
         interp = new_interpreter(bundle_dir)
-        bundle = _build(interp, [entrypoint(package, name)])
+        bundle = _build(interp, [entrypoint(package, name)], bundle_dir)
     except BundleLoadError as exc:
         print(json.dumps(str(exc)), flush=True)
         return 0
@@ -343,9 +435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("bundle", type=Path, help="the policy bundle directory")
     parser.add_argument("rule", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--explain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--results-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.explain:
         return _explain_main(args.bundle, args.rule or "")
+    if args.results_json:
+        rows = [r.__dict__ for r in run_in_process(args.bundle)]
+        print(json.dumps(rows), flush=True)
+        return 0
     results = run_rego_tests(args.bundle)
     for result in results:
         status = result.status.upper()

@@ -36,11 +36,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import Connection, Float, and_, case, cast, func, literal, select
+from sqlalchemy import Connection, Float, Text, and_, case, cast, func, literal, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from opsgate.errors import ConfigError
 from opsgate.models import TERMINAL_STATES, ActionState
+from opsgate.policies.engine import DEADLINE_EXCEEDED
 from opsgate.reports.queries import NONE_LABEL
 from opsgate.store.base import Store, StoreError
 from opsgate.store.sql import SqlStore
@@ -103,6 +104,7 @@ class Snapshot:
     decisions: dict[tuple[str, str], int] = field(default_factory=dict)  # (phase, allow)
     decision_latency: dict[str, Histogram] = field(default_factory=dict)  # by phase, in ms
     blocks: dict[tuple[str, str], int] = field(default_factory=dict)  # (phase, code)
+    deadline_exceeded: dict[str, int] = field(default_factory=dict)  # by phase
     outcomes: dict[str, int] = field(default_factory=dict)
     runs_in_progress: int = 0
     stop_conditions: dict[str, int] = field(default_factory=dict)
@@ -243,6 +245,14 @@ class StoreCollector(Collector):
         )
         for phase, name, n in conn.execute(per_code):
             snap.blocks[(str(phase), str(name))] = int(n)
+        # Decisions the policy engine abandoned at their time budget (see sandbox.py).
+        cut = (
+            select(d.c.phase, func.count())
+            .where(d.c.allow.is_(False), cast(d.c.deny, Text).contains(DEADLINE_EXCEEDED))
+            .group_by(d.c.phase)
+        )
+        for phase, n in conn.execute(cut):
+            snap.deadline_exceeded[str(phase)] = int(n)
 
     def _read_executions(self, conn: Connection, snap: Snapshot) -> None:
         e = executions
@@ -346,6 +356,14 @@ def render(snap: Snapshot) -> list[Metric]:
     )
     for (phase, code), n in sorted(snap.blocks.items()):
         blocks.add_metric([phase, code], n)
+    deadline = CounterMetricFamily(
+        "opsgate_policy_deadline_exceeded_total",
+        "Policy decisions denied because the evaluation outlived its time budget "
+        "(OPSGATE_POLICY_TIMEOUT); also counted under code policy_engine_unavailable.",
+        labels=("phase",),
+    )
+    for phase, n in sorted(snap.deadline_exceeded.items()):
+        deadline.add_metric([phase], n)
     latency = HistogramMetricFamily(
         "opsgate_policy_decision_duration_seconds",
         "Time the policy engine took per decision, by phase.",
@@ -398,7 +416,7 @@ def render(snap: Snapshot) -> list[Metric]:
     for status in WORKER_STATUSES:
         workers.add_metric([status], snap.workers.get(status, 0))
     return [
-        final, current, decided, blocks, latency, outcomes, running, stops,
+        final, current, decided, blocks, deadline, latency, outcomes, running, stops,
         rollback, unverified, rolling, workers,
     ]  # fmt: skip
 

@@ -202,6 +202,7 @@ executions = Table(
     Column("lease_expires_at", UTCDateTime, nullable=False),
     Column("heartbeat_at", UTCDateTime, nullable=False),
     Column("captured", _json(), nullable=False),
+    Column("baseline", _json(none_as_null=True), nullable=True),
     Column("capture_output", Text, nullable=False),
     Column("run_started_at", UTCDateTime, nullable=True),
     Column("run_finished_at", UTCDateTime, nullable=True),

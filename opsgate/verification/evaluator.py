@@ -71,6 +71,10 @@ __all__ = [
     "classify_signal",
     "classify_stop",
     "evidence_wait",
+    "fmt_range",
+    "halt_range_text",
+    "in_range",
+    "pass_range_text",
     "remaining_hold",
     "step",
 ]
@@ -87,32 +91,92 @@ def _has_value(result: QueryResult) -> bool:
     return result.error is None and result.value is not None and not math.isnan(result.value)
 
 
-def classify_signal(signal: Signal, result: QueryResult) -> MeasurementOutcome:
+class NoBaseline(ValueError):
+    """A relative range without a baseline value to be relative to."""
+
+
+def in_range(
+    r: Range, value: float, baseline: float | None, relative_bounds: Literal["min", "max"]
+) -> bool:
+    """Within the absolute bounds, or beyond the relative one (`relative_bounds` says
+    whether the relative bound is a minimum or a maximum). Raises NoBaseline for a
+    relative range without a baseline: the caller fails closed."""
+    if r.contains(value):
+        return True
+    if not r.relative:
+        return False
+    if baseline is None or not math.isfinite(baseline):
+        raise NoBaseline("no baseline value to compare with")
+    threshold = r.threshold(baseline)
+    return value >= threshold if relative_bounds == "min" else value <= threshold
+
+
+def _pass_side(signal: Signal) -> Literal["min", "max"]:
+    # Passing is the better side of the baseline.
+    return "max" if signal.worse_when == "higher" else "min"
+
+
+def _halt_side(stop: StopCondition) -> Literal["min", "max"]:
+    # Halting is the worse side of the baseline.
+    return "min" if stop.worse_when == "higher" else "max"
+
+
+def classify_signal(
+    signal: Signal, result: QueryResult, baseline: float | None = None
+) -> MeasurementOutcome:
     """`pass` when the value is in the signal's pass range (inclusive), else `fail`;
-    `error` when the provider reported one; `inconclusive` when there is no value."""
+    `error` when the provider reported one or a relative range has no baseline;
+    `inconclusive` when there is no value."""
     if result.error is not None:
         return "error"
     if not _has_value(result):
         return "inconclusive"
     assert result.value is not None
-    return "pass" if signal.pass_.contains(result.value) else "fail"
+    try:
+        passed = in_range(signal.pass_, result.value, baseline, _pass_side(signal))
+    except NoBaseline:
+        return "error"
+    return "pass" if passed else "fail"
 
 
-def classify_stop(stop: StopCondition, result: QueryResult) -> bool:
+def classify_stop(stop: StopCondition, result: QueryResult, baseline: float | None = None) -> bool:
     """True (halt) only for a real value inside the halt range; no data or an error
     never halts by itself (errors are counted against `error_limit` instead)."""
     if not _has_value(result):
         return False
     assert result.value is not None
-    return stop.halt.contains(result.value)
+    return in_range(stop.halt, result.value, baseline, _halt_side(stop))
 
 
-def _fmt_range(r: Range) -> str:
+def fmt_range(
+    r: Range, relative_bounds: Literal["min", "max"], baseline: float | None = None
+) -> str:
+    """`<= 0.01`, `[0, 1]`, `>= baseline + 0.05 (0.35)`, `<= 0.01 or <= baseline * 0.5`."""
+    parts: list[str] = []
     if r.min is not None and r.max is not None:
-        return f"[{r.min:g}, {r.max:g}]"
-    if r.min is not None:
-        return f">= {r.min:g}"
-    return f"<= {r.max:g}"
+        parts.append(f"[{r.min:g}, {r.max:g}]")
+    elif r.min is not None:
+        parts.append(f">= {r.min:g}")
+    elif r.max is not None:
+        parts.append(f"<= {r.max:g}")
+    if r.relative:
+        op = ">=" if relative_bounds == "min" else "<="
+        form = (
+            f"baseline + {r.baseline_plus:g}"
+            if r.baseline_plus is not None
+            else f"baseline * {r.baseline_times:g}"
+        )
+        resolved = f" ({r.threshold(baseline):.4g})" if baseline is not None else ""
+        parts.append(f"{op} {form}{resolved}")
+    return " or ".join(parts)
+
+
+def pass_range_text(signal: Signal, baseline: float | None = None) -> str:
+    return fmt_range(signal.pass_, _pass_side(signal), baseline)
+
+
+def halt_range_text(stop: StopCondition, baseline: float | None = None) -> str:
+    return fmt_range(stop.halt, _halt_side(stop), baseline)
 
 
 @dataclass(frozen=True)
@@ -166,6 +230,8 @@ class VerificationState(BaseModel):
     # Before either instant, signal measurements are evidence but do not count.
     evidence_from: datetime | None = None
     settled_at: datetime | None = None
+    # Each query's value just before `run`, for ranges relative to it.
+    baseline: dict[str, float] = Field(default_factory=dict)
     any_pass: bool = False
     last_at: datetime | None = None
     outcome: VerificationOutcome | None = None
@@ -182,8 +248,12 @@ class VerificationState(BaseModel):
         *,
         evidence_from: datetime | None = None,
         settled_at: datetime | None = None,
+        baseline: Mapping[str, float | None] | None = None,
     ) -> VerificationState:
-        return cls(started_at=now, evidence_from=evidence_from, settled_at=settled_at)
+        known = {k: v for k, v in (baseline or {}).items() if v is not None and math.isfinite(v)}
+        return cls(
+            started_at=now, evidence_from=evidence_from, settled_at=settled_at, baseline=known
+        )
 
     def not_counted_at(self, at: datetime) -> NotCounted | None:
         """Why a signal measurement asked for at `at` does not count, if it does not."""
@@ -223,17 +293,21 @@ def _lookup(
 
 
 def _signal_record(
-    signal: Signal, result: QueryResult, now: datetime, not_counted: NotCounted | None
+    signal: Signal,
+    result: QueryResult,
+    now: datetime,
+    not_counted: NotCounted | None,
+    baseline: float | None = None,
 ) -> MeasurementRecord:
-    outcome = classify_signal(signal, result)
+    outcome = classify_signal(signal, result, baseline)
     value = result.value if _has_value(result) else None
     if outcome == "error":
-        detail = result.error or ""
+        detail = result.error or "a range relative to the baseline, without a baseline"
     elif outcome == "inconclusive":
         detail = "no data"
     else:
         where = "within" if outcome == "pass" else "outside"
-        detail = f"{value:g} {where} pass range {_fmt_range(signal.pass_)}"
+        detail = f"{value:g} {where} pass range {pass_range_text(signal, baseline)}"
     if not_counted is not None and outcome in ("pass", "fail", "inconclusive"):
         detail += f" (not counted: {_NOT_COUNTED_WHY[not_counted]})"
     else:
@@ -247,17 +321,33 @@ _NOT_COUNTED_WHY: dict[str, str] = {
 }
 
 
-def _stop_record(stop: StopCondition, result: QueryResult, now: datetime) -> MeasurementRecord:
+def _stop_record(
+    stop: StopCondition, result: QueryResult, now: datetime, baseline: float | None = None
+) -> MeasurementRecord:
     value = result.value if _has_value(result) else None
     outcome: MeasurementOutcome
     if result.error is not None:
         outcome, detail = "error", result.error
     elif value is None:
         outcome, detail = "inconclusive", "no data"
-    elif classify_stop(stop, result):
-        outcome, detail = "fail", f"{value:g} in halt range {_fmt_range(stop.halt)}"
     else:
-        outcome, detail = "pass", f"{value:g} outside halt range {_fmt_range(stop.halt)}"
+        try:
+            halted = classify_stop(stop, result, baseline)
+        except NoBaseline:
+            # A watch we cannot keep: an error, counted against error_limit.
+            return MeasurementRecord(
+                stop.name,
+                "stop_condition",
+                now,
+                value,
+                "error",
+                "a halt range relative to the baseline, without a baseline",
+            )
+        text = halt_range_text(stop, baseline)
+        if halted:
+            outcome, detail = "fail", f"{value:g} in halt range {text}"
+        else:
+            outcome, detail = "pass", f"{value:g} outside halt range {text}"
     return MeasurementRecord(stop.name, "stop_condition", now, value, outcome, detail)
 
 
@@ -293,7 +383,9 @@ def step(
 
     halted: MeasurementRecord | None = None
     for stop in spec.stop_conditions:
-        record = _stop_record(stop, _lookup(stop.name, rendered, results, now), now)
+        record = _stop_record(
+            stop, _lookup(stop.name, rendered, results, now), now, state.baseline.get(stop.name)
+        )
         track(record)
         if halted is None and record.outcome == "fail":
             halted = record
@@ -302,7 +394,7 @@ def step(
     signal_records: list[MeasurementRecord] = []
     for signal in spec.signals:
         result = _lookup(signal.name, rendered, results, now)
-        record = _signal_record(signal, result, now, not_counted)
+        record = _signal_record(signal, result, now, not_counted, state.baseline.get(signal.name))
         track(record)
         signal_records.append(record)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from opsgate.models import VerificationSpec
+from opsgate.models import Range, VerificationSpec
 from opsgate.verification.evaluator import MeasurementRecord, VerificationState, step
 from opsgate.verification.provider import QueryResult, SignalProvider
 
@@ -41,6 +41,11 @@ def stop_only(spec: VerificationSpec) -> VerificationSpec:
     )
 
 
+# A rollback puts back the state from before the action: a signal judged against its
+# baseline is verified back at it, within this margin.
+ROLLBACK_BASELINE_MARGIN = 0.1
+
+
 def rollback_check(spec: VerificationSpec) -> VerificationSpec:
     """The spec a rollback is verified with: the same signals, hold and timeout.
 
@@ -48,9 +53,22 @@ def rollback_check(spec: VerificationSpec) -> VerificationSpec:
     counted: right after an undo the query windows still hold the bad samples, so a
     recovering service fails a few measurements on its way back. The rollback is
     verified once every signal passes for `hold`, and fails at `timeout` or on
-    provider errors.
+    provider errors. A signal whose pass range is relative to the baseline (a
+    mitigation's "half the baseline") cannot be expected to pass once the mitigation
+    is undone: it passes back at its baseline (within 10 %) or in its absolute range.
     """
-    return spec.model_copy(update={"stop_conditions": (), "failure_limit": 10**9})
+    signals = []
+    for signal in spec.signals:
+        if signal.pass_.relative:
+            factor = 1 + ROLLBACK_BASELINE_MARGIN
+            if signal.worse_when == "lower":
+                factor = 1 - ROLLBACK_BASELINE_MARGIN
+            back = Range(min=signal.pass_.min, max=signal.pass_.max, baseline_times=factor)
+            signal = signal.model_copy(update={"pass_": back})
+        signals.append(signal)
+    return spec.model_copy(
+        update={"signals": tuple(signals), "stop_conditions": (), "failure_limit": 10**9}
+    )
 
 
 @dataclass

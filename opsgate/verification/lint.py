@@ -49,10 +49,40 @@ def lint_verification(
     return findings
 
 
+def lint_intent(action_type: ActionType) -> list[Finding]:
+    """Stop conditions that contradict what the action type says it is for."""
+    findings: list[Finding] = []
+    name = action_type.name
+    for index, stop in enumerate(action_type.verification.stop_conditions):
+        where = f"verification.stop_conditions.{index}.halt"
+        halt = stop.halt
+        worse_bound = halt.min if stop.worse_when == "higher" else halt.max
+        if action_type.intent == "mitigation" and worse_bound is not None and not halt.relative:
+            findings.append(
+                Finding(
+                    name,
+                    where,
+                    f"a mitigation runs while {stop.name} is bad: an absolute halt at "
+                    f"{worse_bound:g} trips at once during an incident past it; halt on "
+                    "worse than before (baseline_plus or baseline_times)",
+                )
+            )
+        if halt.baseline_times is not None and stop.worse_when == "higher":
+            findings.append(
+                Finding(
+                    name,
+                    where,
+                    f"halt at baseline * {halt.baseline_times:g} fires at once when the "
+                    f"baseline of {stop.name} is 0; use baseline_plus",
+                )
+            )
+    return findings
+
+
 def lint_action_type(action_type: ActionType, *, scrape_interval: float) -> list[Finding]:
     return lint_verification(
         action_type.name,
         action_type.verification,
         scrape_interval=scrape_interval,
         evidence_after=action_type.evidence_after,
-    )
+    ) + lint_intent(action_type)

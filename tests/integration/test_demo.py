@@ -123,8 +123,14 @@ def test_the_agents_rollback_was_approved_and_verified(demo_run: DemoRun, store:
     execution = store.get_execution(action.id)
     assert execution is not None and execution.outcome == "succeeded"
     assert execution.captured == {"previous_version": "v2.5.0"}
-    phases = {m.phase for m in store.measurements_for(action.id)}
-    assert phases == {"verify"}
+    measurements = store.measurements_for(action.id)
+    assert {m.phase for m in measurements} == {"baseline", "verify"}
+    # judged as a mitigation: against the bad release's own error rate, not a fixed level
+    assert execution.baseline is not None and execution.baseline["error_rate"] is not None
+    assert execution.baseline["error_rate"] >= 0.1
+    verify = [m for m in measurements if m.phase == "verify" and m.name == "error_rate"]
+    assert verify[0].not_counted == "pre_change"  # the window still held the bad release
+    assert [m.outcome for m in verify if m.not_counted is None].count("fail") <= 2
 
 
 @pytest.mark.parametrize(
@@ -151,7 +157,7 @@ def test_the_flag_change_was_stopped_and_rolled_back(demo_run: DemoRun, store: S
     assert execution.outcome == "stopped"
     assert execution.trigger_name == "error_spike"
     assert execution.trigger_value is not None and execution.trigger_value >= 0.2
-    assert execution.captured == {"previous_enabled": "false"}
+    assert execution.captured == {"previous_enabled": False}  # typed: a JSON boolean
     assert execution.undo_error is None
     assert execution.rollback_time is not None and execution.rollback_time > 0
     assert f"rollback time {execution.rollback_time:.1f}s" in demo_run.output

@@ -449,3 +449,75 @@ def test_an_approval_not_started_within_the_ttl_expires(rig: Rig) -> None:
     assert [a.id for a in expired] == [action_id]
     assert rig.store.get_action(action_id).state is S.EXPIRED  # type: ignore[union-attr]
     assert rig.runner.calls == []
+
+
+RESTART = """
+name: restart_service
+intent: mitigation
+risk: low
+params:
+  deployment: {type: string, pattern: "^[a-z0-9-]{1,63}$"}
+run: {runner: fake, argv: [restart, "{deployment}"], timeout: 5s}
+undo: {runner: fake, argv: [restart, "{deployment}"], timeout: 5s}
+verification:
+  interval: 0.05s
+  hold: 0.15s
+  timeout: 1s
+  signals:
+    - {name: error_rate, query: 'err{service="{target}"}', pass: {max: 0.01, baseline_times: 0.5}}
+  stop_conditions:
+    - {name: error_spike, query: 'err{service="{target}"}', halt: {baseline_plus: 0.05}}
+  failure_limit: 0
+  error_limit: 2
+"""
+
+
+def with_restart(rig: Rig) -> str:
+    (rig.catalog_dir / "restart_service.yaml").write_text(RESTART)
+    rig.gate.catalog = load_catalog(rig.catalog_dir)
+    return rig.approved(scale(action="restart_service", params={"deployment": "checkout"}))
+
+
+def test_no_baseline_for_a_relative_range_blocks_before_anything_runs(rig: Rig) -> None:
+    action_id = with_restart(rig)
+    claimed = rig.executor.claim(action_id)
+    assert claimed is not None and claimed.state is S.EXECUTING
+    rig.provider.healthy = False  # Prometheus down just as the action starts
+    rig.executor.launch(action_id)
+    assert rig.executor.wait_idle(timeout=10)
+    action = rig.store.get_action(action_id)
+    assert action is not None and action.state is S.BLOCKED_AT_EXECUTION
+    assert rig.runner.calls == []  # nothing ran, not even a capture
+    execute = [d for d in rig.store.decisions_for(action_id) if d.phase == "execute"]
+    assert execute[-1].deny_codes == ["baseline_unavailable"]
+    baseline = [m for m in rig.store.measurements_for(action_id) if m.phase == "baseline"]
+    assert {m.name for m in baseline} == {"error_rate", "error_spike"}
+    assert all(m.value is None and m.outcome == "error" for m in baseline)
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.finished_at is not None
+    assert "no baseline for error_rate, error_spike" in execution.reason
+    audit_ok(rig.store)
+
+
+def test_a_mitigation_is_judged_against_its_baseline(rig: Rig) -> None:
+    action_id = with_restart(rig)
+    rig.provider.set(ERR, 0.5)  # the incident: 50 % errors
+    rig.runner.effects["restart"] = lambda: rig.provider.set(ERR, 0.2)  # better, not good
+    assert rig.run(action_id) is S.SUCCEEDED  # 0.2 <= half of 0.5; 0.5 + 0.05 never reached
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.baseline == {"error_rate": 0.5, "error_spike": 0.5}
+    verify = [m for m in rig.store.measurements_for(action_id) if m.phase == "verify"]
+    assert any("baseline * 0.5 (0.25)" in m.detail for m in verify)
+
+
+def test_a_mitigation_that_makes_it_worse_than_before_is_stopped(rig: Rig) -> None:
+    action_id = with_restart(rig)
+    rig.provider.set(ERR, 0.5)
+    effects = iter([lambda: rig.provider.set(ERR, 0.56), lambda: rig.provider.set(ERR, 0.5)])
+    rig.runner.effects["restart"] = lambda: next(effects)()
+    assert rig.run(action_id) is S.ROLLED_BACK
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.outcome == "stopped"
+    assert execution.trigger_name == "error_spike"
+    # rolled back to where it was: verified back at the baseline (0.5 <= 1.1 * 0.5)
+    assert execution.rollback_verified_at is not None

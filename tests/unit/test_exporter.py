@@ -75,6 +75,19 @@ def seeded_records() -> list[history.Record]:
             update["finished_at"] = decided + timedelta(minutes=5)
         record.execution = execution.model_copy(update=update)
         record.action = record.action.model_copy(update={"state": state})
+    # Decisions cut at the policy deadline (also counted under their code).
+    for record in blocked[1:4]:
+        record.decisions[0] = record.decisions[0].model_copy(
+            update={
+                "deny": (
+                    DenyReason(
+                        code="policy_engine_unavailable",
+                        message="policy engine unavailable: evaluation exceeded its deadline "
+                        "(0.5s)",
+                    ),
+                )
+            }
+        )
     # A code repeated within one decision counts once.
     first = blocked[0].decisions[0]
     blocked[0].decisions[0] = first.model_copy(
@@ -203,6 +216,14 @@ def test_policy_decisions_and_blocks(scraped: tuple[Samples, list[history.Record
         latencies.setdefault(decision.phase, []).append(decision.duration_ms)
     assert series(samples, "opsgate_policy_decisions_total") == decided
     assert series(samples, "opsgate_policy_blocks_total") == blocked
+    cut: Counter[frozenset[tuple[str, str]]] = Counter(
+        labels(phase=d.phase)
+        for r in records
+        for d in r.decisions
+        if not d.allow and any("exceeded its deadline" in x.message for x in d.deny)
+    )
+    assert sum(cut.values()) == 3
+    assert series(samples, "opsgate_policy_deadline_exceeded_total") == cut
     assert blocked[labels(phase="propose", code="not_allowlisted")] > 20
     assert set(latencies) == {"propose", "execute"}
     for phase, values in latencies.items():

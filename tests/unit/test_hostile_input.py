@@ -61,6 +61,7 @@ def verification(**overrides: Any) -> str:
 
 
 def test_a_good_verification_override_is_accepted(cli: Cli, tmp_path: Path) -> None:
+    cli.as_user("carol")  # in prod only an sre-lead may propose a weaker verification
     code, _, err = propose_file(cli, tmp_path, PROPOSAL + verification())
     assert code == 0, err
 

@@ -157,7 +157,7 @@ def test_tools_and_resources_offered(harness: Harness) -> None:
         assert params["required"] == ["deployment", "replicas"]  # namespace has a default
         verification = scale_type["verification"]
         assert [s["name"] for s in verification["signals"]] == ["error_rate", "latency_p99"]
-        assert verification["stop_conditions"][0]["halt"] == {"min": 0.2}
+        assert verification["stop_conditions"][0]["halt"] == {"baseline_plus": 0.05}
 
         resources = {str(r.uri) for r in (await client.list_resources()).resources}
         assert resources == {CATALOG_URI, POLICY_REVISION_URI}

@@ -223,8 +223,10 @@ def test_a_rule_moved_between_files_is_pushed_from_scratch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # OPA compiles every PUT against the modules it holds: the new a.rego (which now has
-    # `helper`) conflicts with the old b.rego (which still has it). The double does not
-    # check that, so this test teaches it the one conflict OPA would report.
+    # `helper`) conflicts with the old b.rego (which still has it, and is gone from the
+    # bundle, so no later pass replaces it). The double compiles with OPA's Go compiler,
+    # which leaves this conflict to evaluation, so this test teaches it the one conflict
+    # an OPA server reports.
     def put_policy(policy_id: str, source: str) -> tuple[int, Any]:
         others = [v for k, v in double.policies.items() if k != policy_id]
         if "helper :=" in source and any("helper :=" in v for v in others):
@@ -233,19 +235,20 @@ def test_a_rule_moved_between_files_is_pushed_from_scratch(
         return OpaDouble.put_policy(double, policy_id, source)
 
     monkeypatch.setattr(double, "put_policy", put_policy)
-    a = "package opsgate\nimport rego.v1\nuses := helper\n"
+    a = "package opsgate\nimport rego.v1\nuses := 1\n"
     b = "package opsgate\nimport rego.v1\nhelper := 1\n"
     bundle = write_bundle(tmp_path / "b", **{"a.rego": a, "b.rego": b})
     engine = engines(double.url, mode="push", policies=bundle)
     assert engine.evaluate(DECISION_RULE, {"n": 1}).allow
 
     touch(bundle / "a.rego", a + "helper := 2\n")
-    touch(bundle / "b.rego", "package opsgate\nimport rego.v1\n")
+    (bundle / "b.rego").unlink()
     assert engine.evaluate(DECISION_RULE, {"n": 1}).allow
     assert engine.push_failures == 0 and engine.revision() == bundle_revision(bundle)
-    assert double.count("DELETE", "/v1/policies/opsgate/") == 3  # every module it had pushed
+    # Every module it had pushed (the reset), then b.rego's removal (already gone: a 404).
+    assert double.count("DELETE", "/v1/policies/opsgate/") == 4
     assert double.policies["opsgate/a.rego"].endswith("helper := 2\n")
-    assert "helper" not in double.policies["opsgate/b.rego"]
+    assert "opsgate/b.rego" not in double.policies
 
 
 def test_strict_builtin_errors_are_requested(
@@ -681,3 +684,27 @@ def test_doctor_reports_prometheus_when_configured(
     report = json.loads(out)
     assert code == 1 and report["checks"]["prometheus"]["ok"] is False
     assert report["checks"]["prometheus"]["required"] is True
+
+
+def test_a_module_using_a_rule_from_a_later_file_is_pushed(
+    double: OpaDouble, engines: Callable[..., OpaEngine], tmp_path: Path
+) -> None:
+    # OPA (and the double, compiling with OPA's compiler) rejects a.rego alone: `helper`
+    # is defined in b.rego, which sorts after it. A second pass pushes it.
+    a = "package opsgate\nimport rego.v1\nuses := helper\n"
+    b = "package opsgate\nimport rego.v1\nhelper := 1\n"
+    bundle = write_bundle(tmp_path / "b", **{"a.rego": a, "b.rego": b})
+    engine = engines(double.url, mode="push", policies=bundle)
+    assert engine.push_failures == 0, engine.last_error
+    assert engine.evaluate(DECISION_RULE, {"n": 1}).allow
+    assert {"opsgate/a.rego", "opsgate/b.rego"} <= set(double.policies)
+
+
+def test_a_module_that_never_compiles_still_fails_the_push(
+    double: OpaDouble, engines: Callable[..., OpaEngine], tmp_path: Path
+) -> None:
+    never = "package opsgate\nimport rego.v1\nuses := nowhere\n"
+    bundle = write_bundle(tmp_path / "b", **{"a.rego": never})
+    engine = engines(double.url, mode="push", policies=bundle)
+    result = engine.evaluate(DECISION_RULE, {"n": 1})
+    assert result.deny_codes == [UNAVAILABLE] and "nowhere" in (result.error or "")

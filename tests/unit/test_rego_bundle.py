@@ -169,19 +169,21 @@ def test_bundle_data_is_merged_by_directory(tmp_path: Path) -> None:
     ]
 
 
-def test_bundle_that_does_not_compile_fails_every_test(tmp_path: Path) -> None:
+def test_a_compile_error_is_reported_once_on_one_line(tmp_path: Path) -> None:
     bundle = _write_bundle(
         tmp_path,
         {
-            "broken.rego": "package broken\n\nimport rego.v1\n\nx := \n",
-            "ok_test.rego": "package ok_test\n\nimport rego.v1\n\ntest_a if true\n",
+            "broken.rego": 'package broken\n\nimport rego.v1\n\nx := {"a": 1\n',
+            "ok_test.rego": "package ok_test\n\nimport rego.v1\n\ntest_a if true\ntest_b if true\n",
         },
     )
     results = run_rego_tests(bundle)
-    assert [r.name for r in results] == ["test_a"]
+    assert [r.name for r in results] == ["(bundle)"]
     assert not results[0].passed
-    assert results[0].error is not None
-    assert "broken.rego" in results[0].error
+    error = results[0].error or ""
+    # file:line:col and the message, no rego-cpp error tree with byte offsets.
+    assert re.search(r"broken\.rego:5:6: \S", error), error
+    assert "\n" not in error and "errorseq" not in error and "|" not in error
 
 
 def test_bundle_without_tests_that_does_not_load_is_a_failure(tmp_path: Path) -> None:

@@ -88,6 +88,7 @@ def test_execution_round_trip_keeps_every_field(store: Store) -> None:
         heartbeat_at=(T0 + timedelta(seconds=5)).astimezone(PLUS_TWO),
         captured={"previous_replicas": 3, "nested": {"ok": True, "ratio": 0.25}},
         capture_output="3\n",
+        baseline={"error_rate": 0.31, "error_spike": None},
         run_started_at=T0 + timedelta(seconds=1),
         run_finished_at=T0 + timedelta(seconds=2, microseconds=999999),
         run_exit_code=0,
