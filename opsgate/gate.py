@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -530,6 +530,7 @@ class Gate:
         document: Mapping[str, Any],
         required: int,
         now: datetime,
+        attested: Collection[tuple[str, str]] | None = None,
     ) -> DenyReason | None:
         """Recount, from the approval rows alone, whether this action may run now.
 
@@ -538,6 +539,9 @@ class Gate:
         human other than the proposer after the proposal, and the current approval rule
         still allows its approver for this action (`document`: today's execute input).
         The run must start within the TTL of the moment the requirement was met.
+        `attested`: (approver, spec hash) of the `approval.added` events in the audit
+        chain; when given, an approval row without its event does not count (a row
+        inserted behind opsgate's back).
         """
         counted: dict[str, datetime] = {}
         dropped: list[str] = []
@@ -551,6 +555,7 @@ class Gate:
                 or who.id == action.proposer.id
                 or who.kind != "human"
                 or not earliest <= approval.created_at <= now
+                or (attested is not None and (who.id, approval.spec_hash) not in attested)
             ):
                 dropped.append(who.id)
                 continue

@@ -388,8 +388,13 @@ class Executor:
         if not decision.allow:
             deny.extend(decision.deny or (DenyReason(code="policy_engine_unavailable"),))
         # From the approval rows alone; the claim holds them only if they are unchanged.
+        attested = {
+            (event.actor, str(event.data.get("spec_hash")))
+            for event in self.store.audit_events(action_id=action.id)
+            if event.kind == "approval.added"
+        }
         missing = self.gate.prove_approvals(
-            approvals, action, evaluation.input, decision.required_approvals, now
+            approvals, action, evaluation.input, decision.required_approvals, now, attested
         )
         if missing is not None:
             deny.append(missing)

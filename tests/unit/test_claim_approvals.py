@@ -55,6 +55,23 @@ def forge_approval(rig: Rig, action_id: str, approver: Identity, **fields: objec
         )
 
 
+def attest(rig: Rig, action_id: str, approver: Identity) -> None:
+    """The `approval.added` event a genuine approval writes beside its row."""
+    from opsgate.lifecycle import record_event
+
+    action = rig.store.get_action(action_id)
+    assert action is not None
+    with rig.store.transaction() as tx:
+        record_event(
+            tx,
+            action_id=action_id,
+            kind="approval.added",
+            actor=approver.id,
+            now=action.created_at,
+            data={"spec_hash": action.spec_hash},
+        )
+
+
 def blocked_with(rig: Rig, action_id: str, code: str) -> str:
     claimed = rig.executor.claim(action_id)
     assert claimed is not None and claimed.state is S.BLOCKED_AT_EXECUTION
@@ -183,6 +200,7 @@ def test_approvals_older_than_the_ttl_do_not_count(rig: Rig) -> None:
     action = rig.store.get_action(action_id)
     assert action is not None
     forge_approval(rig, action_id, BOB)
+    attest(rig, action_id, BOB)  # a genuine approval, only old
     forge_approved(rig, action_id)
     later = action.created_at + timedelta(seconds=rig.gate.approval_ttl + 1)
     # only the approvals are stale: the forged row says it is good for a day
@@ -208,3 +226,32 @@ def test_genuine_approvals_run_and_the_foreground_principal_is_recorded(rig: Rig
     assert executing[0].data["triggered_by"] == "carol"
     assert executing[0].data["triggered_by_kind"] == "human"
     audit_ok(rig.store)
+
+
+def test_an_approval_row_without_its_audit_event_does_not_count(rig: Rig) -> None:
+    """A valid approver's row inserted behind opsgate's back (no `approval.added` event
+    in the chain) is not an approval."""
+    action_id = proposed(rig)
+    forge_approval(rig, action_id, BOB)
+    forge_approved(rig, action_id)
+    assert "bob" in blocked_with(rig, action_id, "approval_missing")
+
+
+def test_an_event_for_another_spec_does_not_attest_the_row(rig: Rig) -> None:
+    from opsgate.lifecycle import record_event
+
+    action_id = proposed(rig)
+    forge_approval(rig, action_id, BOB)
+    action = rig.store.get_action(action_id)
+    assert action is not None
+    with rig.store.transaction() as tx:
+        record_event(
+            tx,
+            action_id=action_id,
+            kind="approval.added",
+            actor="bob",
+            now=action.created_at,
+            data={"spec_hash": "sha256:" + "1" * 64},
+        )
+    forge_approved(rig, action_id)
+    blocked_with(rig, action_id, "approval_missing")
