@@ -216,7 +216,11 @@ def test_a_fix_passes_verification(rig: Rig, prometheus: PrometheusServer) -> No
     execution = rig.store.get_execution(action_id)
     assert execution is not None and execution.outcome == "succeeded"
     assert rig.faults.state()[target]["error_ratio"] == 0.0
-    signals = [m for m in rig.store.measurements_for(action_id) if m.kind == "signal"]
+    signals = [
+        m
+        for m in rig.store.measurements_for(action_id)
+        if m.kind == "signal" and m.phase == "verify"
+    ]
     assert signals[-1].outcome == "pass" and signals[-1].value is not None
     assert signals[-1].value <= 0.05
     assert signals[-1].not_counted is None
