@@ -6,13 +6,15 @@ Asked of the same bundle and engine as `decision` and `approval`, before every v
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from opsgate.auth.principal import Principal
 from opsgate.models import Action, Identity
 from opsgate.policies.engine import AUTHZ_RULE
 from opsgate.policies.input import rfc3339
-from opsgate.proposals import ValidatedProposal
+
+if TYPE_CHECKING:  # a type only: `queue` must not load the catalog and YAML for it
+    from opsgate.proposals import ValidatedProposal
 
 __all__ = ["AUTHZ_RULE", "VERBS", "Actor", "Verb", "as_principal", "authz_input"]
 Verb = Literal["propose", "approve", "reject", "cancel", "run", "rollback", "read"]

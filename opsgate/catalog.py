@@ -34,14 +34,51 @@ def first_error(exc: ValidationError, prefix: str = "") -> InvalidInput:
     return InvalidInput(field, message)
 
 
+MAX_YAML_BYTES = 1_000_000
+MAX_YAML_DEPTH = 64
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader without aliases and with bounded nesting.
+
+    An alias expands to a reference to another node, so a few hundred bytes of nested
+    aliases ("billion laughs") become billions of values; no catalog entry or proposal
+    needs one. Deep nesting would exhaust the stack instead.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed", event.start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def load_yaml_text(raw: bytes, source: str) -> Any:
-    """Parse YAML or JSON bytes; non-UTF-8 and syntax errors are InvalidInput."""
+    """Parse YAML or JSON bytes; non-UTF-8, oversized, aliased, too deep and malformed
+    documents are InvalidInput."""
+    if len(raw) > MAX_YAML_BYTES:
+        raise InvalidInput(source, f"larger than {MAX_YAML_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(source, f"not UTF-8 (byte {exc.start})") from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -52,7 +89,7 @@ def load_yaml_text(raw: bytes, source: str) -> Any:
 def step_placeholders(step: Step | None) -> set[str]:
     if step is None:
         return set()
-    parts: list[str] = list(step.argv or ())
+    parts: list[str] = list(step.argv or ()) + list((step.env or {}).values())
     if step.http is not None:
         parts.append(step.http.url)
         parts.append(repr(step.http.body))
@@ -60,6 +97,16 @@ def step_placeholders(step: Step | None) -> set[str]:
 
 
 def _check_placeholders(action: ActionType, source: str) -> None:
+    secret = {name for name, spec in action.params.items() if spec.secret}
+    for label, step in (("capture", action.capture), ("run", action.run), ("undo", action.undo)):
+        argv = step.argv if step is not None else None
+        in_argv = {m for part in (argv or ()) for m in _PLACEHOLDER.findall(part)} & secret
+        if in_argv:
+            raise InvalidInput(
+                f"{source}: {label}.argv",
+                f"secret param {{{sorted(in_argv)[0]}}} may not be in argv, where `ps` shows "
+                "it to every user; pass it in env",
+            )
     known = set(action.params) | BUILTIN_PLACEHOLDERS
     for label, step in (("capture", action.capture), ("run", action.run)):
         unknown = step_placeholders(step) - known
@@ -151,6 +198,8 @@ def param_json_schema(spec: ParamSpec) -> dict[str, Any]:
     """The JSON-schema view of a parameter, for `catalog show` and agents."""
     schema: dict[str, Any] = {"type": spec.type}
     for key in ("pattern", "minimum", "maximum", "enum", "default", "description"):
+        if key == "default" and spec.secret:
+            continue  # a secret default is a secret: `catalog show` and agents never see it
         value = getattr(spec, key)
         if value not in (None, ""):
             if key in ("minimum", "maximum") and spec.type == "integer":

@@ -20,6 +20,15 @@ DEFAULT_DB = "sqlite:///opsgate.db"
 IDENTITY_SETTINGS = frozenset({"identity", "user", "user_kind"})
 
 
+# A TTL of weeks is a standing approval; one of a second, a typo. The same for leases.
+MAX_SETTING_DURATION = 30 * 86400.0
+_DURATION_BOUNDS = {
+    "approval_ttl": (1.0, MAX_SETTING_DURATION),
+    "lease": (1.0, 86400.0),
+    "decision_deadline": (0.1, 300.0),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """One config object for every command (rq's pass_cli_config habit)."""
@@ -59,6 +68,11 @@ class Settings:
     oidc_leeway: float = 30.0  # clock skew allowed on exp/iat/nbf
     oidc_client_id: str | None = None  # the public client `opsgate login` uses
     oidc_scopes: str = "openid profile offline_access"
+    # The Ed25519 private key (PEM) that signs audit checkpoints: workers and the server
+    # hold it, people and agents never do.
+    audit_key: Path | None = None
+    # Preconditions, then the policy, must answer within this; past it: a deny.
+    decision_deadline: float = 5.0
 
     @classmethod
     def load(
@@ -107,7 +121,7 @@ class Settings:
     def with_overrides(self, values: Mapping[str, Any]) -> Settings:
         converted: dict[str, Any] = {}
         for name, value in values.items():
-            if name in {"catalog", "policies", "shadow_policies"}:
+            if name in {"catalog", "policies", "shadow_policies", "audit_key"}:
                 converted[name] = Path(str(value))
             elif name == "policy_engine":
                 if value not in {"embedded", "opa-embedded", "opa"}:
@@ -130,6 +144,7 @@ class Settings:
                 "prometheus_scrape_interval",
                 "lease",
                 "opa_timeout",
+                "decision_deadline",
                 "policy_timeout",
             }:
                 try:
@@ -140,7 +155,14 @@ class Settings:
                     raise ConfigError(f"OPSGATE_{name.upper()}: {exc}") from exc
                 if converted[name] <= 0:
                     raise ConfigError(f"OPSGATE_{name.upper()}: must be positive")
+                low, high = _DURATION_BOUNDS.get(name, (0.0, MAX_SETTING_DURATION))
+                if not low <= converted[name] <= high:
+                    raise ConfigError(
+                        f"OPSGATE_{name.upper()}: expected {low:g}s to {high / 86400:g}d"
+                    )
             elif name == "oidc_leeway":
+                from opsgate.models import parse_duration
+
                 try:
                     converted[name] = parse_duration(value)
                 except ValueError as exc:

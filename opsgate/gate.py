@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -30,12 +32,21 @@ from opsgate.models import (
     Identity,
     Measurement,
 )
-from opsgate.policies.engine import APPROVAL_RULE, DECISION_RULE, PolicyEngine, PolicyResult
+from opsgate.policies.engine import (
+    APPROVAL_RULE,
+    DECISION_RULE,
+    PolicyEngine,
+    PolicyResult,
+    unavailable,
+)
 from opsgate.policies.input import build_input
 from opsgate.preconditions import CheckContext, PreconditionRegistry, PreconditionResult
 from opsgate.proposals import ValidatedProposal, spec_hash, validate
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
 
+SYSTEM_ACTOR = "opsgate"
+OPTIMISTIC_TRIES = 3
+SECRET_PARAMS_KEY = "secret_params"  # noqa: S105 - a key name, not a secret
 MAX_COMMENT_LENGTH = 2000
 
 
@@ -52,6 +63,54 @@ def shadow_json(result: PolicyResult) -> dict[str, Any]:
         "revision": result.revision,
         "error": result.error,
     }
+
+
+class _DecisionThreads:
+    """A few long-lived daemon threads that evaluate preconditions and policy, so the
+    caller can stop waiting at a deadline. Long-lived, because engines keep one
+    interpreter (or HTTP session) per thread; daemon, because an evaluation that never
+    ends must not keep the process alive. A hung one holds its thread: the others serve
+    on, and when all are held every decision is denied at its deadline."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[], Any], dict[str, Any], threading.Event]
+        ] = queue.SimpleQueue()
+        self._started = 0
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, work: Callable[[], Any], seconds: float) -> tuple[bool, Any]:
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        with self._lock:
+            if self._idle == 0 and self._started < self._size:
+                self._started += 1
+                threading.Thread(target=self._serve, name="opsgate-decide", daemon=True).start()
+            else:
+                self._idle -= 1  # claimed by this job; its thread re-counts itself when free
+            self._queue.put((work, box, done))
+        if not done.wait(max(seconds, 0.0)):
+            return False, None
+        if "error" in box:
+            raise box["error"]
+        return True, box["value"]
+
+    def _serve(self) -> None:
+        while True:
+            work, box, done = self._queue.get()
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # handed to the caller, who decides
+                box["error"] = exc
+            finally:
+                done.set()
+                with self._lock:
+                    self._idle += 1
+
+
+_DECISIONS = _DecisionThreads(size=8)
 
 
 @dataclass(frozen=True)
@@ -153,6 +212,31 @@ class Gate:
             )
         return spec
 
+    # Preconditions, then the policy, must answer within this; past it the decision is a
+    # deny (missing_precondition, policy_engine_unavailable), never a wait.
+    decision_deadline: float = 5.0
+
+    def _within(self, seconds: float, work: Callable[[], Any]) -> tuple[bool, Any]:
+        """Run `work` on a decision thread; (False, None) if it is not done in time."""
+        return _DECISIONS.run(work, seconds)
+
+    def policy(
+        self, rule: str, document: Mapping[str, Any], deadline: float
+    ) -> tuple[PolicyResult, PolicyResult | None]:
+        """The engine's (and shadow's) verdict, or `policy_engine_unavailable` past the
+        deadline (a monotonic time)."""
+
+        def ask() -> tuple[PolicyResult, PolicyResult | None]:
+            result = self.engine.evaluate(rule, document)
+            shadow = self.shadow.evaluate(rule, document) if self.shadow else None
+            return result, shadow
+
+        finished, value = self._within(deadline - time.monotonic(), ask)
+        if not finished:
+            return unavailable(f"no decision within {self.decision_deadline:g}s"), None
+        result, shadow = value
+        return result, shadow
+
     # --- deciding --------------------------------------------------------------------
 
     def evaluate(
@@ -178,19 +262,22 @@ class Gate:
             active = reader.count_active_on_target(
                 proposal.target, proposal.environment, exclude_id=exclude_id
             )
-        checks = self.preconditions.evaluate(
-            CheckContext(
-                action_type=spec.action_type,
-                target=proposal.target,
-                environment=proposal.environment,
-                params=spec.params,
-                now=now,
-                active_on_target=active,
-                freeze_windows=self.freeze_windows(),
-                verification=spec.verification,
-                phase=phase,
-            )
+        context = CheckContext(
+            action_type=spec.action_type,
+            target=proposal.target,
+            environment=proposal.environment,
+            params=spec.params,
+            now=now,
+            active_on_target=active,
+            freeze_windows=self.freeze_windows(),
+            verification=spec.verification,
+            phase=phase,
         )
+        answered, checks = self._within(
+            self.decision_deadline, lambda: self.preconditions.evaluate(context)
+        )
+        if not answered:  # a hung Prometheus: decide on what is known, fail closed
+            checks = self.preconditions.timed_out(context, self.decision_deadline)
         document = build_input(
             action_type=spec.action_type,
             target=proposal.target,
@@ -207,9 +294,11 @@ class Gate:
             active_on_target=active,
         )
         started = time.perf_counter()
-        result = self.engine.evaluate(DECISION_RULE, document)
+        # Its own deadline: timed-out preconditions still get a decision that names them.
+        result, shadow = self.policy(
+            DECISION_RULE, document, time.monotonic() + self.decision_deadline
+        )
         elapsed = (time.perf_counter() - started) * 1000
-        shadow = self.shadow.evaluate(DECISION_RULE, document) if self.shadow else None
         holders: tuple[tuple[str, str], ...] = ()
         if active and "concurrent_action" in {d.get("code") for d in result.deny}:
             holders = tuple(
@@ -237,20 +326,19 @@ class Gate:
         spec = self.validate(document)
         key = spec.proposal.idempotency_key
         if key is not None:
-            existing = self._existing_for_key(key, spec.spec_hash)
+            existing = self._existing_for_key(key, principal.identity, spec.spec_hash)
             if existing is not None:
                 return existing
         refusal: Refused | None = None
         try:
-            with self.store.transaction() as tx:
-                refusal = self._authorize_in(tx, "propose", principal, spec=spec)
-                if refusal is None:
-                    # Decided inside the write transaction, so the concurrency count it saw
-                    # is still true when the action is stored.
-                    action, decision = self._decide_and_store(tx, spec, principal.identity)
+            refusal = self._authorize_outside("propose", principal, spec=spec)
+            if refusal is None:
+                # Decided with no transaction open, stored only if the concurrency count it
+                # saw still holds (see _decide_then_store).
+                action, decision = self._decide_then_store(spec, principal.identity)
         except DuplicateIdempotencyKey:
             assert key is not None
-            existing = self._existing_for_key(key, spec.spec_hash)
+            existing = self._existing_for_key(key, principal.identity, spec.spec_hash)
             if existing is None:  # the other writer rolled back; nothing to return
                 raise StateConflict(f"idempotency key {key!r} is in use; retry") from None
             return existing
@@ -258,12 +346,35 @@ class Gate:
             raise refusal
         return ProposeOutcome(action, decision)
 
-    def _decide_and_store(
-        self, tx: StoreTx, spec: ValidatedProposal, proposer: Identity
+    def _decide_then_store(
+        self, spec: ValidatedProposal, proposer: Identity
     ) -> tuple[Action, Decision]:
-        now = self.clock()
+        """Decide with no transaction open (a slow policy or Prometheus must not hold the
+        store's write lock), then store only if the concurrency count the decision saw
+        is still true; else decide again. After a few tries, decide under the lock."""
+        proposal = spec.proposal
+        for _ in range(OPTIMISTIC_TRIES):
+            now = self.clock()
+            evaluation = self.evaluate(spec, proposer, now=now)
+            seen = evaluation.input.get("context", {}).get("active_on_target")
+            with self.store.transaction() as tx:
+                active = tx.count_active_on_target(proposal.target, proposal.environment)
+                if active == seen:
+                    return self._store_decided(tx, spec, proposer, evaluation, now)
+        with self.store.transaction() as tx:
+            now = self.clock()
+            evaluation = self.evaluate(spec, proposer, now=now, tx=tx)
+            return self._store_decided(tx, spec, proposer, evaluation, now)
+
+    def _store_decided(
+        self,
+        tx: StoreTx,
+        spec: ValidatedProposal,
+        proposer: Identity,
+        evaluation: Evaluation,
+        now: datetime,
+    ) -> tuple[Action, Decision]:
         key = spec.proposal.idempotency_key
-        evaluation = self.evaluate(spec, proposer, now=now, tx=tx)
         action_id = new_id()
         decision = evaluation.decision(action_id=action_id, phase="propose", at=now)
         state = ActionState.PENDING_APPROVAL if decision.allow else ActionState.BLOCKED
@@ -304,12 +415,17 @@ class Gate:
                 "bundle_revision": decision.bundle_revision,
                 "spec_hash": spec.spec_hash,
                 "proposer_kind": proposer.kind,
+                # Which params are secret, as the type said when proposed: masking must
+                # not depend on today's catalog (an edited or broken file).
+                SECRET_PARAMS_KEY: sorted(
+                    name for name, p in spec.action_type.params.items() if p.secret
+                ),
             },
         )
         return action, decision
 
-    def _existing_for_key(self, key: str, digest: str) -> ProposeOutcome | None:
-        action = self.store.find_action_by_idempotency_key(key)
+    def _existing_for_key(self, key: str, proposer: Identity, digest: str) -> ProposeOutcome | None:
+        action = self.store.find_action_by_idempotency_key(key, proposer.id)
         if action is None:
             return None
         if action.spec_hash != digest:
@@ -452,10 +568,73 @@ class Gate:
         document = dict(proposed[0].input) if proposed else {}
         document["approver"] = {"id": approver.id, "kind": approver.kind}
         started = time.perf_counter()
-        result = self.engine.evaluate(APPROVAL_RULE, document)
+        result, shadow = self.policy(
+            APPROVAL_RULE, document, time.monotonic() + self.decision_deadline
+        )
         elapsed = (time.perf_counter() - started) * 1000
-        shadow = self.shadow.evaluate(APPROVAL_RULE, document) if self.shadow else None
         return Evaluation(result, document, [], self.engine.name, elapsed, shadow)
+
+    def prove_approvals(
+        self,
+        approvals: Sequence[Approval],
+        action: Action,
+        document: Mapping[str, Any],
+        required: int,
+        now: datetime,
+        attested: Collection[tuple[str, str]] | None = None,
+    ) -> DenyReason | None:
+        """Recount, from the approval rows alone, whether this action may run now.
+
+        The action's `approved` state is not evidence: anyone who can write the table can
+        set it. An approval counts only if it is bound to this spec hash, was given by a
+        human other than the proposer after the proposal, and the current approval rule
+        still allows its approver for this action (`document`: today's execute input).
+        The run must start within the TTL of the moment the requirement was met.
+        `attested`: (approver, spec hash) of the `approval.added` events in the audit
+        chain; when given, an approval row without its event does not count (a row
+        inserted behind opsgate's back).
+        """
+        counted: dict[str, datetime] = {}
+        dropped: list[str] = []
+        earliest = action.created_at
+        deadline = time.monotonic() + self.decision_deadline
+        for approval in approvals:
+            who = approval.approver
+            if (
+                approval.action_id != action.id
+                or approval.spec_hash != action.spec_hash
+                or who.id == action.proposer.id
+                or who.kind != "human"
+                or not earliest <= approval.created_at <= now
+                or (attested is not None and (who.id, approval.spec_hash) not in attested)
+            ):
+                dropped.append(who.id)
+                continue
+            if who.id in counted:
+                continue
+            verdict, _ = self.policy(
+                APPROVAL_RULE, {**document, "approver": {"id": who.id, "kind": who.kind}}, deadline
+            )
+            if verdict.allow:
+                counted[who.id] = approval.created_at
+            else:
+                dropped.append(who.id)
+        required = max(required, action.required_approvals, 1)
+        times = sorted(counted.values())
+        if len(times) < required:
+            extra = f" (not counted: {', '.join(sorted(set(dropped)))})" if dropped else ""
+            return DenyReason(
+                code="approval_missing",
+                message=f"valid approvals: {len(times)} of {required} required{extra}",
+            )
+        met_at = times[required - 1]
+        if now >= met_at + timedelta(seconds=self.approval_ttl):
+            return DenyReason(
+                code="approval_missing",
+                message=f"the approvals expired at "
+                f"{(met_at + timedelta(seconds=self.approval_ttl)).isoformat()}",
+            )
+        return None
 
     def reject(self, action_id: str, actor: Actor, reason: str) -> Action:
         if not reason.strip():
@@ -555,22 +734,13 @@ class Gate:
     def details(self, action_id: str, reader: Actor | None = None) -> ActionDetails:
         """Everything about one action; a reader policy refuses gets NotFound, as if the
         action did not exist, and the refusal is recorded."""
-        action = self.store.get_action(action_id)
-        if action is None:
-            raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+        details = action_details(self.store, action_id)
         if reader is not None:
             try:
-                self.authorize("read", reader, action)
+                self.authorize("read", reader, details.action)
             except Refused:
                 raise NotFound(f"no action {action_id}; list them with `opsgate queue`") from None
-        return ActionDetails(
-            action,
-            self.store.decisions_for(action_id),
-            self.store.approvals_for(action_id),
-            list(self.store.audit_events(action_id=action_id)),
-            self.store.get_execution(action_id),
-            self.store.measurements_for(action_id),
-        )
+        return details
 
     # --- authorization ---------------------------------------------------------------
 
@@ -586,9 +756,31 @@ class Gate:
         """`data.opsgate.authz`: may this principal perform this verb at all?"""
         document = authz_input(verb, principal, now or self.clock(), action=action, spec=spec)
         started = time.perf_counter()
-        result = self.engine.evaluate(AUTHZ_RULE, document)
+        finished, value = self._within(
+            self.decision_deadline, lambda: self.engine.evaluate(AUTHZ_RULE, document)
+        )
+        result = (
+            value if finished else unavailable(f"no decision within {self.decision_deadline:g}s")
+        )
         elapsed = (time.perf_counter() - started) * 1000
         return Evaluation(result, document, [], self.engine.name, elapsed)
+
+    def _authorize_outside(
+        self,
+        verb: Verb,
+        principal: Principal,
+        *,
+        action: Action | None = None,
+        spec: ValidatedProposal | None = None,
+    ) -> Refused | None:
+        """Ask authz with no transaction open (the policy must not hold the write lock);
+        a refusal is stored in a transaction of its own and returned."""
+        now = self.clock()
+        evaluation = self.authz(principal, verb, action=action, spec=spec, now=now)
+        if evaluation.result.allow:
+            return None
+        with self.store.transaction() as tx:
+            return self._record_refusal(tx, verb, principal, evaluation, action, now)
 
     def _authorize_in(
         self,
@@ -605,6 +797,17 @@ class Gate:
         evaluation = self.authz(principal, verb, action=action, spec=spec, now=now)
         if evaluation.result.allow:
             return None
+        return self._record_refusal(tx, verb, principal, evaluation, action, now)
+
+    def _record_refusal(
+        self,
+        tx: StoreTx,
+        verb: Verb,
+        principal: Principal,
+        evaluation: Evaluation,
+        action: Action | None,
+        now: datetime,
+    ) -> Refused:
         action_id = action.id if action is not None else None
         decision = evaluation.decision(action_id=action_id, phase="authz", at=now)
         tx.insert_decision(decision)
@@ -629,8 +832,22 @@ class Gate:
     def authorize(self, verb: Verb, actor: Actor, action: Action | None = None) -> None:
         """Authorize a verb that is carried out elsewhere (run, rollback, read); a refusal
         is stored and raised as Refused."""
-        principal = as_principal(actor)
-        with self.store.transaction() as tx:
-            refusal = self._authorize_in(tx, verb, principal, action=action)
+        refusal = self._authorize_outside(verb, as_principal(actor), action=action)
         if refusal is not None:
             raise refusal
+
+
+def action_details(store: Store, action_id: str) -> ActionDetails:
+    """Everything stored about one action; needs neither catalog nor policy engine, so
+    history stays readable when either is broken."""
+    action = store.get_action(action_id)
+    if action is None:
+        raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+    return ActionDetails(
+        action,
+        store.decisions_for(action_id),
+        store.approvals_for(action_id),
+        list(store.audit_events(action_id=action_id)),
+        store.get_execution(action_id),
+        store.measurements_for(action_id),
+    )

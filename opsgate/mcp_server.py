@@ -5,6 +5,7 @@ No tool approves, rejects, runs, rolls back or cancels: those stay with humans.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ from opsgate.cli.render import (
     ts,
 )
 from opsgate.errors import ConfigError, InvalidInput, NotFound, OpsgateError
-from opsgate.gate import ActionDetails, Gate, ProposeOutcome
+from opsgate.gate import ActionDetails, Gate, ProposeOutcome, action_details
 from opsgate.models import (
     MAX_REASON_LENGTH,
     NAME_PATTERN,
@@ -188,6 +189,12 @@ class AgentTools:
 
     # --- shared pieces ---------------------------------------------------------------
 
+    def _catalog_or_none(self) -> Catalog | None:
+        try:
+            return self.catalog()
+        except InvalidInput:  # a broken catalog file must not hide an action's history
+            return None
+
     def catalog(self) -> Catalog:
         """Today's catalog, reloaded when its files change, so proposals hash what humans see."""
         directory = self.config.settings.catalog
@@ -221,7 +228,7 @@ class AgentTools:
         return self.gate().propose(document, self.identity)
 
     def _render_catalog(self) -> Catalog | None:
-        return self.catalog()
+        return self._catalog_or_none()
 
     def _mine(self, states: list[ActionState] | None) -> list[Action]:
         """This agent's actions, oldest first, at most LIST_SCAN."""
@@ -231,11 +238,13 @@ class AgentTools:
         )
 
     def _details(self, action_id: str) -> ActionDetails:
-        gate = self.gate()
-        # As `opsgate show` does: an action past its TTL reads as expired, not pending.
-        gate.expire_due()
+        # As `opsgate show` does: an action past its TTL reads as expired, not pending;
+        # and history is read from the store alone, whatever state the catalog is in.
+        if self._catalog_or_none() is not None:
+            with contextlib.suppress(ConfigError):
+                self.gate().expire_due()
         try:
-            return gate.details(action_id)
+            return action_details(self.config.store, action_id)
         except NotFound:
             raise NotFound(
                 f"action_id: no action {action_id}; list_my_actions lists yours"
@@ -293,7 +302,8 @@ class AgentTools:
         valid = {a.approver.id for a in details.approvals if a.spec_hash == action.spec_hash}
         shown = details.measurements[-limit:] if limit else []
         return {
-            "action": action_json(action, self._render_catalog()),
+            # Masked by the proposal-time snapshot in its events, not today's catalog.
+            "action": action_json(action, self._render_catalog(), details.events),
             "state": action.state.value,
             "terminal": action.state.terminal,
             "state_reason": _state_reason(details.events),
@@ -303,7 +313,7 @@ class AgentTools:
                 "roles": list(action.approver_roles),
                 "by": [approval_json(a) for a in details.approvals],
             },
-            "plan": plan_of(details, self.catalog()),
+            "plan": plan_of(details, self._catalog_or_none()),
             "execution": _execution_summary(details),
             "rollback": _rollback_summary(details),
             "measurements": {

@@ -26,22 +26,50 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+# Ten years: beyond it a duration is a mistake, and date arithmetic would overflow.
+MAX_DURATION = 3650 * 86400.0
+# A verification step (interval, hold, timeout) or a runner step: at most a day.
+MAX_STEP_DURATION = 86400.0
+# Below this an interval is a busy loop against Prometheus.
+MIN_INTERVAL = 0.05
+
+
 def parse_duration(value: Any) -> float:
-    """Seconds from `90`, `90s`, `2m`, `1h`, `500ms`; negative or garbage is refused."""
+    """Seconds from `90`, `90s`, `2m`, `1h`, `500ms`; negative, NaN, infinite, more
+    than ten years or garbage is refused."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 2m or 1h")
+    seconds: float | None = None
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError("a duration must be at most 3650d") from None
+    elif isinstance(value, str) and len(value) <= 40:
         match = _DURATION.match(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError("expected a duration like 30s, 2m or 1h")
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds is None:
+        raise ValueError("expected a duration like 30s, 2m or 1h")
+    if not math.isfinite(seconds):
+        raise ValueError("a duration must be a finite number")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration must be at most 3650d")
+    return seconds
+
+
+def _step_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds > MAX_STEP_DURATION:
+        raise ValueError("must be at most 1d")
+    return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+StepDuration = Annotated[float, BeforeValidator(_step_duration)]
 
 
 class Frozen(BaseModel):
@@ -112,8 +140,8 @@ class ParamSpec(Frozen):
     pattern: str | None = None
     min_length: int | None = Field(default=None, alias="minLength", ge=0)
     max_length: int | None = Field(default=256, alias="maxLength", ge=1)
-    minimum: float | None = None
-    maximum: float | None = None
+    minimum: float | None = Field(default=None, allow_inf_nan=False)
+    maximum: float | None = Field(default=None, allow_inf_nan=False)
     enum: tuple[str | int | float | bool, ...] | None = None
     required: bool = True
     default: str | int | float | bool | None = None
@@ -150,11 +178,25 @@ class Step(Frozen):
     runner: str = "shell"
     argv: tuple[str, ...] | None = None
     http: HttpSpec | None = None
-    timeout: Duration = 60.0
+    timeout: StepDuration = 60.0
     as_: str | None = Field(default=None, alias="as", pattern=NAME_PATTERN)
     # For a capture: the type of the kept value, so `undo` gets it back as it was (a
     # JSON boolean stays a boolean in an HTTP body, not the string "false").
     type: CaptureType | None = None
+
+    # Extra environment variables of an argv step (values may use placeholders): the way
+    # to hand a step a secret, since argv is visible to every user through `ps`.
+    env: dict[str, str] | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name in value or {}:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"env name {name!r}: expected upper-case letters, digits, _")
+        if value is not None and len(value) > 64:
+            raise ValueError("at most 64 env variables")
+        return value
 
     @field_validator("argv", mode="before")
     @classmethod
@@ -169,6 +211,8 @@ class Step(Frozen):
             raise ValueError("a step needs argv (shell runner) or http")
         if self.argv is not None and len(self.argv) == 0:
             raise ValueError("argv cannot be empty")
+        if self.env is not None and self.argv is None:
+            raise ValueError("env is for argv steps")
         return self
 
 
@@ -184,10 +228,11 @@ class Range(Frozen):
     `pass: {max: 0.01, baseline_times: 0.5}` passes at 1 % or at half the baseline.
     """
 
-    min: float | None = None
-    max: float | None = None
-    baseline_plus: float | None = None
-    baseline_times: float | None = Field(default=None, gt=0)
+    # NaN never compares, so a NaN bound would make every value pass (or none, forever).
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
+    baseline_plus: float | None = Field(default=None, allow_inf_nan=False)
+    baseline_times: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _bounded(self) -> Range:
@@ -266,12 +311,12 @@ class StopCondition(Frozen):
 
 
 class VerificationSpec(Frozen):
-    interval: Duration = 10.0
-    hold: Duration = 120.0
-    timeout: Duration = 600.0
+    interval: StepDuration = 10.0
+    hold: StepDuration = 120.0
+    timeout: StepDuration = 600.0
     # Signal measurements taken before this many seconds after `run` ended are stored
     # but not counted (settling); it only ever lengthens the post-change evidence floor.
-    initial_delay: Duration = 0.0
+    initial_delay: StepDuration = 0.0
     signals: tuple[Signal, ...] = ()
     stop_conditions: tuple[StopCondition, ...] = ()
     failure_limit: int = Field(default=2, ge=0)
@@ -279,8 +324,8 @@ class VerificationSpec(Frozen):
 
     @model_validator(mode="after")
     def _coherent(self) -> VerificationSpec:
-        if self.interval <= 0:
-            raise ValueError("interval must be positive")
+        if self.interval < MIN_INTERVAL:
+            raise ValueError(f"interval must be at least {MIN_INTERVAL:g}s")
         if self.timeout < self.hold:
             raise ValueError("timeout must be at least hold")
         names = [s.name for s in self.signals] + [c.name for c in self.stop_conditions]
@@ -459,6 +504,16 @@ class AuditEvent(Frozen):
     data: dict[str, Any] = Field(default_factory=dict)
     prev_hash: str
     hash: str
+
+
+class AuditCheckpoint(Frozen):
+    """The chain's head as the key holder (worker/server tier) saw and signed it."""
+
+    seq: int
+    hash: str
+    at: datetime
+    key_id: str
+    signature: str  # base64 Ed25519 signature of `checkpoint_payload(seq, hash, at)`
 
 
 class Measurement(Frozen):

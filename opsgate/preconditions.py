@@ -91,6 +91,26 @@ class PreconditionRegistry:
     def register(self, name: str, check: Callable[[CheckContext], PreconditionResult]) -> None:
         self._checks[name] = check
 
+    def timed_out(self, ctx: CheckContext, seconds: float) -> list[PreconditionResult]:
+        """What to decide on when the checks did not answer in time: the built-in ones
+        (no I/O) evaluated again here, every other one failed as unanswered."""
+        required = set(ctx.action_type.preconditions)
+        results: list[PreconditionResult] = []
+        for name in sorted(set(BUILTIN_CHECKS) | required):
+            if name in BUILTIN_CHECKS and self._checks.get(name) is BUILTIN_CHECKS[name]:
+                try:
+                    result = BUILTIN_CHECKS[name](ctx)
+                except Exception as exc:  # as in evaluate: a broken check denies
+                    result = PreconditionResult(name, ok=False, error=f"{exc}")
+            else:
+                result = PreconditionResult(name, ok=False, error=f"no answer within {seconds:g}s")
+            results.append(
+                PreconditionResult(
+                    result.name, result.ok, result.value, name in required, result.error
+                )
+            )
+        return results
+
     def evaluate(self, ctx: CheckContext) -> list[PreconditionResult]:
         results: list[PreconditionResult] = []
         required = set(ctx.action_type.preconditions)

@@ -20,6 +20,7 @@ from opsgate.models import (
     ActionState,
     ApiToken,
     Approval,
+    AuditCheckpoint,
     AuditEvent,
     Decision,
     Execution,
@@ -84,6 +85,7 @@ class _Tables:
     measurements: list[Measurement] = field(default_factory=list)
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
     api_tokens: dict[str, ApiToken] = field(default_factory=dict)
+    checkpoints: list[AuditCheckpoint] = field(default_factory=list)
 
     def copy(self) -> _Tables:
         # Models are frozen and replaced, never changed, so copying the containers suffices.
@@ -96,6 +98,7 @@ class _Tables:
             list(self.measurements),
             dict(self.workers),
             dict(self.api_tokens),
+            list(self.checkpoints),
         )
 
 
@@ -117,7 +120,10 @@ class MemoryTx:
         if action.id in self._t.actions:
             raise self._fail(f"action {action.id} already exists")
         key = action.idempotency_key
-        if key is not None and any(a.idempotency_key == key for a in self._t.actions.values()):
+        if key is not None and any(
+            a.idempotency_key == key and a.proposer.id == action.proposer.id
+            for a in self._t.actions.values()
+        ):
             raise DuplicateIdempotencyKey(
                 f"idempotency key {key!r} is already used by another action"
             )
@@ -172,6 +178,9 @@ class MemoryTx:
         self, target: str, environment: str, *, running: bool, exclude_id: str | None = None
     ) -> list[tuple[str, str]]:
         return _holders(self._t, target, environment, running, exclude_id)
+
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        self._t.checkpoints.append(_in_utc(checkpoint, "at"))
 
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         last = self._t.audit[-1] if self._t.audit else None
@@ -359,10 +368,10 @@ class MemoryStore:
         with self._lock:
             return _copy(self._tables.actions.get(action_id))
 
-    def find_action_by_idempotency_key(self, key: str) -> Action | None:
+    def find_action_by_idempotency_key(self, key: str, proposer_id: str) -> Action | None:
         with self._lock:
             for action in self._tables.actions.values():
-                if action.idempotency_key == key:
+                if action.idempotency_key == key and action.proposer.id == proposer_id:
                     return _copy(action)
             return None
 
@@ -537,6 +546,15 @@ class MemoryStore:
             last = self._tables.audit[-1] if self._tables.audit else None
         return (last.seq, last.hash) if last else (0, GENESIS_HASH)
 
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        with self.transaction() as tx:
+            tx.insert_audit_checkpoint(checkpoint)
+
+    def audit_checkpoints(self) -> list[AuditCheckpoint]:
+        with self._lock:
+            found = list(self._tables.checkpoints)
+        return sorted(found, key=lambda c: c.seq)
+
     def row_counts(self) -> dict[str, int]:
         with self._lock:
             t = self._tables
@@ -549,6 +567,7 @@ class MemoryStore:
                 "measurements": len(t.measurements),
                 "workers": len(t.workers),
                 "api_tokens": len(t.api_tokens),
+                "audit_checkpoints": len(t.checkpoints),
             }
 
     def session_user(self) -> str | None:

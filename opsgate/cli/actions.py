@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from opsgate.cli.render import (
     details_json,
     show_details,
 )
-from opsgate.errors import InvalidInput, Refused
+from opsgate.errors import ConfigError, InvalidInput, Refused
 from opsgate.models import ActionState
 
 MAX_PROPOSAL_BYTES = 1_000_000
@@ -199,9 +200,19 @@ def show(config: CliConfig, action_id: str, follow: bool, as_json: bool) -> None
 
         click.get_current_context().invoke(watch, action_id=action_id, as_json=as_json)
         return
-    config.actions.expire_due()
-    details = config.actions.details(action_id)
     catalog = config.render_catalog
+    if config.server_url is not None:  # client mode: the server reads and masks
+        config.actions.expire_due()
+        details = config.actions.details(action_id)
+    else:
+        if catalog is not None:
+            # A broken policy bundle: expiry is left to the next command that can decide.
+            with contextlib.suppress(ConfigError):
+                config.gate.expire_due()
+        from opsgate.gate import action_details
+
+        # From the store alone: a broken catalog file must not hide any action's history.
+        details = action_details(config.store, action_id)
     if as_json:
         echo_json(details_json(details, catalog))
     else:

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
 from opsgate.audit import verify_chain
+from opsgate.audit_signing import (
+    checkpoint_json,
+    generate_keypair,
+    load_public_key,
+    read_checkpoint_file,
+    verify_trail,
+)
 from opsgate.catalog import param_json_schema
 from opsgate.cli.completion import action_types
 from opsgate.cli.context import CliConfig, echo_json, json_format, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import console, event_json
-from opsgate.errors import NotFound, OpsgateError, did_you_mean
+from opsgate.errors import ConfigError, InvalidInput, NotFound, OpsgateError, did_you_mean
+from opsgate.models import AuditEvent
 
 
 @click.command()
@@ -141,38 +152,129 @@ def audit() -> None:
     """The hash-chained audit trail."""
 
 
+ALL_ACTIONS = 2**62  # `list_actions` pages nothing; the check needs every action
+
+
 class ChainBroken(OpsgateError):
     exit_code = 5
 
 
+def _read_trail(store: Any) -> tuple[list[AuditEvent], tuple[int, str]]:
+    """Events, then the head: an event past a head read afterwards was not appended by
+    opsgate (which moves the head in the event's transaction). A head ahead of the events
+    is an append in between: read again."""
+    for _ in range(5):
+        events = list(store.audit_events())
+        head = store.audit_head()
+        if head[0] <= (events[-1].seq if events else 0):
+            break
+    return events, head
+
+
 @audit.command("verify")
+@click.option(
+    "--public-key",
+    "public_key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The audit key's public half: check the signed checkpoints.",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoint_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A checkpoint kept outside the database (`audit checkpoint`): prove no cut since.",
+)
 @json_option
 @pass_config
-def audit_verify(config: CliConfig, as_json: bool) -> None:
-    """Check the hash chain; name the first bad event."""
+def audit_verify(
+    config: CliConfig, public_key_file: Path | None, checkpoint_file: Path | None, as_json: bool
+) -> None:
+    """Check the hash chain, every event past its head, the signed checkpoints, and that
+    every action's state is explained by its events; name what is wrong."""
+    public_key = load_public_key(public_key_file) if public_key_file else None
+    anchor = read_checkpoint_file(checkpoint_file) if checkpoint_file else None
+    if anchor is not None and public_key is None:
+        raise InvalidInput("--checkpoint", "needs --public-key to check its signature")
     store = config.store
-    head = store.audit_head()
-    report = verify_chain(store.audit_events(), head)
+    events, head = _read_trail(store)
+    report = verify_trail(
+        events,
+        head,
+        actions=store.list_actions(limit=ALL_ACTIONS),
+        checkpoints=store.audit_checkpoints(),
+        public_key=public_key,
+        anchor=anchor,
+    )
+    chain = verify_chain([e for e in events if e.seq <= head[0]], head)
     if as_json:
         echo_json(
             {
                 "ok": report.ok,
                 "events": report.events,
-                "first_bad_seq": report.first_bad_seq,
-                "first_bad_id": report.first_bad_id,
-                "problem": report.problem,
+                "first_bad_seq": chain.first_bad_seq,
+                "first_bad_id": chain.first_bad_id,
+                "problem": chain.problem or (report.problems[0] if report.problems else None),
+                "problems": report.problems,
+                "notes": report.notes,
+                "signed_through": report.signed_through,
             }
         )
         if not report.ok:
             raise SystemExit(ChainBroken.exit_code)
         return
     if report.ok:
-        click.echo(f"audit chain ok: {report.events} events")
+        signed = (
+            f", signed through seq {report.signed_through}"
+            if report.signed_through is not None
+            else ""
+        )
+        click.echo(f"audit chain ok: {report.events} events{signed}")
+        for note in report.notes:
+            click.echo(f"note: {note}")
         return
-    raise ChainBroken(
-        f"audit chain broken at event seq {report.first_bad_seq} (id {report.first_bad_id}): "
-        f"{report.problem}"
-    )
+    for problem in report.problems[1:]:
+        click.echo(f"problem: {problem}", err=True)
+    if not chain.ok:
+        raise ChainBroken(
+            f"audit chain broken at event seq {chain.first_bad_seq} (id {chain.first_bad_id}): "
+            f"{chain.problem}"
+        )
+    raise ChainBroken(f"audit trail check failed: {report.problems[0]}")
+
+
+@audit.command("checkpoint")
+@pass_config
+def audit_checkpoint(config: CliConfig) -> None:
+    """Sign the chain's head now (needs OPSGATE_AUDIT_KEY) and print it as JSON, to keep
+    outside the database: `audit verify --checkpoint FILE` proves nothing was cut since."""
+    checkpointer = config.checkpointer()
+    if checkpointer is None:
+        raise ConfigError(
+            "OPSGATE_AUDIT_KEY is not set; checkpoints are signed by the worker/server tier"
+        )
+    checkpoint = checkpointer.sign_head(config.store, datetime.now(UTC))
+    echo_json(checkpoint_json(checkpoint))
+
+
+@audit.command("keygen")
+@click.option(
+    "--private-key",
+    "private_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the private key (mode 0600); give it to workers and the server.",
+)
+@click.option(
+    "--public-key",
+    "public_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the public key; give it to whoever verifies.",
+)
+def audit_keygen(private_path: Path, public_path: Path) -> None:
+    """Create the Ed25519 key pair that signs audit checkpoints (never overwrites)."""
+    kid = generate_keypair(private_path, public_path)
+    click.echo(f"audit key {kid}: private {private_path}, public {public_path}")
 
 
 @audit.command("export")

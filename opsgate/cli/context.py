@@ -16,6 +16,7 @@ from opsgate.config import Settings
 from opsgate.errors import ConfigError, InvalidInput
 
 if TYPE_CHECKING:  # imported where used: a command pays only for what it opens
+    from opsgate.audit_signing import Checkpointer
     from opsgate.catalog import Catalog
     from opsgate.client.service import ActionService
     from opsgate.gate import Gate
@@ -161,6 +162,7 @@ class CliConfig:
                 catalog=self.catalog,
                 engine=self.engine,
                 approval_ttl=self.settings.approval_ttl,
+                decision_deadline=self.settings.decision_deadline,
                 freeze_windows=lambda: _freeze_windows(policies),
                 environments=lambda: (
                     None if self._external_opa() else bundle_environments(policies)
@@ -173,6 +175,14 @@ class CliConfig:
     def _external_opa(self) -> bool:
         # OPA in external mode decides with its own data: the local bundle may differ.
         return self.settings.policy_engine == "opa" and self.settings.opa_mode == "external"
+
+    def checkpointer(self) -> Checkpointer | None:
+        """Signs the audit head when this process holds the key (OPSGATE_AUDIT_KEY)."""
+        if self.settings.audit_key is None:
+            return None
+        from opsgate.audit_signing import Checkpointer, load_private_key
+
+        return Checkpointer(load_private_key(self.settings.audit_key))
 
     def shadow_engine(self) -> PolicyEngine | None:
         """The shadow bundle (OPSGATE_SHADOW_POLICIES), always in process: it is advice."""

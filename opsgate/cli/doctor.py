@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
+from opsgate.cli.render import shown
 from opsgate.errors import OpsgateError
 from opsgate.store.base import StoreError
 
@@ -217,7 +218,7 @@ def doctor(config: CliConfig, as_json: bool) -> None:
             if c.name == "policy engine":
                 engine = c.facts.get("engine", "?")
                 label = f"{c.name} ({engine}{', ' + c.facts['mode'] if 'mode' in c.facts else ''})"
-            click.echo(f"{mark:<5} {label:<28} {c.detail}")
+            click.echo(f"{mark:<5} {label:<28} {shown(c.detail)}")
             revision = c.facts.get("revision")
             if c.name == "policy engine" and revision:
                 click.echo(f"{'':<5} {'':<28} bundle revision {revision}")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -17,7 +17,7 @@ from rich.table import Table
 from opsgate.cli.context import CliConfig, echo_json, finite_seconds, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
-from opsgate.cli.render import console, details_json, fmt_value, ts
+from opsgate.cli.render import console, details_json, fmt_value, shown, ts
 from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
 from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
@@ -27,6 +27,9 @@ from opsgate.models import ActionState, Execution
 from opsgate.reports.exporter import bundle_deny_codes, serve_in_background
 from opsgate.store.base import StoreError
 from opsgate.verification.hub import VerificationHub
+
+if TYPE_CHECKING:
+    from opsgate.audit_signing import Checkpointer
 
 S = ActionState
 EXPIRY_CHECK_SECONDS = 10.0
@@ -107,7 +110,7 @@ def finish(config: CliConfig, action_id: str, as_json: bool) -> None:
     if as_json:
         echo_json(details_json(config.gate.details(action_id), config.catalog))
     elif state is S.SUCCEEDED:
-        click.echo(line)
+        click.echo(shown(line))
     if state is S.BLOCKED_AT_EXECUTION:
         decisions = [d for d in config.store.decisions_for(action_id) if d.phase == "execute"]
         codes = decisions[-1].deny_codes if decisions else []
@@ -132,11 +135,13 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
         from opsgate.cli.remote_exec import remote_run
 
         return remote_run(config, action_id, as_json)
+    principal = config.identity()  # who asked for this run, recorded with its claim
+    checkpointer = config.checkpointer()
     config.gate.expire_due()
     action = config.store.get_action(action_id)
     if action is not None:
         # Who may trigger a run is the bundle's call (authz), recorded when refused.
-        config.gate.authorize("run", config.identity(), action)
+        config.gate.authorize("run", principal, action)
     title = f"{action.action_type} {action.target} ({action.environment})" if action else action_id
     view = PlainView() if as_json else view_for(action_id, f"{action_id}  {title}")
     resuming = resumable(config, action)  # left under way by an interrupted `run`
@@ -148,14 +153,26 @@ def run(config: CliConfig, action_id: str, as_json: bool) -> None:
                 resume_here(executor, action_id)
                 wait_finishing(executor, "this action")
             else:
-                claimed = executor.claim(action_id)
+                claimed = executor.claim(action_id, principal=principal)
                 if claimed is not None and claimed.state is S.EXECUTING:
                     executor.launch(action_id)
                     wait_finishing(executor, "this action")
     finally:
         executor.close()
+        sign_head(config, checkpointer)
     refuse_if_handed_over(config, action_id)
     finish(config, action_id, as_json)
+
+
+def sign_head(config: CliConfig, checkpointer: Checkpointer | None) -> None:
+    """Sign the audit head if it moved; a failure here loses no event, only delays the
+    signature to the next checkpoint, so it is reported and not raised."""
+    if checkpointer is None:
+        return
+    try:
+        checkpointer.maybe_sign(config.store, datetime.now(UTC))
+    except StoreError as exc:
+        click.echo(f"could not sign the audit head: {exc}", err=True)
 
 
 @click.command()
@@ -191,6 +208,7 @@ def worker(
 ) -> None:
     """Claim approved actions and run, verify and roll them back; Ctrl-C finishes cleanly."""
     view = PlainView(prefix_ids=True)
+    checkpointer = config.checkpointer()
     executor = build_executor(config, view, concurrency=concurrency)
     claimed = 0
     stop_metrics = serve_in_background(
@@ -221,6 +239,8 @@ def worker(
                             claimed += 1
                             if action.state is S.EXECUTING:
                                 executor.launch(action.id)
+                        if checkpointer is not None:
+                            checkpointer.maybe_sign(config.store, datetime.now(UTC))
                         backoff = poll
                     except StoreError as exc:
                         # The database restarts, fails over or refused one transaction:
@@ -244,6 +264,7 @@ def worker(
     finally:
         stop_metrics()
         executor.close()
+        sign_head(config, checkpointer)
     click.echo(f"worker {executor.worker_id} stopped after {claimed} claims", err=True)
 
 
@@ -290,7 +311,7 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
     if as_json:
         echo_json(details_json(config.gate.details(action_id), config.catalog))
     else:
-        click.echo(line)
+        click.echo(shown(line))
     if state is not S.ROLLED_BACK:
         raise ActionFailed(line)
 

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from opsgate.cli.render import evidence_note
+from opsgate.cli.render import evidence_note, shown
 from opsgate.executor.executor import ExecutorEvent
 from opsgate.ids import log_id
 from opsgate.verification.evaluator import halt_range_text, pass_range_text, remaining_hold
@@ -69,7 +69,7 @@ class PlainView:
             lines.append(f"{prefix}{event.kind}: {event.message}")
         with self._lock:
             for line in lines:
-                click.echo(line)
+                click.echo(shown(line))
 
 
 class LiveView:
@@ -103,7 +103,9 @@ class LiveView:
         self._live.update(self._render())
 
     def _render(self) -> Group:
-        header = Text.from_markup(f"[bold]{escape(self.title)}[/]  state: [bold]{self.state}[/]")
+        header = Text.from_markup(
+            f"[bold]{escape(shown(self.title))}[/]  state: [bold]{self.state}[/]"
+        )
         parts: list[Any] = [header]
         watch = self.watch
         if watch is not None:
@@ -127,7 +129,7 @@ class LiveView:
                 if record is not None and record.not_counted:
                     style = "dim"
                 label = _outcome_label(outcome, record.not_counted if record else None)
-                table.add_row(kind, escape(name), value, shown_range, f"[{style}]{label}[/]")
+                table.add_row(kind, escape(shown(name)), value, shown_range, f"[{style}]{label}[/]")
             parts.append(table)
             if watch.phase != "run":
                 now = datetime.now(UTC)
@@ -143,7 +145,7 @@ class LiveView:
                 if watch.phase == "verify":  # a rollback's verification counts no failures
                     line += f" · failures {watch.state.failures}/{watch.spec.failure_limit}"
                 parts.append(Text(line))
-        parts.extend(Text(m) for m in self.messages)
+        parts.extend(Text(shown(m)) for m in self.messages)
         return Group(*parts)
 
 

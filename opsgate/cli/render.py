@@ -12,11 +12,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
+from opsgate.safe_text import shown, shown_block
 from opsgate.verification.evaluator import VerificationState, evidence_wait
 
 if TYPE_CHECKING:  # types only: listing and queue load no catalog, gate or engine
     from opsgate.catalog import Catalog
     from opsgate.gate import ActionDetails
+
+__all__ = ["shown", "shown_block"]  # re-exported for the other commands
 
 
 def console() -> Console:
@@ -30,21 +33,43 @@ def ts(at: datetime | None) -> str | None:
     return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def masked(action: Action, catalog: Catalog | None) -> dict[str, Any]:
-    if catalog is None or action.action_type not in catalog.types:
-        return dict(action.params)
-    from opsgate.policies.input import mask_params
+def secret_names(
+    action: Action, catalog: Catalog | None, events: Sequence[AuditEvent] = ()
+) -> set[str] | None:
+    """The params that were secret when the action was proposed (its creation event
+    records them); else what today's catalog says; None when nobody can tell."""
+    from opsgate.gate import SECRET_PARAMS_KEY
 
-    return mask_params(action.params, catalog.types[action.action_type].params)
+    for event in events:
+        if event.action_id == action.id and event.from_state == "proposed":
+            recorded = event.data.get(SECRET_PARAMS_KEY)
+            if isinstance(recorded, list):
+                return {str(name) for name in recorded}
+            break
+    if catalog is not None and action.action_type in catalog.types:
+        specs = catalog.types[action.action_type].params
+        return {name for name, spec in specs.items() if spec.secret}
+    return None
 
 
-def action_json(action: Action, catalog: Catalog | None = None) -> dict[str, Any]:
+def masked(
+    action: Action, catalog: Catalog | None, events: Sequence[AuditEvent] = ()
+) -> dict[str, Any]:
+    secret = secret_names(action, catalog, events)
+    if secret is None:  # which params are secret is unknown: show none of the values
+        return {name: "***" for name in action.params}
+    return {k: ("***" if k in secret else v) for k, v in action.params.items()}
+
+
+def action_json(
+    action: Action, catalog: Catalog | None = None, events: Sequence[AuditEvent] = ()
+) -> dict[str, Any]:
     return {
         "id": action.id,
         "action": action.action_type,
         "target": action.target,
         "environment": action.environment,
-        "params": masked(action, catalog),
+        "params": masked(action, catalog, events),
         "reason": action.reason,
         "incident": action.incident.model_dump(by_alias=True),
         "risk": action.risk,
@@ -142,7 +167,7 @@ def plan_of(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
 
 def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
     return {
-        "action": action_json(details.action, catalog),
+        "action": action_json(details.action, catalog, details.events),
         "plan": plan_of(details, catalog),
         "decisions": [decision_json(d) for d in details.decisions],
         "approvals": [approval_json(a) for a in details.approvals],
@@ -150,14 +175,6 @@ def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, A
         "measurements": [measurement_json(m) for m in details.measurements],
         "events": [event_json(e) for e in details.events],
     }
-
-
-def escape_terminal(text: str) -> str:
-    """Control characters shown escaped, never interpreted by the terminal."""
-    return "".join(
-        ch if ch >= " " and ch != "\x7f" and not ("\x80" <= ch <= "\x9f") else repr(ch)[1:-1]
-        for ch in text
-    )
 
 
 def fmt_value(value: float | None) -> str:
@@ -236,7 +253,7 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
         ("undo output", execution.undo_output),
     ):
         if output.strip():
-            click.echo(f"\n{label}:\n{output.rstrip()}")
+            click.echo(f"\n{label}:\n{shown_block(output.rstrip())}")
     if not measurements:
         return
     table = Table(title=f"\nmeasurements ({len(measurements)})", title_justify="left")
@@ -247,14 +264,14 @@ def show_execution(execution: Execution, measurements: Sequence[Measurement]) ->
         table.add_row(
             m.at.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3],
             m.phase,
-            escape(m.name),
+            escape(shown(m.name)),
             fmt_value(m.value),
             (
                 f"[dim]{m.outcome} ({m.not_counted.replace('_', '-')})[/]"
                 if m.not_counted
                 else f"[{style[m.outcome]}]{m.outcome}[/]"
             ),
-            escape(m.detail),
+            escape(shown(m.detail)),
         )
     console().print(table)
 
@@ -273,7 +290,7 @@ def _step_line(
 
 
 def deny_lines(decision: Decision) -> list[str]:
-    return [f"  deny {d.code}: {d.message}" for d in decision.deny]
+    return [f"  deny {shown(d.code)}: {shown(d.message)}" for d in decision.deny]
 
 
 def actions_table(actions: Sequence[Action], title: str) -> None:
@@ -281,7 +298,7 @@ def actions_table(actions: Sequence[Action], title: str) -> None:
     for column in ("id", "action", "target", "env", "state", "approvals", "proposer", "created"):
         table.add_column(column, overflow="fold")
     for action in actions:
-        table.add_row(
+        cells = (
             action.id,
             action.action_type,
             action.target,
@@ -291,6 +308,7 @@ def actions_table(actions: Sequence[Action], title: str) -> None:
             f"{action.proposer.id} ({action.proposer.kind})",
             ts(action.created_at) or "",
         )
+        table.add_row(*(escape(shown(cell)) for cell in cells))
     console().print(table)
 
 
@@ -299,13 +317,13 @@ def kv_table(rows: Mapping[str, Any], title: str | None = None) -> None:
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in rows.items():
-        table.add_row(key, "" if value is None else escape(str(value)))
+        table.add_row(key, "" if value is None else escape(shown(value)))
     console().print(table)
 
 
 def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
     action = details.action
-    params = ", ".join(f"{k}={v}" for k, v in masked(action, catalog).items())
+    params = ", ".join(f"{k}={v}" for k, v in masked(action, catalog, details.events).items())
     kv_table(
         {
             "id": action.id,
@@ -333,7 +351,7 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
 
     click.echo("\nplan:")
     for line in plan_lines(plan_of(details, catalog)):
-        click.echo(f"  {escape_terminal(line)}")
+        click.echo(f"  {shown(line)}")
     for decision in details.decisions:
         verdict = "allow" if decision.allow else "deny"
         click.echo(
@@ -346,10 +364,11 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
         if shadow is not None and shadow.get("allow") != decision.allow:
             codes = ", ".join(d.get("code", "") for d in shadow.get("deny", []))
             verdict = f"would have blocked ({codes})" if not shadow.get("allow") else "would allow"
-            click.echo(f"  shadow bundle {str(shadow.get('revision'))[:19]}: {verdict}")
+            click.echo(f"  shadow bundle {str(shadow.get('revision'))[:19]}: {shown(verdict)}")
     for approval in details.approvals:
-        note = f": {approval.comment}" if approval.comment else ""
-        click.echo(f"\napproved by {approval.approver.id} at {ts(approval.created_at)}{note}")
+        note = f": {shown(approval.comment)}" if approval.comment else ""
+        who = shown(approval.approver.id)
+        click.echo(f"\napproved by {who} at {ts(approval.created_at)}{note}")
     if details.execution is not None:
         show_execution(details.execution, details.measurements)
     table = Table(title="\naudit events", title_justify="left")
@@ -357,5 +376,6 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
         table.add_column(column)
     for event in details.events:
         transition = f"{event.from_state} -> {event.to_state}" if event.to_state else ""
-        table.add_row(str(event.seq), ts(event.at) or "", event.kind, event.actor, transition)
+        cells = (str(event.seq), ts(event.at) or "", event.kind, event.actor, transition)
+        table.add_row(*(escape(shown(cell)) for cell in cells))
     console().print(table)

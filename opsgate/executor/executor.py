@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import threading
+import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from opsgate.models import (
     Action,
     ActionState,
     ActionType,
+    Approval,
     Decision,
     DenyReason,
     Execution,
@@ -59,6 +61,13 @@ log = logging.getLogger(__name__)
 
 S = ActionState
 MAX_REASON = 2000
+# Beyond a run step's timeout, before a new owner may undo it: the step's process starts
+# a moment after run_started_at is stored, and workers' clocks may differ a little.
+RUN_RECOVERY_GRACE = 5.0
+# A worker that loses the race for a candidate looks again, at most this often per claim.
+CLAIM_TRIES = 3
+CANDIDATES = 20
+SPREAD = 4
 _STATE_FIELD: dict[WatchPhase, str] = {
     "verify": "verify_state",
     "rollback": "rollback_verify_state",
@@ -174,6 +183,7 @@ class Executor:
         self._heartbeat: threading.Thread | None = None
         self._started = False
         self._draining = False
+        self._spread = zlib.crc32(self.worker_id.encode("utf-8"))
         hub.sink = self._store_tick
 
     # --- the worker itself --------------------------------------------------------------
@@ -254,35 +264,78 @@ class Executor:
 
     # --- claiming -----------------------------------------------------------------------
 
-    def claim(self, action_id: str | None = None) -> Action | None:
+    def claim(
+        self, action_id: str | None = None, *, principal: Identity | None = None
+    ) -> Action | None:
         """Claim one approved action (this one, or the oldest), re-check it, hold it.
 
-        Returns it as executing or blocked_at_execution; None if nothing was approved.
+        The re-check (preconditions, policy, approvals) is judged with no transaction
+        open, so a slow policy or a hung Prometheus never holds the store's write lock;
+        the claiming transaction then holds it only if what the judgement saw is still
+        true (state, running actions on the target, approval rows), else judges again
+        under the lock. `principal` is who asked for this run in the foreground
+        (`opsgate run`); it is recorded beside the worker. Returns the action as
+        executing or blocked_at_execution; None if nothing was approved.
         """
-        now = self.clock()
-        with self.store.transaction() as tx:
-            if action_id is None:
-                action = tx.claim_next_approved(now)
+        for _ in range(CLAIM_TRIES):
+            now = self.clock()
+            candidate = self._candidate(action_id, now)
+            if candidate is None:
+                return None
+            judged = self._judge(candidate, now, None)
+            with self.store.transaction() as tx:
+                action = self._lock_for_claim(tx, candidate.id, now, explicit=action_id)
                 if action is None:
-                    return None
-            else:
-                action = tx.lock_action(action_id)
-                if action is None:
-                    raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
-                if action.state is not S.APPROVED:
-                    raise StateConflict(
-                        f"action {action_id} is {action.state.value}; only approved actions "
-                        "can be run"
-                    )
-                if action.expires_at is not None and now >= action.expires_at:
-                    raise StateConflict(
-                        f"the approval of {action_id} expired at {action.expires_at}; "
-                        "propose it again"
-                    )
-            claimed = self._recheck_and_hold(tx, action, now)
-        if claimed.state is S.EXECUTING:
-            failpoint("after_claim")
-        return claimed
+                    continue  # claimed by another worker meanwhile: look again
+                if not _still_true(tx, action, judged):
+                    judged = self._judge(action, now, tx)
+                claimed = self._hold(tx, action, now, principal, judged)
+            if claimed.state is S.EXECUTING:
+                failpoint("after_claim")
+            return claimed
+        return None
+
+    def _candidate(self, action_id: str | None, now: datetime) -> Action | None:
+        if action_id is not None:
+            found = self.store.get_action(action_id)
+            if found is None:
+                raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+            return found
+        ready = [
+            found
+            for found in self.store.list_actions(states=[S.APPROVED], limit=CANDIDATES)
+            if found.expires_at is None or now < found.expires_at
+        ]
+        if not ready:
+            return None
+        # Workers start at different places among the oldest few, so they rarely judge
+        # the same action only for one of them to hold it.
+        return ready[self._spread % min(len(ready), SPREAD)]
+
+    @staticmethod
+    def _lock_for_claim(
+        tx: StoreTx, action_id: str, now: datetime, *, explicit: str | None
+    ) -> Action | None:
+        """The candidate, locked, if it may still be claimed: for the worker, None when
+        not (someone else took it); for `opsgate run ID`, an error that says why."""
+        action = tx.lock_action(action_id)
+        if explicit is None:
+            if action is None or action.state is not S.APPROVED:
+                return None
+            if action.expires_at is not None and now >= action.expires_at:
+                return None
+            return action
+        if action is None:
+            raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
+        if action.state is not S.APPROVED:
+            raise StateConflict(
+                f"action {action_id} is {action.state.value}; only approved actions can be run"
+            )
+        if action.expires_at is not None and now >= action.expires_at:
+            raise StateConflict(
+                f"the approval of {action_id} expired at {action.expires_at}; propose it again"
+            )
+        return action
 
     def launch(self, action_id: str) -> None:
         """Start running a held (executing) action in the step pool."""
@@ -290,13 +343,14 @@ class Executor:
             held = self._held[action_id]
         self._pool.submit(self._guarded, held, self._capture_and_run, held)
 
-    def _recheck_and_hold(self, tx: StoreTx, action: Action, now: datetime) -> Action:
-        """Policy and preconditions again, as the world is now; block or start."""
+    def _judge(self, action: Action, now: datetime, tx: StoreTx | None) -> _Judgement:
+        """Policy, preconditions and approvals again, as the world is now."""
         action_type = self.gate.catalog.types.get(action.action_type)
         values = step_values(action, {})
         deny: list[DenyReason] = []
         rendered: dict[str, str] = {}
-        decision: Decision
+        reader = tx if tx is not None else self.store
+        approvals = reader.approvals_for(action.id)
         current = (
             spec_hash(
                 action_type, action.target, action.environment, action.params, action.verification
@@ -312,25 +366,56 @@ class Executor:
                     "propose it again",
                 )
             )
-            decision = _local_decision(action, deny, now)
-        else:
-            try:
-                rendered = render_queries(action.verification, values)
-            except ValueError as exc:
-                deny.append(DenyReason(code="verification_undefined", message=str(exc)))
-            spec = ValidatedProposal(
-                proposal=_proposal_of(action),
-                action_type=action_type,
-                params=dict(action.params),
-                verification=action.verification,
-                spec_hash=action.spec_hash,
+            return _Judgement(
+                action, action_type, values, rendered, deny, _local_decision(action, deny, now),
+                None, approvals,
+            )  # fmt: skip
+        try:
+            rendered = render_queries(action.verification, values)
+        except ValueError as exc:
+            deny.append(DenyReason(code="verification_undefined", message=str(exc)))
+        spec = ValidatedProposal(
+            proposal=_proposal_of(action),
+            action_type=action_type,
+            params=dict(action.params),
+            verification=action.verification,
+            spec_hash=action.spec_hash,
+        )
+        evaluation = self.gate.evaluate(
+            spec, action.proposer, phase="execute", exclude_id=action.id, now=now, tx=tx
+        )
+        decision = evaluation.decision(action_id=action.id, phase="execute", at=now)
+        if not decision.allow:
+            deny.extend(decision.deny or (DenyReason(code="policy_engine_unavailable"),))
+        # From the approval rows alone; the claim holds them only if they are unchanged.
+        attested = {
+            (event.actor, str(event.data.get("spec_hash")))
+            for event in self.store.audit_events(action_id=action.id)
+            if event.kind == "approval.added"
+        }
+        missing = self.gate.prove_approvals(
+            approvals, action, evaluation.input, decision.required_approvals, now, attested
+        )
+        if missing is not None:
+            deny.append(missing)
+            # Stored with the execute decision, so `run` and `show` name it.
+            decision = decision.model_copy(
+                update={"allow": False, "deny": (*decision.deny, missing)}
             )
-            evaluation = self.gate.evaluate(
-                spec, action.proposer, phase="execute", exclude_id=action.id, now=now, tx=tx
-            )
-            decision = evaluation.decision(action_id=action.id, phase="execute", at=now)
-            if not decision.allow:
-                deny.extend(decision.deny or (DenyReason(code="policy_engine_unavailable"),))
+        active = evaluation.input.get("context", {}).get("active_on_target")
+        return _Judgement(action, action_type, values, rendered, deny, decision, active, approvals)
+
+    def _hold(
+        self,
+        tx: StoreTx,
+        action: Action,
+        now: datetime,
+        principal: Identity | None,
+        judged: _Judgement,
+    ) -> Action:
+        """Block or start, in the claiming transaction, as judged."""
+        action_type, values, rendered = judged.action_type, judged.values, judged.rendered
+        deny, decision = judged.deny, judged.decision
         tx.insert_decision(decision)
         if deny:
             codes = list(dict.fromkeys(d.code for d in deny))
@@ -340,7 +425,11 @@ class Executor:
                 S.BLOCKED_AT_EXECUTION,
                 actor=self.worker_id,
                 now=now,
-                data={"deny": codes, "bundle_revision": decision.bundle_revision},
+                data={
+                    "deny": codes,
+                    "bundle_revision": decision.bundle_revision,
+                    **(_principal_data(principal) if principal is not None else {}),
+                },
             )
             self._emit(
                 "blocked",
@@ -366,7 +455,11 @@ class Executor:
             S.EXECUTING,
             actor=self.worker_id,
             now=now,
-            data={"worker": self.worker_id, "bundle_revision": decision.bundle_revision},
+            data={
+                "worker": self.worker_id,
+                "bundle_revision": decision.bundle_revision,
+                **(_principal_data(principal) if principal is not None else {}),
+            },
         )
         with self._lock:
             self._held[action.id] = _Held(
@@ -897,6 +990,8 @@ class Executor:
                 or execution.lease_expires_at >= now
             ):
                 return None  # someone else took it, or it finished meanwhile
+            if now < self._run_may_be_alive_until(action, execution):
+                return None  # not yet: looked at again on the next poll
             dead = execution.worker_id
             execution = tx.update_execution(
                 action_id,
@@ -937,6 +1032,22 @@ class Executor:
         self._emit("claimed", action_id, f"recovered from {dead}", state=action.state)
         self._pool.submit(self._guarded, held, self._resume, held, execution, dead)
         return held
+
+    def _run_may_be_alive_until(self, action: Action, execution: Execution) -> datetime:
+        """Until when the run step of a lapsed execution may still be changing the target.
+
+        A lapsed lease proves only that the worker stopped writing to the store, not that
+        it is dead (a network partition, a stalled host), and its run step keeps going
+        until its own timeout. Undo before then could be overtaken by the run it undoes.
+        """
+        if execution.run_started_at is None or execution.run_finished_at is not None:
+            return execution.lease_expires_at
+        action_type = self.gate.catalog.types.get(action.action_type)
+        if action_type is None:
+            return execution.lease_expires_at  # nothing can be undone anyway; say so now
+        return execution.run_started_at + timedelta(
+            seconds=action_type.run.timeout + RUN_RECOVERY_GRACE
+        )
 
     def _resume(self, held: _Held, execution: Execution, dead: str) -> None:
         action = held.action
@@ -1174,6 +1285,36 @@ def _audit_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             continue
         out[key] = value.isoformat() if isinstance(value, datetime) else value
     return out
+
+
+@dataclass(frozen=True)
+class _Judgement:
+    """A re-check's verdict and what it saw, to hold the claim only while still true."""
+
+    action: Action
+    action_type: ActionType | None
+    values: dict[str, Any]
+    rendered: dict[str, str]
+    deny: list[DenyReason]
+    decision: Decision
+    active: int | None  # running actions on the target the policy saw
+    approvals: list[Approval]
+
+
+def _still_true(tx: StoreTx, action: Action, judged: _Judgement) -> bool:
+    if action != judged.action:  # any field, the state and required approvals included
+        return False
+    if judged.active is not None:
+        running = tx.count_running_on_target(
+            action.target, action.environment, exclude_id=action.id
+        )
+        if running != judged.active:
+            return False
+    return tx.approvals_for(action.id) == judged.approvals
+
+
+def _principal_data(principal: Identity) -> dict[str, str]:
+    return {"triggered_by": principal.id, "triggered_by_kind": principal.kind}
 
 
 def _proposal_of(action: Action) -> Proposal:

@@ -3,19 +3,23 @@ and third-party runners from the `opsgate.runners` entry-point group."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, quote_plus
 
 import requests
 
@@ -81,10 +85,30 @@ def render_argv(argv: tuple[str, ...], values: Mapping[str, Any]) -> list[str]:
     return rendered
 
 
+def secret_forms(secret: str) -> list[str]:
+    """The ways a secret shows up in an error or a response body: as is, URL-encoded
+    (path and form style), base64 (standard and URL-safe, padded or not), JSON-escaped."""
+    raw = secret.encode("utf-8")
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        text = encoded.decode("ascii")
+        forms.update({text, text.rstrip("=")})
+    # Longest first, so a form is masked whole before a shorter one inside it.
+    return sorted((f for f in forms if len(f) >= 3 or f == secret), key=len, reverse=True)
+
+
 def mask(text: str, secrets: Collection[str]) -> str:
     for secret in secrets:
         if secret:
-            text = text.replace(secret, "***")
+            for form in secret_forms(secret):
+                text = text.replace(form, "***")
     return text
 
 
@@ -94,8 +118,25 @@ def cap(text: str) -> str:
     return text[:OUTPUT_CAP] + f"\n... ({len(text) - OUTPUT_CAP} more characters cut)"
 
 
+STEP_GUARD = Path(__file__).with_name("stepguard.py")
+
+
+def step_environment(worker: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment minus opsgate's own settings: those hold the database
+    URL (and its password), the Prometheus and OPA tokens and the audit key's path,
+    which only the worker tier may hold, never a step a catalog author wrote."""
+    return {k: v for k, v in worker.items() if not k.startswith("OPSGATE_")}
+
+
+def guarded_argv(program: str, argv: list[str]) -> list[str]:
+    """The step under `stepguard.py`, which takes its process group down with it when
+    this worker dies. `-I -S`: no user site, no environment, a fast start."""
+    return [sys.executable, "-I", "-S", str(STEP_GUARD), str(os.getpid()), program, "--", *argv]
+
+
 class ShellRunner:
-    """Runs an argv with no shell, in its own process group, with a hard timeout."""
+    """Runs an argv with no shell, in its own process group, with a hard timeout; the
+    group dies with this worker (see stepguard.py)."""
 
     name = "shell"
 
@@ -110,10 +151,19 @@ class ShellRunner:
         if not step.argv:
             raise StepError("the shell runner needs argv")
         argv = render_argv(step.argv, values)
+        env = step_environment(os.environ)
+        for name, template in (step.env or {}).items():
+            env[name] = render_text(template, values, where=f"env.{name}")
         started = time.monotonic()
+        program = shutil.which(argv[0])
+        if program is None:
+            return StepResult(
+                False, None, "", error=f"cannot start {argv[0]}: not found or not executable"
+            )
         try:
             process = subprocess.Popen(
-                argv,
+                guarded_argv(program, argv),
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -35,10 +35,15 @@ def opa_bundles(revision: str, engine: str) -> tuple[dict[str, Any], str | None]
 
 
 def masked_pointers(document: Mapping[str, Any]) -> list[str]:
-    """JSON pointers of the input values opsgate masked (secret params)."""
-    params = document.get("action", {}).get("params", {})
+    """JSON pointers of the input values opsgate masked (secret params): by the input's
+    `secret_params` flag list; only decisions stored before it existed are judged by value."""
+    action = document.get("action", {})
+    params = action.get("params", {}) if isinstance(action, Mapping) else {}
     if not isinstance(params, Mapping):
         return []
+    flagged = action.get("secret_params")
+    if isinstance(flagged, list):
+        return [f"/input/action/params/{name}" for name in params if name in flagged]
     return [f"/input/action/params/{name}" for name, value in params.items() if value == MASKED]
 
 

@@ -64,6 +64,8 @@ def build_input(
             "target": target,
             "environment": environment,
             "params": mask_params(params, action_type.params),
+            # Which params were masked, by flag: a decision-log export marks exactly these.
+            "secret_params": sorted(n for n, p in action_type.params.items() if p.secret),
             "risk": action_type.risk,
             "reversible": action_type.reversible,
             "spec_hash": spec_hash,

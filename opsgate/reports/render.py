@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table as RichTable
 
 from opsgate.reports.build import Report
+from opsgate.safe_text import csv_cell, shown
 
 FORMATS = ("table", "json", "csv", "markdown", "html")
 
@@ -75,7 +76,7 @@ def to_csv(report: Report, table: str | None = None) -> str:
         keys += [k for k in t.keys if k not in keys]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n", restval="")
-    writer.writeheader()
+    writer.writerow({k: csv_cell(k) for k in keys})  # a header is a cell like any other
     for t in tables:
         for record in t.records():
             row = {k: _csv_cell(v) for k, v in record.items()}
@@ -90,7 +91,7 @@ def _csv_cell(value: Any) -> Any:
         return ""
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True)
-    return value
+    return csv_cell(value)  # a text cell never starts a spreadsheet formula
 
 
 def _md_cell(value: Any) -> str:
@@ -118,18 +119,18 @@ def print_table(report: Report, console: Console | None = None) -> None:
         console = Console(highlight=False)
         if not console.is_terminal:  # piped: do not squeeze the tables into 80 columns
             console = Console(highlight=False, width=200)
-    console.print(f"[bold]{escape(report.title)}[/]  {escape(_scope(report))}")
+    console.print(f"[bold]{escape(shown(report.title))}[/]  {escape(shown(_scope(report)))}")
     for sentence in report.headline:
-        console.print(f"  {escape(sentence)}")
+        console.print(f"  {escape(shown(sentence))}")
     for table in report.tables:
         rich_table = RichTable(title=f"\n{table.title}", title_justify="left")
         for column in table.columns:
             rich_table.add_column(column, overflow="fold")
         for row in table.formatted():
-            rich_table.add_row(*(escape(v) for v in row))
+            rich_table.add_row(*(escape(shown(v)) for v in row))
         console.print(rich_table)
         if table.note:
-            console.print(f"[dim]{escape(table.note)}[/]")
+            console.print(f"[dim]{escape(shown(table.note))}[/]")
 
 
 # --- HTML -----------------------------------------------------------------------------------

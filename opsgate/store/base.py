@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # annotations only: `except StoreError` must not load pydanti
         ActionState,
         ApiToken,
         Approval,
+        AuditCheckpoint,
         AuditEvent,
         Decision,
         Execution,
@@ -86,6 +87,8 @@ class StoreTx(Protocol):
         """(id, state) of the actions that the matching count_*_on_target counts, newest
         first (at most 5): lets a concurrent_action refusal name what holds the target."""
 
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None: ...
+
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         """Seal the draft onto the end of the chain (serialised across writers)."""
 
@@ -138,7 +141,8 @@ class Store(Protocol):
 
     def get_action(self, action_id: str) -> Action | None: ...
 
-    def find_action_by_idempotency_key(self, key: str) -> Action | None: ...
+    def find_action_by_idempotency_key(self, key: str, proposer_id: str) -> Action | None:
+        """This proposer's action with this key (keys are scoped to their proposer)."""
 
     def list_actions(
         self,
@@ -219,6 +223,12 @@ class Store(Protocol):
 
     def audit_head(self) -> tuple[int, str]:
         """The sequence number and hash of the newest event, as the chain's head records it."""
+
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        """Store a signed head (its own transaction)."""
+
+    def audit_checkpoints(self) -> list[AuditCheckpoint]:
+        """Every stored signed head, lowest seq first."""
 
     def row_counts(self) -> dict[str, int]:
         """Rows per table: lets tests prove that bad input left nothing behind."""

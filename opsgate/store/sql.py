@@ -40,6 +40,7 @@ from opsgate.models import (
     ActionState,
     ApiToken,
     Approval,
+    AuditCheckpoint,
     AuditEvent,
     Decision,
     Execution,
@@ -58,6 +59,7 @@ from opsgate.store.tables import (
     actions,
     api_tokens,
     approvals,
+    audit_checkpoints,
     audit_events,
     audit_head,
     decisions,
@@ -75,6 +77,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def _sqlite_pragma(conn: Connection, statement: str) -> None:
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
 # Serialises concurrent `migrate()` calls on one PostgreSQL database (any constant works).
 _MIGRATE_LOCK_KEY = 0x6F7073676174
 _AUDIT_PAGE = 500
@@ -299,10 +311,28 @@ class SqlStore:
 
         self._may_create = True
         try:
-            with self._engine.begin() as conn:
-                if self.dialect == "postgresql":
-                    conn.execute(select(func.pg_advisory_xact_lock(_MIGRATE_LOCK_KEY)))
-                command.upgrade(alembic_config(conn), "head")
+            with self._engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    # SQLite changes a constraint by copying the table; with foreign keys on,
+                    # dropping the old copy would fail for every row that references it.
+                    # The documented procedure: keys off outside the transaction, checked
+                    # before commit, on again after (raw cursor: no BEGIN around a PRAGMA).
+                    _sqlite_pragma(conn, "PRAGMA foreign_keys = OFF")
+                try:
+                    with conn.begin():
+                        if self.dialect == "postgresql":
+                            conn.execute(select(func.pg_advisory_xact_lock(_MIGRATE_LOCK_KEY)))
+                        command.upgrade(alembic_config(conn), "head")
+                        if self.dialect == "sqlite":
+                            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                            if broken:
+                                raise StoreError(
+                                    f"migration left {len(broken)} broken references in "
+                                    f"{broken[0][0]}; nothing was changed"
+                                )
+                finally:
+                    if self.dialect == "sqlite":
+                        _sqlite_pragma(conn, "PRAGMA foreign_keys = ON")
         except CommandError as exc:  # e.g. the database is at a revision this code lacks
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed"
             raise StoreError(
@@ -324,8 +354,8 @@ class SqlStore:
         return action_from_row(rows[0]._mapping) if rows else None
 
     @_translate_errors
-    def find_action_by_idempotency_key(self, key: str) -> Action | None:
-        rows = self._all(_ACTION_BY_KEY, {"key": key})
+    def find_action_by_idempotency_key(self, key: str, proposer_id: str) -> Action | None:
+        rows = self._all(_ACTION_BY_KEY, {"key": key, "proposer_id": proposer_id})
         return action_from_row(rows[0]._mapping) if rows else None
 
     @_translate_errors
@@ -526,6 +556,15 @@ class SqlStore:
             raise StoreError("the audit_head row is missing (is the schema migrated?)")
         return int(row[0].seq), str(row[0].hash)
 
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        with self.transaction() as tx:
+            tx.insert_audit_checkpoint(checkpoint)
+
+    @_translate_errors
+    def audit_checkpoints(self) -> list[AuditCheckpoint]:
+        rows = self._all(_AUDIT_CHECKPOINTS)
+        return [AuditCheckpoint.model_validate(dict(row._mapping)) for row in rows]
+
     @_translate_errors
     def row_counts(self) -> dict[str, int]:
         """Rows per table, read in one statement so the counts are one consistent snapshot."""
@@ -674,7 +713,16 @@ class SqlTx:
         if head is None:
             raise StoreError("the audit_head row is missing (is the schema migrated?)")
         event = seal(draft, seq=head.seq + 1, prev_hash=head.hash)
-        self._conn.execute(_INSERT_AUDIT_EVENT, audit_event_to_row(event))
+        try:
+            self._conn.execute(_INSERT_AUDIT_EVENT, audit_event_to_row(event))
+        except IntegrityError:
+            # opsgate moves the head with every event it appends, so a row already at
+            # head + 1 was written by someone else. It is evidence: say so, touch nothing.
+            raise StoreError(
+                f"audit event seq {event.seq} already exists though the chain's head is at "
+                f"seq {head.seq}: it was written outside opsgate, and no event can be "
+                "appended until it is dealt with; `opsgate audit verify` names it"
+            ) from None
         self._conn.execute(_MOVE_HEAD, {"new_seq": event.seq, "new_hash": event.hash})
         return event
 
@@ -802,6 +850,10 @@ class SqlTx:
         self._conn.execute(self._upsert_worker, worker_to_row(worker))
 
     @_translate_errors
+    def insert_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        self._conn.execute(insert(audit_checkpoints), checkpoint.model_dump())
+
+    @_translate_errors
     def stop_worker(self, worker_id: str, now: datetime) -> None:
         self._conn.execute(_STOP_WORKER, {"worker_id": worker_id, "now": now})
 
@@ -830,7 +882,10 @@ _REVOKE_API_TOKEN = (
 # every call costs more than running it on SQLite.
 _SELECT_ACTION = select(actions).where(actions.c.id == bindparam("action_id"))
 _LOCK_ACTION = _SELECT_ACTION.with_for_update()
-_ACTION_BY_KEY = select(actions).where(actions.c.idempotency_key == bindparam("key"))
+_ACTION_BY_KEY = select(actions).where(
+    actions.c.idempotency_key == bindparam("key"),
+    actions.c.proposer_id == bindparam("proposer_id"),
+)
 _DUE_FOR_EXPIRY = (
     select(actions)
     .where(
@@ -867,6 +922,13 @@ _AUDIT_PAGE_ALL = (
     .limit(_AUDIT_PAGE)
 )
 _AUDIT_PAGE_OF = _AUDIT_PAGE_ALL.where(audit_events.c.action_id == bindparam("action_id"))
+_AUDIT_CHECKPOINTS = select(
+    audit_checkpoints.c.seq,
+    audit_checkpoints.c.hash,
+    audit_checkpoints.c.at,
+    audit_checkpoints.c.key_id,
+    audit_checkpoints.c.signature,
+).order_by(audit_checkpoints.c.seq, audit_checkpoints.c.id)
 _ROW_COUNTS = select(
     *(select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in _COUNTED)
 )
@@ -983,10 +1045,10 @@ def _dialect_statements(name: str) -> tuple[Executable, Executable, Executable]:
     """The statements whose SQL differs by dialect, built (and the dialect imported) on
     first use: a SQLite user never loads the PostgreSQL dialect and its asyncio."""
     dialect: Any = importlib.import_module(f"sqlalchemy.dialects.{name}")
-    # ON CONFLICT on the key alone; any other constraint still raises.
+    # ON CONFLICT on the (proposer, key) pair alone; any other constraint still raises.
     insert_action = (
         dialect.insert(actions)
-        .on_conflict_do_nothing(index_elements=[actions.c.idempotency_key])
+        .on_conflict_do_nothing(index_elements=[actions.c.proposer_id, actions.c.idempotency_key])
         .returning(actions.c.id)
     )
     # A worker that restarts under the same id replaces its row.

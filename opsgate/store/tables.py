@@ -99,7 +99,8 @@ actions = Table(
     # The report segment (severity, class, tier, environment, action, proposer kind) as
     # one small integer: reports group by it from covering indexes, not by six strings.
     Column("segment_id", Integer, nullable=True),
-    UniqueConstraint("idempotency_key"),
+    # Scoped to the proposer: one proposer's key never finds, nor blocks, another's action.
+    UniqueConstraint("proposer_id", "idempotency_key"),
     Index("ix_actions_state_created_at", "state", "created_at"),
     Index("ix_actions_target_environment_state", "target", "environment", "state"),
     Index("ix_actions_proposer_id", "proposer_id"),
@@ -174,6 +175,20 @@ audit_head = Table(
     Column("seq", BIG_INTEGER, nullable=False),
     Column("hash", String, nullable=False),
     CheckConstraint("id = 1", name="single_row"),
+)
+
+# Signed heads. No link to audit_events: a checkpoint must outlive a cut of the chain so
+# that the cut shows.
+audit_checkpoints = Table(
+    "audit_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("seq", BIG_INTEGER, nullable=False),
+    Column("hash", String, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Column("key_id", String, nullable=False),
+    Column("signature", String, nullable=False),
+    Index("ix_audit_checkpoints_seq", "seq"),
 )
 
 executions = Table(

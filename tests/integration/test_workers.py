@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from opsgate.errors import StateConflict
+from opsgate.executor.executor import RUN_RECOVERY_GRACE
 from opsgate.models import ActionState
 from tests.integration.fault_service import FaultService
 from tests.integration.prom import PrometheusServer
@@ -35,8 +37,8 @@ from tests.integration.workers_rig import (
     append_argv,
     audit_verify,
     cli_env,
-    kill_session,
     opsgate_parallel,
+    pid_alive,
     verification,
     wait_until,
     workers_json,
@@ -191,6 +193,9 @@ class Crash:
     capture: bool = False
     slow_run: bool = False
     hold: str = "0s"
+    # The slow run applies its change (error ratio 0.6) only after sleeping: had it
+    # outlived its worker, it would do so after the new owner's undo.
+    late_change: bool = False
 
 
 CRASHES: dict[str, Crash] = {
@@ -203,6 +208,9 @@ CRASHES: dict[str, Crash] = {
     # owner cannot know whether run happened, so it rolls back; run never ran at all
     "after_run_started": Crash("after_run_started", False, S.ROLLED_BACK, runs=0, undos=1),
     "during_run": Crash(None, False, S.ROLLED_BACK, runs=1, undos=1, slow_run=True),
+    "during_run_before_its_change": Crash(
+        None, False, S.ROLLED_BACK, runs=1, undos=1, slow_run=True, late_change=True
+    ),
     # killed after the first verification interval was stored (hold not reached yet):
     # the new owner resumes the verification and it succeeds
     "during_verification": Crash("verify_tick", False, S.SUCCEEDED, runs=1, undos=0, hold="1s"),
@@ -221,6 +229,7 @@ FOUND: dict[str, tuple[str, bool, bool]] = {
     "after_capture": ("executing", False, False),
     "after_run_started": ("executing", True, False),
     "during_run": ("executing", True, False),
+    "during_run_before_its_change": ("executing", True, False),
     "during_verification": ("verifying", True, True),
     "after_rollback_decided": ("rolling_back", True, True),
     "during_rollback_verification": ("rolling_back", True, True),
@@ -231,6 +240,10 @@ FAST_ERROR_RATIO = (
     'sum(irate(http_requests_total{service="{target}",code=~"5.."}[3s]))'
     ' / sum(irate(http_requests_total{service="{target}"}[3s]))'
 )
+
+
+# Short, because a new owner may undo a run under way only once it has timed out.
+CRASH_RUN_TIMEOUT = "6s"
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +269,15 @@ def wait_for_rate(prometheus: PrometheusServer, service: str, timeout: float = 1
 def crash_action(case: Crash, marker: Path, pid_file: Path, fault_url: str) -> dict[str, Any]:
     """restart_service whose steps log `run` / `undo` / `capture` lines to `marker`."""
     set_ratio = '"$1" -m tests.integration.fault_service set --url "$2" --service "$3" --ratio'
-    if case.slow_run:
+    if case.slow_run and case.late_change:
+        late = '"$2" -m tests.integration.fault_service set --url "$3" --service "$4" --ratio 0.6'
+        run = [
+            "/bin/sh", "-c",
+            'echo $$ > "$1"; printf "run\\n" >> "$0"; sleep 3; '
+            f'printf "applied\\n" >> "$0"; {late}',
+            str(marker), str(pid_file), sys.executable, fault_url, "{target}",
+        ]  # fmt: skip
+    elif case.slow_run:
         run = [
             "/bin/sh", "-c", 'echo $$ > "$1"; printf "run\\n" >> "$0"; sleep 3',
             str(marker), str(pid_file),
@@ -276,6 +297,7 @@ def crash_action(case: Crash, marker: Path, pid_file: Path, fault_url: str) -> d
     return action_type(
         "restart_service",
         run=run,
+        run_timeout=CRASH_RUN_TIMEOUT,
         undo=undo,
         capture=capture if case.capture else None,
         verify=verification(
@@ -324,10 +346,14 @@ def test_a_worker_killed_at_any_instant_is_recovered(
             wait_until(
                 lambda: "run" in marker.read_text().split(), 30, "run to start", diagnose=describe
             )
+            step_pid = int(pid_file.read_text().split()[0])
+            assert pid_alive(step_pid)
             first.process.kill()
-            # The run step is in a session of its own and outlives its worker, as on a
-            # lost node; here it is stopped before the new owner looks.
-            kill_session(pid_file)
+            # The run step is in a session of its own, yet it dies with its worker.
+            wait_until(
+                lambda: not pid_alive(step_pid), 2, "the step to die with its worker",
+                diagnose=describe,
+            )  # fmt: skip
         wait_until(lambda: first.returncode is not None, 30, "the crash", diagnose=describe)
         assert first.wait(1) == -signal.SIGKILL, describe()
         lapses_at = fleet.store.get_execution(action_id)
@@ -347,7 +373,9 @@ def test_a_worker_killed_at_any_instant_is_recovered(
         assert steps["run"] == case.runs, steps
         assert steps["undo"] == case.undos, steps
         assert steps["capture"] == case.captures, steps
-        if case.worse:
+        if case.worse or case.late_change:
+            # The system is as the action says: rolled back, nothing applied afterwards.
+            assert "applied" not in steps
             assert fault_service.state()[target]["error_ratio"] == 0.0
 
         listed, verified = opsgate_parallel(
@@ -367,6 +395,12 @@ def test_a_worker_killed_at_any_instant_is_recovered(
         assert (found["state"], found["run_started"], found["run_finished"]) == FOUND[case_name]
         # Taken over only once the lease had lapsed, never while it was held.
         assert recovered[0].at > lapses_at.lease_expires_at
+        if found["run_started"] and not found["run_finished"]:
+            # ... and not before the run under way had timed out (plus the grace).
+            assert lapses_at.run_started_at is not None
+            assert recovered[0].at >= lapses_at.run_started_at + timedelta(
+                seconds=6 + RUN_RECOVERY_GRACE
+            )
         execution = fleet.store.get_execution(action_id)
         assert execution is not None and execution.recovered_from == dead["id"]
         assert execution.finished_at is not None

@@ -16,7 +16,7 @@ import pytest
 
 from opsgate.audit import verify_chain
 from opsgate.catalog import load_catalog
-from opsgate.executor.executor import Executor
+from opsgate.executor.executor import RUN_RECOVERY_GRACE, Executor
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.lifecycle import record_transition
 from opsgate.models import ActionState, Execution
@@ -195,3 +195,37 @@ def test_an_armed_failpoint_kills_the_process_and_an_unarmed_one_does_not() -> N
     env["OPSGATE_FAILPOINTS"] = "c"
     alive = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
     assert alive.returncode == 0 and alive.stdout == b"x\n"
+
+
+def test_undo_waits_until_a_run_still_in_flight_has_timed_out(rig: Rig) -> None:
+    """A lapsed lease may be a partitioned worker whose run step goes on until its
+    timeout (5 s here): the new owner takes over only after it plus the grace."""
+    margin = 1.5
+    started = datetime.now(UTC) - timedelta(seconds=5 + RUN_RECOVERY_GRACE - margin)
+    action_id = plant(rig, [S.EXECUTING], run_started_at=started)
+    assert rig.executor.recover_lapsed() == []
+    assert rig.runner.calls == []
+    assert not [
+        e for e in rig.store.audit_events(action_id=action_id) if e.kind == "execution.recovered"
+    ]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.worker_id == DEAD
+    time.sleep(margin + 0.1)
+    assert recover(rig, action_id) is S.ROLLED_BACK
+    assert rig.runner.calls == [["scale", "checkout", "3"]]
+    taken_at = next(
+        e.at for e in rig.store.audit_events(action_id=action_id) if e.kind == "execution.recovered"
+    )
+    assert taken_at >= started + timedelta(seconds=5 + RUN_RECOVERY_GRACE)
+
+
+def test_a_finished_run_is_not_waited_for(rig: Rig) -> None:
+    now = datetime.now(UTC)
+    finished = plant(
+        rig,
+        [S.EXECUTING],
+        run_started_at=now - timedelta(seconds=1),
+        run_finished_at=now - timedelta(seconds=0.5),
+        run_exit_code=0,
+    )
+    assert recover(rig, finished) is S.SUCCEEDED

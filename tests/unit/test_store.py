@@ -47,8 +47,9 @@ def test_action_round_trip_keeps_every_field(store: Store) -> None:
         assert stamp is not None
         assert stamp.tzinfo is not None and stamp.utcoffset() == timedelta(0)
     assert loaded.created_at.microsecond == 123456
-    assert store.find_action_by_idempotency_key("deploy-42") == action
-    assert store.find_action_by_idempotency_key("nope") is None
+    assert store.find_action_by_idempotency_key("deploy-42", action.proposer.id) == action
+    assert store.find_action_by_idempotency_key("nope", action.proposer.id) is None
+    assert store.find_action_by_idempotency_key("deploy-42", "someone-else") is None
     assert store.get_action("missing") is None
 
 
@@ -108,12 +109,19 @@ def test_idempotency_key_is_unique(store: Store) -> None:
         tx.insert_action(make_action(idempotency_key="other"))
         tx.insert_action(make_action(idempotency_key="same"))
     assert store.row_counts() == before
-    assert store.find_action_by_idempotency_key("same") == first
+    assert store.find_action_by_idempotency_key("same", first.proposer.id) == first
     # Actions without a key never collide.
     with store.transaction() as tx:
         tx.insert_action(make_action())
         tx.insert_action(make_action())
     assert store.row_counts()["actions"] == before["actions"] + 2
+    # Scoped to the proposer: another proposer's same key is another action.
+    other = make_action(idempotency_key="same")
+    other = other.model_copy(update={"proposer": Identity(id="mallory", kind="human")})
+    with store.transaction() as tx:
+        tx.insert_action(other)
+    assert store.find_action_by_idempotency_key("same", "mallory") == other
+    assert store.find_action_by_idempotency_key("same", first.proposer.id) == first
 
 
 def test_duplicate_key_leaves_the_transaction_usable(store: Store) -> None:
@@ -401,6 +409,7 @@ def test_row_counts(store: Store) -> None:
         "measurements": 0,
         "workers": 0,
         "api_tokens": 0,
+        "audit_checkpoints": 0,
     }
     assert store.row_counts() == empty
     action = make_action()

@@ -1,0 +1,103 @@
+"""Black-box: a raw `UPDATE actions SET state='approved'` then `opsgate run` runs nothing,
+on SQLite and on PostgreSQL; a genuine approval runs, and records who ran it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def opsgate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "opsgate", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def touch_type() -> dict[str, Any]:
+    """A change whose only effect is a file appearing: proof of whether `run` ran."""
+    return {
+        "name": "restart_service",
+        "risk": "low",
+        "params": {"marker": {"type": "string", "pattern": r"^/[A-Za-z0-9_./-]+$"}},
+        "run": {"argv": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w')", "{marker}"]},
+        "undo": {
+            "argv": [sys.executable, "-c", "import os, sys; os.remove(sys.argv[1])", "{marker}"]
+        },
+        "verification": {
+            "interval": "1s",
+            "hold": "1s",
+            "timeout": "5s",
+            "signals": [{"name": "up", "query": 'up{job="{target}"}', "pass": {"min": 1}}],
+            "stop_conditions": [
+                {"name": "down", "query": 'up{job="{target}"}', "halt": {"max": 0}}
+            ],
+        },
+    }
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, pg_database: Callable[[], str], tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'opsgate.db'}"
+    return pg_database()
+
+
+def test_a_raw_state_update_then_run_is_blocked_and_runs_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    (catalog / "restart_service.yaml").write_text(json.dumps(touch_type()))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")},
+        "OPSGATE_DB": db_url,
+        "OPSGATE_CATALOG": str(catalog),
+        "OPSGATE_POLICIES": str(ROOT / "policies"),
+        # Nothing listens there: a blocked claim must not need to measure anything.
+        "OPSGATE_PROMETHEUS_URL": "http://127.0.0.1:9",
+        "OPSGATE_IDENTITY": "env",
+    }
+    alice, bob = {**env, "OPSGATE_USER": "alice"}, {**env, "OPSGATE_USER": "bob"}
+    assert opsgate(env, "init").returncode == 0
+    marker = tmp_path / "ran"
+    proposed = opsgate(
+        alice, "propose", "restart_service", "--target", "checkout", "--env", "staging",
+        "--param", f"marker={marker}", "--reason", "forged approval test", "--json",
+    )  # fmt: skip
+    assert proposed.returncode == 0, proposed.stdout + proposed.stderr
+    action_id = json.loads(proposed.stdout)["action"]["id"]
+
+    engine = create_engine(db_url)
+    with engine.begin() as conn:  # an insider with write access to the table
+        conn.execute(
+            text("UPDATE actions SET state = 'approved' WHERE id = :id"), {"id": action_id}
+        )
+    engine.dispose()
+
+    ran = opsgate(alice, "run", action_id)
+    assert ran.returncode == 3, ran.stdout + ran.stderr
+    assert "approval_missing" in ran.stderr or "valid approvals: 0 of 1" in ran.stderr
+    assert not marker.exists()
+    shown = json.loads(opsgate(bob, "show", action_id, "--json").stdout)
+    assert shown["action"]["state"] == "blocked_at_execution"
+    blocked = [e for e in shown["events"] if e["kind"] == "action.blocked_at_execution"]
+    assert blocked[0]["data"]["deny"] == ["approval_missing"]
+    assert blocked[0]["data"]["triggered_by"] == "alice"
+    assert opsgate(alice, "run", action_id).returncode == 5  # and it stays blocked
+    assert not marker.exists()
