@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from opsgate.catalog import load_catalog
+from opsgate.gate import Gate
+from opsgate.models import Identity
+from opsgate.policies.embedded import EmbeddedEngine
+from opsgate.store import open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,24 +72,48 @@ def test_a_raw_state_update_then_run_is_blocked_and_runs_nothing(
     catalog = tmp_path / "catalog"
     catalog.mkdir()
     (catalog / "restart_service.yaml").write_text(json.dumps(touch_type()))
+    # Who runs: on SQLite (single-user local mode) a named local user; on PostgreSQL never a
+    # self-asserted name but the database's session user, given the sre role in a copy of
+    # the bundle. People propose through the gate (through `opsgate server` in team mode).
+    postgres = db_url.startswith("postgresql")
+    operator = (make_url(db_url).username or "postgres") if postgres else "alice"
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", policies)
+    data = json.loads((policies / "data.json").read_text())
+    data["roles"][operator] = ["sre"]
+    (policies / "data.json").write_text(json.dumps(data))
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")},
         "OPSGATE_DB": db_url,
         "OPSGATE_CATALOG": str(catalog),
-        "OPSGATE_POLICIES": str(ROOT / "policies"),
+        "OPSGATE_POLICIES": str(policies),
         # Nothing listens there: a blocked claim must not need to measure anything.
         "OPSGATE_PROMETHEUS_URL": "http://127.0.0.1:9",
-        "OPSGATE_IDENTITY": "env",
     }
-    alice, bob = {**env, "OPSGATE_USER": "alice"}, {**env, "OPSGATE_USER": "bob"}
+    runner = (
+        {**env, "OPSGATE_IDENTITY": "postgres"}
+        if postgres
+        else {**env, "OPSGATE_IDENTITY": "env", "OPSGATE_USER": operator}
+    )
     assert opsgate(env, "init").returncode == 0
     marker = tmp_path / "ran"
-    proposed = opsgate(
-        alice, "propose", "restart_service", "--target", "checkout", "--env", "staging",
-        "--param", f"marker={marker}", "--reason", "forged approval test", "--json",
-    )  # fmt: skip
-    assert proposed.returncode == 0, proposed.stdout + proposed.stderr
-    action_id = json.loads(proposed.stdout)["action"]["id"]
+    store = open_store(db_url)
+    try:
+        gate = Gate(store=store, catalog=load_catalog(catalog), engine=EmbeddedEngine(policies))
+        proposed = gate.propose(
+            {
+                "action": "restart_service",
+                "target": "checkout",
+                "environment": "staging",
+                "params": {"marker": str(marker)},
+                "reason": "forged approval test",
+            },
+            Identity(id="carol", kind="human"),
+        )
+    finally:
+        store.close()
+    assert proposed.action.state.value == "pending_approval", proposed.decision.deny
+    action_id = proposed.action.id
 
     engine = create_engine(db_url)
     with engine.begin() as conn:  # an insider with write access to the table
@@ -90,14 +122,14 @@ def test_a_raw_state_update_then_run_is_blocked_and_runs_nothing(
         )
     engine.dispose()
 
-    ran = opsgate(alice, "run", action_id)
+    ran = opsgate(runner, "run", action_id)
     assert ran.returncode == 3, ran.stdout + ran.stderr
     assert "approval_missing" in ran.stderr or "valid approvals: 0 of 1" in ran.stderr
     assert not marker.exists()
-    shown = json.loads(opsgate(bob, "show", action_id, "--json").stdout)
+    shown = json.loads(opsgate(runner, "show", action_id, "--json").stdout)
     assert shown["action"]["state"] == "blocked_at_execution"
     blocked = [e for e in shown["events"] if e["kind"] == "action.blocked_at_execution"]
     assert blocked[0]["data"]["deny"] == ["approval_missing"]
-    assert blocked[0]["data"]["triggered_by"] == "alice"
-    assert opsgate(alice, "run", action_id).returncode == 5  # and it stays blocked
+    assert blocked[0]["data"]["triggered_by"] == operator
+    assert opsgate(runner, "run", action_id).returncode == 5  # and it stays blocked
     assert not marker.exists()

@@ -50,6 +50,7 @@ DENY_CODES = {
     "verification_undefined",
     "change_freeze",
     "concurrent_action",
+    "verification_weakened",
 }
 APPROVAL_CODES = {"insufficient_permissions", "self_approval"}
 
@@ -102,10 +103,12 @@ class Case:
     bundle: str = "default"
     patch: Callable[[dict[str, Any]], None] | None = None
     expect: set[str] = field(default_factory=set)  # deny codes the embedded engine gives
+    # The action type's own verification; by default the proposal's (so not `custom`).
+    default_verification: VerificationSpec | None = None
 
     def action_type(self) -> ActionType:
         action_type = CATALOG.get(self.action)
-        update: dict[str, Any] = {}
+        update: dict[str, Any] = {"verification": self.default_verification or self.verification}
         if self.risk is not None:
             update["risk"] = self.risk
         if self.irreversible:
@@ -195,6 +198,15 @@ CASES = [
          proposer=AGENT, irreversible=True, expect={"insufficient_permissions"}),
     Case("unknown-proposer", proposer=Identity(id="mallory"),
          expect={"insufficient_permissions"}),
+    # --- verification_weakened ---------------------------------------------------------
+    Case("weakened-in-prod", default_verification=VERIFIED,
+         verification=VERIFIED.model_copy(update={"hold": 10.0, "failure_limit": 5}),
+         expect={"verification_weakened"}),
+    Case("weakened-in-prod-by-an-override-role", default_verification=VERIFIED,
+         verification=VERIFIED.model_copy(update={"hold": 10.0}),
+         proposer=Identity(id="carol", kind="human")),
+    Case("stricter-in-prod", default_verification=VERIFIED,
+         verification=VERIFIED.model_copy(update={"hold": 300.0, "failure_limit": 0})),
     # --- verification_undefined --------------------------------------------------------
     Case("no-verification", verification=VerificationSpec(),
          expect={"verification_undefined"}),
