@@ -12,6 +12,7 @@ from opsgate.cli.actions import build_document, proposal_options
 from opsgate.cli.context import CliConfig, echo_json, json_format, json_option, pass_config
 from opsgate.cli.render import decision_json, deny_lines
 from opsgate.errors import InvalidInput, OpsgateError
+from opsgate.safe_text import shown, shown_block
 
 
 @click.group()
@@ -247,7 +248,8 @@ def policy_replay(
         echo_json(result.as_json())
         return
     if fmt == "markdown":
-        click.echo(to_markdown(result, start.isoformat(), end.isoformat()), nl=False)
+        text = to_markdown(result, start.isoformat(), end.isoformat())
+        click.echo(shown_block(text), nl=False)
         return
     click.echo(
         f"{result.replayed} proposals replayed under {result.revision_after[:19]} "
@@ -261,8 +263,9 @@ def policy_replay(
     codes = sorted(set(result.codes_before) | set(result.codes_after))
     for code in codes:
         before, after = result.codes_before[code], result.codes_after[code]
-        click.echo(f"  {code}: {before} -> {after} ({after - before:+d})")
+        click.echo(f"  {shown(code)}: {before} -> {after} ({after - before:+d})")
     for row in result.newly_blocked:
-        click.echo(f"  newly blocked {row['action_id']} {row['action']}: {', '.join(row['codes'])}")
+        codes_text = shown(", ".join(row["codes"]))
+        click.echo(f"  newly blocked {row['action_id']} {row['action']}: {codes_text}")
     for row in result.newly_allowed:
         click.echo(f"  newly allowed {row['action_id']} {row['action']}")
