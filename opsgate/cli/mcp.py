@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from opsgate.cli.context import CliConfig, pass_config
-from opsgate.errors import InvalidInput
+from opsgate.errors import ConfigError, InvalidInput
 
 
 @click.command("mcp")
@@ -40,6 +40,13 @@ def mcp(config: CliConfig, http_port: int | None, host: str | None) -> None:
         # Through `opsgate server`: the agent is whoever the token says; no database here.
         tools = mcp_server.RemoteAgentTools(config, config.remote)
     else:
+        if config.settings.db.split(":", 1)[0].startswith("postgres"):
+            # A shared store: the agent's name would be whatever OPSGATE_AGENT_ID says.
+            raise ConfigError(
+                "opsgate mcp on a PostgreSQL store is refused: the agent's identity would be "
+                "self-asserted (OPSGATE_AGENT_ID); set OPSGATE_URL and an agent token "
+                "(`opsgate token create --kind agent`) to go through `opsgate server`"
+            )
         tools = mcp_server.AgentTools(config, mcp_server.agent_identity())
     identity = tools.identity
     tools.open()

@@ -82,3 +82,18 @@ def test_a_cwd_config_cannot_approve_as_someone_else(
     assert main(["whoami", "--json"]) == 0
     out = capsys.readouterr().out
     assert '"id": "carol"' not in out and '"method": "local (os)"' in out
+
+
+def test_local_mcp_on_a_shared_store_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On PostgreSQL the agent's name would come from OPSGATE_AGENT_ID, which any caller
+    sets: only `opsgate server` with an agent token may say who the agent is."""
+    from opsgate.cli import main
+
+    monkeypatch.delenv("OPSGATE_URL", raising=False)
+    monkeypatch.setenv("OPSGATE_DB", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("OPSGATE_AGENT_ID", "someone-elses-agent")
+    assert main(["mcp"]) == 2
+    err = capsys.readouterr().err
+    assert "opsgate mcp on a PostgreSQL store is refused" in err and "OPSGATE_URL" in err
