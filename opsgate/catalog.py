@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +13,11 @@ from pydantic import ValidationError
 
 from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.models import ActionType, ParamSpec, Step
+from opsgate.shared import PLACEHOLDER
 from opsgate.verification.lint import Finding, lint_action_type
 from opsgate.verification.provider import PROMETHEUS_DEFAULT_SCRAPE_INTERVAL
 
-_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
-BUILTIN_PLACEHOLDERS = frozenset({"target", "environment"})
+BUILTINPLACEHOLDERS = frozenset({"target", "environment"})
 
 
 def first_error(exc: ValidationError, prefix: str = "") -> InvalidInput:
@@ -93,21 +92,21 @@ def step_placeholders(step: Step | None) -> set[str]:
     if step.http is not None:
         parts.append(step.http.url)
         parts.append(repr(step.http.body))
-    return {m for part in parts for m in _PLACEHOLDER.findall(part)}
+    return {m for part in parts for m in PLACEHOLDER.findall(part)}
 
 
 def _check_placeholders(action: ActionType, source: str) -> None:
     secret = {name for name, spec in action.params.items() if spec.secret}
     for label, step in (("capture", action.capture), ("run", action.run), ("undo", action.undo)):
         argv = step.argv if step is not None else None
-        in_argv = {m for part in (argv or ()) for m in _PLACEHOLDER.findall(part)} & secret
+        in_argv = {m for part in (argv or ()) for m in PLACEHOLDER.findall(part)} & secret
         if in_argv:
             raise InvalidInput(
                 f"{source}: {label}.argv",
                 f"secret param {{{sorted(in_argv)[0]}}} may not be in argv, where `ps` shows "
                 "it to every user; pass it in env",
             )
-    known = set(action.params) | BUILTIN_PLACEHOLDERS
+    known = set(action.params) | BUILTINPLACEHOLDERS
     for label, step in (("capture", action.capture), ("run", action.run)):
         unknown = step_placeholders(step) - known
         if unknown:
@@ -158,6 +157,11 @@ class Catalog:
         return len(self.types)
 
 
+def catalog_files(directory: Path) -> list[Path]:
+    """The files a catalog is loaded from, in the order their bytes are hashed."""
+    return sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"})
+
+
 def load_catalog(
     directory: Path,
     *,
@@ -174,8 +178,7 @@ def load_catalog(
         raise InvalidInput("catalog", f"{directory} is not a directory (set OPSGATE_CATALOG)")
     types: dict[str, ActionType] = {}
     digest = hashlib.sha256()
-    files = sorted(p for p in directory.iterdir() if p.suffix in {".yaml", ".yml"})
-    for path in files:
+    for path in catalog_files(directory):
         raw = path.read_bytes()
         digest.update(path.name.encode() + b"\0" + raw + b"\0")
         action = parse_action_type(load_yaml_text(raw, str(path)), str(path))

@@ -12,7 +12,9 @@ class OpsgateError(Exception):
     exit_code = 1
 
 
-def _one_line(text: str) -> str:
+def _printable(text: str) -> str:
+    # Escaped, not collapsed (unlike opsgate.shared.one_line): a control character in a
+    # field name is evidence of what was sent, so it is shown, never interpreted.
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -31,8 +33,8 @@ class InvalidInput(OpsgateError):
 
     def __init__(self, field: str, problem: str) -> None:
         # Field names can carry user-supplied keys; an error stays one printable line.
-        self.field = _one_line(field)
-        self.problem = _one_line(problem)
+        self.field = _printable(field)
+        self.problem = _printable(problem)
         super().__init__(f"{self.field}: {self.problem}" if self.field else self.problem)
 
 

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from opsgate.auth.principal import Principal
@@ -42,16 +42,13 @@ from opsgate.policies.engine import (
 from opsgate.policies.input import build_input
 from opsgate.preconditions import CheckContext, PreconditionRegistry, PreconditionResult
 from opsgate.proposals import ValidatedProposal, spec_hash, validate
+from opsgate.shared import utcnow
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
 
 SYSTEM_ACTOR = "opsgate"
 OPTIMISTIC_TRIES = 3
 SECRET_PARAMS_KEY = "secret_params"  # noqa: S105 - a key name, not a secret
 MAX_COMMENT_LENGTH = 2000
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def shadow_json(result: PolicyResult) -> dict[str, Any]:

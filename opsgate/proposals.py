@@ -14,9 +14,9 @@ from opsgate.audit import canonical_json
 from opsgate.catalog import Catalog, first_error
 from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.models import MAX_REASON_LENGTH, ActionType, ParamSpec, Proposal, VerificationSpec
+from opsgate.shared import PLACEHOLDER
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-_LEADING = re.compile(r"^\{([a-z_][a-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def _leading_placeholders(action_type: ActionType) -> set[str]:
     names: set[str] = set()
     for step in (action_type.capture, action_type.run, action_type.undo):
         for element in (step.argv or ())[1:] if step else ():
-            match = _LEADING.match(element)
+            match = PLACEHOLDER.match(element)
             if match:
                 names.add(match.group(1))
     return names

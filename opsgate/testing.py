@@ -28,6 +28,7 @@ from opsgate.models import (
     Measurement,
     WorkerInfo,
 )
+from opsgate.shared import utcnow
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
     ActionQuery,
@@ -61,10 +62,6 @@ _WORKER_TIMES = ("started_at", "heartbeat_at", "stopped_at")
 
 def new_id() -> str:
     return str(ULID())
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _utc(value: datetime) -> datetime:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
+from opsgate.shared import utcnow
 from opsgate.verification.provider import ProviderHealth, QueryResult
 
 __all__ = ["StaticSignalProvider", "StaticValue"]
@@ -13,10 +14,6 @@ __all__ = ["StaticSignalProvider", "StaticValue"]
 # What a query answers: a number, None (empty vector: inconclusive), or an exception
 # (reported as an error result, the way a real provider reports an outage).
 StaticValue = float | int | None | BaseException
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class StaticSignalProvider:
@@ -35,7 +32,7 @@ class StaticSignalProvider:
         values: Mapping[str, StaticValue] | None = None,
         *,
         default: StaticValue | object = _MISSING,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
         scrape_interval: float | None = 0.0,
     ) -> None:
         self.values: dict[str, StaticValue] = dict(values or {})

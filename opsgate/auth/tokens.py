@@ -11,13 +11,14 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from opsgate.auth.principal import Principal, Unauthenticated, check_groups, check_name
 from opsgate.errors import InvalidInput, NotFound, StateConflict
 from opsgate.lifecycle import new_id, record_event
 from opsgate.models import ApiToken
+from opsgate.shared import utcnow
 from opsgate.store.base import Store
 
 PREFIX = "ogt_"
@@ -28,10 +29,6 @@ MAX_TTL_SECONDS = 400 * 86400
 
 def _digest(token_id: str, secret: str) -> str:
     return "sha256:" + hashlib.sha256(f"{token_id}:{secret}".encode()).hexdigest()
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ def create_token(
     clean_groups = check_groups(groups)
     if ttl is not None and not 0 < ttl <= MAX_TTL_SECONDS:
         raise InvalidInput("ttl", f"expected more than 0 and at most {MAX_TTL_SECONDS // 86400}d")
-    now = now or _utcnow()
+    now = now or utcnow()
     token_id = new_id().lower()
     secret = secrets.token_urlsafe(32)
     record = ApiToken(
@@ -93,7 +90,7 @@ def revoke_token(
     store: Store, token_id: str, *, revoked_by: str, now: datetime | None = None
 ) -> ApiToken:
     """Revoke at once: the next request with it gets 401. Recorded as `token.revoked`."""
-    now = now or _utcnow()
+    now = now or utcnow()
     with store.transaction() as tx:
         revoked = tx.revoke_api_token(token_id, now, revoked_by)
         if revoked is not None:
@@ -125,7 +122,7 @@ def authenticate_token(store: Store, presented: str, now: datetime | None = None
     expected = record.secret_hash if record is not None else _digest("0" * 26, "")
     # Compared in constant time even for an unknown id, so timing tells nothing either.
     matches = hmac.compare_digest(expected, _digest(token_id, secret))
-    if record is None or not matches or record.status(now or _utcnow()) != "active":
+    if record is None or not matches or record.status(now or utcnow()) != "active":
         raise Unauthenticated("invalid or expired credentials")
     return Principal(
         id=record.principal,

@@ -12,6 +12,7 @@ import click
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.render import shown
 from opsgate.errors import OpsgateError
+from opsgate.shared import one_line
 from opsgate.store.base import StoreError
 
 
@@ -41,8 +42,8 @@ def mask_url(url: str) -> str:
         return f"{scheme}{sep}***@{rest.split('@', 1)[1]}" if "@" in rest else url
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split()) or "unknown error"
+def _detail(error: object) -> str:
+    return one_line(error, limit=None) or "unknown error"
 
 
 def check_engine(config: CliConfig) -> Check:
@@ -54,7 +55,7 @@ def check_engine(config: CliConfig) -> Check:
     try:
         engine = config.engine
     except OpsgateError as exc:
-        return Check("policy engine", False, _one_line(exc), facts=facts)
+        return Check("policy engine", False, _detail(exc), facts=facts)
     # The OPA engine holds HTTP sessions: close them when the command ends.
     close: Callable[[], None] | None = getattr(engine, "close", None)
     if close is not None:
@@ -75,7 +76,7 @@ def check_engine(config: CliConfig) -> Check:
         from opsgate.policies.opa import PROBE_INPUT
 
         error = engine.evaluate(DECISION_RULE, PROBE_INPUT).error or "the bundle does not compile"
-        return Check("policy engine", False, _one_line(error), facts=facts)
+        return Check("policy engine", False, _detail(error), facts=facts)
     return Check("policy engine", True, f"{settings.policies} compiles", facts=facts)
 
 
@@ -111,9 +112,9 @@ def check_store(config: CliConfig) -> Check:
             return Check("store", True, "in-memory store (tests only)", facts=facts)
         current, heads = _schema_revisions(store)
     except StoreError as exc:
-        return Check("store", False, _one_line(exc), facts=facts)
+        return Check("store", False, _detail(exc), facts=facts)
     except Exception as exc:  # a driver error type the store did not translate
-        return Check("store", False, f"{type(exc).__name__}: {_one_line(exc)}", facts=facts)
+        return Check("store", False, f"{type(exc).__name__}: {_detail(exc)}", facts=facts)
     facts.update(schema=sorted(current), newest=sorted(heads))
     if current == heads:
         facts["migrated"] = True
@@ -152,7 +153,7 @@ def check_catalog(config: CliConfig) -> Check:
     try:
         count = len(config.catalog)
     except OpsgateError as exc:
-        return Check("catalog", False, _one_line(exc), facts=facts)
+        return Check("catalog", False, _detail(exc), facts=facts)
     facts["action_types"] = count
     if count == 0:
         return Check("catalog", False, f"{directory} has no action types", facts=facts)
@@ -179,10 +180,10 @@ def check_prometheus(config: CliConfig) -> Check:
     try:
         provider = config.optional_provider()
     except OpsgateError as exc:
-        return Check("prometheus", False, _one_line(exc), facts=facts)
+        return Check("prometheus", False, _detail(exc), facts=facts)
     assert provider is not None
     health = provider.check_health()
-    return Check("prometheus", health.ok, _one_line(health.detail), facts=facts)
+    return Check("prometheus", health.ok, _detail(health.detail), facts=facts)
 
 
 CHECKS: tuple[Callable[[CliConfig], Check], ...] = (

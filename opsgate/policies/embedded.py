@@ -36,6 +36,7 @@ from opsgate.policies.sandbox import (
     SandboxError,
     WorkerPool,
 )
+from opsgate.shared import FileSignature, files_signature
 
 # How often the bundle's files are checked for changes (stat only).
 RELOAD_CHECK_SECONDS = 1.0
@@ -47,17 +48,9 @@ DEFAULT_WORKERS = 2
 @dataclass(frozen=True)
 class _Compiled:
     revision: str
-    signature: tuple[tuple[str, int, int], ...]
+    signature: FileSignature
     error: str | None = None
     payload: Payload | None = None
-
-
-def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    out = []
-    for path in bundle_files(directory):
-        stat = path.stat()
-        out.append((str(path), stat.st_mtime_ns, stat.st_size))
-    return tuple(out)
 
 
 class EmbeddedEngine:
@@ -111,7 +104,7 @@ class EmbeddedEngine:
         try:
             # The revision must name exactly the bytes the workers compile: read twice.
             for _ in range(3):
-                signature = _signature(self.directory)
+                signature = files_signature(bundle_files(self.directory))
                 revision = bundle_revision(self.directory)
                 data = load_bundle_data(self.directory)
                 modules = tuple(
@@ -150,7 +143,8 @@ class EmbeddedEngine:
                 if now - self._checked_at >= RELOAD_CHECK_SECONDS:
                     self._checked_at = now
                     try:
-                        changed = _signature(self.directory) != self._compiled.signature
+                        current = files_signature(bundle_files(self.directory))
+                        changed = current != self._compiled.signature
                     except OSError:
                         changed = True
                     if changed:

@@ -50,6 +50,7 @@ from opsgate.policies.engine import (
     load_bundle_data,
     unavailable,
 )
+from opsgate.shared import files_signature, one_line
 from opsgate.tls import pin_ca
 
 # How often the bundle's files are checked for changes (stat only), as in the embedded engine.
@@ -146,19 +147,6 @@ def _parse_url(url: str) -> _Target:
     )
 
 
-def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    out = []
-    for path in bundle_files(directory):
-        stat = path.stat()
-        out.append((str(path), stat.st_mtime_ns, stat.st_size))
-    return tuple(out)
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
 def _response_error(response: requests.Response | None) -> str:
     """OPA's error body (`code: message`) or the HTTP status, on one line."""
     if response is None:
@@ -176,8 +164,8 @@ def _response_error(response: requests.Response | None) -> str:
         text = f"{body.get('code', '')}: {body.get('message', '')}"
         if details:
             text += " (" + "; ".join(details[:3]) + ")"
-        return _one_line(text)
-    return _one_line(f"HTTP {response.status_code} {response.text[:200]}")
+        return one_line(text)
+    return one_line(f"HTTP {response.status_code} {response.text[:200]}")
 
 
 def _exception_text(exc: BaseException) -> str:
@@ -186,15 +174,15 @@ def _exception_text(exc: BaseException) -> str:
         status = exc.response.status_code if exc.response is not None else "?"
         return f"HTTP {status}: {_response_error(exc.response)}"
     if isinstance(exc, RegoParseError):
-        return _one_line(f"{exc.expression}: {exc}")
+        return one_line(f"{exc.expression}: {exc}")
     message = getattr(exc, "message", None)
     if isinstance(message, str):  # opa_client's other errors: (expression, message)
-        return _one_line(f"{getattr(exc, 'expression', '')}: {message}")
+        return one_line(f"{getattr(exc, 'expression', '')}: {message}")
     text = str(exc)
     errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
     if errno:
         return f"{type(exc).__name__}: {errno.group(1).strip()}"
-    return _one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
 
 
 def _provenance_revision(body: Mapping[str, Any]) -> str | None:
@@ -336,7 +324,9 @@ class OpaEngine:
                     self._checked_at = now
                     assert self.policies is not None
                     try:
-                        changed = _signature(self.policies) != self._pushed.signature
+                        changed = (
+                            files_signature(bundle_files(self.policies)) != self._pushed.signature
+                        )
                     except OSError:
                         changed = True
                     # A failed push is retried on every check; so is a push OPA has lost
@@ -389,7 +379,7 @@ class OpaEngine:
         if not directory.is_dir():
             raise FileNotFoundError(f"policy bundle {directory} is not a directory")
         for _ in range(3):
-            signature = _signature(directory)
+            signature = files_signature(bundle_files(directory))
             revision = bundle_revision(directory)
             # read_bytes, not read_text: newline translation would upload other bytes than
             # the revision hashes.

@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from opsgate.models import Range, VerificationSpec
+from opsgate.shared import utcnow
 from opsgate.verification.evaluator import MeasurementRecord, VerificationState, step
 from opsgate.verification.provider import QueryResult, SignalProvider
 
@@ -28,10 +29,6 @@ WatchPhase = Literal["run", "verify", "rollback"]
 # While the action's step runs, only stop conditions are watched; hold and timeout
 # start once it has finished, so they are switched off here.
 _RUN_PHASE_SECONDS = 10.0**9
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def stop_only(spec: VerificationSpec) -> VerificationSpec:
@@ -115,7 +112,7 @@ class VerificationHub:
         provider: SignalProvider,
         *,
         sink: Sink | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.provider = provider

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import requests
@@ -18,6 +18,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
+from opsgate.shared import utcnow
 from opsgate.tls import pin_ca
 from opsgate.verification.lookback import parse_promql_duration
 from opsgate.verification.provider import (
@@ -32,10 +33,6 @@ __all__ = ["PROMETHEUS_DEFAULT_SCRAPE_INTERVAL", "PrometheusProvider", "scrape_i
 _MAX_ERROR_LENGTH = 500
 _SCRAPE_INTERVAL_TTL = 60.0
 _HTTP_ERROR = re.compile(r"^HTTP Status Code (\d+) \((b(?:'.*'|\".*\"))\)$", re.DOTALL)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _describe_api_error(exc: PrometheusApiClientException) -> str:
@@ -97,7 +94,7 @@ class PrometheusProvider:
         timeout: float = 5.0,
         max_workers: int = 4,
         session: requests.Session | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError("the Prometheus URL must start with http:// or https://")

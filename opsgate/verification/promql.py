@@ -21,15 +21,14 @@ passed to `str.format`: braces are PromQL syntax (`{service="{target}"}`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
+
+from opsgate.shared import PLACEHOLDER
 
 __all__ = ["escape_string_content", "quote_meta", "render_query"]
 
 PlaceholderValue = str | int | float | bool
 
-# A placeholder: `{name}` with name `[a-z_][a-z0-9_]*`; `{2}` or `{service="x"}` are not.
-_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 _RE2_SPECIAL = frozenset("\\.+*?()|[]{}^$")
 _MATCHER_OPERATORS = ("=~", "!~", "!=", "=")
 
@@ -74,7 +73,7 @@ def _stringify(name: str, value: object) -> str:
 
 
 def _refuse_placeholders(segment: str, where: str) -> None:
-    match = _PLACEHOLDER.search(segment)
+    match = PLACEHOLDER.search(segment)
     if match:
         raise ValueError(
             f"placeholder {{{match.group(1)}}} is {where}; placeholders are only allowed "
@@ -111,7 +110,7 @@ def _render_matcher_value(
             i += 2
             continue
         if ch == "{":
-            match = _PLACEHOLDER.match(content, i)
+            match = PLACEHOLDER.match(content, i)
             if match:
                 name = match.group(1)
                 if name not in values:
@@ -167,7 +166,7 @@ def render_query(template: str, values: Mapping[str, PlaceholderValue]) -> str:
             i = end
             continue
         if ch == "{":
-            match = _PLACEHOLDER.match(template, i)
+            match = PLACEHOLDER.match(template, i)
             if match:
                 _refuse_placeholders(match.group(0), "outside any string")
             in_selector = True
