@@ -1,4 +1,5 @@
-"""Persistence: the Store protocol, its SQL implementation, and `open_store` to pick one."""
+"""Persistence: the Store protocol, its SQL and in-memory implementations, and `open_store`
+to pick one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ MEMORY_URL = "memory://"
 def open_store(url: str) -> Store:
     """`memory://` gives a MemoryStore (tests); anything else an SQL store (not migrated)."""
     if url.strip() == MEMORY_URL:
-        from opsgate.testing import MemoryStore
+        from opsgate.store.memory import MemoryStore
 
         return MemoryStore()
     from opsgate.store.sql import SqlStore
