@@ -6,16 +6,13 @@ No tool approves, rejects, runs, rolls back or cancels: those stay with humans.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import re
 import socket
 import sys
-import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,17 +23,8 @@ from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
 
 from opsgate import __version__
-from opsgate.catalog import Catalog, action_type_json, load_catalog
-from opsgate.cli.context import CliConfig
-from opsgate.cli.render import (
-    action_json,
-    approval_json,
-    decision_json,
-    execution_json,
-    measurement_json,
-    plan_of,
-    ts,
-)
+from opsgate.app import App
+from opsgate.catalog import Catalog
 from opsgate.errors import ConfigError, InvalidInput, NotFound, OpsgateError
 from opsgate.gate import ActionDetails, Gate, ProposeOutcome, action_details
 from opsgate.models import (
@@ -50,6 +38,16 @@ from opsgate.models import (
 )
 from opsgate.policies.engine import bundle_revision
 from opsgate.store.base import StoreError
+from opsgate.views import (
+    action_json,
+    approval_json,
+    catalog_json,
+    decision_json,
+    execution_json,
+    measurement_json,
+    plan_of,
+    ts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,32 +141,14 @@ def _states(arguments: Mapping[str, Any]) -> list[ActionState] | None:
 # --- the tools, transport-free -----------------------------------------------------------
 
 
-def _catalog_signature(directory: Path) -> tuple[tuple[str, int, int], ...] | None:
-    """Names, mtimes and sizes of the catalog files: cheap to read on every call."""
-    try:
-        return tuple(
-            sorted(
-                (p.name, st.st_mtime_ns, st.st_size)
-                for p in directory.iterdir()
-                if p.suffix in {".yaml", ".yml"}
-                for st in (p.stat(),)
-            )
-        )
-    except OSError:
-        return None  # load_catalog names the problem
-
-
 class AgentTools:
     """What each tool does, synchronous and transport-free: arguments in, JSON out."""
 
-    def __init__(self, config: CliConfig, identity: Identity) -> None:
+    def __init__(self, app: App, identity: Identity) -> None:
         if identity.kind != "agent":
             raise ValueError("the MCP server acts as an agent, never as a human")
-        self.config = config
+        self.app = app
         self.identity = identity
-        self._lock = threading.Lock()
-        self._catalog: Catalog | None = None
-        self._signature: tuple[tuple[str, int, int], ...] | None = None
         self._handlers: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
             "list_action_types": self.list_action_types,
             "propose_action": self.propose_action,
@@ -179,9 +159,8 @@ class AgentTools:
 
     def open(self) -> None:
         """Open store, catalog and engine up front: they are lazy and not thread-safe."""
-        self.catalog()
-        self.config.gate  # noqa: B018 - builds store, engine and preconditions
-        self.config.store.list_actions(limit=1)  # a store that is not there fails now
+        self.app.gate  # noqa: B018 - loads the catalog, builds store, engine and preconditions
+        self.app.store.list_actions(limit=1)  # a store that is not there fails now
 
     def call(self, name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Run one tool; OpsgateError (bad input, not found) and StoreError propagate."""
@@ -196,30 +175,19 @@ class AgentTools:
             return None
 
     def catalog(self) -> Catalog:
-        """Today's catalog, reloaded when its files change, so proposals hash what humans see."""
-        directory = self.config.settings.catalog
-        signature = _catalog_signature(directory)
-        with self._lock:
-            if self._catalog is None or signature is None or signature != self._signature:
-                self._catalog = load_catalog(directory)
-                self._signature = signature
-            return self._catalog
+        """Today's catalog (the app's reload rule), so proposals hash what humans see."""
+        return self.app.catalog()
 
     def gate(self) -> Gate:
-        # The gate is cheap to copy; the store, engine and preconditions are shared.
-        return dataclasses.replace(self.config.gate, catalog=self.catalog())
+        return self.app.gate
 
     def catalog_document(self) -> dict[str, Any]:
-        catalog = self.catalog()
-        return {
-            "catalog_revision": catalog.revision,
-            "action_types": [action_type_json(t) for t in catalog],
-        }
+        return catalog_json(self.catalog())
 
     def policy_document(self) -> dict[str, Any]:
         return {
-            "bundle_revision": bundle_revision(self.config.settings.policies),
-            "engine": self.config.engine.name,
+            "bundle_revision": bundle_revision(self.app.settings.policies),
+            "engine": self.app.engine.name,
         }
 
     # --- what differs through `opsgate server` (RemoteAgentTools overrides these) ------
@@ -233,7 +201,7 @@ class AgentTools:
     def _mine(self, states: list[ActionState] | None) -> list[Action]:
         """This agent's actions, oldest first, at most LIST_SCAN."""
         self.gate().expire_due()
-        return self.config.store.list_actions(
+        return self.app.store.list_actions(
             states=states, proposer_id=self.identity.id, limit=LIST_SCAN
         )
 
@@ -244,7 +212,7 @@ class AgentTools:
             with contextlib.suppress(ConfigError):
                 self.gate().expire_due()
         try:
-            return action_details(self.config.store, action_id)
+            return action_details(self.app.store, action_id)
         except NotFound:
             raise NotFound(
                 f"action_id: no action {action_id}; list_my_actions lists yours"
@@ -372,14 +340,14 @@ class RemoteAgentTools(AgentTools):
     OPSGATE_TOKEN): this process holds no database credentials and names no identity;
     the server knows the agent from its token, and decides and records as for the CLI."""
 
-    def __init__(self, config: CliConfig, remote: Any) -> None:
+    def __init__(self, app: App, remote: Any) -> None:
         answer = remote.whoami()
         if answer.get("kind") != "agent":
             raise ConfigError(
                 f"opsgate mcp needs an agent token; OPSGATE_TOKEN is {answer.get('id')}'s "
                 f"({answer.get('kind')})"
             )
-        super().__init__(config, Identity(id=answer["id"], kind="agent"))
+        super().__init__(app, Identity(id=answer["id"], kind="agent"))
         self.remote = remote
 
     def open(self) -> None:

@@ -48,7 +48,7 @@ def action_types(ctx: click.Context, param: click.Parameter, incomplete: str) ->
 
 @_quietly
 def environments(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
-    from opsgate.cli.context import bundle_environments
+    from opsgate.policies.engine import bundle_environments
 
     known = bundle_environments(_settings(ctx).policies) or frozenset()
     return [CompletionItem(e) for e in sorted(known) if e.startswith(incomplete)]

@@ -7,11 +7,11 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
+from opsgate.app import App
 from opsgate.config import Settings
 from opsgate.errors import ConfigError, InvalidInput
 
@@ -29,7 +29,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class CliConfig:
-    """Settings plus the store, catalog, engine and identity they point at, opened on use.
+    """The CLI's adapter over the App (opsgate.app): the same store, catalog, engines and
+    gate every entry point uses, plus what only the CLI has, client mode and the OS user.
 
     With OPSGATE_URL set (client mode) the action commands go through `opsgate server`
     with OPSGATE_TOKEN, and nothing here opens a store: only the server and workers do.
@@ -39,14 +40,10 @@ class CliConfig:
     def __init__(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         self.settings = settings
+        self.app = App(settings)
         self.server_url = env.get("OPSGATE_URL") or None
         self._server_token = env.get("OPSGATE_TOKEN") or None
         self._remote: Any = None
-        self._store: Store | None = None
-        self._catalog: Catalog | None = None
-        self._engine: PolicyEngine | None = None
-        self._gate: Gate | None = None
-        self._provider: PrometheusProvider | None = None
 
     @property
     def remote(self) -> Any:
@@ -96,135 +93,32 @@ class CliConfig:
                 "OPSGATE_URL is set: this command needs the database, which only the server "
                 "and workers hold; run it there (without OPSGATE_URL)"
             )
-        if self._store is None:
-            from opsgate.store import open_store
-
-            self._store = open_store(self.settings.db)
-        return self._store
+        return self.app.store
 
     @property
     def catalog(self) -> Catalog:
-        if self._catalog is None:
-            from opsgate.catalog import load_catalog
-
-            self._catalog = load_catalog(
-                self.settings.catalog,
-                strict=self.settings.catalog_strict,
-                scrape_interval=self.settings.prometheus_scrape_interval,
-            )
-        return self._catalog
+        return self.app.catalog()
 
     @property
     def engine(self) -> PolicyEngine:
-        if self._engine is None:
-            if not self.settings.policies.is_dir():
-                raise ConfigError(
-                    f"policy bundle {self.settings.policies} is not a directory "
-                    "(set OPSGATE_POLICIES)"
-                )
-            if self.settings.policy_engine == "opa":
-                from opsgate.policies.opa import OpaEngine  # only teams with OPA pay for it
-
-                settings = self.settings
-                if not settings.opa_url:
-                    raise ConfigError("OPSGATE_POLICY_ENGINE=opa needs OPSGATE_OPA_URL")
-                self._engine = OpaEngine(
-                    settings.opa_url,
-                    mode=settings.opa_mode,
-                    policies=settings.policies,
-                    token=settings.opa_token,
-                    ca_file=settings.opa_ca_file,
-                    timeout=settings.opa_timeout,
-                )
-            elif self.settings.policy_engine == "opa-embedded":
-                from opsgate.policies.embedded import OpaEmbeddedEngine
-
-                self._engine = OpaEmbeddedEngine(
-                    self.settings.policies, timeout=self.settings.policy_timeout
-                )
-            else:
-                from opsgate.policies.embedded import EmbeddedEngine
-
-                self._engine = EmbeddedEngine(
-                    self.settings.policies, timeout=self.settings.policy_timeout
-                )
-        return self._engine
+        return self.app.engine
 
     @property
     def gate(self) -> Gate:
-        if self._gate is None:
-            from opsgate.gate import Gate
-            from opsgate.preconditions import PreconditionRegistry, prometheus_checks
-
-            policies = self.settings.policies
-            self._gate = Gate(
-                store=self.store,
-                catalog=self.catalog,
-                engine=self.engine,
-                approval_ttl=self.settings.approval_ttl,
-                decision_deadline=self.settings.decision_deadline,
-                freeze_windows=lambda: _freeze_windows(policies),
-                environments=lambda: (
-                    None if self._external_opa() else bundle_environments(policies)
-                ),
-                preconditions=PreconditionRegistry(prometheus_checks(self.optional_provider())),
-                shadow=self.shadow_engine(),
-            )
-        return self._gate
-
-    def _external_opa(self) -> bool:
-        # OPA in external mode decides with its own data: the local bundle may differ.
-        return self.settings.policy_engine == "opa" and self.settings.opa_mode == "external"
+        self.store  # noqa: B018 - refused in client mode before anything opens
+        return self.app.gate
 
     def checkpointer(self) -> Checkpointer | None:
-        """Signs the audit head when this process holds the key (OPSGATE_AUDIT_KEY)."""
-        if self.settings.audit_key is None:
-            return None
-        from opsgate.audit_signing import Checkpointer, load_private_key
-
-        return Checkpointer(load_private_key(self.settings.audit_key))
+        return self.app.checkpointer()
 
     def shadow_engine(self) -> PolicyEngine | None:
-        """The shadow bundle (OPSGATE_SHADOW_POLICIES), always in process: it is advice."""
-        directory = self.settings.shadow_policies
-        if directory is None:
-            return None
-        if not directory.is_dir():
-            raise ConfigError(f"OPSGATE_SHADOW_POLICIES: {directory} is not a directory")
-        from opsgate.policies.embedded import EmbeddedEngine
-
-        return EmbeddedEngine(directory, timeout=self.settings.policy_timeout)
+        return self.app.shadow_engine()
 
     def optional_provider(self) -> PrometheusProvider | None:
-        """The Prometheus signal provider, or None when OPSGATE_PROMETHEUS_URL is unset."""
-        url = self.settings.prometheus_url
-        if self._provider is None and url:
-            from opsgate.verification.prometheus import PrometheusProvider
-
-            settings = self.settings
-            basic = None
-            if settings.prometheus_user is not None:
-                basic = (settings.prometheus_user, settings.prometheus_password or "")
-            try:
-                self._provider = PrometheusProvider(
-                    url,
-                    token=settings.prometheus_token,
-                    basic_auth=basic,
-                    ca_file=settings.prometheus_ca_file,
-                    timeout=settings.prometheus_timeout,
-                )
-            except ValueError as exc:
-                raise ConfigError(f"OPSGATE_PROMETHEUS_URL: {exc}") from None
-        return self._provider
+        return self.app.optional_provider()
 
     def provider(self) -> PrometheusProvider:
-        """The provider verification needs; without it nothing may run (fail closed)."""
-        provider = self.optional_provider()
-        if provider is None:
-            raise ConfigError(
-                "OPSGATE_PROMETHEUS_URL is not set; opsgate runs nothing it cannot verify"
-            )
-        return provider
+        return self.app.provider()
 
     def expire_due(self) -> None:
         """Expire what is past its approval window (the store alone: no catalog, no
@@ -255,49 +149,7 @@ class CliConfig:
     def close(self) -> None:
         if self._remote is not None:
             self._remote.client.close()
-        close_engine = getattr(self._engine, "close", None)
-        if callable(close_engine):  # the OPA engine holds HTTP sessions
-            close_engine()
-        if self._provider is not None:
-            self._provider.close()
-        if self._store is not None:
-            self._store.close()
-
-
-def bundle_environments(policies: Path) -> frozenset[str] | None:
-    """Environments the bundle's data names (allowlist, propose_roles, approver_roles
-    keys), or None when it names none or cannot be read: then policy alone decides (and
-    fails closed on unreadable data)."""
-    from opsgate.policies.engine import load_bundle_data
-
-    try:
-        data = load_bundle_data(policies)
-    except (OSError, ValueError):
-        return None
-    names: set[str] = set()
-    for table in ("allowlist", "propose_roles", "approver_roles"):
-        entries = data.get(table)
-        if isinstance(entries, dict):
-            names.update(str(k) for k in entries if k != "default")
-    return frozenset(names) or None
-
-
-def _freeze_windows(policies: Path) -> list[Any]:
-    from opsgate.policies.engine import load_bundle_data
-
-    try:
-        windows = load_bundle_data(policies).get("freeze_windows", [])
-    except (OSError, ValueError) as exc:
-        # Unreadable freeze data must not read as "no freeze": fail closed.
-        return [
-            {
-                "name": f"unreadable freeze data: {exc}",
-                "start": "0001-01-01T00:00:00+00:00",
-                "end": "9999-12-31T23:59:59+00:00",
-                "environments": ["*"],
-            }
-        ]
-    return list(windows) if isinstance(windows, list) else []
+        self.app.close()
 
 
 def pass_config(func: F) -> F:

@@ -21,12 +21,10 @@ from opsgate.cli.render import console, details_json, fmt_value, shown, ts
 from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
 from opsgate.errors import ActionFailed, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
-from opsgate.executor.runners import RunnerRegistry
 from opsgate.ids import log_id
 from opsgate.models import ActionState, Execution
 from opsgate.reports.exporter import bundle_deny_codes, serve_in_background
 from opsgate.store.base import StoreError
-from opsgate.verification.hub import VerificationHub
 
 if TYPE_CHECKING:
     from opsgate.audit_signing import Checkpointer
@@ -41,17 +39,9 @@ def build_executor(
     *,
     concurrency: int | None = None,
 ) -> Executor:
-    hub = VerificationHub(config.provider())
-    return Executor(
-        config.store,
-        config.gate,
-        hub,
-        RunnerRegistry(),
-        lease=config.settings.lease,
-        concurrency=concurrency or config.settings.worker_concurrency,
-        scrape_interval=config.settings.prometheus_scrape_interval,
-        on_event=on_event,
-    )
+    config.provider()  # nothing runs that cannot be verified: say so before anything opens
+    config.store  # noqa: B018 - refused in client mode: only workers hold the database
+    return config.app.build_executor(on_event, concurrency=concurrency)
 
 
 @contextmanager

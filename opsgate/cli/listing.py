@@ -86,7 +86,7 @@ def _values(option: str, values: Sequence[str]) -> frozenset[str]:
 def warn_unknown(config: CliConfig, query: ActionQuery) -> None:
     """A filter value today's catalog or bundle does not know is likely a typo: say so on
     stderr (old actions may still carry it, so it is a warning, not an error)."""
-    from opsgate.cli.context import bundle_environments
+    from opsgate.policies.engine import bundle_environments
 
     known_envs = bundle_environments(config.settings.policies)
     try:

@@ -38,7 +38,7 @@ def mcp(config: CliConfig, http_port: int | None, host: str | None) -> None:
     tools: mcp_server.AgentTools
     if config.remote is not None:
         # Through `opsgate server`: the agent is whoever the token says; no database here.
-        tools = mcp_server.RemoteAgentTools(config, config.remote)
+        tools = mcp_server.RemoteAgentTools(config.app, config.remote)
     else:
         if config.settings.db.split(":", 1)[0].startswith("postgres"):
             # A shared store: the agent's name would be whatever OPSGATE_AGENT_ID says.
@@ -47,7 +47,7 @@ def mcp(config: CliConfig, http_port: int | None, host: str | None) -> None:
                 "self-asserted (OPSGATE_AGENT_ID); set OPSGATE_URL and an agent token "
                 "(`opsgate token create --kind agent`) to go through `opsgate server`"
             )
-        tools = mcp_server.AgentTools(config, mcp_server.agent_identity())
+        tools = mcp_server.AgentTools(config.app, mcp_server.agent_identity())
     identity = tools.identity
     tools.open()
     server = mcp_server.build_server(tools)

@@ -51,7 +51,7 @@ def server(config: CliConfig, listen: str) -> None:
     # Fail at start, not on the first request: the store, catalog and bundle must load.
     config.store.audit_head()
     config.gate  # noqa: B018  (builds catalog, engine and gate now)
-    app = create_app(config)
+    app = create_app(config.app)
     settings = uvicorn.Config(
         app,
         host=host,

@@ -126,3 +126,36 @@ def load_bundle_data(directory: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: bundle data must be a JSON object")
         node.update(document)
     return data
+
+
+def bundle_environments(policies: Path) -> frozenset[str] | None:
+    """Environments the bundle's data names (allowlist, propose_roles, approver_roles
+    keys), or None when it names none or cannot be read: then policy alone decides (and
+    fails closed on unreadable data)."""
+    try:
+        data = load_bundle_data(policies)
+    except (OSError, ValueError):
+        return None
+    names: set[str] = set()
+    for table in ("allowlist", "propose_roles", "approver_roles"):
+        entries = data.get(table)
+        if isinstance(entries, dict):
+            names.update(str(k) for k in entries if k != "default")
+    return frozenset(names) or None
+
+
+def bundle_freeze_windows(policies: Path) -> list[Any]:
+    """The bundle's freeze windows; unreadable data freezes everything."""
+    try:
+        windows = load_bundle_data(policies).get("freeze_windows", [])
+    except (OSError, ValueError) as exc:
+        # Unreadable freeze data must not read as "no freeze": fail closed.
+        return [
+            {
+                "name": f"unreadable freeze data: {exc}",
+                "start": "0001-01-01T00:00:00+00:00",
+                "end": "9999-12-31T23:59:59+00:00",
+                "environments": ["*"],
+            }
+        ]
+    return list(windows) if isinstance(windows, list) else []

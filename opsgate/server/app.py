@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -21,12 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from opsgate import __version__
+from opsgate.app import App
 from opsgate.auth.oidc import OidcSettings, OidcVerifier, looks_like_jwt
 from opsgate.auth.principal import Principal, Unauthenticated
 from opsgate.auth.tokens import authenticate_token
-from opsgate.catalog import Catalog, action_type_json
-from opsgate.cli.context import CliConfig
-from opsgate.cli.render import action_json, approval_json, decision_json, details_json
+from opsgate.catalog import Catalog
 from opsgate.config import Settings
 from opsgate.errors import (
     ConfigError,
@@ -40,6 +40,7 @@ from opsgate.models import ActionState
 from opsgate.server.execution import ServerExecutor
 from opsgate.server.openapi import openapi_document
 from opsgate.store.base import StoreError
+from opsgate.views import action_json, approval_json, catalog_json, decision_json, details_json
 
 log = logging.getLogger("opsgate.server")
 
@@ -75,6 +76,23 @@ class Metrics:
             "API requests by operation and HTTP status.",
             ["operation", "status"],
             registry=self.registry,
+        )
+
+    def watch_catalog(self, app: App) -> None:
+        self.registry.register(_CatalogReloads(app))
+
+
+class _CatalogReloads:
+    """The app's count of catalog edits that did not load, read at scrape time."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "opsgate_catalog_reload_failures",
+            "Catalog edits that did not load (the last good catalog is still served).",
+            value=self.app.catalogs.failures,
         )
 
 
@@ -181,20 +199,18 @@ def _limit_param(query: str) -> int:
 
 
 class Api:
-    """Endpoints over one CliConfig (store, catalog, engine, gate)."""
+    """Endpoints over the App (store, catalog, engine, gate): the same ones the CLI uses."""
 
-    def __init__(
-        self, config: CliConfig, metrics: Metrics, oidc: OidcVerifier | None = None
-    ) -> None:
-        self.config = config
+    def __init__(self, app: App, metrics: Metrics, oidc: OidcVerifier | None = None) -> None:
+        self.app = app
         self.metrics = metrics
         self.oidc = oidc
-        self.executor = ServerExecutor(config)
+        self.executor = ServerExecutor(app)
 
     @property
     def catalog(self) -> Catalog | None:
         try:
-            return self.config.catalog
+            return self.app.catalog()
         except InvalidInput:  # history stays readable when today's catalog does not load
             return None
 
@@ -210,7 +226,7 @@ class Api:
         try:
             if self.oidc is not None and looks_like_jwt(token):
                 return self.oidc.verify(token)
-            return authenticate_token(self.config.store, token)
+            return authenticate_token(self.app.store, token)
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid").inc()
             raise
@@ -247,7 +263,7 @@ class Api:
         return 200, principal.as_json()
 
     def propose(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
-        outcome = self.config.gate.propose(parse_json(raw), principal)
+        outcome = self.app.gate.propose(parse_json(raw), principal)
         return (200 if outcome.existing else 201), {
             "action": action_json(outcome.action, self.catalog),
             "decision": decision_json(outcome.decision),
@@ -257,16 +273,16 @@ class Api:
     def queue(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         # Only what the bundle's authz lets this principal read (agents: their own).
         catalog = self.catalog
-        return 200, [action_json(a, catalog) for a in self.config.gate.queue(principal)]
+        return 200, [action_json(a, catalog) for a in self.app.gate.queue(principal)]
 
     def show(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
-        self.config.gate.expire_due()
-        details = self.config.gate.details(params["action_id"], principal)
+        self.app.gate.expire_due()
+        details = self.app.gate.details(params["action_id"], principal)
         return 200, details_json(details, self.catalog)
 
     def approve(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         comment = text_field(parse_json(raw), "comment")
-        outcome = self.config.gate.approve(params["action_id"], principal, comment)
+        outcome = self.app.gate.approve(params["action_id"], principal, comment)
         return 200, {
             "action": action_json(outcome.action, self.catalog),
             "approvals": [approval_json(a) for a in outcome.approvals],
@@ -275,7 +291,7 @@ class Api:
 
     def reject(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         reason = text_field(parse_json(raw), "reason", required=True)
-        action = self.config.gate.reject(params["action_id"], principal, reason)
+        action = self.app.gate.reject(params["action_id"], principal, reason)
         return 200, action_json(action, self.catalog)
 
     def run(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
@@ -290,27 +306,23 @@ class Api:
     def catalog_document(
         self, principal: Principal, params: dict[str, str], raw: bytes | None
     ) -> Any:
-        catalog = self.config.catalog
-        return 200, {
-            "catalog_revision": catalog.revision,
-            "action_types": [action_type_json(t) for t in catalog],
-        }
+        return 200, catalog_json(self.app.catalog())
 
     def policy(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
-        engine = self.config.engine
+        engine = self.app.engine
         return 200, {"bundle_revision": engine.revision(), "engine": engine.name}
 
     def my_actions(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         query = params.get("?", "")
         states = _states_param(query)
         limit = _limit_param(query)
-        self.config.gate.expire_due()
-        found = self.config.store.list_actions(states=states, proposer_id=principal.id, limit=limit)
+        self.app.gate.expire_due()
+        found = self.app.store.list_actions(states=states, proposer_id=principal.id, limit=limit)
         return 200, [action_json(a, self.catalog) for a in found]
 
     def cancel(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         reason = text_field(parse_json(raw), "reason")
-        action = self.config.gate.cancel(params["action_id"], principal, reason)
+        action = self.app.gate.cancel(params["action_id"], principal, reason)
         return 200, action_json(action, self.catalog)
 
 
@@ -330,10 +342,11 @@ def oidc_settings(settings: Settings) -> OidcSettings | None:
     )
 
 
-def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
+def create_app(app: App, metrics: Metrics | None = None) -> Starlette:
     metrics = metrics or Metrics()
-    oidc = oidc_settings(config.settings)
-    api = Api(config, metrics, OidcVerifier(oidc) if oidc is not None else None)
+    metrics.watch_catalog(app)
+    oidc = oidc_settings(app.settings)
+    api = Api(app, metrics, OidcVerifier(oidc) if oidc is not None else None)
     document = openapi_document(__version__)
 
     async def openapi(_request: Request) -> Response:
@@ -368,6 +381,6 @@ def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
         Route(API + "/policy", api.route("policy", api.policy), methods=["GET"]),
         Route(API + "/my-actions", api.route("my_actions", api.my_actions), methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
-    app.state.close = api.executor.close  # `opsgate server` calls it when it stops
-    return app
+    asgi = Starlette(routes=routes)
+    asgi.state.close = api.executor.close  # `opsgate server` calls it when it stops
+    return asgi

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import threading
 
+from opsgate.app import App
 from opsgate.auth.principal import Principal
-from opsgate.cli.context import CliConfig
 from opsgate.errors import NotFound
 from opsgate.executor.executor import Executor
 from opsgate.models import Action, ActionState
@@ -16,31 +16,29 @@ from opsgate.models import Action, ActionState
 class ServerExecutor:
     """One executor for the server's lifetime, built on first use (it needs Prometheus)."""
 
-    def __init__(self, config: CliConfig) -> None:
-        self.config = config
+    def __init__(self, app: App) -> None:
+        self.app = app
         self._lock = threading.Lock()
         self._executor: Executor | None = None
 
     def _get(self) -> Executor:
-        from opsgate.cli.execution import build_executor  # the CLI's own wiring
-
         with self._lock:
             if self._executor is None:
-                executor = build_executor(self.config, None)
+                executor = self.app.build_executor()
                 executor.start()
                 self._executor = executor
             return self._executor
 
     def _action(self, action_id: str) -> Action:
-        action = self.config.store.get_action(action_id)
+        action = self.app.store.get_action(action_id)
         if action is None:
             raise NotFound(f"no action {action_id}; list them with `opsgate queue`")
         return action
 
     def run(self, principal: Principal, action_id: str) -> Action:
         """Authorize, claim (policy re-checked at claim), launch; returns at once."""
-        self.config.gate.expire_due()
-        self.config.gate.authorize("run", principal, self._action(action_id))
+        self.app.gate.expire_due()
+        self.app.gate.authorize("run", principal, self._action(action_id))
         executor = self._get()
         claimed = executor.claim(action_id)
         if claimed is None:  # claim(action_id) raises rather than returning None
@@ -50,7 +48,7 @@ class ServerExecutor:
         return claimed
 
     def rollback(self, principal: Principal, action_id: str, reason: str) -> Action:
-        self.config.gate.authorize("rollback", principal, self._action(action_id))
+        self.app.gate.authorize("rollback", principal, self._action(action_id))
         return self._get().request_rollback(action_id, principal.identity, reason)
 
     def close(self) -> None:

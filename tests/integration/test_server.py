@@ -4,6 +4,7 @@ stored."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +30,11 @@ SCALE = {
 
 
 class Rig:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, catalog: Path = ROOT / "catalog") -> None:
         self.db = f"sqlite:///{tmp / 'server.db'}"
         self.env = {
             "OPSGATE_DB": self.db,
-            "OPSGATE_CATALOG": str(ROOT / "catalog"),
+            "OPSGATE_CATALOG": str(catalog),
             "OPSGATE_POLICIES": str(ROOT / "policies"),
             "OPSGATE_CONFIG": str(tmp / "absent.toml"),
         }
@@ -90,13 +91,15 @@ def unchanged(rig: Rig, before: dict[str, int]) -> None:
     assert rig.rows() == before
 
 
-def auth_failures(rig: Rig) -> float:
+def metric(rig: Rig, prefix: str) -> float:
     text = requests.get(rig.server.url + "/metrics", timeout=10).text
     return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("opsgate_api_auth_failures_total{")
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
     )
+
+
+def auth_failures(rig: Rig) -> float:
+    return metric(rig, "opsgate_api_auth_failures_total{")
 
 
 # --- the happy path ----------------------------------------------------------------------
@@ -370,3 +373,56 @@ def test_bad_list_queries_are_400(rig: Rig, query: str, field: str) -> None:
     status, body = rig.call("GET", f"/my-actions?{query}", rig.tokens["agent"])
     assert status == 400, body
     assert body["error"]["field"] == field
+
+
+# --- the catalog as it is today ------------------------------------------------------------
+
+
+def eventually(check: Any, what: str, timeout: float = 20.0) -> Any:
+    """Poll until `check()` is truthy: the server looks at the catalog files at most once a
+    second, so an edit shows up on a later request, not the next one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.2)
+
+
+def test_a_running_server_follows_catalog_edits_and_keeps_the_last_good_one(
+    tmp_path: Path,
+) -> None:
+    catalog = tmp_path / "catalog"
+    shutil.copytree(ROOT / "catalog", catalog)
+    rig = Rig(tmp_path, catalog)
+    token = rig.token("sre-agent", "--kind", "agent")
+    rig.server.start()
+    try:
+        revision = rig.call("GET", "/catalog", token)[1]["catalog_revision"]
+        restart = (catalog / "restart_service.yaml").read_text()
+        (catalog / "restart_worker.yaml").write_text(
+            restart.replace("name: restart_service", "name: restart_worker")
+        )
+
+        def edited() -> dict[str, Any] | None:
+            body = rig.call("GET", "/catalog", token)[1]
+            return body if body["catalog_revision"] != revision else None
+
+        good = eventually(edited, "the edited catalog")
+        assert "restart_worker" in [t["name"] for t in good["action_types"]]
+
+        (catalog / "restart_worker.yaml").write_text("name: [broken\n")
+
+        def refused() -> bool:
+            rig.call("GET", "/catalog", token)  # a request is what makes the server look
+            return metric(rig, "opsgate_catalog_reload_failures_total ") == 1
+
+        eventually(refused, "the failed reload")
+        status, body = rig.call("GET", "/catalog", token)
+        assert status == 200 and body == good  # still up, still the last good catalog
+        status, body = rig.call("POST", "/actions", token, SCALE)
+        assert status == 201 and body["action"]["state"] == "pending_approval", body
+    finally:
+        rig.server.stop()
+        rig.store.close()

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 from opsgate.catalog import load_catalog
 from opsgate.cli import cli as opsgate_cli
-from opsgate.cli.context import bundle_environments
 from opsgate.errors import InvalidInput
 from opsgate.gate import Gate
 from opsgate.models import Identity
 from opsgate.policies.embedded import EmbeddedEngine
+from opsgate.policies.engine import bundle_environments
 from opsgate.store import open_store
 from opsgate.testing import MemoryStore
 from tests import history

@@ -90,7 +90,7 @@ def test_mcp_get_action_masks_by_snapshot_and_survives_a_broken_catalog(cli: Cli
     config = CliConfig(
         Settings(db=f"sqlite:///{cli.db}", catalog=cli.catalog, policies=ROOT / "policies")  # type: ignore[attr-defined]
     )
-    tools = AgentTools(config, Identity(id="sre-agent", kind="agent"))
+    tools = AgentTools(config.app, Identity(id="sre-agent", kind="agent"))
     try:
         tools.open()
         action_id = proposed(cli)

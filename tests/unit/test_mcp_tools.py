@@ -16,9 +16,10 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp.types import CallToolResult
 
-from opsgate.cli.context import CliConfig
+from opsgate import app as app_module
+from opsgate.app import App
 from opsgate.config import Settings
-from opsgate.errors import ConfigError
+from opsgate.errors import ConfigError, InvalidInput
 from opsgate.executor.executor import Executor
 from opsgate.executor.runners import RunnerRegistry, StepResult
 from opsgate.mcp_server import (
@@ -59,10 +60,8 @@ class Harness:
     """AgentTools over a migrated SQLite file; `session` runs a scenario with a client."""
 
     def __init__(self, sqlite_url: str, catalog: Path, identity: Identity = AGENT) -> None:
-        self.config = CliConfig(
-            Settings(db=sqlite_url, catalog=catalog, policies=ROOT / "policies")
-        )
-        self.tools = AgentTools(self.config, identity)
+        self.app = App(Settings(db=sqlite_url, catalog=catalog, policies=ROOT / "policies"))
+        self.tools = AgentTools(self.app, identity)
         self.tools.open()
         self.server = build_server(self.tools)
 
@@ -74,14 +73,14 @@ class Harness:
         anyio.run(main)
 
     def rows(self) -> dict[str, int]:
-        return self.config.store.row_counts()
+        return self.app.store.row_counts()
 
 
 @pytest.fixture
 def harness(sqlite_url: str) -> Iterator[Harness]:
     h = Harness(sqlite_url, ROOT / "catalog")
     yield h
-    h.config.close()
+    h.app.close()
 
 
 async def call(client: Client, name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,7 +229,7 @@ def test_propose_allowed_and_blocked_then_explain(harness: Harness) -> None:
         assert again["allowed"] is True and again["id"] != blocked["id"]
 
     harness.session(scenario)
-    stored = harness.config.store.list_actions(limit=10)
+    stored = harness.app.store.list_actions(limit=10)
     assert len(stored) == 4
     assert {(a.proposer.id, a.proposer.kind) for a in stored} == {("sre-agent", "agent")}
 
@@ -315,7 +314,7 @@ def test_bad_arguments_are_tool_errors_naming_the_field_and_store_nothing(
 
 def test_list_my_actions_is_newest_first_and_only_mine(harness: Harness) -> None:
     # A human's proposal on the same store is not the agent's.
-    harness.config.gate.propose(scale(8, target="cart"), ALICE)
+    harness.app.gate.propose(scale(8, target="cart"), ALICE)
 
     async def scenario(client: Client) -> None:
         ids = [(await call(client, "propose_action", scale(n)))["id"] for n in (6, 60, 7)]
@@ -391,10 +390,10 @@ def test_get_action_follows_approvals_execution_and_rollback(
     harness = Harness(sqlite_url, catalog)
     provider = StaticSignalProvider({ERR: 0.001})
     runner = StepRunner(provider)
-    store = harness.config.store
+    store = harness.app.store
     executor = Executor(
         store,
-        harness.config.gate,
+        harness.app.gate,
         VerificationHub(provider),
         RunnerRegistry({"fake": runner}),
         worker_id="test-worker",
@@ -438,8 +437,8 @@ def test_get_action_follows_approvals_execution_and_rollback(
 
     try:
         harness.session(propose)
-        harness.config.gate.approve(action_id, BOB)
-        harness.config.gate.approve(action_id, CAROL)
+        harness.app.gate.approve(action_id, BOB)
+        harness.app.gate.approve(action_id, CAROL)
         claimed = executor.claim(action_id)
         assert claimed is not None and claimed.state is ActionState.EXECUTING
         executor.launch(action_id)
@@ -447,12 +446,12 @@ def test_get_action_follows_approvals_execution_and_rollback(
         harness.session(follow)
     finally:
         executor.close()
-        harness.config.close()
+        harness.app.close()
 
 
 def test_an_expired_action_reads_as_expired(harness: Harness) -> None:
-    proposal = harness.config.gate.propose(scale(6), AGENT)
-    with harness.config.store.transaction() as tx:
+    proposal = harness.app.gate.propose(scale(6), AGENT)
+    with harness.app.store.transaction() as tx:
         # Backdate the deadline instead of waiting an hour for it.
         tx.update_action(proposal.action.id, expires_at=proposal.action.created_at)
 
@@ -466,9 +465,10 @@ def test_an_expired_action_reads_as_expired(harness: Harness) -> None:
 # --- the catalog as it is today ------------------------------------------------------------
 
 
-def test_catalog_changes_are_picked_up_and_a_broken_one_fails_closed(
-    sqlite_url: str, tmp_path: Path
+def test_catalog_changes_are_picked_up_and_a_broken_edit_keeps_the_last_good_one(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(app_module, "RELOAD_CHECK_SECONDS", 0.0)  # look at every call
     catalog = tmp_path / "catalog"
     shutil.copytree(ROOT / "catalog", catalog)
     harness = Harness(sqlite_url, catalog)
@@ -483,14 +483,42 @@ def test_catalog_changes_are_picked_up_and_a_broken_one_fails_closed(
         assert after["catalog_revision"] != before["catalog_revision"]
         assert "restart_worker" in {t["name"] for t in after["action_types"]}
 
+        # A broken edit: the process stays up and keeps serving (and hashing proposals
+        # against) the catalog that last loaded; the edit is counted, not used.
         (catalog / "restart_worker.yaml").write_text("name: [broken\n")
-        rows = harness.rows()
-        for tool, arguments in (("list_action_types", {}), ("propose_action", scale(6))):
-            result = await client.call_tool(tool, arguments)
-            assert result.is_error and "restart_worker.yaml" in text_of(result)
-        assert harness.rows() == rows
+        still = await call(client, "list_action_types", {})
+        assert still == after
+        proposed = await call(client, "propose_action", scale(6))
+        assert proposed["state"] == "pending_approval"
+        assert harness.app.catalogs.failures == 1
+        assert "restart_worker.yaml" in (harness.app.catalogs.error or "")
+        await call(client, "list_action_types", {})
+        assert harness.app.catalogs.failures == 1  # the same broken edit is reported once
+
+        (catalog / "restart_worker.yaml").unlink()
+        fixed = await call(client, "list_action_types", {})
+        assert fixed["catalog_revision"] == before["catalog_revision"]
+        assert harness.app.catalogs.error is None
 
     try:
         harness.session(scenario)
     finally:
-        harness.config.close()
+        harness.app.close()
+
+
+def test_a_catalog_that_never_loaded_fails_closed(sqlite_url: str, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    shutil.copytree(ROOT / "catalog", catalog)
+    (catalog / "restart_worker.yaml").write_text("name: [broken\n")
+    app = App(Settings(db=sqlite_url, catalog=catalog, policies=ROOT / "policies"))
+    tools = AgentTools(app, AGENT)
+    try:
+        with pytest.raises(InvalidInput, match=r"restart_worker\.yaml"):
+            tools.open()
+        rows = app.store.row_counts()
+        for name, arguments in (("list_action_types", {}), ("propose_action", scale(6))):
+            with pytest.raises(InvalidInput, match=r"restart_worker\.yaml"):
+                tools.call(name, arguments)
+        assert app.store.row_counts() == rows
+    finally:
+        app.close()
