@@ -19,7 +19,7 @@ from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
 from opsgate.cli.render import console, details_json, fmt_value, shown, ts
 from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
-from opsgate.errors import ActionFailed, Refused
+from opsgate.errors import ActionFailed, ConfigError, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.ids import log_id
@@ -207,6 +207,11 @@ def worker(
     metrics_port: int | None,
 ) -> None:
     """Claim approved actions and run, verify and roll them back; Ctrl-C finishes cleanly."""
+    if config.server_url is not None:
+        raise ConfigError(
+            "OPSGATE_URL is set: a worker is of the trusted tier and works on the database "
+            "itself (OPSGATE_DB); run it without OPSGATE_URL"
+        )
     view = PlainView(prefix_ids=True)
     checkpointer = config.checkpointer()
     executor = build_executor(config, view, concurrency=concurrency)
@@ -322,13 +327,41 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
 @pass_config
 def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
     """Workers, their heartbeats and the leases they hold."""
-    now = datetime.now(UTC)
     lease = config.settings.lease
+    if config.server_url is not None:  # client mode: the server reads them
+        answer = config.remote.workers(show_all)
+        rows, lease = answer["workers"], float(answer["lease"])
+    else:
+        rows = worker_rows(config.store, lease, show_all, datetime.now(UTC))
+    if as_json:
+        echo_json(rows)
+        return
+    table = Table(title=f"workers (lease {lease:g}s)", title_justify="left")
+    for column in ("id", "host", "pid", "status", "heartbeat", "leases"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        # A prefix every command takes; --json has the full ids.
+        leases_text = ", ".join(
+            f"{log_id(item['action_id'])} {item['target']}" for item in row["leases"]
+        )
+        table.add_row(
+            row["id"],
+            row["hostname"],
+            str(row["pid"]),
+            row["status"],
+            f"{row['heartbeat_age_s']:.0f}s ago",
+            leases_text or "-",
+        )
+    console().print(table)
+
+
+def worker_rows(store: Any, lease: float, show_all: bool, now: datetime) -> list[dict[str, Any]]:
+    """`opsgate workers --json`: the same rows locally and from the server."""
     held: dict[str, list[Execution]] = {}
-    for execution in config.store.unfinished_executions():
+    for execution in store.unfinished_executions():
         held.setdefault(execution.worker_id, []).append(execution)
     rows: list[dict[str, Any]] = []
-    for info in config.store.list_workers():
+    for info in store.list_workers():
         age = (now - info.heartbeat_at).total_seconds()
         status = info.status(now, lease)
         if status == "stopped" and not show_all and not held.get(info.id):
@@ -353,23 +386,4 @@ def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
                 ],
             }
         )
-    if as_json:
-        echo_json(rows)
-        return
-    table = Table(title=f"workers (lease {lease:g}s)", title_justify="left")
-    for column in ("id", "host", "pid", "status", "heartbeat", "leases"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        # A prefix every command takes; --json has the full ids.
-        leases_text = ", ".join(
-            f"{log_id(item['action_id'])} {item['target']}" for item in row["leases"]
-        )
-        table.add_row(
-            row["id"],
-            row["hostname"],
-            str(row["pid"]),
-            row["status"],
-            f"{row['heartbeat_age_s']:.0f}s ago",
-            leases_text or "-",
-        )
-    console().print(table)
+    return rows

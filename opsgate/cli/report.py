@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from opsgate.models import parse_duration
 from opsgate.reports.build import (
     BUILDERS,
     DEFAULT_MIN_RUNS,
+    Report,
     rollbacks_report,
     summary_report,
     verification_report,
@@ -65,6 +67,60 @@ def check_where_values(queries: ReportQueries, where: dict[str, str]) -> None:
                 f"no action has ever had {key}={value!r}{did_you_mean(value, known)} "
                 f"(known: {listed})",
             )
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """What `opsgate report` asks for, as typed: built here or by the server alike."""
+
+    kind: str = "summary"
+    since: str | None = None
+    until: str | None = None
+    by: str | None = None
+    where: tuple[str, ...] = ()
+    min_runs: int = DEFAULT_MIN_RUNS
+    table: str | None = None
+
+
+def build_report(store: SqlStore, request: ReportRequest, now: datetime) -> Report:
+    """The report a request names; InvalidInput naming the option for anything wrong."""
+    kind, by, min_runs, table_name = request.kind, request.by, request.min_runs, request.table
+    if kind not in KINDS:
+        raise InvalidInput("kind", f"expected one of {', '.join(KINDS)}")
+    if by is not None and by not in (*SEGMENTS, "code"):
+        raise InvalidInput("--by", f"expected one of {', '.join([*SEGMENTS, 'code'])}")
+    if not 1 <= min_runs <= 1_000_000:
+        raise InvalidInput("--min-runs", "expected 1 to 1000000")
+    end = parse_moment(request.until, "--until", now) if request.until else now
+    start = (
+        parse_moment(request.since, "--since", now) if request.since else end - timedelta(days=30)
+    )
+    if start >= end:
+        raise InvalidInput("--since", "must be before --until")
+    if by == "code" and kind != "blocks":
+        raise InvalidInput("--by", "code applies to `opsgate report blocks` only")
+    where = parse_where(request.where)
+    queries = ReportQueries(store)
+    check_where_values(queries, where)
+    window = Window(start, end)
+    if kind == "summary":
+        built = summary_report(queries, window, where, min_runs=min_runs)
+    elif kind in JUDGED:
+        built = JUDGED[kind](queries, window, by, where, min_runs=min_runs)
+    else:
+        built = BUILDERS[kind](queries, window, None if by == "code" else by, where)
+        if by == "code":
+            built.by = "code"
+    if table_name is not None:
+        names = [t.name for t in built.tables]
+        if table_name not in names:
+            raise InvalidInput(
+                "--table",
+                f"no table {table_name!r} in this report{did_you_mean(table_name, names)} "
+                f"(tables: {', '.join(names)})",
+            )
+        built.tables = [t for t in built.tables if t.name == table_name]
+    return built
 
 
 @click.command()
@@ -122,41 +178,19 @@ def report(
     KIND is summary (default: one screen), verification, blocks, rollbacks or approvals.
     """
     fmt = json_format(fmt, as_json, default="table")
-    now = datetime.now(UTC)
-    end = parse_moment(until, "--until", now) if until else now
-    start = parse_moment(since, "--since", now) if since else end - timedelta(days=30)
-    if start >= end:
-        raise InvalidInput("--since", "must be before --until")
-    if by == "code" and kind != "blocks":
-        raise InvalidInput("--by", "code applies to `opsgate report blocks` only")
-    where = parse_where(where_pairs)
-    store = config.store
-    if not isinstance(store, SqlStore):
-        raise ConfigError("reports need a SQL store (sqlite:// or postgresql://)")
-    queries = ReportQueries(store)
-    check_where_values(queries, where)
-    window = Window(start, end)
-    if kind == "summary":
-        built = summary_report(queries, window, where, min_runs=min_runs)
-    elif kind in JUDGED:
-        built = JUDGED[kind](queries, window, by, where, min_runs=min_runs)
+    request = ReportRequest(kind, since, until, by, where_pairs, min_runs, table_name)
+    if config.server_url is not None:  # client mode: the server builds and renders it
+        wanted = "markdown" if fmt == "table" and output is not None else fmt
+        text = config.remote.report(request, wanted)
     else:
-        built = BUILDERS[kind](queries, window, None if by == "code" else by, where)
-        if by == "code":
-            built.by = "code"
-    if table_name is not None:
-        names = [t.name for t in built.tables]
-        if table_name not in names:
-            raise InvalidInput(
-                "--table",
-                f"no table {table_name!r} in this report{did_you_mean(table_name, names)} "
-                f"(tables: {', '.join(names)})",
-            )
-        built.tables = [t for t in built.tables if t.name == table_name]
-    if fmt == "table" and output is None:
-        print_table(built)
-        return
-    text = render(built, "markdown" if fmt == "table" else fmt, table_name)
+        store = config.store
+        if not isinstance(store, SqlStore):
+            raise ConfigError("reports need a SQL store (sqlite:// or postgresql://)")
+        built = build_report(store, request, datetime.now(UTC))
+        if fmt == "table" and output is None:
+            print_table(built)
+            return
+        text = render(built, "markdown" if fmt == "table" else fmt, table_name)
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
         return

@@ -39,6 +39,7 @@ from opsgate.errors import (
 from opsgate.models import ActionState
 from opsgate.server.execution import ServerExecutor
 from opsgate.server.openapi import openapi_document
+from opsgate.server.reads import Reads, flag, query_params
 from opsgate.store.base import StoreError
 
 log = logging.getLogger("opsgate.server")
@@ -190,6 +191,7 @@ class Api:
         self.metrics = metrics
         self.oidc = oidc
         self.executor = ServerExecutor(config)
+        self.reads = Reads(config)
 
     @property
     def catalog(self) -> Catalog | None:
@@ -257,7 +259,28 @@ class Api:
     def queue(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         # Only what the bundle's authz lets this principal read (agents: their own).
         catalog = self.catalog
-        return 200, [action_json(a, catalog) for a in self.config.gate.queue(principal)]
+        if flag(query_params(params.get("?", "")), "mine_to_approve"):
+            found = self.reads.mine_to_approve(principal)
+        else:
+            found = self.config.gate.queue(principal)
+        return 200, [action_json(a, catalog) for a in found]
+
+    def report(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.report(principal, params["kind"], params.get("?", ""))
+
+    def audit_verify(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.audit_verify(principal, parse_json(raw))
+
+    def audit_decisions(
+        self, principal: Principal, params: dict[str, str], raw: bytes | None
+    ) -> Any:
+        return 200, self.reads.audit_decisions(principal, params.get("?", ""))
+
+    def workers(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.workers(principal, params.get("?", ""))
+
+    def resolve(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.resolve(principal, params.get("?", ""))
 
     def show(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         self.config.gate.expire_due()
@@ -367,6 +390,15 @@ def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
         Route(API + "/catalog", api.route("catalog", api.catalog_document), methods=["GET"]),
         Route(API + "/policy", api.route("policy", api.policy), methods=["GET"]),
         Route(API + "/my-actions", api.route("my_actions", api.my_actions), methods=["GET"]),
+        Route(API + "/reports/{kind:str}", api.route("report", api.report), methods=["GET"]),
+        Route(API + "/audit/verify", api.route("audit_verify", api.audit_verify), methods=["POST"]),
+        Route(
+            API + "/audit/decisions",
+            api.route("audit_decisions", api.audit_decisions),
+            methods=["GET"],
+        ),
+        Route(API + "/workers", api.route("workers", api.workers), methods=["GET"]),
+        Route(API + "/resolve", api.route("resolve", api.resolve), methods=["GET"]),
     ]
     app = Starlette(routes=routes)
     app.state.close = api.executor.close  # `opsgate server` calls it when it stops
