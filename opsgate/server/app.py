@@ -1,7 +1,9 @@
 """The /api/v1 ASGI app: authenticate, then call the same Gate the CLI calls.
 
-Identity comes only from the bearer credential. Headers a proxy might set
-(X-Forwarded-User, X-Remote-User, ...) are never read.
+Identity comes from the bearer credential, or from a proxy's header only when the TCP
+peer is a proxy the operator configured (OPSGATE_TRUSTED_PROXY); from anyone else such
+headers (X-Forwarded-User, X-Remote-User, ...) are ignored and counted as spoof attempts.
+A peer that keeps failing to authenticate is answered 429 for a while.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ from opsgate.errors import (
     StateConflict,
 )
 from opsgate.models import ActionState
+from opsgate.server.boundary import (
+    FailureLimiter,
+    InvalidProxyIdentity,
+    RateLimited,
+    TrustedProxy,
+    asserted_headers,
+)
 from opsgate.server.execution import ServerExecutor
 from opsgate.server.openapi import openapi_document
 from opsgate.server.reads import Reads, flag, query_params
@@ -51,6 +60,7 @@ MAX_AUTHORIZATION_BYTES = 8192
 # HTTP status per error class; the client maps them back to the same exceptions, so a
 # command exits with the same code whether it ran locally or through the API.
 STATUS: list[tuple[type[OpsgateError], int, str]] = [
+    (RateLimited, 429, "rate_limited"),
     (Unauthenticated, 401, "unauthenticated"),
     (InvalidInput, 400, "invalid_input"),
     (Refused, 403, "refused"),
@@ -69,6 +79,17 @@ class Metrics:
             "opsgate_api_auth_failures",
             "Requests refused for missing or invalid credentials.",
             ["reason"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "opsgate_api_auth_rate_limited",
+            "Requests answered 429: their peer failed to authenticate too often.",
+            registry=self.registry,
+        )
+        self.proxy_spoofs = Counter(
+            "opsgate_api_proxy_header_spoofs",
+            "Requests with an identity header from a peer that is not a trusted proxy "
+            "(the header was ignored).",
             registry=self.registry,
         )
         self.requests = Counter(
@@ -185,11 +206,22 @@ class Api:
     """Endpoints over one CliConfig (store, catalog, engine, gate)."""
 
     def __init__(
-        self, config: CliConfig, metrics: Metrics, oidc: OidcVerifier | None = None
+        self,
+        config: CliConfig,
+        metrics: Metrics,
+        oidc: OidcVerifier | None = None,
+        *,
+        proxy: TrustedProxy | None = None,
+        limiter: FailureLimiter | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.oidc = oidc
+        self.proxy = proxy
+        settings = config.settings
+        self.limiter = limiter or FailureLimiter(
+            settings.auth_failure_limit, settings.auth_failure_window
+        )
         self.executor = ServerExecutor(config)
         self.reads = Reads(config)
 
@@ -217,19 +249,47 @@ class Api:
             self.metrics.auth_failures.labels("invalid").inc()
             raise
 
+    def asserted(self, request: Request, peer: str) -> Principal | None:
+        """The principal a trusted proxy asserts for this request, if any. The same
+        headers from any other peer are ignored, and counted."""
+        if asserted_headers(request.headers, self.proxy):
+            if self.proxy is not None and self.proxy.trusts(peer):
+                return self.proxy.principal(peer, request.headers)
+            self.metrics.proxy_spoofs.inc()
+            log.warning("identity header from %s, not a trusted proxy: ignored", peer)
+        return None
+
     def route(self, operation: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-        def authenticated(token: str, params: dict[str, str], raw: bytes | None) -> Any:
+        def authenticated(
+            asserted: Principal | None, token: str | None, params: dict[str, str], raw: bytes | None
+        ) -> Any:
             # One trip to the thread pool per request: authenticate, then the gate.
-            return handler(self.authenticate_token(token), params, raw)
+            principal = asserted if asserted is not None else self.authenticate_token(token or "")
+            return handler(principal, params, raw)
 
         async def endpoint(request: Request) -> Response:
             status, body = 200, None
+            headers: dict[str, str] | None = None
+            # The TCP peer: uvicorn runs without proxy_headers, so no header moves it.
+            peer = request.client.host if request.client is not None else ""
             try:
-                token = self.bearer(request)  # no credentials: 401 before reading a byte
+                wait = self.limiter.retry_after(peer)
+                if wait is not None:
+                    self.metrics.rate_limited.inc()
+                    raise RateLimited(wait)
+                asserted = self.asserted(request, peer)
+                # no credentials: 401 before reading a byte
+                token = None if asserted is not None else self.bearer(request)
                 raw = await read_body(request) if request.method == "POST" else b""
                 params = {**request.path_params, "?": request.url.query}
-                status, body = await run_in_threadpool(authenticated, token, params, raw)
+                status, body = await run_in_threadpool(authenticated, asserted, token, params, raw)
             except OpsgateError as exc:
+                if isinstance(exc, InvalidProxyIdentity):
+                    self.metrics.auth_failures.labels("proxy").inc()
+                elif isinstance(exc, Unauthenticated):
+                    self.limiter.failure(peer)
+                if isinstance(exc, RateLimited):
+                    headers = {"Retry-After": str(exc.retry_after)}
                 status, body = error_body(exc)
             except StoreError as exc:
                 log.error("store error in %s: %s", operation, exc)
@@ -238,7 +298,8 @@ class Api:
                 log.exception("unexpected error in %s", operation)
                 status, body = 500, {"error": {"type": "error", "message": "internal error"}}
             self.metrics.requests.labels(operation, str(status)).inc()
-            headers = {"WWW-Authenticate": 'Bearer realm="opsgate"'} if status == 401 else None
+            if status == 401:
+                headers = {"WWW-Authenticate": 'Bearer realm="opsgate"'}
             return JSONResponse(body, status_code=status, headers=headers)
 
         return endpoint
@@ -355,8 +416,12 @@ def oidc_settings(settings: Settings) -> OidcSettings | None:
 
 def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
     metrics = metrics or Metrics()
-    oidc = oidc_settings(config.settings)
-    api = Api(config, metrics, OidcVerifier(oidc) if oidc is not None else None)
+    settings = config.settings
+    oidc = oidc_settings(settings)
+    proxy = TrustedProxy.from_settings(
+        settings.trusted_proxy, settings.proxy_user_header, settings.proxy_groups_header
+    )
+    api = Api(config, metrics, OidcVerifier(oidc) if oidc is not None else None, proxy=proxy)
     document = openapi_document(__version__)
 
     async def openapi(_request: Request) -> Response:

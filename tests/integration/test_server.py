@@ -29,13 +29,17 @@ SCALE = {
 
 
 class Rig:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra: dict[str, str] | None = None) -> None:
         self.db = f"sqlite:///{tmp / 'server.db'}"
         self.env = {
             "OPSGATE_DB": self.db,
             "OPSGATE_CATALOG": str(ROOT / "catalog"),
             "OPSGATE_POLICIES": str(ROOT / "policies"),
             "OPSGATE_CONFIG": str(tmp / "absent.toml"),
+            # These tests fail to authenticate on purpose, all from 127.0.0.1; the limit
+            # has tests of its own (test_server_boundary.py).
+            "OPSGATE_AUTH_FAILURE_LIMIT": "100000",
+            **(extra or {}),
         }
         done = run_cli(self.env, "init")
         assert done.returncode == 0, done.stderr
