@@ -40,6 +40,7 @@ def build_executor(
     on_event: Callable[[ExecutorEvent], None] | None,
     *,
     concurrency: int | None = None,
+    worker_id: str | None = None,
 ) -> Executor:
     hub = VerificationHub(config.provider())
     return Executor(
@@ -51,6 +52,7 @@ def build_executor(
         concurrency=concurrency or config.settings.worker_concurrency,
         scrape_interval=config.settings.prometheus_scrape_interval,
         on_event=on_event,
+        worker_id=worker_id,
     )
 
 
@@ -197,6 +199,11 @@ def sign_head(config: CliConfig, checkpointer: Checkpointer | None) -> None:
     type=click.IntRange(1, 65535),
     help="Serve Prometheus metrics (read from the store) on 127.0.0.1:PORT meanwhile.",
 )
+@click.option(
+    "--name",
+    envvar="OPSGATE_WORKER_NAME",
+    help="This worker's principal id in the audit trail (default host:pid:random).",
+)
 @pass_config
 def worker(
     config: CliConfig,
@@ -205,6 +212,7 @@ def worker(
     max_in_flight: int,
     poll: float,
     metrics_port: int | None,
+    name: str | None,
 ) -> None:
     """Claim approved actions and run, verify and roll them back; Ctrl-C finishes cleanly."""
     if config.server_url is not None:
@@ -212,9 +220,16 @@ def worker(
             "OPSGATE_URL is set: a worker is of the trusted tier and works on the database "
             "itself (OPSGATE_DB); run it without OPSGATE_URL"
         )
+    from opsgate.auth.workers import register_worker_principal, worker_name
+
+    name = worker_name(name)
     view = PlainView(prefix_ids=True)
     checkpointer = config.checkpointer()
-    executor = build_executor(config, view, concurrency=concurrency)
+    executor = build_executor(config, view, concurrency=concurrency, worker_id=name)
+    # Who this worker is, recorded before it claims anything (a principal of kind worker).
+    principal = register_worker_principal(
+        config.store, executor.worker_id, datetime.now(UTC), config.settings.lease
+    )
     claimed = 0
     stop_metrics = serve_in_background(
         config.store,
@@ -225,7 +240,11 @@ def worker(
     try:
         with sigterm_as_interrupt():
             executor.start()
-            click.echo(f"worker {executor.worker_id} started", err=True)
+            click.echo(
+                f"worker {executor.worker_id} started (as {principal.os_user} on "
+                f"{principal.hostname})",
+                err=True,
+            )
             for warning in config.catalog.warnings:
                 click.echo(f"catalog warning: {warning}", err=True)
             try:

@@ -5,6 +5,7 @@ do on a worker host, after the bundle's authz said yes."""
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 
 from opsgate.auth.principal import Principal
 from opsgate.cli.context import CliConfig
@@ -22,11 +23,22 @@ class ServerExecutor:
         self._executor: Executor | None = None
 
     def _get(self) -> Executor:
+        from opsgate.auth.workers import register_worker_principal
         from opsgate.cli.execution import build_executor  # the CLI's own wiring
+        from opsgate.executor.executor import default_worker_id
 
         with self._lock:
             if self._executor is None:
-                executor = build_executor(self.config, None)
+                # The server runs actions as a worker would: a worker principal of its own.
+                executor = build_executor(
+                    self.config, None, worker_id=f"server:{default_worker_id()}"
+                )
+                register_worker_principal(
+                    self.config.store,
+                    executor.worker_id,
+                    datetime.now(UTC),
+                    self.config.settings.lease,
+                )
                 executor.start()
                 self._executor = executor
             return self._executor
