@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from opsgate.cli.context import CliConfig, echo_json, finite_seconds, json_option, pass_config
@@ -363,14 +364,16 @@ def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
         leases_text = ", ".join(
             f"{log_id(item['action_id'])} {item['target']}" for item in row["leases"]
         )
-        table.add_row(
+        cells = (
             row["id"],
             row["hostname"],
-            str(row["pid"]),
+            row["pid"],
             row["status"],
             f"{row['heartbeat_age_s']:.0f}s ago",
             leases_text or "-",
         )
+        # Names come from the store or, in client mode, the wire: never markup or escapes.
+        table.add_row(*(escape(shown(str(cell))) for cell in cells))
     console().print(table)
 
 

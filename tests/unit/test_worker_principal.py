@@ -92,3 +92,26 @@ def test_opsgate_worker_names_itself_in_the_trail(tmp_path: Path) -> None:
     finally:
         store.close()
     assert kinds == [("worker.registered", "w-test")]
+
+
+def test_workers_lists_hostile_names_inert(tmp_path: Path) -> None:
+    from opsgate.models import WorkerInfo
+
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    store = SqlStore(db)
+    store.migrate()
+    now = datetime.now(UTC)
+    hostile = WorkerInfo(
+        id="w-[bold]x", hostname="evil\x1b[2J[red]host", pid=1, started_at=now, heartbeat_at=now
+    )
+    store.register_worker(hostile)
+    store.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")}
+    env.update(OPSGATE_DB=db, OPSGATE_CONFIG=str(tmp_path / "absent.toml"))
+    done = subprocess.run(
+        [sys.executable, "-m", "opsgate", "workers"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout
+    assert "w-[bold]x" in done.stdout and "[red]host" in done.stdout
