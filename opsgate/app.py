@@ -284,6 +284,7 @@ class App:
         on_event: Callable[[ExecutorEvent], None] | None = None,
         *,
         concurrency: int | None = None,
+        worker_id: str | None = None,
     ) -> Executor:
         """A worker's executor (`opsgate run`/`worker`/`rollback`, and the API server's)."""
         from opsgate.executor.executor import Executor
@@ -301,6 +302,7 @@ class App:
             concurrency=concurrency or self.settings.worker_concurrency,
             scrape_interval=self.settings.prometheus_scrape_interval,
             on_event=on_event,
+            worker_id=worker_id,
         )
 
     def close(self) -> None:

@@ -17,9 +17,10 @@ if TYPE_CHECKING:  # a type only: `queue` must not load the catalog and YAML for
     from opsgate.proposals import ValidatedProposal
 
 __all__ = ["AUTHZ_RULE", "VERBS", "Actor", "Verb", "as_principal", "authz_input"]
-Verb = Literal["propose", "approve", "reject", "cancel", "run", "rollback", "read"]
+# `report`: a read across every action (reports, audit trail, workers), asked without one.
+Verb = Literal["propose", "approve", "reject", "cancel", "run", "rollback", "read", "report"]
 VERBS: frozenset[str] = frozenset(
-    {"propose", "approve", "reject", "cancel", "run", "rollback", "read"}
+    {"propose", "approve", "reject", "cancel", "run", "rollback", "read", "report"}
 )
 
 Actor = Identity | Principal

@@ -17,7 +17,10 @@ from typing import Any
 from opsgate.errors import ConfigError
 
 DEFAULT_DB = "sqlite:///opsgate.db"
-IDENTITY_SETTINGS = frozenset({"identity", "user", "user_kind"})
+# Who is believed about identity: from the environment only, never from a file.
+IDENTITY_SETTINGS = frozenset(
+    {"identity", "user", "user_kind", "trusted_proxy", "proxy_user_header", "proxy_groups_header"}
+)
 
 
 # A TTL of weeks is a standing approval; one of a second, a typo. The same for leases.
@@ -68,6 +71,14 @@ class Settings:
     oidc_leeway: float = 30.0  # clock skew allowed on exp/iat/nbf
     oidc_client_id: str | None = None  # the public client `opsgate login` uses
     oidc_scopes: str = "openid profile offline_access"
+    # `opsgate server`: the proxies (IPs, CIDRs) whose identity header is believed, and
+    # that header's name; unset: identity headers are ignored from everyone.
+    trusted_proxy: str | None = None
+    proxy_user_header: str | None = None
+    proxy_groups_header: str | None = None
+    # `opsgate server`: failed authentications a peer address may make per window
+    auth_failure_limit: int = 30
+    auth_failure_window: float = 60.0
     # The Ed25519 private key (PEM) that signs audit checkpoints: workers and the server
     # hold it, people and agents never do.
     audit_key: Path | None = None
@@ -146,6 +157,7 @@ class Settings:
                 "opa_timeout",
                 "decision_deadline",
                 "policy_timeout",
+                "auth_failure_window",
             }:
                 try:
                     from opsgate.models import parse_duration  # pydantic: only when needed
@@ -176,6 +188,13 @@ class Settings:
                     raise ConfigError("OPSGATE_WORKER_CONCURRENCY: expected a number") from None
                 if not 1 <= converted[name] <= 256:
                     raise ConfigError("OPSGATE_WORKER_CONCURRENCY: expected 1 to 256")
+            elif name == "auth_failure_limit":
+                try:
+                    converted[name] = int(value)
+                except (TypeError, ValueError):
+                    raise ConfigError("OPSGATE_AUTH_FAILURE_LIMIT: expected a number") from None
+                if not 1 <= converted[name] <= 1_000_000:
+                    raise ConfigError("OPSGATE_AUTH_FAILURE_LIMIT: expected 1 to 1000000")
             elif name == "identity":
                 if value not in {"os", "postgres", "env"}:
                     raise ConfigError("OPSGATE_IDENTITY: expected os, postgres or env")

@@ -29,12 +29,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from opsgate.config import Settings
+from opsgate.config import IDENTITY_SETTINGS, Settings
 from opsgate.errors import ConfigError, InvalidInput, NotFound, did_you_mean
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # Who acts is never configured from a file: the identity provider decides.
-IDENTITY_KEYS = frozenset({"identity", "user", "user_kind", "agent_id"})
+IDENTITY_KEYS = frozenset({"identity", "user", "user_kind", "agent_id"}) | IDENTITY_SETTINGS
 # Settings a context may hold: every setting but who acts (where things are, how long
 # to wait, which engine).
 ALLOWED_KEYS = frozenset(f.name for f in fields(Settings)) - IDENTITY_KEYS

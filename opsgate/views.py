@@ -177,3 +177,37 @@ def catalog_json(catalog: Catalog) -> dict[str, Any]:
         "catalog_revision": catalog.revision,
         "action_types": [action_type_json(t) for t in catalog],
     }
+
+
+def worker_rows(store: Any, lease: float, show_all: bool, now: datetime) -> list[dict[str, Any]]:
+    """`opsgate workers --json`: the same rows locally and from the server."""
+    held: dict[str, list[Execution]] = {}
+    for execution in store.unfinished_executions():
+        held.setdefault(execution.worker_id, []).append(execution)
+    rows: list[dict[str, Any]] = []
+    for info in store.list_workers():
+        age = (now - info.heartbeat_at).total_seconds()
+        status = info.status(now, lease)
+        if status == "stopped" and not show_all and not held.get(info.id):
+            continue
+        leases = held.get(info.id, [])
+        rows.append(
+            {
+                "id": info.id,
+                "hostname": info.hostname,
+                "pid": info.pid,
+                "status": status,
+                "started_at": ts(info.started_at),
+                "heartbeat_at": ts(info.heartbeat_at),
+                "heartbeat_age_s": round(age, 1),
+                "leases": [
+                    {
+                        "action_id": e.action_id,
+                        "target": f"{e.target} ({e.environment})",
+                        "lease_expires_at": ts(e.lease_expires_at),
+                    }
+                    for e in leases
+                ],
+            }
+        )
+    return rows

@@ -532,13 +532,14 @@ approval := {
 # ---------------------------------------------------------------------------
 # authz: may input.principal perform input.verb on this action at all?
 #
-# Asked before every verb (propose, approve, reject, cancel, run, rollback, read), beside
-# decision and approval, which still decide what they decide. Input: input.verb,
+# Asked before every verb (propose, approve, reject, cancel, run, rollback, read, report),
+# beside decision and approval, which still decide what they decide. `report` is a read
+# across every action (reports, the audit trail, the workers list), asked with no action. Input: input.verb,
 # input.principal {"id", "kind", "groups", "method"}, input.action {"id", "type",
 # "target", "environment", "state"} and input.proposer (the action's proposer).
 # A principal's roles are data.roles[id] plus the groups its credential carries.
 
-authz_verbs := {"propose", "approve", "reject", "cancel", "run", "rollback", "read"}
+authz_verbs := {"propose", "approve", "reject", "cancel", "run", "rollback", "read", "report"}
 
 default principal := {}
 
@@ -606,6 +607,28 @@ authz_deny contains violation("insufficient_permissions", msg) if {
 	msg := sprintf(
 		"%s in %s needs one of the roles %s; %s has %s",
 		[input.verb, environment, list_text(run_roles), principal_id, list_text(principal_roles)],
+	)
+}
+
+default report_roles := ["governance", "sre", "sre-lead"]
+
+# Who may read across every action: governance and approvers, never an agent (an agent
+# reads only the actions it proposed).
+report_roles := data.report_roles if is_array(data.report_roles)
+
+authz_deny contains violation("insufficient_permissions", msg) if {
+	verb == "report"
+	principal_kind != "human"
+	msg := sprintf("%s is an agent (kind %s); agents read only their own actions", [principal_id, principal_kind])
+}
+
+authz_deny contains violation("insufficient_permissions", msg) if {
+	verb == "report"
+	principal_kind == "human"
+	not has_any_role(principal_roles, report_roles)
+	msg := sprintf(
+		"reports and the audit trail are for the roles %s; %s has %s",
+		[list_text(report_roles), principal_id, list_text(principal_roles)],
 	)
 }
 

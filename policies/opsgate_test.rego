@@ -865,3 +865,28 @@ test_authz_run_roles_from_data if {
 		with data.run_roles as {"prod": ["developer"]}
 	not b.allow
 }
+
+test_authz_reports_for_governance_and_approvers_only if {
+	authz("report", alice, {}).allow
+	authz("report", carol, {}).allow
+	authz("report", grouped({"id": "gina", "kind": "human"}, ["governance"]), {}).allow
+	authz_codes("report", dave, {}) == {"insufficient_permissions"}
+	authz_codes("report", sre_agent, {}) == {"insufficient_permissions"}
+	# a group on an agent's credential does not make it a reader of everything
+	authz_codes("report", grouped(sre_agent, ["governance"]), {}) == {"insufficient_permissions"}
+}
+
+test_authz_report_roles_from_data if {
+	a := data.opsgate.authz with input.verb as "report"
+		with input.principal as {"id": "dave", "kind": "human"}
+		with input.action as {}
+		with input.proposer as {}
+		with data.report_roles as ["developer"]
+	a.allow
+	b := data.opsgate.authz with input.verb as "report"
+		with input.principal as {"id": "alice", "kind": "human"}
+		with input.action as {}
+		with input.proposer as {}
+		with data.report_roles as ["developer"]
+	not b.allow
+}

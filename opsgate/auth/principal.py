@@ -28,7 +28,7 @@ class Principal:
     id: str
     kind: Literal["human", "agent"]
     groups: tuple[str, ...] = ()
-    method: str = "token"  # token | oidc | local
+    method: str = "token"  # token | oidc | proxy | local
     credential: str = ""  # e.g. the token id, so the audit trail can tell credentials apart
 
     @property

@@ -169,17 +169,16 @@ def propose(config: CliConfig, idempotency_key: str | None, as_json: bool, **fie
 def queue(config: CliConfig, mine_to_approve: bool, as_json: bool) -> None:
     """What waits for approval, oldest first: progress, time left, reason."""
     if config.server_url is not None:  # client mode: the server lists, and masks
-        if mine_to_approve:
-            raise InvalidInput(
-                "--mine-to-approve", "not available through the server yet; use `opsgate queue`"
-            )
-        actions = config.actions.queue()
+        actions = config.remote.queue(mine_to_approve)
         if as_json:
             echo_json([action_json(a, config.render_catalog) for a in actions])
         elif not actions:
-            click.echo("nothing waits for approval")
+            click.echo(
+                "nothing you may approve waits" if mine_to_approve else "nothing waits for approval"
+            )
         else:
-            actions_table(actions, f"{len(actions)} waiting for approval")
+            title = "you may approve" if mine_to_approve else "waiting for approval"
+            actions_table(actions, f"{len(actions)} {title}")
         return
     from opsgate.cli.listing import show_queue
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,12 @@ from typing import Any
 import click
 from rich.table import Table
 
-from opsgate.audit import verify_chain
+from opsgate.audit_documents import decision_documents, verify_document
 from opsgate.audit_signing import (
     checkpoint_json,
     generate_keypair,
     load_public_key,
     read_checkpoint_file,
-    verify_trail,
 )
 from opsgate.catalog import param_json_schema
 from opsgate.cli.completion import action_types
@@ -24,7 +24,7 @@ from opsgate.cli.context import CliConfig, echo_json, json_format, json_option, 
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.render import console, event_json
 from opsgate.errors import ConfigError, InvalidInput, NotFound, OpsgateError, did_you_mean
-from opsgate.models import AuditEvent
+from opsgate.safe_text import shown
 
 
 @click.command()
@@ -152,23 +152,8 @@ def audit() -> None:
     """The hash-chained audit trail."""
 
 
-ALL_ACTIONS = 2**62  # `list_actions` pages nothing; the check needs every action
-
-
 class ChainBroken(OpsgateError):
     exit_code = 5
-
-
-def _read_trail(store: Any) -> tuple[list[AuditEvent], tuple[int, str]]:
-    """Events, then the head: an event past a head read afterwards was not appended by
-    opsgate (which moves the head in the event's transaction). A head ahead of the events
-    is an append in between: read again."""
-    for _ in range(5):
-        events = list(store.audit_events())
-        head = store.audit_head()
-        if head[0] <= (events[-1].seq if events else 0):
-            break
-    return events, head
 
 
 @audit.command("verify")
@@ -195,51 +180,42 @@ def audit_verify(
     anchor = read_checkpoint_file(checkpoint_file) if checkpoint_file else None
     if anchor is not None and public_key is None:
         raise InvalidInput("--checkpoint", "needs --public-key to check its signature")
-    store = config.store
-    events, head = _read_trail(store)
-    report = verify_trail(
-        events,
-        head,
-        actions=store.list_actions(limit=ALL_ACTIONS),
-        checkpoints=store.audit_checkpoints(),
-        public_key=public_key,
-        anchor=anchor,
-    )
-    chain = verify_chain([e for e in events if e.seq <= head[0]], head)
+    if config.server_url is not None:
+        # Client mode: the server reads the trail and checks it against the public key
+        # and checkpoint sent from here (both public: nothing secret leaves this host).
+        body: dict[str, Any] = {}
+        if public_key_file is not None:
+            body["public_key"] = public_key_file.read_text(encoding="utf-8")
+        if anchor is not None:
+            body["checkpoint"] = checkpoint_json(anchor)
+        document = config.remote.audit_verify(body)
+    else:
+        document = verify_document(config.store, public_key, anchor)
+    print_verify(document, as_json)
+
+
+def print_verify(document: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        echo_json(
-            {
-                "ok": report.ok,
-                "events": report.events,
-                "first_bad_seq": chain.first_bad_seq,
-                "first_bad_id": chain.first_bad_id,
-                "problem": chain.problem or (report.problems[0] if report.problems else None),
-                "problems": report.problems,
-                "notes": report.notes,
-                "signed_through": report.signed_through,
-            }
-        )
-        if not report.ok:
+        echo_json({k: v for k, v in document.items() if k not in ("chain_ok", "chain_problem")})
+        if not document["ok"]:
             raise SystemExit(ChainBroken.exit_code)
         return
-    if report.ok:
-        signed = (
-            f", signed through seq {report.signed_through}"
-            if report.signed_through is not None
-            else ""
-        )
-        click.echo(f"audit chain ok: {report.events} events{signed}")
-        for note in report.notes:
-            click.echo(f"note: {note}")
+    if document["ok"]:
+        signed_through = document.get("signed_through")
+        signed = f", signed through seq {signed_through}" if signed_through is not None else ""
+        click.echo(f"audit chain ok: {document['events']} events{signed}")
+        for note in document.get("notes") or []:
+            click.echo(shown(f"note: {note}"))
         return
-    for problem in report.problems[1:]:
-        click.echo(f"problem: {problem}", err=True)
-    if not chain.ok:
+    problems = [str(p) for p in document.get("problems") or []]
+    for problem in problems[1:]:
+        click.echo(shown(f"problem: {problem}"), err=True)
+    if not document.get("chain_ok", True):
         raise ChainBroken(
-            f"audit chain broken at event seq {chain.first_bad_seq} (id {chain.first_bad_id}): "
-            f"{chain.problem}"
+            f"audit chain broken at event seq {document['first_bad_seq']} "
+            f"(id {document['first_bad_id']}): {document['chain_problem']}"
         )
-    raise ChainBroken(f"audit trail check failed: {report.problems[0]}")
+    raise ChainBroken(f"audit trail check failed: {problems[0] if problems else 'unknown'}")
 
 
 @audit.command("checkpoint")
@@ -311,20 +287,9 @@ def audit_export(config: CliConfig, fmt: str | None, action_id: str | None, as_j
 @pass_config
 def audit_decisions(config: CliConfig, fmt: str, since: str, until: str | None) -> None:
     """Every policy decision in the window, one JSON object per line, oldest first."""
-    from datetime import UTC, datetime
-
-    from opsgate import __version__
-    from opsgate.cli.render import decision_json
-    from opsgate.cli.report import parse_moment
-    from opsgate.policies.decision_log import opa_decision_log
-
-    now = datetime.now(UTC)
-    start = parse_moment(since, "--since", now)
-    end = parse_moment(until, "--until", now) if until else now
-    phases = ["propose", "execute", "approval"]
-    for decision in config.store.decisions_between(start, end, phases):
-        if fmt == "opa-jsonl":
-            document = opa_decision_log(decision, app_version=__version__)
-        else:
-            document = decision_json(decision)
+    if config.server_url is not None:  # client mode: the server reads them
+        documents: Iterable[dict[str, Any]] = config.remote.audit_decisions(fmt, since, until)
+    else:
+        documents = decision_documents(config.store, fmt, since, until, datetime.now(UTC))
+    for document in documents:
         click.echo(json.dumps(document, sort_keys=True, separators=(",", ":"), default=str))

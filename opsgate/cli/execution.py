@@ -12,19 +12,21 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from opsgate.cli.context import CliConfig, echo_json, finite_seconds, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
-from opsgate.cli.render import console, details_json, fmt_value, shown, ts
+from opsgate.cli.render import console, details_json, fmt_value, shown
 from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
-from opsgate.errors import ActionFailed, Refused
+from opsgate.errors import ActionFailed, ConfigError, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
 from opsgate.ids import log_id
-from opsgate.models import ActionState, Execution
+from opsgate.models import ActionState
 from opsgate.reports.exporter import bundle_deny_codes, serve_in_background
 from opsgate.store.base import StoreError
+from opsgate.views import worker_rows
 
 if TYPE_CHECKING:
     from opsgate.audit_signing import Checkpointer
@@ -38,10 +40,11 @@ def build_executor(
     on_event: Callable[[ExecutorEvent], None] | None,
     *,
     concurrency: int | None = None,
+    worker_id: str | None = None,
 ) -> Executor:
     config.provider()  # nothing runs that cannot be verified: say so before anything opens
     config.store  # noqa: B018 - refused in client mode: only workers hold the database
-    return config.app.build_executor(on_event, concurrency=concurrency)
+    return config.app.build_executor(on_event, concurrency=concurrency, worker_id=worker_id)
 
 
 @contextmanager
@@ -187,6 +190,11 @@ def sign_head(config: CliConfig, checkpointer: Checkpointer | None) -> None:
     type=click.IntRange(1, 65535),
     help="Serve Prometheus metrics (read from the store) on 127.0.0.1:PORT meanwhile.",
 )
+@click.option(
+    "--name",
+    envvar="OPSGATE_WORKER_NAME",
+    help="This worker's principal id in the audit trail (default host:pid:random).",
+)
 @pass_config
 def worker(
     config: CliConfig,
@@ -195,11 +203,24 @@ def worker(
     max_in_flight: int,
     poll: float,
     metrics_port: int | None,
+    name: str | None,
 ) -> None:
     """Claim approved actions and run, verify and roll them back; Ctrl-C finishes cleanly."""
+    if config.server_url is not None:
+        raise ConfigError(
+            "OPSGATE_URL is set: a worker is of the trusted tier and works on the database "
+            "itself (OPSGATE_DB); run it without OPSGATE_URL"
+        )
+    from opsgate.auth.workers import register_worker_principal, worker_name
+
+    name = worker_name(name)
     view = PlainView(prefix_ids=True)
     checkpointer = config.checkpointer()
-    executor = build_executor(config, view, concurrency=concurrency)
+    executor = build_executor(config, view, concurrency=concurrency, worker_id=name)
+    # Who this worker is, recorded before it claims anything (a principal of kind worker).
+    principal = register_worker_principal(
+        config.store, executor.worker_id, datetime.now(UTC), config.settings.lease
+    )
     claimed = 0
     stop_metrics = serve_in_background(
         config.store,
@@ -210,7 +231,11 @@ def worker(
     try:
         with sigterm_as_interrupt():
             executor.start()
-            click.echo(f"worker {executor.worker_id} started", err=True)
+            click.echo(
+                f"worker {executor.worker_id} started (as {principal.os_user} on "
+                f"{principal.hostname})",
+                err=True,
+            )
             for warning in config.catalog.warnings:
                 click.echo(f"catalog warning: {warning}", err=True)
             try:
@@ -312,37 +337,12 @@ def rollback(config: CliConfig, action_id: str, reason: str, wait: bool, as_json
 @pass_config
 def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
     """Workers, their heartbeats and the leases they hold."""
-    now = datetime.now(UTC)
     lease = config.settings.lease
-    held: dict[str, list[Execution]] = {}
-    for execution in config.store.unfinished_executions():
-        held.setdefault(execution.worker_id, []).append(execution)
-    rows: list[dict[str, Any]] = []
-    for info in config.store.list_workers():
-        age = (now - info.heartbeat_at).total_seconds()
-        status = info.status(now, lease)
-        if status == "stopped" and not show_all and not held.get(info.id):
-            continue
-        leases = held.get(info.id, [])
-        rows.append(
-            {
-                "id": info.id,
-                "hostname": info.hostname,
-                "pid": info.pid,
-                "status": status,
-                "started_at": ts(info.started_at),
-                "heartbeat_at": ts(info.heartbeat_at),
-                "heartbeat_age_s": round(age, 1),
-                "leases": [
-                    {
-                        "action_id": e.action_id,
-                        "target": f"{e.target} ({e.environment})",
-                        "lease_expires_at": ts(e.lease_expires_at),
-                    }
-                    for e in leases
-                ],
-            }
-        )
+    if config.server_url is not None:  # client mode: the server reads them
+        answer = config.remote.workers(show_all)
+        rows, lease = answer["workers"], float(answer["lease"])
+    else:
+        rows = worker_rows(config.store, lease, show_all, datetime.now(UTC))
     if as_json:
         echo_json(rows)
         return
@@ -354,12 +354,14 @@ def workers(config: CliConfig, show_all: bool, as_json: bool) -> None:
         leases_text = ", ".join(
             f"{log_id(item['action_id'])} {item['target']}" for item in row["leases"]
         )
-        table.add_row(
+        cells = (
             row["id"],
             row["hostname"],
-            str(row["pid"]),
+            row["pid"],
             row["status"],
             f"{row['heartbeat_age_s']:.0f}s ago",
             leases_text or "-",
         )
+        # Names come from the store or, in client mode, the wire: never markup or escapes.
+        table.add_row(*(escape(shown(str(cell))) for cell in cells))
     console().print(table)

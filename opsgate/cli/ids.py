@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from opsgate.ids import resolve
+from opsgate.errors import InvalidInput
+from opsgate.ids import ID_LENGTH, normalize, resolve
 
 
 class ActionIdType(click.ParamType):
@@ -26,8 +27,16 @@ class ActionIdType(click.ParamType):
         if config is None:  # no store to resolve against (used outside the opsgate group)
             return value
         if config.server_url is not None:
-            # Client mode holds no store: the server is given the id as typed (full ids).
-            return value
+            # Client mode holds no store: the server resolves the prefix among the actions
+            # this caller may read. A well-formed full id goes as typed (one trip fewer).
+            prefix = normalize(value, field)
+            if len(prefix) == ID_LENGTH:
+                return prefix
+            try:
+                resolved: str = config.remote.resolve(prefix)
+            except InvalidInput as exc:
+                raise InvalidInput(field, exc.problem) from None
+            return resolved
         return resolve(config.store, value, field)
 
     def shell_complete(

@@ -231,9 +231,9 @@ def policy_replay(
     fmt = json_format(fmt, as_json, default="table")
     from datetime import UTC, datetime
 
-    from opsgate.cli.report import parse_moment
     from opsgate.policies.embedded import EmbeddedEngine
     from opsgate.policies.replay import replay, to_markdown
+    from opsgate.reports.request import parse_moment
 
     if not directory.is_dir():
         raise InvalidInput("--policies", f"{directory} is not a directory")

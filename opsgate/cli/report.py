@@ -2,69 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
 from opsgate.cli.context import CliConfig, json_format, json_option, pass_config
-from opsgate.errors import ConfigError, InvalidInput, did_you_mean
-from opsgate.models import parse_duration
+from opsgate.errors import ConfigError
 from opsgate.reports.build import (
-    BUILDERS,
     DEFAULT_MIN_RUNS,
-    rollbacks_report,
-    summary_report,
-    verification_report,
 )
-from opsgate.reports.queries import SEGMENTS, ReportQueries, Window
+from opsgate.reports.queries import SEGMENTS
 from opsgate.reports.render import FORMATS, print_table, render
+from opsgate.reports.request import KINDS, ReportRequest, build_report
 from opsgate.store.sql import SqlStore
-
-KINDS = ("summary", *BUILDERS)
-# Reports whose figures rest on runs, and so say when there are too few to judge.
-JUDGED = {"verification": verification_report, "rollbacks": rollbacks_report}
-
-
-def parse_moment(value: str, field: str, now: datetime) -> datetime:
-    """`90d` (that long ago), or an RFC 3339 date/time (UTC when no offset is given)."""
-    try:
-        return now - timedelta(seconds=parse_duration(value))
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidInput(
-            field, f"expected a duration like 90d or a date, got {value!r}"
-        ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def parse_where(pairs: tuple[str, ...]) -> dict[str, str]:
-    where: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in SEGMENTS:
-            hint = did_you_mean(key, SEGMENTS) if sep else ""
-            raise InvalidInput(
-                "--where", f"expected one of {', '.join(SEGMENTS)}=VALUE, got {pair!r}{hint}"
-            )
-        where[key] = value
-    return where
-
-
-def check_where_values(queries: ReportQueries, where: dict[str, str]) -> None:
-    """A value no action ever had is a typo, not a segment with zero of everything."""
-    for key, value in where.items():
-        known = queries.segment_values(key)
-        if value not in known:
-            listed = ", ".join(sorted(known)[:20]) or "none yet"
-            raise InvalidInput(
-                "--where",
-                f"no action has ever had {key}={value!r}{did_you_mean(value, known)} "
-                f"(known: {listed})",
-            )
 
 
 @click.command()
@@ -122,41 +73,19 @@ def report(
     KIND is summary (default: one screen), verification, blocks, rollbacks or approvals.
     """
     fmt = json_format(fmt, as_json, default="table")
-    now = datetime.now(UTC)
-    end = parse_moment(until, "--until", now) if until else now
-    start = parse_moment(since, "--since", now) if since else end - timedelta(days=30)
-    if start >= end:
-        raise InvalidInput("--since", "must be before --until")
-    if by == "code" and kind != "blocks":
-        raise InvalidInput("--by", "code applies to `opsgate report blocks` only")
-    where = parse_where(where_pairs)
-    store = config.store
-    if not isinstance(store, SqlStore):
-        raise ConfigError("reports need a SQL store (sqlite:// or postgresql://)")
-    queries = ReportQueries(store)
-    check_where_values(queries, where)
-    window = Window(start, end)
-    if kind == "summary":
-        built = summary_report(queries, window, where, min_runs=min_runs)
-    elif kind in JUDGED:
-        built = JUDGED[kind](queries, window, by, where, min_runs=min_runs)
+    request = ReportRequest(kind, since, until, by, where_pairs, min_runs, table_name)
+    if config.server_url is not None:  # client mode: the server builds and renders it
+        wanted = "markdown" if fmt == "table" and output is not None else fmt
+        text = config.remote.report(request, wanted)
     else:
-        built = BUILDERS[kind](queries, window, None if by == "code" else by, where)
-        if by == "code":
-            built.by = "code"
-    if table_name is not None:
-        names = [t.name for t in built.tables]
-        if table_name not in names:
-            raise InvalidInput(
-                "--table",
-                f"no table {table_name!r} in this report{did_you_mean(table_name, names)} "
-                f"(tables: {', '.join(names)})",
-            )
-        built.tables = [t for t in built.tables if t.name == table_name]
-    if fmt == "table" and output is None:
-        print_table(built)
-        return
-    text = render(built, "markdown" if fmt == "table" else fmt, table_name)
+        store = config.store
+        if not isinstance(store, SqlStore):
+            raise ConfigError("reports need a SQL store (sqlite:// or postgresql://)")
+        built = build_report(store, request, datetime.now(UTC))
+        if fmt == "table" and output is None:
+            print_table(built)
+            return
+        text = render(built, "markdown" if fmt == "table" else fmt, table_name)
     if output is None:
         click.echo(text, nl=not text.endswith("\n"))
         return

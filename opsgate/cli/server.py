@@ -60,6 +60,8 @@ def server(config: CliConfig, listen: str) -> None:
         access_log=False,
         server_header=False,
         lifespan="off",
+        # The peer address decides rate limits and proxy trust: never from X-Forwarded-For.
+        proxy_headers=False,
     )
     click.echo(f"opsgate server listening on http://{listen}/api/v1", err=True)
     try:

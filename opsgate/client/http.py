@@ -74,6 +74,8 @@ def error_from(status: int, payload: Any) -> OpsgateError:
     if not isinstance(error, dict):
         return OpsgateError(f"the server answered {status}")
     message = str(error.get("message", ""))
+    if status == 429:
+        return Unauthenticated(message or "too many failed authentications; retry later")
     if status == 401:
         return Unauthenticated(f"{message} (check OPSGATE_TOKEN, or `opsgate login`)")
     if status == 400:

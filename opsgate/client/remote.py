@@ -4,9 +4,12 @@ the local Gate so every command renders the same either way."""
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from opsgate.reports.request import ReportRequest
 
 from opsgate.client.http import ApiClient
 from opsgate.errors import OpsgateError
@@ -72,6 +75,12 @@ def details_from_json(d: dict[str, Any]) -> ActionDetails:
     )
 
 
+def _list(answer: Any, what: str) -> list[Any]:
+    if not isinstance(answer, list):
+        raise OpsgateError(f"the server's {what} answer is not a list")
+    return answer
+
+
 def _path_id(action_id: str) -> str:
     return urllib.parse.quote(action_id, safe="")
 
@@ -96,8 +105,67 @@ class RemoteGate:
             existing=bool(answer.get("existing")),
         )
 
-    def queue(self) -> list[Action]:
-        return [action_from_json(a) for a in self.client.call("GET", "/queue")]
+    def queue(self, mine_to_approve: bool = False) -> list[Action]:
+        path = "/queue?mine_to_approve=1" if mine_to_approve else "/queue"
+        return [action_from_json(a) for a in _list(self.client.call("GET", path), "queue")]
+
+    def report(self, request: ReportRequest, fmt: str) -> str:
+        """`opsgate report` built and rendered by the server, in `fmt`."""
+        query: list[tuple[str, str]] = [("format", fmt), ("min_runs", str(request.min_runs))]
+        for name in ("since", "until", "by", "table"):
+            value = getattr(request, name)
+            if value is not None:
+                query.append((name, value))
+        query += [("where", pair) for pair in request.where]
+        path = f"/reports/{_path_id(request.kind)}?" + urllib.parse.urlencode(query)
+        answer = self.client.call("GET", path)
+        text = answer.get("text") if isinstance(answer, dict) else None
+        if not isinstance(text, str):
+            raise OpsgateError("the server's report answer has no text")
+        if fmt == "table" and any(not (c.isprintable() or c == "\n") for c in text):
+            # Printed as is to a terminal: escape sequences from the wire are not.
+            raise OpsgateError("the server's report holds control characters; not shown")
+        return text
+
+    def audit_verify(self, body: dict[str, Any]) -> dict[str, Any]:
+        answer = self.client.call("POST", "/audit/verify", body)
+        if not isinstance(answer, dict) or not isinstance(answer.get("ok"), bool):
+            raise OpsgateError("the server's audit verify answer does not fit")
+        return answer
+
+    def audit_decisions(self, fmt: str, since: str, until: str | None) -> list[dict[str, Any]]:
+        query = [("format", fmt), ("since", since)] + ([("until", until)] if until else [])
+        answer = _list(
+            self.client.call("GET", "/audit/decisions?" + urllib.parse.urlencode(query)),
+            "audit decisions",
+        )
+        if not all(isinstance(d, dict) for d in answer):
+            raise OpsgateError("the server's audit decisions answer does not fit")
+        return answer
+
+    def workers(self, show_all: bool) -> dict[str, Any]:
+        answer = self.client.call("GET", "/workers?all=1" if show_all else "/workers")
+        rows = answer.get("workers") if isinstance(answer, dict) else None
+        fits = isinstance(rows, list) and all(
+            isinstance(r, dict)
+            and {"id", "hostname", "pid", "status", "heartbeat_age_s", "leases"} <= set(r)
+            and isinstance(r["heartbeat_age_s"], int | float)
+            and isinstance(r["leases"], list)
+            and all(isinstance(x, dict) and {"action_id", "target"} <= set(x) for x in r["leases"])
+            for r in rows or []
+        )
+        if not fits or not isinstance(answer.get("lease"), int | float):
+            raise OpsgateError("the server's workers answer does not fit")
+        return dict(answer)
+
+    def resolve(self, prefix: str) -> str:
+        """The full id of the one action the caller may read that starts with `prefix`."""
+        query = urllib.parse.urlencode({"prefix": prefix})
+        answer = self.client.call("GET", "/resolve?" + query)
+        found = answer.get("id") if isinstance(answer, dict) else None
+        if not isinstance(found, str) or not found.startswith(prefix.strip().upper()):
+            raise OpsgateError("the server's resolve answer does not fit")
+        return found
 
     def expire_due(self) -> list[Action]:
         return []  # the server expires what is due before it answers

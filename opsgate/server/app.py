@@ -1,7 +1,9 @@
 """The /api/v1 ASGI app: authenticate, then call the same Gate the CLI calls.
 
-Identity comes only from the bearer credential. Headers a proxy might set
-(X-Forwarded-User, X-Remote-User, ...) are never read.
+Identity comes from the bearer credential, or from a proxy's header only when the TCP
+peer is a proxy the operator configured (OPSGATE_TRUSTED_PROXY); from anyone else such
+headers (X-Forwarded-User, X-Remote-User, ...) are ignored and counted as spoof attempts.
+A peer that keeps failing to authenticate is answered 429 for a while.
 """
 
 from __future__ import annotations
@@ -37,8 +39,16 @@ from opsgate.errors import (
     StateConflict,
 )
 from opsgate.models import ActionState
+from opsgate.server.boundary import (
+    FailureLimiter,
+    InvalidProxyIdentity,
+    RateLimited,
+    TrustedProxy,
+    asserted_headers,
+)
 from opsgate.server.execution import ServerExecutor
 from opsgate.server.openapi import openapi_document
+from opsgate.server.reads import Reads, flag, query_params
 from opsgate.store.base import StoreError
 from opsgate.views import action_json, approval_json, catalog_json, decision_json, details_json
 
@@ -51,6 +61,7 @@ MAX_AUTHORIZATION_BYTES = 8192
 # HTTP status per error class; the client maps them back to the same exceptions, so a
 # command exits with the same code whether it ran locally or through the API.
 STATUS: list[tuple[type[OpsgateError], int, str]] = [
+    (RateLimited, 429, "rate_limited"),
     (Unauthenticated, 401, "unauthenticated"),
     (InvalidInput, 400, "invalid_input"),
     (Refused, 403, "refused"),
@@ -69,6 +80,17 @@ class Metrics:
             "opsgate_api_auth_failures",
             "Requests refused for missing or invalid credentials.",
             ["reason"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "opsgate_api_auth_rate_limited",
+            "Requests answered 429: their peer failed to authenticate too often.",
+            registry=self.registry,
+        )
+        self.proxy_spoofs = Counter(
+            "opsgate_api_proxy_header_spoofs",
+            "Requests with an identity header from a peer that is not a trusted proxy "
+            "(the header was ignored).",
             registry=self.registry,
         )
         self.requests = Counter(
@@ -201,11 +223,25 @@ def _limit_param(query: str) -> int:
 class Api:
     """Endpoints over the App (store, catalog, engine, gate): the same ones the CLI uses."""
 
-    def __init__(self, app: App, metrics: Metrics, oidc: OidcVerifier | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        metrics: Metrics,
+        oidc: OidcVerifier | None = None,
+        *,
+        proxy: TrustedProxy | None = None,
+        limiter: FailureLimiter | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.oidc = oidc
+        self.proxy = proxy
+        settings = app.settings
+        self.limiter = limiter or FailureLimiter(
+            settings.auth_failure_limit, settings.auth_failure_window
+        )
         self.executor = ServerExecutor(app)
+        self.reads = Reads(app)
 
     @property
     def catalog(self) -> Catalog | None:
@@ -231,19 +267,47 @@ class Api:
             self.metrics.auth_failures.labels("invalid").inc()
             raise
 
+    def asserted(self, request: Request, peer: str) -> Principal | None:
+        """The principal a trusted proxy asserts for this request, if any. The same
+        headers from any other peer are ignored, and counted."""
+        if asserted_headers(request.headers, self.proxy):
+            if self.proxy is not None and self.proxy.trusts(peer):
+                return self.proxy.principal(peer, request.headers)
+            self.metrics.proxy_spoofs.inc()
+            log.warning("identity header from %s, not a trusted proxy: ignored", peer)
+        return None
+
     def route(self, operation: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-        def authenticated(token: str, params: dict[str, str], raw: bytes | None) -> Any:
+        def authenticated(
+            asserted: Principal | None, token: str | None, params: dict[str, str], raw: bytes | None
+        ) -> Any:
             # One trip to the thread pool per request: authenticate, then the gate.
-            return handler(self.authenticate_token(token), params, raw)
+            principal = asserted if asserted is not None else self.authenticate_token(token or "")
+            return handler(principal, params, raw)
 
         async def endpoint(request: Request) -> Response:
             status, body = 200, None
+            headers: dict[str, str] | None = None
+            # The TCP peer: uvicorn runs without proxy_headers, so no header moves it.
+            peer = request.client.host if request.client is not None else ""
             try:
-                token = self.bearer(request)  # no credentials: 401 before reading a byte
+                wait = self.limiter.retry_after(peer)
+                if wait is not None:
+                    self.metrics.rate_limited.inc()
+                    raise RateLimited(wait)
+                asserted = self.asserted(request, peer)
+                # no credentials: 401 before reading a byte
+                token = None if asserted is not None else self.bearer(request)
                 raw = await read_body(request) if request.method == "POST" else b""
                 params = {**request.path_params, "?": request.url.query}
-                status, body = await run_in_threadpool(authenticated, token, params, raw)
+                status, body = await run_in_threadpool(authenticated, asserted, token, params, raw)
             except OpsgateError as exc:
+                if isinstance(exc, InvalidProxyIdentity):
+                    self.metrics.auth_failures.labels("proxy").inc()
+                elif isinstance(exc, Unauthenticated):
+                    self.limiter.failure(peer)
+                if isinstance(exc, RateLimited):
+                    headers = {"Retry-After": str(exc.retry_after)}
                 status, body = error_body(exc)
             except StoreError as exc:
                 log.error("store error in %s: %s", operation, exc)
@@ -252,7 +316,8 @@ class Api:
                 log.exception("unexpected error in %s", operation)
                 status, body = 500, {"error": {"type": "error", "message": "internal error"}}
             self.metrics.requests.labels(operation, str(status)).inc()
-            headers = {"WWW-Authenticate": 'Bearer realm="opsgate"'} if status == 401 else None
+            if status == 401:
+                headers = {"WWW-Authenticate": 'Bearer realm="opsgate"'}
             return JSONResponse(body, status_code=status, headers=headers)
 
         return endpoint
@@ -273,7 +338,28 @@ class Api:
     def queue(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         # Only what the bundle's authz lets this principal read (agents: their own).
         catalog = self.catalog
-        return 200, [action_json(a, catalog) for a in self.app.gate.queue(principal)]
+        if flag(query_params(params.get("?", "")), "mine_to_approve"):
+            found = self.reads.mine_to_approve(principal)
+        else:
+            found = self.app.gate.queue(principal)
+        return 200, [action_json(a, catalog) for a in found]
+
+    def report(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.report(principal, params["kind"], params.get("?", ""))
+
+    def audit_verify(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.audit_verify(principal, parse_json(raw))
+
+    def audit_decisions(
+        self, principal: Principal, params: dict[str, str], raw: bytes | None
+    ) -> Any:
+        return 200, self.reads.audit_decisions(principal, params.get("?", ""))
+
+    def workers(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.workers(principal, params.get("?", ""))
+
+    def resolve(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        return 200, self.reads.resolve(principal, params.get("?", ""))
 
     def show(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
         self.app.gate.expire_due()
@@ -345,8 +431,12 @@ def oidc_settings(settings: Settings) -> OidcSettings | None:
 def create_app(app: App, metrics: Metrics | None = None) -> Starlette:
     metrics = metrics or Metrics()
     metrics.watch_catalog(app)
-    oidc = oidc_settings(app.settings)
-    api = Api(app, metrics, OidcVerifier(oidc) if oidc is not None else None)
+    settings = app.settings
+    oidc = oidc_settings(settings)
+    proxy = TrustedProxy.from_settings(
+        settings.trusted_proxy, settings.proxy_user_header, settings.proxy_groups_header
+    )
+    api = Api(app, metrics, OidcVerifier(oidc) if oidc is not None else None, proxy=proxy)
     document = openapi_document(__version__)
 
     async def openapi(_request: Request) -> Response:
@@ -380,6 +470,15 @@ def create_app(app: App, metrics: Metrics | None = None) -> Starlette:
         Route(API + "/catalog", api.route("catalog", api.catalog_document), methods=["GET"]),
         Route(API + "/policy", api.route("policy", api.policy), methods=["GET"]),
         Route(API + "/my-actions", api.route("my_actions", api.my_actions), methods=["GET"]),
+        Route(API + "/reports/{kind:str}", api.route("report", api.report), methods=["GET"]),
+        Route(API + "/audit/verify", api.route("audit_verify", api.audit_verify), methods=["POST"]),
+        Route(
+            API + "/audit/decisions",
+            api.route("audit_decisions", api.audit_decisions),
+            methods=["GET"],
+        ),
+        Route(API + "/workers", api.route("workers", api.workers), methods=["GET"]),
+        Route(API + "/resolve", api.route("resolve", api.resolve), methods=["GET"]),
     ]
     asgi = Starlette(routes=routes)
     asgi.state.close = api.executor.close  # `opsgate server` calls it when it stops

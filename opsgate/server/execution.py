@@ -5,6 +5,7 @@ do on a worker host, after the bundle's authz said yes."""
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 
 from opsgate.app import App
 from opsgate.auth.principal import Principal
@@ -22,9 +23,19 @@ class ServerExecutor:
         self._executor: Executor | None = None
 
     def _get(self) -> Executor:
+        from opsgate.auth.workers import register_worker_principal
+        from opsgate.executor.executor import default_worker_id
+
         with self._lock:
             if self._executor is None:
-                executor = self.app.build_executor()
+                # The server runs actions as a worker would: a worker principal of its own.
+                executor = self.app.build_executor(worker_id=f"server:{default_worker_id()}")
+                register_worker_principal(
+                    self.app.store,
+                    executor.worker_id,
+                    datetime.now(UTC),
+                    self.app.settings.lease,
+                )
                 executor.start()
                 self._executor = executor
             return self._executor

@@ -209,6 +209,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _ok("Revision and engine"), **_errors(401)},
                 }
             },
+            **_read_paths(),
             "/actions/{action_id}/cancel": {
                 "post": {
                     "operationId": "cancel",
@@ -217,5 +218,63 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {"200": _ok("Cancelled"), **_errors(400, 401, 403, 404, 409)},
                 }
             },
+        },
+    }
+
+
+def _query(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "query", "schema": {"type": "string"}} for n in names]
+
+
+def _read_paths() -> dict[str, Any]:
+    """Reads across actions: authz `report` (governance and approver roles, never agents)."""
+    report_text = {
+        "type": "object",
+        "properties": {"format": {"type": "string"}, "text": {"type": "string"}},
+    }
+    return {
+        "/reports/{kind}": {
+            "get": {
+                "operationId": "report",
+                "summary": "`opsgate report KIND`, rendered (format: table, json, csv, "
+                "markdown, html); authz `report`.",
+                "parameters": [
+                    {"name": "kind", "in": "path", "required": True, "schema": {"type": "string"}},
+                    *_query("since", "until", "by", "where", "min_runs", "table", "format"),
+                ],
+                "responses": {"200": _ok("The report", report_text), **_errors(400, 401, 403)},
+            }
+        },
+        "/audit/verify": {
+            "post": {
+                "operationId": "auditVerify",
+                "summary": "`opsgate audit verify`, optionally against a public key (PEM) and "
+                "a checkpoint kept outside the database; authz `report`.",
+                "responses": {"200": _ok("The verification"), **_errors(400, 401, 403)},
+            }
+        },
+        "/audit/decisions": {
+            "get": {
+                "operationId": "auditDecisions",
+                "summary": "`opsgate audit decisions` as a JSON array; authz `report`.",
+                "parameters": _query("format", "since", "until"),
+                "responses": {"200": _ok("Decisions", {"type": "array"}), **_errors(400, 401, 403)},
+            }
+        },
+        "/workers": {
+            "get": {
+                "operationId": "workers",
+                "summary": "`opsgate workers`; authz `report`.",
+                "parameters": _query("all"),
+                "responses": {"200": _ok("Workers and the lease"), **_errors(400, 401, 403)},
+            }
+        },
+        "/resolve": {
+            "get": {
+                "operationId": "resolve",
+                "summary": "The one action the caller may read whose id starts with `prefix`.",
+                "parameters": _query("prefix"),
+                "responses": {"200": _ok("The full id"), **_errors(400, 401, 404)},
+            }
         },
     }

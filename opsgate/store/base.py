@@ -120,6 +120,9 @@ class StoreTx(Protocol):
         in `field` (verify_state or rollback_verify_state) and return, per action, who
         holds its lease and who asked for a rollback (a worker must let go or roll back)."""
 
+    def register_worker(self, worker: WorkerInfo) -> None:
+        """Insert or replace a worker's row (with its `worker.registered` event)."""
+
     # --- API tokens ---------------------------------------------------------------------
 
     def insert_api_token(self, token: ApiToken) -> None: ...

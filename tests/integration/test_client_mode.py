@@ -30,6 +30,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         "alice": rig.token("alice", "--kind", "human"),
         "dave": rig.token("dave", "--kind", "human"),
         "agent": rig.token("sre-agent", "--kind", "agent"),
+        "gina": rig.token("gina", "--kind", "human", "--group", "governance"),
     }
     rig.server.start()
     try:
@@ -104,7 +105,7 @@ def test_exit_codes_match_local_mode(client: Client) -> None:
     assert code == 3 and err.startswith("error: approve refused") and err.count("\n") == 1
     code, _, err = client.run("dave", "reject", action_id, "--reason", "no")
     assert code == 3 and "insufficient_permissions" not in err and err.count("\n") == 1
-    code, _, err = client.run("alice", "approve", "01NOSUCHACTION0000000000000")
+    code, _, err = client.run("alice", "approve", "01NOSUCHACTION000000000000")
     assert code == 4, err
     too_many = [*PROPOSE[:9], "replicas=9000", *PROPOSE[10:]]
     code, _, err = client.run("agent", *too_many)
@@ -139,11 +140,11 @@ def test_no_identity_can_be_asserted_by_a_client(client: Client) -> None:
 
 
 def test_store_commands_refuse_in_client_mode(client: Client) -> None:
-    for args in (["workers"], ["audit", "verify"], ["init"], ["worker", "--once"]):
+    for args in (["init"], ["worker", "--once"], ["audit", "export"], ["list"]):
         code, _, err = client.run("alice", *args, OPSGATE_PROMETHEUS_URL="http://127.0.0.1:9")
         assert code == 2 and "OPSGATE_URL is set" in err, (args, err)
     # run goes to the server, which knows no such action
-    code, _, err = client.run("alice", "run", "01NOSUCHACTION0000000000000")
+    code, _, err = client.run("alice", "run", "01NOSUCHACTION000000000000")
     assert code == 4, err
 
 
@@ -153,3 +154,159 @@ def test_store_commands_refuse_in_client_mode(client: Client) -> None:
 def test_bad_server_urls_are_refused(client: Client, url: str) -> None:
     code, _, err = client.run("alice", "whoami", OPSGATE_URL=url)
     assert code == 2 and "OPSGATE_URL" in err and err.count("\n") == 1
+
+
+# --- reads across actions, short ids, the approver's queue ---------------------------------
+
+
+def proposal(replicas: int) -> list[str]:
+    """PROPOSE on a target of its own: an approved action on a target blocks new ones."""
+    target = f"web-{replicas}"
+    return [*PROPOSE[:3], target, *PROPOSE[4:7], f"deployment={target}", "--param",
+            f"replicas={replicas}", *PROPOSE[10:]]  # fmt: skip
+
+
+# A fixed window: the local and the remote run must print byte for byte the same.
+WINDOW = ["--since", "2020-01-01", "--until", "2099-01-01"]
+
+
+def test_reports_through_the_server_print_what_local_mode_prints(client: Client) -> None:
+    client.json("agent", *proposal(7))
+    for fmt in ("table", "json", "csv", "markdown", "html"):
+        for kind in ("summary", "blocks"):
+            code, remote, err = client.run("gina", "report", kind, *WINDOW, "--format", fmt)
+            assert code == 0, err
+            local = run_cli(client.rig.env, "report", kind, *WINDOW, "--format", fmt)
+            assert local.returncode == 0, local.stderr
+            assert remote == local.stdout, (kind, fmt)
+    code, out, err = client.run("alice", "report", "approvals", *WINDOW, "--json",
+                                "--by", "environment", "--table", "approvals")  # fmt: skip
+    assert code == 0, err
+    assert [t["name"] for t in json.loads(out)["tables"]] == ["approvals"]
+    written = client.workdir / "report.md"
+    code, _, err = client.run("gina", "report", *WINDOW, "-o", str(written))
+    assert code == 0 and written.read_text().startswith("## "), err
+
+
+def test_reports_and_trails_are_refused_to_agents_and_people_without_the_role(
+    client: Client,
+) -> None:
+    before = client.rig.rows()
+    for who in ("agent", "dave"):
+        for args in (["report"], ["audit", "verify"], ["audit", "decisions"], ["workers"]):
+            code, out, err = client.run(who, *args)
+            assert code == 3 and "report refused" in err and err.count("\n") == 1, (who, args)
+            assert out == ""
+    after = client.rig.rows()
+    # Each refusal is a stored decision with its audit event; nothing else changed.
+    assert after["actions"] == before["actions"]
+    assert after["decisions"] == before["decisions"] + 8
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--where", "environment=prod\x1b[2J"], "--where"),
+        (["--where", "nosuch=1"], "--where"),
+        (["--where", "environment=" + "p" * 300], "--where"),
+        (["--since", "yesterday; DROP TABLE actions"], "--since"),
+        (["--since", "9" * 400], "--since"),
+        (["--since", "1d", "--until", "2d"], "--since"),
+        (["--by", "code"], "--by"),
+        (["--table", "nosuch"], "--table"),
+    ],
+)
+def test_bad_report_requests_exit_2_naming_the_option(
+    client: Client, args: list[str], field: str
+) -> None:
+    before = client.rig.rows()
+    code, out, err = client.run("gina", "report", *args)
+    assert code == 2 and field in err and err.count("\n") == 1, err
+    assert out == ""
+    assert client.rig.rows()["actions"] == before["actions"]
+
+
+def test_audit_verify_and_decisions_through_the_server(client: Client, tmp_path: Path) -> None:
+    client.json("agent", *proposal(8))
+    code, out, err = client.run("gina", "audit", "verify")
+    assert code == 0 and out.startswith("audit chain ok: "), err
+    verified = client.json("gina", "audit", "verify")
+    assert verified["ok"] is True and verified["events"] > 0
+    local = run_cli(client.rig.env, "audit", "decisions", *WINDOW, "--format", "jsonl")
+    code, remote, err = client.run("gina", "audit", "decisions", *WINDOW, "--format", "jsonl")
+    assert code == 0, err
+    assert remote == local.stdout and remote.count("\n") >= 1
+    code, out, err = client.run("gina", "audit", "decisions", *WINDOW)
+    assert code == 0 and all(json.loads(line)["decision_id"] for line in out.splitlines())
+    # A public key that is not one is refused here, before anything is sent.
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    code, _, err = client.run("gina", "audit", "verify", "--public-key", str(junk))
+    assert code == 2 and "--public-key" in err
+
+
+def test_audit_verify_checks_a_real_key_through_the_server(client: Client, tmp_path: Path) -> None:
+    private, public = tmp_path / "audit.key", tmp_path / "audit.pub"
+    done = run_cli({}, "audit", "keygen", "--private-key", str(private),
+                   "--public-key", str(public))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    code, out, err = client.run("gina", "audit", "verify", "--public-key", str(public), "--json")
+    # No checkpoint was ever signed with this key: a note, or a problem; never a crash.
+    assert code in (0, 5), err
+    assert isinstance(json.loads(out)["ok"], bool)
+
+
+def test_workers_through_the_server(client: Client) -> None:
+    assert client.json("alice", "workers", "--all") == []
+    code, out, err = client.run("alice", "workers")
+    assert code == 0 and "workers (lease" in out, err
+
+
+def test_short_ids_resolve_through_the_server(client: Client) -> None:
+    mine = client.json("agent", *proposal(11))["action"]["id"]
+    shown = client.json("alice", "show", mine[:12].lower())
+    assert shown["action"]["id"] == mine
+    code, out, err = client.run("alice", "approve", mine[:12], "--json")
+    assert code == 0 and json.loads(out)["action"]["id"] == mine, err
+    # Another principal's action does not exist for an agent, by prefix either.
+    theirs = client.json("alice", *proposal(12))["action"]["id"]
+    code, _, err = client.run("agent", "show", theirs[:12])
+    assert code == 4 and "no action" in err
+    code, _, _ = client.run("agent", "show", mine[:12])
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["01AB", "01ABC!'--", "' OR 1=1 --", "%2e%2e%2fqueue", "X" * 27, "01AB\x1bCDEF", ""],
+)
+def test_malformed_prefixes_exit_2_naming_the_argument(client: Client, prefix: str) -> None:
+    code, out, err = client.run("alice", "show", prefix)
+    assert out == ""
+    assert code == 2 and "action_id" in err and err.count("\n") == 1, err
+    code, _, err = client.run("alice", "audit", "export", "--action", prefix)
+    assert code == 2, err
+
+
+def test_an_ambiguous_prefix_exits_2_naming_the_field(client: Client) -> None:
+    first = client.json("agent", *proposal(13))["action"]["id"]
+    second = client.json("agent", *proposal(14))["action"]["id"]
+    common = 0
+    while first[common] == second[common]:
+        common += 1
+    if common < 6:
+        pytest.skip("the two ids differ within the shortest prefix")
+    code, _, err = client.run("alice", "show", first[:6])
+    assert code == 2 and "action_id" in err and "ambiguous" in err, err
+
+
+def test_queue_mine_to_approve_through_the_server(client: Client) -> None:
+    action_id = client.json("agent", *proposal(15))["action"]["id"]
+    assert action_id in [a["id"] for a in client.json("alice", "queue", "--mine-to-approve")]
+    # dave has no approver role in prod; an agent approves nothing.
+    assert action_id not in [a["id"] for a in client.json("dave", "queue", "--mine-to-approve")]
+    assert client.json("agent", "queue", "--mine-to-approve") == []
+    code, out, _ = client.run("agent", "queue", "--mine-to-approve")
+    assert code == 0 and "nothing you may approve waits" in out
+    client.json("alice", "approve", action_id)
+    assert action_id not in [a["id"] for a in client.json("alice", "queue", "--mine-to-approve")]

@@ -4,6 +4,7 @@ stored."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,13 +31,19 @@ SCALE = {
 
 
 class Rig:
-    def __init__(self, tmp: Path, catalog: Path = ROOT / "catalog") -> None:
+    def __init__(
+        self, tmp: Path, extra: dict[str, str] | None = None, catalog: Path = ROOT / "catalog"
+    ) -> None:
         self.db = f"sqlite:///{tmp / 'server.db'}"
         self.env = {
             "OPSGATE_DB": self.db,
             "OPSGATE_CATALOG": str(catalog),
             "OPSGATE_POLICIES": str(ROOT / "policies"),
             "OPSGATE_CONFIG": str(tmp / "absent.toml"),
+            # These tests fail to authenticate on purpose, all from 127.0.0.1; the limit
+            # has tests of its own (test_server_boundary.py).
+            "OPSGATE_AUTH_FAILURE_LIMIT": "100000",
+            **(extra or {}),
         }
         done = run_cli(self.env, "init")
         assert done.returncode == 0, done.stderr
@@ -395,7 +402,7 @@ def test_a_running_server_follows_catalog_edits_and_keeps_the_last_good_one(
 ) -> None:
     catalog = tmp_path / "catalog"
     shutil.copytree(ROOT / "catalog", catalog)
-    rig = Rig(tmp_path, catalog)
+    rig = Rig(tmp_path, catalog=catalog)
     token = rig.token("sre-agent", "--kind", "agent")
     rig.server.start()
     try:
@@ -426,3 +433,99 @@ def test_a_running_server_follows_catalog_edits_and_keeps_the_last_good_one(
     finally:
         rig.server.stop()
         rig.store.close()
+
+
+# --- reads across actions: reports, audit trail, workers, prefixes ------------------------
+
+READS = [
+    ("GET", "/reports/summary", None),
+    ("GET", "/audit/decisions", None),
+    ("POST", "/audit/verify", {}),
+    ("GET", "/workers", None),
+    ("GET", "/resolve?prefix=01ABCDEF", None),
+    ("GET", "/queue?mine_to_approve=1", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), READS)
+def test_reads_need_credentials(rig: Rig, method: str, path: str, body: Any) -> None:
+    status, answer = rig.call(method, path, None, body, headers={"X-Forwarded-User": "carol"})
+    assert status == 401 and answer["error"]["type"] == "unauthenticated"
+
+
+def test_reads_across_actions_are_for_governance_and_approvers(rig: Rig) -> None:
+    for who in ("agent", "dave"):
+        for method, path, body in READS[:4]:
+            status, answer = rig.call(method, path, rig.tokens[who], body)
+            assert status == 403, (who, path, answer)
+            assert answer["error"]["codes"] == ["insufficient_permissions"]
+    status, answer = rig.call("GET", "/reports/summary?format=json", rig.tokens["alice"])
+    assert status == 200 and answer["format"] == "json"
+    assert json.loads(answer["text"])["kind"] == "summary"
+    status, answer = rig.call("GET", "/workers?all=1", rig.tokens["carol"])
+    assert status == 200 and answer["workers"] == [] and answer["lease"] > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/reports/summary?since=%00", "--since"),
+        ("/reports/summary?since=1d%1b%5b2J", "--since"),
+        ("/reports/summary?since=" + "9" * 300, "--since"),
+        ("/reports/summary?since=1d&since=2d", "--since"),
+        ("/reports/summary?where=tier%3Dx%27%20OR%201%3D1", "--where"),
+        ("/reports/summary?" + "&".join(["where=tier%3Dx"] * 17), "--where"),
+        ("/reports/summary?format=exe", "--format"),
+        ("/reports/summary?min_runs=-1", "--min-runs"),
+        ("/reports/summary?min_runs=99999999999", "--min-runs"),
+        ("/reports/summary?by=proposer", "--by"),
+        ("/reports/nosuch", "kind"),
+        ("/reports/summary?x=" + "a" * 5000, "query"),
+        ("/resolve?prefix=%27%20OR%201%3D1%20--", "action_id"),
+        ("/resolve?prefix=01AB", "action_id"),
+        ("/resolve", "action_id"),
+        ("/resolve?prefix=" + "A" * 27, "action_id"),
+        ("/queue?mine_to_approve=yes", "--mine-to-approve"),
+        ("/workers?all=2", "--all"),
+        ("/audit/decisions?format=xml", "--format"),
+        ("/audit/decisions?since=never", "--since"),
+    ],
+)
+def test_malformed_read_queries_are_400_naming_the_field(rig: Rig, path: str, field: str) -> None:
+    before = rig.rows()
+    status, answer = rig.call("GET", path, rig.tokens["alice"])
+    assert status == 400, answer
+    assert answer["error"]["field"] == field and "\n" not in answer["error"]["message"]
+    assert rig.rows()["actions"] == before["actions"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"public_key": "not a key"}, "--public-key"),
+        ({"public_key": 5}, "--public-key"),
+        ({"public_key": "-----BEGIN PUBLIC KEY-----\n" + "A" * 20_000}, "--public-key"),
+        ({"checkpoint": {"seq": 1}}, "checkpoint.hash"),
+        ({"nosuch": 1}, "nosuch"),
+        ([1, 2], "body"),
+    ],
+)
+def test_malformed_audit_verify_bodies_are_400(rig: Rig, body: Any, field: str) -> None:
+    status, answer = rig.call("POST", "/audit/verify", rig.tokens["alice"], body)
+    assert status == 400 and answer["error"]["field"] == field, answer
+
+
+def test_audit_verify_over_the_api(rig: Rig) -> None:
+    status, answer = rig.call("POST", "/audit/verify", rig.tokens["alice"], {})
+    assert status == 200 and answer["ok"] is True and answer["events"] > 0
+
+
+def test_a_prefix_resolves_only_among_what_the_caller_may_read(rig: Rig) -> None:
+    mine = rig.propose("agent", 21)["action"]["id"]
+    theirs = rig.propose("alice", 22)["action"]["id"]
+    status, answer = rig.call("GET", f"/resolve?prefix={mine[:14].lower()}", rig.tokens["agent"])
+    assert status == 200 and answer == {"id": mine}
+    status, answer = rig.call("GET", f"/resolve?prefix={theirs[:14]}", rig.tokens["agent"])
+    assert status == 404
+    status, answer = rig.call("GET", f"/resolve?prefix={theirs[:14]}", rig.tokens["dave"])
+    assert status == 200 and answer == {"id": theirs}

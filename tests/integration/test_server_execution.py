@@ -71,7 +71,13 @@ def test_run_and_rollback_through_the_server(
         assert f"action {action_id} rolled_back" in out
         _, details = rig.call("GET", f"/actions/{action_id}", rig.tokens["alice"])
         assert details["execution"]["rollback_requested_by"] == "bob"
-        assert details["execution"]["worker_id"]  # the server's executor held it
+        # The server's executor held it, as a worker principal of its own in the trail.
+        worker_id = details["execution"]["worker_id"]
+        assert worker_id.startswith("server:")
+        claimed = [e for e in details["events"] if e["kind"] == "action.executing"]
+        assert claimed and claimed[0]["actor"] == worker_id, details["events"]
+        (registered,) = [e for e in rig.store.audit_events() if e.kind == "worker.registered"]
+        assert registered.actor == worker_id and registered.data["principal_kind"] == "worker"
 
         code, _, err = client("bob", "run", action_id)
         assert code == 5 and "only approved actions" in err
