@@ -26,7 +26,6 @@ from opsgate.ids import log_id
 from opsgate.models import ActionState, Execution
 from opsgate.reports.exporter import bundle_deny_codes, serve_in_background
 from opsgate.store.base import StoreError
-from opsgate.verification.hub import VerificationHub
 
 if TYPE_CHECKING:
     from opsgate.audit_signing import Checkpointer
@@ -41,12 +40,12 @@ def build_executor(
     *,
     concurrency: int | None = None,
 ) -> Executor:
-    hub = VerificationHub(config.provider())
     return Executor(
         config.store,
         config.gate,
-        hub,
+        config.provider(),
         RunnerRegistry(),
+        catalog=lambda: config.catalog,
         lease=config.settings.lease,
         concurrency=concurrency or config.settings.worker_concurrency,
         scrape_interval=config.settings.prometheus_scrape_interval,

@@ -20,7 +20,6 @@ from opsgate.models import ActionState, Identity, Step
 from opsgate.policies.embedded import EmbeddedEngine
 from opsgate.testing import MemoryStore
 from opsgate.testing_signals import StaticSignalProvider
-from opsgate.verification.hub import VerificationHub
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE = Identity(id="alice", kind="human")
@@ -126,8 +125,9 @@ class Rig:
         self.executor = Executor(
             self.store,
             self.gate,
-            VerificationHub(self.provider),
+            self.provider,
             RunnerRegistry({"fake": self.runner}),
+            catalog=lambda: self.gate.catalog,
             worker_id="test-worker",
             lease=30,
         )
@@ -414,7 +414,7 @@ def test_manual_rollback_while_verifying(rig: Rig) -> None:
     rig.executor = Executor(
         rig.store,
         rig.gate,
-        VerificationHub(rig.provider),
+        rig.provider,
         RunnerRegistry({"fake": rig.runner}),
         worker_id="test-worker",
     )

@@ -31,7 +31,6 @@ from opsgate.mcp_server import (
 from opsgate.models import ActionState, Identity, Step
 from opsgate.policies.engine import bundle_revision
 from opsgate.testing_signals import StaticSignalProvider
-from opsgate.verification.hub import VerificationHub
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = Identity(id="sre-agent", kind="agent")
@@ -395,7 +394,7 @@ def test_get_action_follows_approvals_execution_and_rollback(
     executor = Executor(
         store,
         harness.config.gate,
-        VerificationHub(provider),
+        provider,
         RunnerRegistry({"fake": runner}),
         worker_id="test-worker",
         lease=30,
