@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -92,12 +92,13 @@ def measure_baseline(
     action_id: str,
     spec: VerificationSpec,
     rendered: Mapping[str, str],
-    now: datetime,
+    clock: Callable[[], datetime],
 ) -> Baseline:
     """The values relative ranges are judged against (docs/design.md, "Baseline"),
     each stored as evidence whether it got a value or not."""
     queries = list(dict.fromkeys(rendered.values()))
     results = provider.query_many(queries) if queries else {}
+    now = clock()  # when the answers came
     values: dict[str, float | None] = {}
     measurements: list[Measurement] = []
     kinds = [(s.name, "signal", s.pass_.relative) for s in spec.signals]

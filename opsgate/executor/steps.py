@@ -61,7 +61,7 @@ class Steps:
         if not held.rendered:
             return True
         baseline = measure_baseline(
-            self.hub.provider, action.id, action.verification, held.rendered, self.clock()
+            self.hub.provider, action.id, action.verification, held.rendered, self.clock
         )
         held.baseline = baseline.values
         now = self.clock()
