@@ -46,7 +46,6 @@ from bench._rig import (  # noqa: E402
 from opsgate.executor.executor import Executor  # noqa: E402
 from opsgate.models import ActionState  # noqa: E402
 from opsgate.store import open_store  # noqa: E402
-from opsgate.verification.hub import VerificationHub  # noqa: E402
 from opsgate.verification.prometheus import PrometheusProvider  # noqa: E402
 
 ACTION = "scale_deployment"  # allowlisted in staging by the default bundle
@@ -132,7 +131,7 @@ def main() -> int:
             executor = Executor(
                 store,
                 gate,
-                VerificationHub(provider),
+                provider,
                 worker_id="bench-evidence",
                 concurrency=args.parallel,
             )

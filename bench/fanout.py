@@ -53,7 +53,7 @@ from opsgate.executor.executor import Executor, ExecutorEvent  # noqa: E402
 from opsgate.executor.runners import RunnerRegistry, StepResult  # noqa: E402
 from opsgate.models import ActionState, Step  # noqa: E402
 from opsgate.store import open_store  # noqa: E402
-from opsgate.verification.hub import TickReport, VerificationHub  # noqa: E402
+from opsgate.verification.hub import TickReport  # noqa: E402
 from opsgate.verification.prometheus import PrometheusProvider  # noqa: E402
 from opsgate.verification.provider import ProviderHealth, QueryResult  # noqa: E402
 
@@ -305,21 +305,23 @@ def main() -> int:
         provider = PrometheusProvider(prometheus.url, timeout=2.0)
         stack.callback(provider.close)
         timed = TimedProvider(provider)
-        hub = VerificationHub(timed)
-        hub.keep_ticks = 100_000
         counter = Counter()
         counter.target = args.actions
         executor = Executor(
             store,
             gate,
-            hub,
+            timed,
             RunnerRegistry({"noop": NoopRunner()}),
             worker_id="bench-fanout",
             concurrency=args.concurrency,
             on_event=counter,
         )
+        hub = executor.hub
+        hub.keep_ticks = 100_000
         assert hub.sink is not None  # the executor's sink: one transaction per tick
-        hub.sink = timed.timed_sink(hub.sink)
+        # Instrumentation only: the executor fixes its sink at construction, the bench
+        # times it from the outside.
+        hub._sink = timed.timed_sink(hub.sink)
         stack.callback(executor.close)
         executor.start()
 

@@ -51,7 +51,6 @@ from bench._rig import (  # noqa: E402
 from opsgate.executor.executor import Executor, ExecutorEvent  # noqa: E402
 from opsgate.models import ActionState  # noqa: E402
 from opsgate.store import open_store  # noqa: E402
-from opsgate.verification.hub import VerificationHub  # noqa: E402
 from opsgate.verification.prometheus import PrometheusProvider  # noqa: E402
 
 ACTION = "toggle_feature_flag"  # a name the default bundle allowlists in staging
@@ -261,7 +260,7 @@ def main() -> int:
         executor = Executor(
             store,
             gate,
-            VerificationHub(provider),
+            provider,
             worker_id="bench-reaction",
             on_event=recorder,
         )

@@ -289,15 +289,15 @@ class App:
         """A worker's executor (`opsgate run`/`worker`/`rollback`, and the API server's)."""
         from opsgate.executor.executor import Executor
         from opsgate.executor.runners import RunnerRegistry
-        from opsgate.verification.hub import VerificationHub
 
-        # TODO(issue 12): pass catalog=self.catalog once Executor takes the catalog as a
-        # callable; until then a worker keeps the catalog it started with.
+        # The catalog is read per claim through the reload rule: an edit reaches the next
+        # action without a restart (and an approval bound to the old spec is refused).
         return Executor(
             self.store,
             self.gate,
-            VerificationHub(self.provider()),
+            self.provider(),
             RunnerRegistry(),
+            catalog=self.catalog,
             lease=self.settings.lease,
             concurrency=concurrency or self.settings.worker_concurrency,
             scrape_interval=self.settings.prometheus_scrape_interval,

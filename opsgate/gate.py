@@ -41,9 +41,10 @@ from opsgate.policies.engine import (
 )
 from opsgate.policies.input import build_input
 from opsgate.preconditions import CheckContext, PreconditionRegistry, PreconditionResult
-from opsgate.proposals import ValidatedProposal, spec_hash, validate
+from opsgate.proposals import ValidatedProposal, proposal_of, spec_hash, step_values, validate
 from opsgate.shared import utcnow
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
+from opsgate.verification.promql import render_queries
 
 SYSTEM_ACTOR = "opsgate"
 OPTIMISTIC_TRIES = 3
@@ -512,23 +513,73 @@ class Gate:
 
     def _check_spec_unchanged(self, action: Action) -> None:
         """An approval authorizes the spec that was proposed, under today's catalog."""
-        action_type = self.catalog.types.get(action.action_type)
-        current = (
-            spec_hash(
-                action_type,
-                action.target,
-                action.environment,
-                action.params,
-                action.verification,
-            )
-            if action_type is not None
-            else None
-        )
-        if current != action.spec_hash:
+        if not spec_unchanged(self.catalog, action):
             raise StateConflict(
                 f"action type {action.action_type} changed since {action.id} was proposed; "
                 "propose it again"
             )
+
+    def recheck(
+        self,
+        tx: StoreTx | None,
+        action: Action,
+        now: datetime,
+        *,
+        catalog: Catalog | None = None,
+        approvals: Sequence[Approval] | None = None,
+    ) -> Decision:
+        """The execute decision: spec unchanged under today's `catalog` (the gate's own
+        when None), queries renderable, the policy, and the approvals recounted.
+
+        `tx` None reads outside any transaction (the claim judges first, then holds the
+        claim only while what was judged is unchanged). `approvals`: the rows to recount,
+        as the caller read them; read here when None. Every deny is in the decision.
+        """
+        catalog = catalog if catalog is not None else self.catalog
+        reader = tx if tx is not None else self.store
+        if approvals is None:
+            approvals = reader.approvals_for(action.id)
+        action_type = catalog.types.get(action.action_type)
+        if action_type is None or not spec_unchanged(catalog, action):
+            changed = DenyReason(
+                code="spec_changed",
+                message=f"action type {action.action_type} changed since approval; "
+                "propose it again",
+            )
+            return local_decision(action, [changed], now)
+        deny: list[DenyReason] = []
+        try:
+            render_queries(action.verification, step_values(action, {}))
+        except ValueError as exc:
+            deny.append(DenyReason(code="verification_undefined", message=str(exc)))
+        spec = ValidatedProposal(
+            proposal=proposal_of(action),
+            action_type=action_type,
+            params=dict(action.params),
+            verification=action.verification,
+            spec_hash=action.spec_hash,
+        )
+        evaluation = self.evaluate(
+            spec, action.proposer, phase="execute", exclude_id=action.id, now=now, tx=tx
+        )
+        decision = evaluation.decision(action_id=action.id, phase="execute", at=now)
+        if not decision.allow and not decision.deny:  # a deny always says why
+            deny.append(DenyReason(code="policy_engine_unavailable"))
+        # From the approval rows alone; the claim holds them only if they are unchanged.
+        attested = {
+            (event.actor, str(event.data.get("spec_hash")))
+            for event in self.store.audit_events(action_id=action.id)
+            if event.kind == "approval.added"
+        }
+        missing = self.prove_approvals(
+            approvals, action, evaluation.input, decision.required_approvals, now, attested
+        )
+        if missing is not None:
+            deny.append(missing)
+        if not deny:
+            return decision
+        # Stored with the execute decision, so `run` and `show` name them.
+        return decision.model_copy(update={"allow": False, "deny": (*decision.deny, *deny)})
 
     def _approval_refusal(
         self, tx: StoreTx, action: Action, approver: Identity, now: datetime
@@ -832,6 +883,35 @@ class Gate:
         refusal = self._authorize_outside(verb, as_principal(actor), action=action)
         if refusal is not None:
             raise refusal
+
+
+def spec_unchanged(catalog: Catalog, action: Action) -> bool:
+    """Whether the action's spec hash is still what `catalog` makes of it."""
+    action_type = catalog.types.get(action.action_type)
+    if action_type is None:
+        return False
+    current = spec_hash(
+        action_type, action.target, action.environment, action.params, action.verification
+    )
+    return current == action.spec_hash
+
+
+def local_decision(action: Action, deny: Sequence[DenyReason], now: datetime) -> Decision:
+    """A deny decided by opsgate itself, before any policy could be asked."""
+    return Decision(
+        id=new_id(),
+        action_id=action.id,
+        phase="execute",
+        allow=False,
+        deny=tuple(deny),
+        required_approvals=action.required_approvals,
+        approver_roles=action.approver_roles,
+        engine="opsgate",
+        bundle_revision="",
+        input={},
+        result=None,
+        decided_at=now,
+    )
 
 
 def action_details(store: Store, action_id: str) -> ActionDetails:

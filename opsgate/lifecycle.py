@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from typing import Any
 
@@ -9,7 +10,7 @@ from ulid import ULID
 
 from opsgate.audit import AuditDraft
 from opsgate.errors import StateConflict
-from opsgate.models import Action, ActionState
+from opsgate.models import Action, ActionState, Execution
 from opsgate.store.base import Store, StoreTx
 
 S = ActionState
@@ -26,6 +27,51 @@ TRANSITIONS: dict[ActionState, frozenset[ActionState]] = {
     S.SUCCEEDED: frozenset({S.ROLLING_BACK}),
     S.ROLLING_BACK: frozenset({S.ROLLED_BACK, S.ROLLBACK_FAILED}),
 }
+
+
+class ExecutionPhase(enum.StrEnum):
+    """Where an execution stands, from its action's state and the step times stored
+    before and after each step: what recovery resumes and what doubt rolls back."""
+
+    NOT_STARTED = "not_started"  # executing, `run` not started: nothing has changed
+    RUN_IN_FLIGHT = "run_in_flight"  # `run` started, its end not stored: outcome unknown
+    RUN_FAILED = "run_failed"  # `run` ended with an error
+    RUN_FINISHED = "run_finished"  # `run` ended well, verification not yet started
+    VERIFYING = "verifying"
+    UNDO_PENDING = "undo_pending"  # rollback decided, undo not finished (safe to redo)
+    UNDO_FAILED = "undo_failed"
+    UNDONE = "undone"  # undo ended well: the rollback is being verified
+    FINISHED = "finished"  # the action is terminal
+    NOT_EXECUTING = "not_executing"  # approved, blocked...: no execution to resume
+
+
+def run_outcome_unknown(execution: Execution) -> bool:
+    """`run` may have started and its end was never stored: it may still be going."""
+    return execution.run_may_have_started and execution.run_finished_at is None
+
+
+def execution_phase(action: Action, execution: Execution | None) -> ExecutionPhase:
+    """The one reading of an execution's nullable step times (docs/design.md, "Recovery").
+
+    Fail closed: an executing action without an execution row is taken as a run that
+    may have started, so nobody starts it again.
+    """
+    P = ExecutionPhase
+    if action.state.terminal:
+        return P.FINISHED
+    if action.state is S.VERIFYING:
+        return P.VERIFYING
+    if action.state is S.ROLLING_BACK:
+        if execution is None or execution.undo_finished_at is None:
+            return P.UNDO_PENDING
+        return P.UNDONE if execution.undo_error is None else P.UNDO_FAILED
+    if action.state is not S.EXECUTING:
+        return P.NOT_EXECUTING
+    if execution is None or run_outcome_unknown(execution):
+        return P.RUN_IN_FLIGHT
+    if not execution.run_may_have_started:
+        return P.NOT_STARTED
+    return P.RUN_FINISHED if execution.run_error is None else P.RUN_FAILED
 
 
 def can_transition(from_state: ActionState, to_state: ActionState) -> bool:

@@ -598,7 +598,53 @@ class Execution(Frozen):
 
     @property
     def run_may_have_started(self) -> bool:
+        """`run_started_at` is stored before the step starts: from then on the target may
+        have changed, so `run` is never started again (docs/design.md, "Recovery")."""
         return self.run_started_at is not None
+
+
+class ExecutionUpdate(Frozen):
+    """The facts one step changes in an execution row: only the fields set here (set to
+    None included) are written, and key fields cannot be named (`extra="forbid"`). Each
+    value is checked against `Execution`'s own field type by the store."""
+
+    worker_id: str | None = None
+    lease_expires_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    captured: dict[str, Any] | None = None
+    capture_output: str | None = None
+    baseline: dict[str, float | None] | None = None
+    run_started_at: datetime | None = None
+    run_finished_at: datetime | None = None
+    run_exit_code: int | None = None
+    run_output: str | None = None
+    run_error: str | None = None
+    verify_started_at: datetime | None = None
+    verify_state: dict[str, Any] | None = None
+    outcome: ExecutionOutcome | None = None
+    reason: str | None = None
+    trigger_name: str | None = None
+    trigger_kind: Literal["signal", "stop_condition"] | None = None
+    trigger_value: float | None = None
+    rollback_decided_at: datetime | None = None
+    rollback_requested_by: str | None = None
+    undo_started_at: datetime | None = None
+    undo_finished_at: datetime | None = None
+    undo_exit_code: int | None = None
+    undo_output: str | None = None
+    undo_error: str | None = None
+    rollback_verify_state: dict[str, Any] | None = None
+    rollback_verified_at: datetime | None = None
+    finished_at: datetime | None = None
+    recovered_from: str | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """Field -> new value, for the fields this update sets."""
+        return {name: getattr(self, name) for name in sorted(self.model_fields_set)}
+
+    def merged(self, other: ExecutionUpdate) -> ExecutionUpdate:
+        """This update followed by `other` (its fields win)."""
+        return ExecutionUpdate(**{**self.changes(), **other.changes()})
 
 
 class WorkerInfo(Frozen):

@@ -13,7 +13,14 @@ from pydantic import ValidationError
 from opsgate.audit import canonical_json
 from opsgate.catalog import Catalog, first_error
 from opsgate.errors import InvalidInput, did_you_mean
-from opsgate.models import MAX_REASON_LENGTH, ActionType, ParamSpec, Proposal, VerificationSpec
+from opsgate.models import (
+    MAX_REASON_LENGTH,
+    Action,
+    ActionType,
+    ParamSpec,
+    Proposal,
+    VerificationSpec,
+)
 from opsgate.shared import PLACEHOLDER
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -200,3 +207,27 @@ def validate(catalog: Catalog, document: Any) -> ValidatedProposal:
     verification = proposal.verification or action_type.verification
     digest = spec_hash(action_type, proposal.target, proposal.environment, params, verification)
     return ValidatedProposal(proposal, action_type, params, verification, digest)
+
+
+def step_values(action: Action, captured: Mapping[str, Any]) -> dict[str, Any]:
+    """What `{placeholders}` in an action's steps and queries may name."""
+    return {
+        **action.params,
+        **captured,
+        "target": action.target,
+        "environment": action.environment,
+    }
+
+
+def proposal_of(action: Action) -> Proposal:
+    """The proposal an action was made from, to be judged again."""
+    return Proposal(
+        action=action.action_type,
+        target=action.target,
+        environment=action.environment,
+        params=action.params,
+        reason=action.reason,
+        incident=action.incident,
+        verification=action.verification,
+        idempotency_key=action.idempotency_key,
+    )

@@ -24,9 +24,9 @@ from urllib.parse import quote, quote_plus
 import requests
 
 from opsgate.models import Step
+from opsgate.shared import PLACEHOLDER
 
 OUTPUT_CAP = 64 * 1024
-_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
 class StepError(Exception):
@@ -70,7 +70,7 @@ def render_text(template: str, values: Mapping[str, Any], *, where: str) -> str:
             raise StepError(f"{where}: no value for placeholder {{{name}}}")
         return text_value(values[name])
 
-    return _PLACEHOLDER.sub(substitute, template)
+    return PLACEHOLDER.sub(substitute, template)
 
 
 def render_argv(argv: tuple[str, ...], values: Mapping[str, Any]) -> list[str]:
@@ -78,7 +78,7 @@ def render_argv(argv: tuple[str, ...], values: Mapping[str, Any]) -> list[str]:
     is refused, so a parameter can never become an option of the program."""
     rendered = []
     for index, element in enumerate(argv):
-        first = _PLACEHOLDER.match(element)
+        first = PLACEHOLDER.match(element)
         if first and index > 0 and text_value(values.get(first.group(1), "")).startswith("-"):
             raise StepError(f"argv[{index}]: {{{first.group(1)}}} may not start with '-'")
         rendered.append(render_text(element, values, where=f"argv[{index}]"))
@@ -214,7 +214,7 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 def render_body(template: Any, values: Mapping[str, Any]) -> Any:
     """A JSON template: a string that is exactly `{name}` takes the value with its type."""
     if isinstance(template, str):
-        whole = _PLACEHOLDER.fullmatch(template)
+        whole = PLACEHOLDER.fullmatch(template)
         if whole and whole.group(1) in values:
             return values[whole.group(1)]
         return render_text(template, values, where="body")
@@ -236,7 +236,7 @@ def render_url(template: str, values: Mapping[str, Any]) -> str:
         text = text_value(values[name])
         return text if match.start() == 0 else quote(text, safe="")
 
-    return _PLACEHOLDER.sub(substitute, template)
+    return PLACEHOLDER.sub(substitute, template)
 
 
 class HttpRunner:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # annotations only: `except StoreError` must not load pydanti
         AuditEvent,
         Decision,
         Execution,
+        ExecutionUpdate,
         Measurement,
         WorkerInfo,
     )
@@ -108,8 +109,8 @@ class StoreTx(Protocol):
 
     def lock_execution(self, action_id: str) -> Execution | None: ...
 
-    def update_execution(self, action_id: str, **fields: Any) -> Execution:
-        """Change MUTABLE_EXECUTION_FIELDS of a locked execution and return the new row."""
+    def update_execution(self, action_id: str, changes: ExecutionUpdate) -> Execution:
+        """Write the fields `changes` sets to a locked execution and return the new row."""
 
     def insert_measurements(self, measurements: Sequence[Measurement]) -> None: ...
 

@@ -25,6 +25,7 @@ from opsgate.models import (
     AuditEvent,
     Decision,
     Execution,
+    ExecutionUpdate,
     Measurement,
     WorkerInfo,
 )
@@ -230,8 +231,9 @@ class MemoryTx:
             owners[action_id] = (updated.worker_id, updated.rollback_requested_by)
         return owners
 
-    def update_execution(self, action_id: str, **fields: Any) -> Execution:
-        """Change MUTABLE_EXECUTION_FIELDS of an execution and return the new row."""
+    def update_execution(self, action_id: str, changes: ExecutionUpdate) -> Execution:
+        """Write the fields `changes` sets to an execution and return the new row."""
+        fields = changes.changes()
         refused = sorted(set(fields) - MUTABLE_EXECUTION_FIELDS)
         if refused:
             raise ValueError(

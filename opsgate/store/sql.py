@@ -44,6 +44,7 @@ from opsgate.models import (
     AuditEvent,
     Decision,
     Execution,
+    ExecutionUpdate,
     Measurement,
     WorkerInfo,
 )
@@ -776,9 +777,9 @@ class SqlTx:
         return execution_from_row(row._mapping) if row is not None else None
 
     @_translate_errors
-    def update_execution(self, action_id: str, **fields: Any) -> Execution:
-        """Change MUTABLE_EXECUTION_FIELDS of a locked execution and return the new row."""
-        values = mutable_execution_values(fields)
+    def update_execution(self, action_id: str, changes: ExecutionUpdate) -> Execution:
+        """Write the fields `changes` sets to a locked execution and return the new row."""
+        values = mutable_execution_values(changes.changes())
         if not values:
             found = self.lock_execution(action_id)
             if found is None:

@@ -116,7 +116,8 @@ class VerificationHub:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.provider = provider
-        self.sink = sink
+        # Fixed at construction: every tick of this hub is stored the same way.
+        self._sink = sink
         self._clock = clock
         self._monotonic = monotonic
         self._watches: dict[int, Watch] = {}
@@ -125,6 +126,11 @@ class VerificationHub:
         self._thread: threading.Thread | None = None
         self.ticks: list[TickReport] = []  # the latest few, for benchmarks and `--verbose`
         self.keep_ticks = 100
+
+    @property
+    def sink(self) -> Sink | None:
+        """Where each tick's report goes (None: measured, not stored)."""
+        return self._sink
 
     # --- registration ------------------------------------------------------------------
 
@@ -223,8 +229,8 @@ class VerificationHub:
             interval = watch.spec.interval
             watch.next_due = (math.floor(started / interval) + 1) * interval
         report = TickReport(now, list(due), len(queries), 0.0)
-        if self.sink is not None:
-            self.sink(report)
+        if self._sink is not None:
+            self._sink(report)
         report = dataclasses.replace(report, duration=self._monotonic() - started)
         finished = [w for w in due if w.state.done or w.abort_reason is not None]
         with self._cond:

@@ -22,6 +22,10 @@ passed to `str.format`: braces are PromQL syntax (`{service="{target}"}`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # attributes only: this module stays free of the models at run time
+    from opsgate.models import VerificationSpec
 
 from opsgate.shared import PLACEHOLDER
 
@@ -187,3 +191,18 @@ def render_query(template: str, values: Mapping[str, PlaceholderValue]) -> str:
         out.append(ch)
         i += 1
     return "".join(out)
+
+
+def render_queries(spec: VerificationSpec, values: Mapping[str, Any]) -> dict[str, str]:
+    """Each signal's and stop condition's PromQL with values as escaped label values;
+    ValueError naming the query that cannot be rendered."""
+    scalars = {k: v for k, v in values.items() if isinstance(v, str | int | float | bool)}
+    rendered: dict[str, str] = {}
+    queries = [(s.name, s.query) for s in spec.signals]
+    queries += [(c.name, c.query) for c in spec.stop_conditions]
+    for name, query in queries:
+        try:
+            rendered[name] = render_query(query, scalars)
+        except ValueError as exc:
+            raise ValueError(f"verification query {name}: {exc}") from None
+    return rendered

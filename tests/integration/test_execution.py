@@ -26,7 +26,6 @@ from opsgate.policies.embedded import EmbeddedEngine
 from opsgate.preconditions import PreconditionRegistry, prometheus_checks
 from opsgate.store import open_store
 from opsgate.store.sql import SqlStore
-from opsgate.verification.hub import VerificationHub
 from opsgate.verification.prometheus import PrometheusProvider
 from tests.integration.fault_service import FaultService
 from tests.integration.prom import PrometheusServer
@@ -119,7 +118,11 @@ class Rig:
             preconditions=PreconditionRegistry(prometheus_checks(self.provider)),
         )
         self.executor = Executor(
-            self.store, self.gate, VerificationHub(self.provider), worker_id="it-worker"
+            self.store,
+            self.gate,
+            self.provider,
+            catalog=lambda: self.gate.catalog,
+            worker_id="it-worker",
         )
 
     def service(self, ratio: float = 0.0) -> str:

@@ -167,7 +167,6 @@ def test_a_slow_recheck_at_claim_holds_no_write_lock(tmp_path: Path, sqlite_url:
     from opsgate.executor.executor import Executor
     from opsgate.executor.runners import RunnerRegistry
     from opsgate.testing_signals import StaticSignalProvider
-    from opsgate.verification.hub import VerificationHub
 
     store = SqlStore(sqlite_url)
     engine = SlowAtExecution(delay=30)
@@ -177,9 +176,7 @@ def test_a_slow_recheck_at_claim_holds_no_write_lock(tmp_path: Path, sqlite_url:
         engine=engine,  # type: ignore[arg-type]
         decision_deadline=3.0,
     )
-    executor = Executor(
-        store, gate, VerificationHub(StaticSignalProvider({})), RunnerRegistry(), lease=30
-    )
+    executor = Executor(store, gate, StaticSignalProvider({}), RunnerRegistry(), lease=30)
     try:
         to_run = gate.propose(scale(target="checkout"), ALICE).action.id
         gate.approve(to_run, BOB)

@@ -3,6 +3,7 @@ claim and re-check, capture, run, verify, stop, roll back, fail loudly."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
@@ -11,16 +12,16 @@ from typing import Any
 import pytest
 
 from opsgate.audit import verify_chain
-from opsgate.catalog import load_catalog
+from opsgate.catalog import Catalog, load_catalog
 from opsgate.errors import InvalidInput, Refused, StateConflict
 from opsgate.executor.executor import Executor
 from opsgate.executor.runners import RunnerRegistry, StepResult
 from opsgate.gate import Gate
 from opsgate.models import ActionState, Identity, Step
 from opsgate.policies.embedded import EmbeddedEngine
+from opsgate.proposals import spec_hash
 from opsgate.testing import MemoryStore
 from opsgate.testing_signals import StaticSignalProvider
-from opsgate.verification.hub import VerificationHub
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE = Identity(id="alice", kind="human")
@@ -126,8 +127,9 @@ class Rig:
         self.executor = Executor(
             self.store,
             self.gate,
-            VerificationHub(self.provider),
+            self.provider,
             RunnerRegistry({"fake": self.runner}),
+            catalog=lambda: self.gate.catalog,
             worker_id="test-worker",
             lease=30,
         )
@@ -386,6 +388,81 @@ def test_changed_action_type_blocks_at_execution(rig: Rig) -> None:
     assert execute[0].deny_codes == ["spec_changed"]
 
 
+def test_a_catalog_edited_after_the_worker_started_applies_to_the_next_action(
+    rig: Rig,
+) -> None:
+    """The worker's gate keeps the catalog it started with; the executor reads the
+    catalog per action, so an action approved under the old catalog is refused as
+    changed, and one proposed under the edited catalog runs."""
+    before_edit = rig.approved()
+    changed = (rig.catalog_dir / "scale_deployment.yaml").read_text().replace("5s", "6s")
+    (rig.catalog_dir / "scale_deployment.yaml").write_text(changed)
+    today = dataclasses.replace(rig.gate, catalog=load_catalog(rig.catalog_dir))
+    reads: list[int] = []
+
+    def current_catalog() -> Catalog:
+        reads.append(1)
+        return load_catalog(rig.catalog_dir)
+
+    stale = rig.executor  # reads the worker's gate's catalog, as loaded at start
+    rig.executor = Executor(
+        rig.store,
+        rig.gate,
+        rig.provider,
+        RunnerRegistry({"fake": rig.runner}),
+        catalog=current_catalog,
+        worker_id="reloading-worker",
+    )
+    try:
+        assert rig.run(before_edit) is S.BLOCKED_AT_EXECUTION
+        execute = [d for d in rig.store.decisions_for(before_edit) if d.phase == "execute"]
+        assert execute[0].deny_codes == ["spec_changed"]
+        proposed = today.propose(scale(), ALICE).action.id
+        today.approve(proposed, BOB)
+        reads.clear()
+        assert rig.run(proposed) is S.SUCCEEDED
+        assert reads, "the catalog was not read for the action"
+    finally:
+        rig.executor.close()
+        rig.executor = stale
+    # Without reading the catalog per action, an action proposed today is refused.
+    again = today.propose(scale(), ALICE).action.id
+    today.approve(again, BOB)
+    assert rig.run(again) is S.BLOCKED_AT_EXECUTION
+    execute = [d for d in rig.store.decisions_for(again) if d.phase == "execute"]
+    assert execute[0].deny_codes == ["spec_changed"]
+
+
+def test_the_gate_recheck_names_every_reason_in_the_decision(rig: Rig) -> None:
+    action_id = rig.approved()
+    action = rig.store.get_action(action_id)
+    assert action is not None
+    now = rig.gate.clock()
+    allowed = rig.gate.recheck(None, action, now)
+    assert allowed.allow and allowed.phase == "execute" and allowed.action_id == action_id
+    # A query that cannot be rendered: named in the stored decision, not only in the log.
+    broken = action.verification.model_copy(
+        update={
+            "signals": tuple(
+                s.model_copy(update={"query": s.query.replace("{target}", "{nowhere}")})
+                for s in action.verification.signals
+            )
+        }
+    )
+    action_type = rig.gate.catalog.types[action.action_type]
+    digest = spec_hash(action_type, action.target, action.environment, action.params, broken)
+    unrenderable = action.model_copy(update={"verification": broken, "spec_hash": digest})
+    undefined = rig.gate.recheck(None, unrenderable, now)
+    assert not undefined.allow and "verification_undefined" in undefined.deny_codes
+    assert "nowhere" in "; ".join(d.message for d in undefined.deny)
+    # No approval rows to recount: refused, whatever the action's state says.
+    unapproved = rig.gate.recheck(None, action, now, approvals=[])
+    assert not unapproved.allow and unapproved.deny_codes == ["approval_missing"]
+    # An action type the catalog no longer has: decided by opsgate, no policy asked.
+    gone = rig.gate.recheck(None, action.model_copy(update={"action_type": "gone"}), now)
+    assert gone.engine == "opsgate" and gone.deny_codes == ["spec_changed"]
+
+
 def test_manual_rollback_of_a_succeeded_action(rig: Rig) -> None:
     action_id = rig.approved()
     assert rig.run(action_id) is S.SUCCEEDED
@@ -414,7 +491,7 @@ def test_manual_rollback_while_verifying(rig: Rig) -> None:
     rig.executor = Executor(
         rig.store,
         rig.gate,
-        VerificationHub(rig.provider),
+        rig.provider,
         RunnerRegistry({"fake": rig.runner}),
         worker_id="test-worker",
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime
 
+import pytest
+
 from opsgate.models import VerificationSpec
 from opsgate.testing_signals import StaticSignalProvider
 from opsgate.verification.evaluator import VerificationState
@@ -107,3 +109,13 @@ def test_a_tick_judges_evidence_by_when_the_queries_were_asked() -> None:
     signal = [r for r in watch.last_records if r.kind == "signal"]
     assert signal[0].not_counted == "pre_change" and signal[0].at == t0.replace(second=5)
     assert watch.state.passing_since is None
+
+
+def test_the_sink_is_fixed_when_the_hub_is_built() -> None:
+    reports: list[TickReport] = []
+    hub = VerificationHub(StaticSignalProvider(default=0.001), sink=reports.append)
+    with pytest.raises(AttributeError):
+        hub.sink = None  # type: ignore[misc]
+    watch = watch_for("checkout", [])
+    hub.tick([watch])
+    assert [r.watches for r in reports] == [[watch]]

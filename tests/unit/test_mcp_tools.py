@@ -32,7 +32,6 @@ from opsgate.mcp_server import (
 from opsgate.models import ActionState, Identity, Step
 from opsgate.policies.engine import bundle_revision
 from opsgate.testing_signals import StaticSignalProvider
-from opsgate.verification.hub import VerificationHub
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENT = Identity(id="sre-agent", kind="agent")
@@ -394,7 +393,7 @@ def test_get_action_follows_approvals_execution_and_rollback(
     executor = Executor(
         store,
         harness.app.gate,
-        VerificationHub(provider),
+        provider,
         RunnerRegistry({"fake": runner}),
         worker_id="test-worker",
         lease=30,

@@ -19,9 +19,8 @@ from opsgate.catalog import load_catalog
 from opsgate.executor.executor import RUN_RECOVERY_GRACE, Executor
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.lifecycle import record_transition
-from opsgate.models import ActionState, Execution
+from opsgate.models import ActionState, Execution, ExecutionUpdate
 from opsgate.verification.evaluator import VerificationState
-from opsgate.verification.hub import VerificationHub
 from tests.unit.test_executor import SCALE, Rig
 
 S = ActionState
@@ -144,7 +143,8 @@ def test_rollback_whose_undo_had_not_started_is_completed(rig: Rig) -> None:
 def test_a_live_lease_is_left_alone(rig: Rig) -> None:
     action_id = plant(rig, [S.EXECUTING])
     with rig.store.transaction() as tx:
-        tx.update_execution(action_id, lease_expires_at=datetime.now(UTC) + timedelta(seconds=30))
+        later = datetime.now(UTC) + timedelta(seconds=30)
+        tx.update_execution(action_id, ExecutionUpdate(lease_expires_at=later))
     assert rig.executor.recover_lapsed() == []
     assert rig.runner.calls == []
 
@@ -159,7 +159,7 @@ def test_shutdown_hands_verification_over_and_the_next_worker_finishes_it(rig: R
         return Executor(
             rig.store,
             rig.gate,
-            VerificationHub(rig.provider),
+            rig.provider,
             RunnerRegistry({"fake": rig.runner}),
             worker_id=worker_id,
         )

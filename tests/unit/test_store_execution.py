@@ -14,9 +14,11 @@ from sqlalchemy.exc import IntegrityError
 
 from opsgate.models import (
     EXECUTION_KEY_FIELDS,
+    MUTABLE_EXECUTION_FIELDS,
     Action,
     ActionState,
     Execution,
+    ExecutionUpdate,
     Measurement,
     WorkerInfo,
 )
@@ -173,8 +175,8 @@ def test_update_execution_changes_mutable_fields(store: Store) -> None:
     }
     with store.transaction() as tx:
         assert tx.lock_execution(execution.action_id) == execution
-        updated = tx.update_execution(execution.action_id, **changes)
-        assert tx.update_execution(execution.action_id) == updated
+        updated = tx.update_execution(execution.action_id, ExecutionUpdate(**changes))
+        assert tx.update_execution(execution.action_id, ExecutionUpdate()) == updated
     expected = execution.model_copy(update={**changes, "lease_expires_at": later})
     assert updated == expected
     assert store.get_execution(execution.action_id) == expected
@@ -188,20 +190,29 @@ def test_update_execution_refuses_key_fields(store: Store, field: str) -> None:
     execution = _execute(store)
     value = T0 if field == "claimed_at" else "other"
     with pytest.raises(ValueError, match=field), store.transaction() as tx:
-        tx.update_execution(execution.action_id, **{field: value}, finished_at=T0)
+        tx.update_execution(execution.action_id, ExecutionUpdate(**{field: value}, finished_at=T0))
     assert store.get_execution(execution.action_id) == execution
+
+
+def test_an_execution_update_names_exactly_the_mutable_fields() -> None:
+    assert set(ExecutionUpdate.model_fields) == MUTABLE_EXECUTION_FIELDS
+    assert ExecutionUpdate(finished_at=None).changes() == {"finished_at": None}
+    assert ExecutionUpdate().changes() == {}
 
 
 def test_update_execution_refuses_bad_values_and_missing_rows(store: Store) -> None:
     execution = _execute(store)
-    with pytest.raises(ValueError, match="invalid outcome") as raised, store.transaction() as tx:
-        tx.update_execution(execution.action_id, outcome="exploded")
+    with pytest.raises(ValueError, match="outcome"):
+        ExecutionUpdate(outcome="exploded")  # type: ignore[arg-type]
+    # None is a value an update may carry, but not for a field an execution needs.
+    with pytest.raises(ValueError, match="invalid worker_id") as raised, store.transaction() as tx:
+        tx.update_execution(execution.action_id, ExecutionUpdate(worker_id=None))
     assert "\n" not in str(raised.value)
     assert store.get_execution(execution.action_id) == execution
     with pytest.raises(StoreError, match="no execution"), store.transaction() as tx:
-        tx.update_execution("missing", finished_at=T0)
+        tx.update_execution("missing", ExecutionUpdate(finished_at=T0))
     with pytest.raises(StoreError, match="no execution"), store.transaction() as tx:
-        tx.update_execution("missing")
+        tx.update_execution("missing", ExecutionUpdate())
     with store.transaction() as tx:
         assert tx.lock_execution("missing") is None
 
@@ -224,7 +235,7 @@ def test_target_busy_while_another_execution_is_unfinished(store: Store) -> None
     assert store.count_running_on_target("checkout", "staging") == 1
 
     with store.transaction() as tx:
-        tx.update_execution(first.action_id, finished_at=T0)
+        tx.update_execution(first.action_id, ExecutionUpdate(finished_at=T0))
     with store.transaction() as tx:
         tx.insert_execution(make_execution(second.id))
     assert store.count_running_on_target("checkout", "prod") == 1
@@ -232,7 +243,7 @@ def test_target_busy_while_another_execution_is_unfinished(store: Store) -> None
 
     # Reopening the finished one would put two on the target: the database refuses it.
     with pytest.raises(StoreError), store.transaction() as tx:
-        tx.update_execution(first.action_id, finished_at=None)
+        tx.update_execution(first.action_id, ExecutionUpdate(finished_at=None))
     reopened = store.get_execution(first.action_id)
     assert reopened is not None and reopened.finished_at == T0
 
@@ -294,7 +305,7 @@ def test_racing_claims_on_one_target_let_one_win(store: Store) -> None:
             outcome.append(exc)
 
     with store.transaction() as tx:
-        tx.update_execution(first.id, finished_at=T0)
+        tx.update_execution(first.id, ExecutionUpdate(finished_at=T0))
     (third,) = _actions(store)
     worker = threading.Thread(target=swallowing_loser)
     worker.start()
@@ -536,7 +547,7 @@ def test_a_failed_transaction_leaves_no_execution_or_measurement(store: Store) -
     (doomed,) = _actions(store)
     before = store.row_counts()
     with pytest.raises(Boom), store.transaction() as tx:
-        tx.update_execution(running.action_id, finished_at=T0, outcome="succeeded")
+        tx.update_execution(running.action_id, ExecutionUpdate(finished_at=T0, outcome="succeeded"))
         tx.insert_execution(make_execution(doomed.id, target="payments"))
         tx.insert_measurements([make_measurement(doomed.id), make_measurement(running.action_id)])
         raise Boom
