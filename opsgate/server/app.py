@@ -37,6 +37,7 @@ from opsgate.errors import (
     StateConflict,
 )
 from opsgate.models import ActionState
+from opsgate.notify.delivery import Notifier, NotifyMetrics, NotifySettings
 from opsgate.server.execution import ServerExecutor
 from opsgate.server.openapi import openapi_document
 from opsgate.store.base import StoreError
@@ -368,6 +369,39 @@ def create_app(config: CliConfig, metrics: Metrics | None = None) -> Starlette:
         Route(API + "/policy", api.route("policy", api.policy), methods=["GET"]),
         Route(API + "/my-actions", api.route("my_actions", api.my_actions), methods=["GET"]),
     ]
+    routes += console_routes(config, oidc, api.oidc)
+    notifier = Notifier(
+        config.store, NotifySettings.from_settings(config.settings), NotifyMetrics(metrics.registry)
+    )
     app = Starlette(routes=routes)
-    app.state.close = api.executor.close  # `opsgate server` calls it when it stops
+    app.state.start = notifier.start  # `opsgate server` calls it once it serves
+
+    def close() -> None:  # `opsgate server` calls it when it stops
+        notifier.stop()
+        api.executor.close()
+
+    app.state.close = close
     return app
+
+
+def console_routes(
+    config: CliConfig, oidc: OidcSettings | None, verifier: OidcVerifier | None
+) -> list[Route]:
+    from opsgate.server.console.views import Console, ConsoleSettings
+
+    settings = config.settings
+    secret = settings.session_secret.encode("utf-8") if settings.session_secret else None
+    if secret is not None and len(secret) < 32:
+        raise ConfigError("OPSGATE_SESSION_SECRET: at least 32 characters")
+    console = Console(
+        config,
+        ConsoleSettings(
+            oidc=oidc,
+            client_id=settings.console_client_id,
+            public_url=settings.public_url,
+            cookie_secure=settings.cookie_secure,
+        ),
+        verifier,
+        secret,
+    )
+    return console.routes()
