@@ -69,7 +69,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
 }
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
-SAFE_NEXT = re.compile(r"^/console(/[A-Za-z0-9_./-]*)?$")
+# Where a login may return to: console paths only, no dot segments (no way out of /console).
+SAFE_NEXT = re.compile(r"^/console(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*/?$")
 
 
 @dataclass(frozen=True)
