@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ if _missing is not None:
 WEBHOOK_SECRET = "webhook-secret-for-the-console-tests"
 HOSTILE = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>"
 SCREENSHOT = ROOT / "docs" / "console.png"
+DRAWN_CHARTS = (  # report charts whose plotly SVG exists
+    "return Array.from(document.querySelectorAll('[data-chart]'))"
+    ".filter(b => b.querySelector('svg.main-svg')).length"
+)
 
 
 def critical(target: str, reason: str = SCALE["reason"]) -> dict[str, Any]:
@@ -368,7 +373,8 @@ def browser_login(driver: Any, rig: Rig, who: str, path: str = "/console") -> No
     wait.until(ec.staleness_of(sign_in))  # the consent page replaced the login page
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "button[type=submit]"))).click()
     wait.until(lambda d: d.current_url.startswith(rig.server.url + "/console"))
-    wait.until(ec.presence_of_element_located((By.ID, "viewer")))
+    if not path.endswith("/report"):  # the report is the standalone HTML report
+        wait.until(ec.presence_of_element_located((By.ID, "viewer")))
 
 
 def requested_urls(driver: Any) -> list[str]:
@@ -400,6 +406,8 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
     assert "yours to approve" in first.text  # what waits for the viewer comes first
     own_row = alice.find_element(By.CSS_SELECTOR, f"tr[data-action-id='{own}']")
     assert "yours to approve" not in own_row.text
+    if os.environ.get("OPSGATE_CONSOLE_SCREENSHOT"):  # the README's picture (make screenshot)
+        alice.save_screenshot(str(SCREENSHOT))
 
     row.find_element(By.CSS_SELECTOR, "a.action-link").click()
     WebDriverWait(alice, 30).until(ec.presence_of_element_located((By.ID, "plan")))
@@ -417,9 +425,6 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
     WebDriverWait(alice, 30).until(ec.presence_of_element_located((By.ID, "notice")))
     assert alice.find_element(By.ID, "progress").text.startswith("1 of 2")
     assert "<b>looks right</b>" in alice.find_element(By.ID, "approvals").text
-    if os.environ.get("OPSGATE_CONSOLE_SCREENSHOT"):
-        alice.get(rig.server.url + "/console")
-        alice.save_screenshot(str(SCREENSHOT))
 
     # Her own proposal: the Gate refuses, and the page says why.
     alice.get(f"{rig.server.url}/console/actions/{own}")
@@ -517,8 +522,52 @@ def test_the_live_chart_draws_during_a_run(
             urls = requested_urls(driver)
             console_urls = [u for u in urls if "/console" in u]
             assert any(u.endswith("/live.json") for u in console_urls)
+            assert driver.find_element(By.ID, "state").text == "rolled_back"
             if os.environ.get("OPSGATE_CONSOLE_SCREENSHOT"):
+                driver.execute_script("document.getElementById('reason').scrollIntoView()")
                 driver.save_screenshot(str(SCREENSHOT.with_name("console-live.png")))
+        finally:
+            rig.server.stop()
+            rig.store.close()
+
+
+def test_the_governance_report_draws_under_the_console_policy(
+    tmp_path: Path, provider: OidcProvider, driver_factory: Any
+) -> None:
+    """The report inlines plotly: the page allows exactly its scripts by hash, so every
+    chart must still draw with nothing blocked and nothing fetched from elsewhere."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from opsgate.store import open_store
+    from tests import history
+
+    rig = Rig(tmp_path)
+    store = open_store(rig.db)
+    now = datetime.now(UTC)
+    history.write(store, history.generate(300, seed=11, start=now - timedelta(days=29), end=now))
+    store.close()
+    with WebhookReceiver() as receiver:
+        rig.server.env.update(console_env(provider, receiver))
+        rig.server.start()
+        try:
+            driver = driver_factory()
+            browser_login(driver, rig, "alice", "/console/report")
+            WebDriverWait(driver, 60).until(lambda d: d.execute_script(DRAWN_CHARTS) == 4)
+            marks = driver.execute_script(
+                "return Array.from(document.querySelectorAll('[data-chart]')).map(b =>"
+                " b.querySelectorAll('g.trace path, g.points path, g.bars path').length)"
+            )
+            assert all(count > 0 for count in marks), marks
+            requested_urls(driver)  # the login's requests went to the provider by design
+            driver.refresh()
+            WebDriverWait(driver, 60).until(lambda d: d.execute_script(DRAWN_CHARTS) == 4)
+            urls = requested_urls(driver)
+            assert urls and all(u.startswith(rig.server.url + "/") for u in urls), urls
+            logged = driver.get_log("browser")
+            assert [e for e in logged if "Content Security Policy" in e["message"]] == []
+            driver.get(rig.server.url + "/console/audit")
+            assert "verified:" in driver.find_element(By.ID, "audit-status").text
         finally:
             rig.server.stop()
             rig.store.close()

@@ -55,7 +55,8 @@
       if (t === null || t === undefined) return;
       el("line", { x1: x(t), y1: T, x2: x(t), y2: H - B, stroke: color, "stroke-dasharray": "4 3",
                    class: "mark" }, svg);
-      text(svg, x(t) + 3, H - 6, label);
+      const right = x(t) > W - R - 90; // keep the label inside the chart
+      text(svg, right ? x(t) - 3 : x(t) + 3, H - 6, label, right ? "end" : "start");
     }
     vline(marks.run_started, "#555", "run");
     vline(marks.stopped, "#b42318", "stop: " + (marks.trigger || ""));
@@ -72,6 +73,8 @@
     const t0 = points.length ? Math.min.apply(null, points) : Date.now();
     const t1 = points.length ? Math.max.apply(null, points) : t0 + 1;
     box.replaceChildren.apply(box, doc.series.map(function (s) { return draw(s, m, t0, t1); }));
+    const state = document.getElementById("state");
+    if (state) state.textContent = doc.state;
     const status = document.getElementById("live-status");
     if (status) {
       let line = doc.state + (doc.running ? " (live)" : "");
