@@ -35,7 +35,7 @@ SIGNATURE_HEADER = "X-Opsgate-Signature"
 DELIVERY_HEADER = "X-Opsgate-Delivery"
 EVENT_HEADER = "X-Opsgate-Event"
 MAX_BACKOFF = 300.0
-MAX_ATTEMPTS = 15  # about an hour of retries, then the item is given up (and counted)
+MAX_ATTEMPTS = 15  # over half an hour of retries, then the item is given up (and counted)
 
 EVENT_TEXT = {
     "pending_approval": "waits for approval",

@@ -406,7 +406,7 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
     assert "yours to approve" in first.text  # what waits for the viewer comes first
     own_row = alice.find_element(By.CSS_SELECTOR, f"tr[data-action-id='{own}']")
     assert "yours to approve" not in own_row.text
-    if os.environ.get("OPSGATE_CONSOLE_SCREENSHOT"):  # the README's picture (make screenshot)
+    if os.environ.get("OPSGATE_CONSOLE_SCREENSHOT"):  # the README's picture (make screenshots)
         alice.save_screenshot(str(SCREENSHOT))
 
     row.find_element(By.CSS_SELECTOR, "a.action-link").click()
