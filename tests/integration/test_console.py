@@ -237,6 +237,18 @@ def test_a_form_post_without_the_csrf_token_is_refused(rig: Rig) -> None:
     assert rig.rows()["approvals"] == before["approvals"] + 1
 
 
+def test_signing_out_needs_the_token_and_ends_the_session(rig: Rig) -> None:
+    alice = login(rig, "alice")
+    url = rig.server.url + "/console/logout"
+    refused = alice.post(url, data={}, allow_redirects=False, timeout=10)
+    assert refused.status_code == 403  # a cross-site page cannot sign you out either
+    done = alice.post(url, data={"csrf": alice.csrf}, allow_redirects=False, timeout=10)
+    assert done.status_code == 303 and done.headers["location"] == "/console/signed-out"
+    assert "opsgate_session=" in done.headers["set-cookie"]
+    again = alice.get(rig.server.url + "/console", allow_redirects=False, timeout=10)
+    assert again.status_code == 303 and again.headers["location"].startswith("/console/login")
+
+
 def test_pages_carry_a_strict_content_security_policy(rig: Rig) -> None:
     alice = login(rig, "alice")
     for path in ("/console", "/console/audit"):
@@ -387,7 +399,7 @@ def requested_urls(driver: Any) -> list[str]:
 
 
 def test_approvers_log_in_see_open_and_approve_in_the_browser(
-    rig: Rig, driver_factory: Any
+    rig: Rig, receiver: WebhookReceiver, driver_factory: Any
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -451,6 +463,11 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
         assert [a.approver.id for a in stored.approvals_for(shared)] == ["alice", "bob"]
     finally:
         stored.close()
+    announced = receiver.wait_for(2, about=shared)  # the webhook's; Slack's carry no id
+    assert sorted(json.loads(p.body)["event"] for p in announced) == [
+        "approved",
+        "pending_approval",
+    ]
 
 
 def test_the_live_chart_draws_during_a_run(
@@ -519,6 +536,9 @@ def test_the_live_chart_draws_during_a_run(
                 ".map(s => [s.dataset.series, s.querySelectorAll('circle.point').length])"
             )
             assert dict(series)["error_spike"] > 0 and dict(series)["error_rate"] > 0, series
+            # The executor's rollback, enqueued in its own transaction, reached the webhook.
+            (rolled,) = receiver.wait_for(1, about='"event":"rolled_back"')
+            assert json.loads(rolled.body)["action"]["id"] == action_id
             urls = requested_urls(driver)
             console_urls = [u for u in urls if "/console" in u]
             assert any(u.endswith("/live.json") for u in console_urls)
