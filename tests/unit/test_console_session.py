@@ -94,3 +94,26 @@ def test_pkce_challenge_is_s256_of_the_verifier() -> None:
     digest = hashlib.sha256(verifier.encode()).digest()
     assert challenge == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
     assert pkce_pair()[0] != verifier
+
+
+@pytest.mark.parametrize(
+    ("path", "safe"),
+    [
+        ("/console", True),
+        ("/console/", True),
+        ("/console/actions/01ABC", True),
+        ("/console/report", True),
+        ("/console/../api/v1/actions", False),
+        ("/console/./x", False),
+        ("//evil.example", False),
+        ("https://evil.example/console", False),
+        ("/consolex", False),
+        ("/console\\\\evil", False),
+        ("/console/actions/%2e%2e", False),
+        ("/console/a\nb", False),
+    ],
+)
+def test_login_returns_only_to_console_paths(path: str, safe: bool) -> None:
+    from opsgate.server.console.views import SAFE_NEXT
+
+    assert bool(SAFE_NEXT.match(path)) is safe

@@ -271,3 +271,35 @@ def test_no_sink_configured_means_no_delivery_thread(store: Store) -> None:
     quiet.start()
     assert quiet._thread is None
     quiet.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "announced"),
+    [
+        ([ActionState.APPROVED, ActionState.BLOCKED_AT_EXECUTION],
+         ["approved", "blocked_at_execution"]),
+        ([ActionState.APPROVED, ActionState.EXECUTING, ActionState.ROLLING_BACK,
+          ActionState.ROLLED_BACK], ["approved", "rolled_back"]),
+        ([ActionState.APPROVED, ActionState.EXECUTING, ActionState.ROLLING_BACK,
+          ActionState.ROLLBACK_FAILED], ["approved", "rollback_failed"]),
+        ([ActionState.REJECTED], []),
+        ([ActionState.APPROVED, ActionState.EXECUTING, ActionState.VERIFYING,
+          ActionState.SUCCEEDED], ["approved"]),
+    ],
+)  # fmt: skip
+def test_exactly_the_announced_transitions_enqueue(
+    gate: Gate, store: Store, path: list[ActionState], announced: list[str]
+) -> None:
+    from opsgate.lifecycle import record_transition
+
+    action = gate.propose(scale(), AGENT).action
+    for state in path:  # as the executor and the gate record them
+        with store.transaction() as tx:
+            locked = tx.lock_action(action.id)
+            assert locked is not None
+            record_transition(tx, locked, state, actor="opsgate", now=later())
+    kinds = [i.kind for i in store.outbox_items(action_id=action.id)]
+    assert kinds == ["pending_approval", *announced]
+    # The payload shows the action as the change left it (the row is updated first).
+    for item in store.outbox_items(action_id=action.id):
+        assert item.payload["action"]["state"] == item.kind
