@@ -648,6 +648,9 @@ class SqlTx:
         )
         self.failed = False  # a driver error happened: the transaction must not commit
         self._segments: dict[str, int | None] = {}  # action id -> segment id, this tx
+        # Actions as this transaction last wrote them: a notification's payload needs the
+        # action, and the change it announces was just made here (saves a read).
+        self._written: dict[str, Action] = {}
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -673,6 +676,7 @@ class SqlTx:
         inserted = self._conn.execute(self._insert_action, row).first()
         if inserted is not None:
             self._segments[action.id] = row["segment_id"]
+            self._written[action.id] = action
         if inserted is None:
             raise DuplicateIdempotencyKey(
                 f"idempotency key {action.idempotency_key!r} is already used by another action"
@@ -693,7 +697,9 @@ class SqlTx:
         row = self._conn.execute(statement).first()
         if row is None:
             raise StoreError(f"no action {action_id}")
-        return action_from_row(row._mapping)
+        updated = action_from_row(row._mapping)
+        self._written[action_id] = updated
+        return updated
 
     @_translate_errors
     def insert_decision(self, decision: Decision) -> None:
@@ -772,8 +778,8 @@ class SqlTx:
         self._conn.execute(_MOVE_HEAD, {"new_seq": event.seq, "new_hash": event.hash})
         if draft.kind in NOTIFIED_KINDS:
             # In this transaction: the notification exists exactly when the change does.
-            found = None
-            if draft.action_id is not None:
+            found = self._written.get(draft.action_id) if draft.action_id else None
+            if found is None and draft.action_id is not None:
                 row = self._conn.execute(_SELECT_ACTION, {"action_id": draft.action_id}).first()
                 found = action_from_row(row._mapping) if row is not None else None
             entry = outbox_entry(event, found)
