@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test unit integration lint typecheck system-deps oidc-deps postgres venv bench demo clean
+.PHONY: test unit integration lint typecheck system-deps oidc-deps postgres venv bench demo clean screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,12 @@ test: venv system-deps oidc-deps postgres
 	$(BIN)/mypy
 	$(BIN)/opsgate policy test --policies policies
 	$(BIN)/pytest -q
+
+# The README's console pictures (docs/console*.png), taken by the console tests in a real
+# run: Chromium against a real server, OpenID provider and Prometheus.
+screenshots: venv system-deps oidc-deps postgres
+	OPSGATE_CONSOLE_SCREENSHOT=1 $(BIN)/pytest -q tests/integration/test_console.py \
+		-k "approvers or live_chart"
 
 bench: venv system-deps postgres
 	$(BIN)/python bench/propose.py

@@ -84,6 +84,16 @@ class Settings:
     audit_key: Path | None = None
     # Preconditions, then the policy, must answer within this; past it: a deny.
     decision_deadline: float = 5.0
+    # Notifications from `opsgate server` (docs: README "Notifications")
+    webhook_url: str | None = None
+    webhook_secret: str | None = None  # HMAC-SHA256 key of X-Opsgate-Signature
+    slack_webhook_url: str | None = None
+    public_url: str | None = None  # where people reach the console, for links
+    # The web console: OIDC login with this (public, PKCE) client; sessions signed with
+    # the secret; cookies `Secure` when auto and public_url is https, or when true.
+    console_client_id: str | None = None
+    session_secret: str | None = None
+    cookie_secure: str = "auto"  # auto | true | false
 
     @classmethod
     def load(
@@ -199,6 +209,10 @@ class Settings:
                 if value not in {"os", "postgres", "env"}:
                     raise ConfigError("OPSGATE_IDENTITY: expected os, postgres or env")
                 converted[name] = value
+            elif name == "cookie_secure":
+                if str(value) not in {"auto", "true", "false"}:
+                    raise ConfigError("OPSGATE_COOKIE_SECURE: expected auto, true or false")
+                converted[name] = str(value)
             elif name == "user_kind":
                 if value not in {"human", "agent"}:
                     raise ConfigError("OPSGATE_USER_KIND: expected human or agent")

@@ -9,9 +9,9 @@
 -- approvals, expiry, the audit chain) and reads, never writes, the API tokens (an
 -- administrator issues them with `opsgate token` as the owner).
 GRANT SELECT ON actions, decisions, approvals, audit_events, audit_head, segments,
-    executions, measurements, workers, api_tokens TO opsgate_server;
-GRANT INSERT, UPDATE ON actions, decisions, approvals, audit_events, audit_head, segments
-    TO opsgate_server;
+    executions, measurements, workers, api_tokens, outbox TO opsgate_server;
+GRANT INSERT, UPDATE ON actions, decisions, approvals, audit_events, audit_head, segments,
+    outbox TO opsgate_server;
 
 -- A worker: claims approved actions, runs, verifies and rolls them back, heartbeats.
 -- It never approves (no write on approvals) and never sees the API tokens.
@@ -19,5 +19,8 @@ GRANT SELECT ON actions, decisions, approvals, audit_events, audit_head, segment
     executions, measurements, workers TO opsgate_worker;
 GRANT INSERT, UPDATE ON actions, decisions, audit_events, audit_head, segments, executions,
     measurements, workers TO opsgate_worker;
+-- Notifications are enqueued in the transaction of the change (rolled back, blocked...);
+-- only the server delivers them.
+GRANT INSERT ON outbox TO opsgate_worker;
 
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO opsgate_server, opsgate_worker;

@@ -64,7 +64,10 @@ def server(config: CliConfig, listen: str) -> None:
         proxy_headers=False,
     )
     click.echo(f"opsgate server listening on http://{listen}/api/v1", err=True)
+    if config.settings.console_client_id:
+        click.echo(f"web console at http://{listen}/console", err=True)
     try:
+        app.state.start()  # notification delivery from the outbox
         uvicorn.Server(settings).run()
     finally:
         app.state.close()  # actions it runs are handed over, as a worker does

@@ -672,6 +672,11 @@ class Scenario:
         )
         self.say("  OPSGATE_USER=bob opsgate approve <id> && opsgate run <id>")
         self.say("  opsgate report   /   opsgate show <id>   /   opsgate audit verify")
+        # The demo stays in local mode; a server over the same store adds the web console.
+        self.say(
+            "  opsgate server --listen 127.0.0.1:8700   # API; with OIDC set, the web console "
+            "at http://127.0.0.1:8700/console (README: The web console)"
+        )
         self.say(f"  Prometheus: {self.prometheus.url}/graph   service: {self.service_url}/release")
         self.say(f"Stop them with: kill {self.service.pid} {self.prometheus.pid}", bold=True)
 

@@ -39,6 +39,7 @@ from opsgate.errors import (
     StateConflict,
 )
 from opsgate.models import ActionState
+from opsgate.notify.delivery import Notifier, NotifyMetrics, NotifySettings
 from opsgate.server.boundary import (
     FailureLimiter,
     InvalidProxyIdentity,
@@ -480,6 +481,39 @@ def create_app(app: App, metrics: Metrics | None = None) -> Starlette:
         Route(API + "/workers", api.route("workers", api.workers), methods=["GET"]),
         Route(API + "/resolve", api.route("resolve", api.resolve), methods=["GET"]),
     ]
+    routes += console_routes(app, oidc, api.oidc)
+    notifier = Notifier(
+        app.store, NotifySettings.from_settings(app.settings), NotifyMetrics(metrics.registry)
+    )
     asgi = Starlette(routes=routes)
-    asgi.state.close = api.executor.close  # `opsgate server` calls it when it stops
+    asgi.state.start = notifier.start  # `opsgate server` calls it once it serves
+
+    def close() -> None:  # `opsgate server` calls it when it stops
+        notifier.stop()
+        api.executor.close()
+
+    asgi.state.close = close
     return asgi
+
+
+def console_routes(
+    app: App, oidc: OidcSettings | None, verifier: OidcVerifier | None
+) -> list[Route]:
+    from opsgate.server.console.views import Console, ConsoleSettings
+
+    settings = app.settings
+    secret = settings.session_secret.encode("utf-8") if settings.session_secret else None
+    if secret is not None and len(secret) < 32:
+        raise ConfigError("OPSGATE_SESSION_SECRET: at least 32 characters")
+    console = Console(
+        app,
+        ConsoleSettings(
+            oidc=oidc,
+            client_id=settings.console_client_id,
+            public_url=settings.public_url,
+            cookie_secure=settings.cookie_secure,
+        ),
+        verifier,
+        secret,
+    )
+    return console.routes()

@@ -99,7 +99,7 @@ def public_key(text: Any) -> Ed25519PublicKey:
 
 
 class Reads:
-    """The read endpoints' bodies, over the server's CliConfig (in a worker thread)."""
+    """The read endpoints' bodies, over the server's App (in a worker thread)."""
 
     def __init__(self, app: App) -> None:
         self.app = app

@@ -47,6 +47,26 @@ class ActionQuery:
     limit: int = 50
 
 
+@dataclass(frozen=True)
+class OutboxItem:
+    """A notification waiting in (or delivered from) the outbox."""
+
+    id: str  # the delivery id: the same on every retry, so receivers can deduplicate
+    event_id: str
+    kind: str
+    action_id: str | None
+    payload: dict[str, Any]
+    created_at: datetime
+    next_attempt_at: datetime
+    attempts: int
+    delivered_to: tuple[str, ...]
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    delivered_at: datetime | None = None
+    failed_at: datetime | None = None
+    last_error: str | None = None
+
+
 class StoreError(Exception):
     """The store could not do what was asked (connection, integrity, migration)."""
 
@@ -243,6 +263,31 @@ class Store(Protocol):
     def get_api_token(self, token_id: str) -> ApiToken | None: ...
 
     def list_api_tokens(self) -> list[ApiToken]:
+        """Oldest first."""
+
+    # --- notification outbox (rows are added by append_audit, in its transaction) -----
+
+    def claim_outbox(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxItem]:
+        """Lease up to `limit` undelivered items that are due and not leased by a live
+        owner (a lapsed lease is taken over), oldest first."""
+
+    def settle_outbox(
+        self,
+        item_id: str,
+        owner: str,
+        *,
+        delivered_to: Sequence[str],
+        delivered_at: datetime | None,
+        failed_at: datetime | None,
+        next_attempt_at: datetime,
+        error: str | None,
+    ) -> bool:
+        """Record a delivery attempt and release the lease; False if `owner` no longer
+        holds it (it lapsed and another owner took the item)."""
+
+    def outbox_items(self, *, action_id: str | None = None) -> list[OutboxItem]:
         """Oldest first."""
 
     def close(self) -> None: ...

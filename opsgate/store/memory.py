@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -29,10 +29,12 @@ from opsgate.models import (
     Measurement,
     WorkerInfo,
 )
+from opsgate.notify.events import outbox_entry
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
     ActionQuery,
     DuplicateIdempotencyKey,
+    OutboxItem,
     StoreError,
     TargetBusy,
 )
@@ -68,6 +70,7 @@ class _Tables:
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
     api_tokens: dict[str, ApiToken] = field(default_factory=dict)
     checkpoints: list[AuditCheckpoint] = field(default_factory=list)
+    outbox: dict[str, OutboxItem] = field(default_factory=dict)
 
     def copy(self) -> _Tables:
         # Models are frozen and replaced, never changed, so copying the containers suffices.
@@ -81,6 +84,7 @@ class _Tables:
             dict(self.workers),
             dict(self.api_tokens),
             list(self.checkpoints),
+            dict(self.outbox),
         )
 
 
@@ -172,6 +176,11 @@ class MemoryTx:
             prev_hash=last.hash if last else GENESIS_HASH,
         )
         self._t.audit.append(_in_utc(event, "at"))
+        action = self._t.actions.get(draft.action_id) if draft.action_id else None
+        entry = outbox_entry(event, action)
+        if entry is not None:
+            entry["delivered_to"] = ()
+            self._t.outbox[entry["id"]] = OutboxItem(**entry)
         return event
 
     # --- execution --------------------------------------------------------------------
@@ -551,6 +560,7 @@ class MemoryStore:
                 "workers": len(t.workers),
                 "api_tokens": len(t.api_tokens),
                 "audit_checkpoints": len(t.checkpoints),
+                "outbox": len(t.outbox),
             }
 
     def session_user(self) -> str | None:
@@ -566,6 +576,63 @@ class MemoryStore:
             found = list(self._tables.api_tokens.values())
         found.sort(key=lambda t: (_utc(t.created_at), t.id))
         return [t.model_copy(deep=True) for t in found]
+
+    def claim_outbox(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxItem]:
+        with self._lock:
+            due = sorted(
+                (
+                    item
+                    for item in self._tables.outbox.values()
+                    if item.delivered_at is None
+                    and item.failed_at is None
+                    and item.next_attempt_at <= now
+                    and (item.lease_until is None or item.lease_until < now)
+                ),
+                key=lambda item: (item.created_at, item.id),
+            )[:limit]
+            claimed = [replace(i, lease_owner=owner, lease_until=lease_until) for i in due]
+            for item in claimed:
+                self._tables.outbox[item.id] = item
+            return claimed
+
+    def settle_outbox(
+        self,
+        item_id: str,
+        owner: str,
+        *,
+        delivered_to: Sequence[str],
+        delivered_at: datetime | None,
+        failed_at: datetime | None,
+        next_attempt_at: datetime,
+        error: str | None,
+    ) -> bool:
+        with self._lock:
+            item = self._tables.outbox.get(item_id)
+            if item is None or item.lease_owner != owner:
+                return False
+            self._tables.outbox[item_id] = replace(
+                item,
+                attempts=item.attempts + 1,
+                delivered_to=tuple(delivered_to),
+                delivered_at=delivered_at,
+                failed_at=failed_at,
+                next_attempt_at=next_attempt_at,
+                last_error=error[:1000] if error is not None else None,
+                lease_owner=None,
+                lease_until=None,
+            )
+            return True
+
+    def outbox_items(self, *, action_id: str | None = None) -> list[OutboxItem]:
+        with self._lock:
+            found = [
+                i
+                for i in self._tables.outbox.values()
+                if action_id is None or i.action_id == action_id
+            ]
+        return sorted(found, key=lambda item: (item.created_at, item.id))
 
     def close(self) -> None:
         """Nothing to release."""

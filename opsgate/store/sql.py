@@ -48,10 +48,12 @@ from opsgate.models import (
     Measurement,
     WorkerInfo,
 )
+from opsgate.notify.events import NOTIFIED_KINDS, outbox_entry
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
     ActionQuery,
     DuplicateIdempotencyKey,
+    OutboxItem,
     StoreError,
     TargetBusy,
 )
@@ -67,6 +69,7 @@ from opsgate.store.tables import (
     executions,
     measurements,
     metadata,
+    outbox,
     segments,
     workers,
 )
@@ -587,6 +590,49 @@ class SqlStore:
     def list_api_tokens(self) -> list[ApiToken]:
         return [api_token_from_row(row._mapping) for row in self._all(_LIST_API_TOKENS)]
 
+    @_translate_errors
+    def claim_outbox(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxItem]:
+        with self.transaction() as tx:
+            return tx.claim_outbox(owner, now, lease_until, limit)
+
+    @_translate_errors
+    def settle_outbox(
+        self,
+        item_id: str,
+        owner: str,
+        *,
+        delivered_to: Sequence[str],
+        delivered_at: datetime | None,
+        failed_at: datetime | None,
+        next_attempt_at: datetime,
+        error: str | None,
+    ) -> bool:
+        statement = (
+            update(outbox)
+            .where(outbox.c.id == item_id, outbox.c.lease_owner == owner)
+            .values(
+                attempts=outbox.c.attempts + 1,
+                delivered_to=list(delivered_to),
+                delivered_at=delivered_at,
+                failed_at=failed_at,
+                next_attempt_at=next_attempt_at,
+                last_error=error[:1000] if error is not None else None,
+                lease_owner=None,
+                lease_until=None,
+            )
+        )
+        with self.transaction() as tx:
+            return tx.execute_count(statement) == 1
+
+    @_translate_errors
+    def outbox_items(self, *, action_id: str | None = None) -> list[OutboxItem]:
+        statement = select(outbox).order_by(outbox.c.created_at, outbox.c.id)
+        if action_id is not None:
+            statement = statement.where(outbox.c.action_id == action_id)
+        return [outbox_item_from_row(row._mapping) for row in self._all(statement)]
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -603,6 +649,9 @@ class SqlTx:
         )
         self.failed = False  # a driver error happened: the transaction must not commit
         self._segments: dict[str, int | None] = {}  # action id -> segment id, this tx
+        # Actions as this transaction last wrote them: a notification's payload needs the
+        # action, and the change it announces was just made here (saves a read).
+        self._written: dict[str, Action] = {}
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -628,6 +677,7 @@ class SqlTx:
         inserted = self._conn.execute(self._insert_action, row).first()
         if inserted is not None:
             self._segments[action.id] = row["segment_id"]
+            self._written[action.id] = action
         if inserted is None:
             raise DuplicateIdempotencyKey(
                 f"idempotency key {action.idempotency_key!r} is already used by another action"
@@ -648,7 +698,9 @@ class SqlTx:
         row = self._conn.execute(statement).first()
         if row is None:
             raise StoreError(f"no action {action_id}")
-        return action_from_row(row._mapping)
+        updated = action_from_row(row._mapping)
+        self._written[action_id] = updated
+        return updated
 
     @_translate_errors
     def insert_decision(self, decision: Decision) -> None:
@@ -725,7 +777,50 @@ class SqlTx:
                 "appended until it is dealt with; `opsgate audit verify` names it"
             ) from None
         self._conn.execute(_MOVE_HEAD, {"new_seq": event.seq, "new_hash": event.hash})
+        if draft.kind in NOTIFIED_KINDS:
+            # In this transaction: the notification exists exactly when the change does.
+            found = self._written.get(draft.action_id) if draft.action_id else None
+            if found is None and draft.action_id is not None:
+                row = self._conn.execute(_SELECT_ACTION, {"action_id": draft.action_id}).first()
+                found = action_from_row(row._mapping) if row is not None else None
+            entry = outbox_entry(event, found)
+            if entry is not None:
+                self._conn.execute(_INSERT_OUTBOX, entry)
         return event
+
+    @_translate_errors
+    def claim_outbox(
+        self, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxItem]:
+        due = (
+            select(outbox.c.id)
+            .where(
+                outbox.c.delivered_at.is_(None),
+                outbox.c.failed_at.is_(None),
+                outbox.c.next_attempt_at <= now,
+                or_(outbox.c.lease_until.is_(None), outbox.c.lease_until < now),
+            )
+            .order_by(outbox.c.created_at, outbox.c.id)
+            .limit(limit)
+        )
+        if self._postgresql:  # several servers: each takes rows no other holds
+            due = due.with_for_update(skip_locked=True)
+        ids = [row[0] for row in self._conn.execute(due)]
+        if not ids:
+            return []
+        claimed = self._conn.execute(
+            update(outbox)
+            .where(outbox.c.id.in_(ids))
+            .values(lease_owner=owner, lease_until=lease_until)
+            .returning(outbox)
+        ).all()
+        items = [outbox_item_from_row(row._mapping) for row in claimed]
+        return sorted(items, key=lambda item: (item.created_at, item.id))
+
+    @_translate_errors
+    def execute_count(self, statement: Executable) -> int:
+        """Rows an UPDATE changed (the store's own statements only)."""
+        return int(self._conn.execute(statement).rowcount)
 
     # --- execution ----------------------------------------------------------------------
 
@@ -930,6 +1025,7 @@ _AUDIT_CHECKPOINTS = select(
     audit_checkpoints.c.key_id,
     audit_checkpoints.c.signature,
 ).order_by(audit_checkpoints.c.seq, audit_checkpoints.c.id)
+_INSERT_OUTBOX = insert(outbox)
 _ROW_COUNTS = select(
     *(select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in _COUNTED)
 )
@@ -1352,6 +1448,12 @@ def api_token_to_row(token: ApiToken) -> dict[str, Any]:
     row = token.model_dump()
     row["groups"] = list(token.groups)
     return row
+
+
+def outbox_item_from_row(row: Mapping[Any, Any]) -> OutboxItem:
+    values = dict(row)
+    values["delivered_to"] = tuple(values["delivered_to"] or ())
+    return OutboxItem(**values)
 
 
 def api_token_from_row(row: Mapping[Any, Any]) -> ApiToken:

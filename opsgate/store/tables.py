@@ -322,3 +322,28 @@ api_tokens = Table(
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("revoked_by", String, nullable=True),
 )
+
+# Notifications waiting to be delivered, written in the transaction of the state change
+# they announce (a transactional outbox): a crash can lose neither the change's
+# notification nor announce a change that was rolled back. A row is leased while it is
+# being delivered, so a server that dies mid-delivery hands it to the next one.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", String, primary_key=True),  # the delivery id receivers deduplicate on
+    Column("event_id", String, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("action_id", String, nullable=True),
+    Column("payload", _json(), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("next_attempt_at", UTCDateTime, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    # The sinks (webhook, slack) that already took it: a retry skips them.
+    Column("delivered_to", _json(), nullable=False),
+    Column("lease_owner", String, nullable=True),
+    Column("lease_until", UTCDateTime, nullable=True),
+    Column("delivered_at", UTCDateTime, nullable=True),
+    Column("failed_at", UTCDateTime, nullable=True),  # gave up after the last retry
+    Column("last_error", Text, nullable=True),
+    Index("ix_outbox_next_attempt_at", "next_attempt_at"),
+)

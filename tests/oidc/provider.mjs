@@ -29,6 +29,17 @@ const provider = new Provider(issuer, {
       redirect_uris: [],
     },
     {
+      // The web console: a public client, authorization code with PKCE. Native, so the
+      // loopback redirect URI matches on any port (RFC 8252 7.3): each test server
+      // listens on a free port.
+      client_id: 'opsgate-console',
+      application_type: 'native',
+      token_endpoint_auth_method: 'none',
+      grant_types: ['authorization_code'],
+      response_types: ['code'],
+      redirect_uris: ['http://127.0.0.1/console/callback'],
+    },
+    {
       client_id: 'opsgate-ci',
       client_secret: 'ci-secret',
       grant_types: ['client_credentials'],

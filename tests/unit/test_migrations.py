@@ -45,7 +45,7 @@ def _tables(store: SqlStore) -> set[str]:
 
 def test_one_linear_history() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0008"]
+    assert script.get_heads() == ["0009"]
 
 
 def test_upgrade_head_matches_the_models(fresh: SqlStore) -> None:

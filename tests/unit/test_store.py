@@ -410,6 +410,7 @@ def test_row_counts(store: Store) -> None:
         "workers": 0,
         "api_tokens": 0,
         "audit_checkpoints": 0,
+        "outbox": 0,
     }
     assert store.row_counts() == empty
     action = make_action()
@@ -424,6 +425,7 @@ def test_row_counts(store: Store) -> None:
         "decisions": 1,
         "approvals": 1,
         "audit_events": 1,
+        "outbox": 1,  # the draft announces a pending approval
     }
 
 

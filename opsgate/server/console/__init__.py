@@ -1,0 +1,1 @@
+"""The web console: server-rendered pages behind OIDC login, served by `opsgate server`."""
