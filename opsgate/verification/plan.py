@@ -110,57 +110,43 @@ def _range_weaker(before: Range, after: Range, *, widening_weakens: bool) -> boo
     return wider if widening_weakens else narrower
 
 
-@dataclass(frozen=True)
-class _Checks:
-    """How the differences of one list of checks (signals or stop conditions) are named."""
-
-    code: str  # signal, stop_condition
-    label: str  # signal, stop condition
-    range_code: str  # signal_range, halt_range
-    # A wider pass range lets more through; a wider halt range catches more.
-    widening_weakens: bool
-
-
-_SIGNALS = _Checks("signal", "signal", "signal_range", widening_weakens=True)
-_STOPS = _Checks("stop_condition", "stop condition", "halt_range", widening_weakens=False)
-
-
 def _check_differences(
-    kind: _Checks,
+    code: str,
+    range_code: str,
     default: Sequence[Signal | StopCondition],
     proposed: Sequence[Signal | StopCondition],
+    *,
+    widening_weakens: bool,
 ) -> list[Difference]:
+    """The differences of one list of checks; `code` names them (signal, stop_condition)."""
+    label = code.replace("_", " ")
     out: list[Difference] = []
     after = {c.name: c for c in proposed}
     for check in default:
         name = check.name
         other = after.get(name)
         if other is None:
-            out.append(Difference(f"{kind.code}_removed", f"{kind.label} {name} removed", True))
+            out.append(Difference(f"{code}_removed", f"{label} {name} removed", True))
             continue
         if other.query != check.query or other.worse_when != check.worse_when:
-            out.append(
-                Difference(f"{kind.code}_changed", f"{kind.label} {name}: query changed", True)
-            )
+            out.append(Difference(f"{code}_changed", f"{label} {name}: query changed", True))
             continue
         range_key, before_range = _bounds(check)
         _, after_range = _bounds(other)
         if after_range != before_range:
-            weaker = _range_weaker(
-                before_range, after_range, widening_weakens=kind.widening_weakens
-            )
-            wider = weaker == kind.widening_weakens
+            weaker = _range_weaker(before_range, after_range, widening_weakens=widening_weakens)
+            wider = weaker == widening_weakens  # weaker is wider for a pass range only
             out.append(
                 Difference(
-                    f"{kind.range_code}_{'wider' if wider else 'narrower'}",
-                    f"{kind.label} {name}: {range_key} range changed",
+                    f"{range_code}_{'wider' if wider else 'narrower'}",
+                    f"{label} {name}: {range_key} range changed",
                     weaker,
                 )
             )
     before_names = {c.name for c in default}
     for check in proposed:
         if check.name not in before_names:
-            out.append(Difference(f"{kind.code}_added", f"{kind.label} {check.name} added", False))
+            out.append(Difference(f"{code}_added", f"{label} {check.name} added", False))
     return out
 
 
@@ -173,6 +159,15 @@ def verification_differences(
         return []
     return (
         _numbers(default, proposed)
-        + _check_differences(_SIGNALS, default.signals, proposed.signals)
-        + _check_differences(_STOPS, default.stop_conditions, proposed.stop_conditions)
+        # A wider pass range lets more through; a wider halt range catches more.
+        + _check_differences(
+            "signal", "signal_range", default.signals, proposed.signals, widening_weakens=True
+        )
+        + _check_differences(
+            "stop_condition",
+            "halt_range",
+            default.stop_conditions,
+            proposed.stop_conditions,
+            widening_weakens=False,
+        )
     )
