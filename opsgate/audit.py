@@ -83,8 +83,7 @@ def _utc_text(at: datetime) -> str:
 
 def seal(draft: AuditDraft, *, seq: int, prev_hash: str) -> AuditEvent:
     """Give a draft its sequence number and chain it to the previous event's hash."""
-    data = json.loads(canonical_json(draft.data or {}))
-    digest = event_hash(
+    unsealed = AuditEvent(
         seq=seq,
         id=draft.id,
         at=draft.at,
@@ -93,21 +92,26 @@ def seal(draft: AuditDraft, *, seq: int, prev_hash: str) -> AuditEvent:
         actor=draft.actor,
         from_state=draft.from_state,
         to_state=draft.to_state,
-        data=data,
+        data=json.loads(canonical_json(draft.data or {})),
         prev_hash=prev_hash,
+        hash="",
     )
-    return AuditEvent(
-        seq=seq,
-        id=draft.id,
-        at=draft.at,
-        action_id=draft.action_id,
-        kind=draft.kind,
-        actor=draft.actor,
-        from_state=draft.from_state,
-        to_state=draft.to_state,
-        data=data,
-        prev_hash=prev_hash,
-        hash=digest,
+    return unsealed.model_copy(update={"hash": content_hash(unsealed)})
+
+
+def content_hash(event: AuditEvent) -> str:
+    """What `event.hash` must be for the event's content and its link."""
+    return event_hash(
+        seq=event.seq,
+        id=event.id,
+        at=event.at,
+        action_id=event.action_id,
+        kind=event.kind,
+        actor=event.actor,
+        from_state=event.from_state,
+        to_state=event.to_state,
+        data=event.data,
+        prev_hash=event.prev_hash,
     )
 
 
@@ -140,19 +144,7 @@ def verify_chain(events: Iterable[AuditEvent], head: tuple[int, str] | None = No
         elif event.prev_hash != prev_hash:
             problem = "link broken: prev_hash does not match the previous event's hash"
         else:
-            recomputed = event_hash(
-                seq=event.seq,
-                id=event.id,
-                at=event.at,
-                action_id=event.action_id,
-                kind=event.kind,
-                actor=event.actor,
-                from_state=event.from_state,
-                to_state=event.to_state,
-                data=event.data,
-                prev_hash=event.prev_hash,
-            )
-            if recomputed != event.hash:
+            if content_hash(event) != event.hash:
                 problem = "content changed: the event's hash does not match its content"
         if problem:
             return ChainReport(False, count, event.seq, event.id, problem)

@@ -689,24 +689,13 @@ class Gate:
             raise InvalidInput("reason", "a rejection needs a reason")
         if len(reason) > MAX_COMMENT_LENGTH:
             raise InvalidInput("reason", f"longer than {MAX_COMMENT_LENGTH} characters")
-        principal = as_principal(actor)
-        now = self.clock()
-        with self.store.transaction() as tx:
-            action = self._locked(tx, action_id)
-            refusal = self._authorize_in(tx, "reject", principal, action=action, now=now)
-            outcome: Action | Refused = (
-                refusal
-                if refusal is not None
-                else self._reject_in(tx, action, principal.identity, reason, now)
-            )
-        # A refusal leaves the block normally, so its decision and event are committed.
-        if isinstance(outcome, Refused):
-            raise outcome
-        return outcome
+        return self._withdraw(
+            "reject", action_id, actor, reason, ActionState.REJECTED, self._reject_refusal
+        )
 
-    def _reject_in(
-        self, tx: StoreTx, action: Action, actor: Identity, reason: str, now: datetime
-    ) -> Action | Refused:
+    def _reject_refusal(
+        self, tx: StoreTx, action: Action, actor: Identity, now: datetime
+    ) -> Refused | None:
         if action.state is not ActionState.PENDING_APPROVAL:
             raise StateConflict(
                 f"action {action.id} is {action.state.value}; only pending_approval "
@@ -714,54 +703,56 @@ class Gate:
             )
         if actor.id == action.proposer.id:
             raise Refused("you proposed this action; withdraw it with `opsgate cancel`")
-        refusal = self._approval_refusal(tx, action, actor, now)
-        if refusal is not None:
-            return refusal
-        return record_transition(
-            tx,
-            action,
-            ActionState.REJECTED,
-            actor=actor.id,
-            now=now,
-            data={"reason": reason},
-        )
+        return self._approval_refusal(tx, action, actor, now)
 
     def cancel(self, action_id: str, actor: Actor, reason: str = "") -> Action:
         """The proposer, or anyone who may approve it, withdraws a not-yet-running action."""
-        principal = as_principal(actor)
-        now = self.clock()
-        with self.store.transaction() as tx:
-            action = self._locked(tx, action_id)
-            refusal = self._authorize_in(tx, "cancel", principal, action=action, now=now)
-            outcome: Action | Refused = (
-                refusal
-                if refusal is not None
-                else self._cancel_in(tx, action, principal.identity, reason, now)
-            )
-        if isinstance(outcome, Refused):
-            raise outcome
-        return outcome
+        return self._withdraw(
+            "cancel", action_id, actor, reason, ActionState.CANCELLED, self._cancel_refusal
+        )
 
-    def _cancel_in(
-        self, tx: StoreTx, action: Action, actor: Identity, reason: str, now: datetime
-    ) -> Action | Refused:
+    def _cancel_refusal(
+        self, tx: StoreTx, action: Action, actor: Identity, now: datetime
+    ) -> Refused | None:
         if action.state not in (ActionState.PENDING_APPROVAL, ActionState.APPROVED):
             raise StateConflict(
                 f"action {action.id} is {action.state.value}; only pending or approved "
                 "actions can be cancelled"
             )
-        if actor.id != action.proposer.id:
-            refusal = self._approval_refusal(tx, action, actor, now)
-            if refusal is not None:
-                return refusal
-        return record_transition(
-            tx,
-            action,
-            ActionState.CANCELLED,
-            actor=actor.id,
-            now=now,
-            data={"reason": reason},
-        )
+        if actor.id == action.proposer.id:
+            return None
+        return self._approval_refusal(tx, action, actor, now)
+
+    def _withdraw(
+        self,
+        verb: Verb,
+        action_id: str,
+        actor: Actor,
+        reason: str,
+        to_state: ActionState,
+        refusal_in: Callable[[StoreTx, Action, Identity, datetime], Refused | None],
+    ) -> Action:
+        """End a not-yet-running action: lock it, authorize `verb`, ask `refusal_in` (which
+        raises StateConflict for an action past that point) and record the move with its
+        audit event, all in one transaction."""
+        principal = as_principal(actor)
+        now = self.clock()
+        with self.store.transaction() as tx:
+            action = self._locked(tx, action_id)
+            refusal = self._authorize_in(tx, verb, principal, action=action, now=now)
+            if refusal is None:
+                refusal = refusal_in(tx, action, principal.identity, now)
+            if refusal is None:
+                return record_transition(
+                    tx,
+                    action,
+                    to_state,
+                    actor=principal.identity.id,
+                    now=now,
+                    data={"reason": reason},
+                )
+        # A refusal leaves the block normally, so its decision and event are committed.
+        raise refusal
 
     def expire_due(self) -> list[Action]:
         """Expire pending actions past their approval TTL, and approved ones not started

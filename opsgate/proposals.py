@@ -209,10 +209,13 @@ def validate(catalog: Catalog, document: Any) -> ValidatedProposal:
     return ValidatedProposal(proposal, action_type, params, verification, digest)
 
 
-def step_values(action: Action, captured: Mapping[str, Any]) -> dict[str, Any]:
-    """What `{placeholders}` in an action's steps and queries may name."""
+def step_values(
+    action: Action, captured: Mapping[str, Any], params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What `{placeholders}` in an action's steps and queries may name; `params` stands
+    in for the action's own where they are shown rather than run (masked)."""
     return {
-        **action.params,
+        **(action.params if params is None else params),
         **captured,
         "target": action.target,
         "environment": action.environment,

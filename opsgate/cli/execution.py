@@ -18,7 +18,7 @@ from rich.table import Table
 from opsgate.cli.context import CliConfig, echo_json, finite_seconds, json_option, pass_config
 from opsgate.cli.ids import ACTION_ID
 from opsgate.cli.live import PlainView, view_for
-from opsgate.cli.render import console, details_json, fmt_value, shown
+from opsgate.cli.render import console, details_json, outcome_text, shown
 from opsgate.cli.watch import refuse_if_handed_over, resumable, resume_here
 from opsgate.errors import ActionFailed, ConfigError, Refused
 from opsgate.executor.executor import Executor, ExecutorEvent
@@ -85,16 +85,7 @@ def wait_finishing(executor: Executor, what: str, *, interrupted: bool = False) 
 
 def outcome_line(config: CliConfig, action_id: str) -> tuple[ActionState, str]:
     details = config.gate.details(action_id)
-    action, execution = details.action, details.execution
-    parts = [f"action {action_id} {action.state.value}"]
-    if execution is not None:
-        if execution.reason:
-            parts.append(execution.reason)
-        if execution.trigger_name:
-            parts.append(f"{execution.trigger_name} = {fmt_value(execution.trigger_value)}")
-        if execution.rollback_time is not None:
-            parts.append(f"rollback time {execution.rollback_time:.1f}s")
-    return action.state, "; ".join(parts)
+    return details.action.state, outcome_text(details)
 
 
 def finish(config: CliConfig, action_id: str, as_json: bool) -> None:

@@ -9,7 +9,7 @@ import urllib.parse
 import click
 
 from opsgate.cli.context import CliConfig, echo_json
-from opsgate.cli.render import details_json, fmt_value
+from opsgate.cli.render import details_json, outcome_text
 from opsgate.client.remote import action_from_json
 from opsgate.errors import ActionFailed, Refused
 from opsgate.gate import ActionDetails
@@ -27,19 +27,6 @@ def _follow(config: CliConfig, action_id: str) -> ActionDetails:
         time.sleep(POLL_SECONDS)
 
 
-def _line(details: ActionDetails) -> str:
-    action, execution = details.action, details.execution
-    parts = [f"action {action.id} {action.state.value}"]
-    if execution is not None:
-        if execution.reason:
-            parts.append(execution.reason)
-        if execution.trigger_name:
-            parts.append(f"{execution.trigger_name} = {fmt_value(execution.trigger_value)}")
-        if execution.rollback_time is not None:
-            parts.append(f"rollback time {execution.rollback_time:.1f}s")
-    return "; ".join(parts)
-
-
 def _path(action_id: str, verb: str) -> str:
     return f"/actions/{urllib.parse.quote(action_id, safe='')}/{verb}"
 
@@ -53,14 +40,14 @@ def remote_run(config: CliConfig, action_id: str, as_json: bool) -> None:
     if as_json:
         echo_json(details_json(details, None))
     elif state is ActionState.SUCCEEDED:
-        click.echo(_line(details))
+        click.echo(outcome_text(details))
     if state is ActionState.BLOCKED_AT_EXECUTION:
         executes = [d for d in details.decisions if d.phase == "execute"]
         codes = executes[-1].deny_codes if executes else []
         messages = "; ".join(d.message or d.code for d in executes[-1].deny) if executes else ""
         raise Refused(f"blocked at execution: {messages or ', '.join(codes)}", codes)
     if state is not ActionState.SUCCEEDED:
-        raise ActionFailed(_line(details))
+        raise ActionFailed(outcome_text(details))
 
 
 def remote_rollback(
@@ -75,6 +62,6 @@ def remote_rollback(
     if as_json:
         echo_json(details_json(details, None))
     else:
-        click.echo(_line(details))
+        click.echo(outcome_text(details))
     if details.action.state is not ActionState.ROLLED_BACK:
-        raise ActionFailed(_line(details))
+        raise ActionFailed(outcome_text(details))

@@ -61,6 +61,20 @@ def fmt_value(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
+def outcome_text(details: ActionDetails) -> str:
+    """How an action ended, on one line: its state, why, and what stopped it."""
+    action, execution = details.action, details.execution
+    parts = [f"action {action.id} {action.state.value}"]
+    if execution is not None:
+        if execution.reason:
+            parts.append(execution.reason)
+        if execution.trigger_name:
+            parts.append(f"{execution.trigger_name} = {fmt_value(execution.trigger_value)}")
+        if execution.rollback_time is not None:
+            parts.append(f"rollback time {execution.rollback_time:.1f}s")
+    return "; ".join(parts)
+
+
 def evidence_note(state: VerificationState, now: datetime) -> str | None:
     """ "waiting for post-change evidence (12s)" while signal measurements do not count."""
     why, left = evidence_wait(state, now)

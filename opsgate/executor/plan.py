@@ -13,6 +13,8 @@ from typing import Any
 
 from opsgate.executor.runners import StepError, render_argv, render_body, render_url
 from opsgate.models import Action, ActionType, Step
+from opsgate.policies.input import mask_params
+from opsgate.proposals import step_values
 from opsgate.verification.evaluator import halt_range_text, pass_range_text
 from opsgate.verification.lookback import query_lookback
 from opsgate.verification.plan import verification_differences, verification_document
@@ -20,25 +22,17 @@ from opsgate.verification.promql import render_query
 
 __all__ = ["action_plan", "plan_lines"]
 
-MASK = "***"
-
 
 def _values(
     action: Action, action_type: ActionType | None, captured: Mapping[str, Any]
 ) -> dict[str, Any]:
-    secret = set()
-    if action_type is not None:
-        secret = {name for name, spec in action_type.params.items() if spec.secret}
-    values: dict[str, Any] = {
-        name: (MASK if name in secret else value) for name, value in action.params.items()
-    }
-    if action_type is not None and action_type.capture is not None:
+    if action_type is None:
+        return step_values(action, captured)
+    shown = captured
+    if action_type.capture is not None:
         name = action_type.capture.as_ or "captured"
-        values[name] = captured.get(name, f"<captured {name}>")
-    values.update(captured)
-    values["target"] = action.target
-    values["environment"] = action.environment
-    return values
+        shown = {name: f"<captured {name}>", **captured}
+    return step_values(action, shown, mask_params(action.params, action_type.params))
 
 
 def _step(step: Step | None, values: Mapping[str, Any]) -> dict[str, Any] | None:

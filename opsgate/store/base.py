@@ -34,6 +34,17 @@ MUTABLE_ACTION_FIELDS = frozenset(
 )
 
 
+def refuse_immutable(fields: Collection[str], mutable: Collection[str], what: str) -> None:
+    """ValueError naming every field of `what` (an action, an execution) in `fields` that
+    may not change after it is created."""
+    refused = sorted(set(fields) - set(mutable))
+    if refused:
+        raise ValueError(
+            f"cannot change {', '.join(refused)} of {what}; "
+            f"only {', '.join(sorted(mutable))} may change"
+        )
+
+
 @dataclass(frozen=True)
 class ActionQuery:
     """What `opsgate list` asks for: every filter given must match (empty = any)."""

@@ -37,6 +37,7 @@ from opsgate.store.base import (
     OutboxItem,
     StoreError,
     TargetBusy,
+    refuse_immutable,
 )
 
 __all__ = ["MemoryStore", "MemoryTx"]
@@ -116,12 +117,7 @@ class MemoryTx:
         self._t.actions[action.id] = _in_utc(action, "created_at", "updated_at", "expires_at")
 
     def update_action(self, action_id: str, **fields: Any) -> Action:
-        refused = sorted(set(fields) - MUTABLE_ACTION_FIELDS)
-        if refused:
-            raise ValueError(
-                f"cannot change {', '.join(refused)} of an action; "
-                f"only {', '.join(sorted(MUTABLE_ACTION_FIELDS))} may change"
-            )
+        refuse_immutable(fields, MUTABLE_ACTION_FIELDS, "an action")
         current = self._t.actions.get(action_id)
         if current is None:
             raise StoreError(f"no action {action_id}")
@@ -243,12 +239,7 @@ class MemoryTx:
     def update_execution(self, action_id: str, changes: ExecutionUpdate) -> Execution:
         """Write the fields `changes` sets to an execution and return the new row."""
         fields = changes.changes()
-        refused = sorted(set(fields) - MUTABLE_EXECUTION_FIELDS)
-        if refused:
-            raise ValueError(
-                f"cannot change {', '.join(refused)} of an execution; "
-                f"only {', '.join(sorted(MUTABLE_EXECUTION_FIELDS))} may change"
-            )
+        refuse_immutable(fields, MUTABLE_EXECUTION_FIELDS, "an execution")
         current = self._t.executions.get(action_id)
         if current is None:
             raise StoreError(f"no execution of action {action_id}")

@@ -56,6 +56,7 @@ from opsgate.store.base import (
     OutboxItem,
     StoreError,
     TargetBusy,
+    refuse_immutable,
 )
 from opsgate.store.tables import (
     RUNNING_ON_TARGET_INDEX,
@@ -1235,12 +1236,7 @@ def _count_active(
 
 def mutable_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Column values for an action update; ValueError for a field that may not change."""
-    refused = sorted(set(fields) - MUTABLE_ACTION_FIELDS)
-    if refused:
-        raise ValueError(
-            f"cannot change {', '.join(refused)} of an action; "
-            f"only {', '.join(sorted(MUTABLE_ACTION_FIELDS))} may change"
-        )
+    refuse_immutable(fields, MUTABLE_ACTION_FIELDS, "an action")
     values = dict(fields)
     if "state" in values:
         values["state"] = ActionState(values["state"]).value
@@ -1396,12 +1392,7 @@ _EXECUTION_FIELD_TYPES = {
 
 def mutable_execution_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Column values for an execution update; ValueError for a field that may not change."""
-    refused = sorted(set(fields) - MUTABLE_EXECUTION_FIELDS)
-    if refused:
-        raise ValueError(
-            f"cannot change {', '.join(refused)} of an execution; "
-            f"only {', '.join(sorted(MUTABLE_EXECUTION_FIELDS))} may change"
-        )
+    refuse_immutable(fields, MUTABLE_EXECUTION_FIELDS, "an execution")
     # A bad value (an unknown outcome) is refused before it is written, not when read back.
     values = {}
     for name, value in fields.items():

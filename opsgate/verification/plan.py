@@ -9,10 +9,11 @@ higher failure or error limits, a wider pass range or a narrower halt range.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from opsgate.models import Signal, StopCondition, VerificationSpec
+from opsgate.models import Range, Signal, StopCondition, VerificationSpec
 
 __all__ = ["Difference", "verification_differences", "verification_document"]
 
@@ -27,25 +28,24 @@ class Difference:
         return {"code": self.code, "message": self.message, "weakens": self.weakens}
 
 
-def _range_doc(r: Any) -> dict[str, float]:
+def _range_doc(r: Range) -> dict[str, float]:
     return r.model_dump(exclude_none=True)
 
 
-def _signal_doc(signal: Signal) -> dict[str, Any]:
-    return {
-        "name": signal.name,
-        "query": signal.query,
-        "pass": _range_doc(signal.pass_),
-        "worse_when": signal.worse_when,
-    }
+def _bounds(check: Signal | StopCondition) -> tuple[str, Range]:
+    """A signal passes inside its range, a stop condition halts inside its own."""
+    if isinstance(check, Signal):
+        return "pass", check.pass_
+    return "halt", check.halt
 
 
-def _stop_doc(stop: StopCondition) -> dict[str, Any]:
+def _check_doc(check: Signal | StopCondition) -> dict[str, Any]:
+    key, bounds = _bounds(check)
     return {
-        "name": stop.name,
-        "query": stop.query,
-        "halt": _range_doc(stop.halt),
-        "worse_when": stop.worse_when,
+        "name": check.name,
+        "query": check.query,
+        key: _range_doc(bounds),
+        "worse_when": check.worse_when,
     }
 
 
@@ -58,8 +58,8 @@ def verification_document(spec: VerificationSpec) -> dict[str, Any]:
         "timeout": spec.timeout,
         "failure_limit": spec.failure_limit,
         "error_limit": spec.error_limit,
-        "signals": [_signal_doc(s) for s in spec.signals],
-        "stop_conditions": [_stop_doc(c) for c in spec.stop_conditions],
+        "signals": [_check_doc(s) for s in spec.signals],
+        "stop_conditions": [_check_doc(c) for c in spec.stop_conditions],
     }
 
 
@@ -91,7 +91,7 @@ def _numbers(default: VerificationSpec, proposed: VerificationSpec) -> list[Diff
     return out
 
 
-def _range_weaker(before: Any, after: Any, *, widening_weakens: bool) -> bool:
+def _range_weaker(before: Range, after: Range, *, widening_weakens: bool) -> bool:
     """Whether `after` accepts something `before` did not (pass), or catches less (halt)."""
     if before == after:
         return False
@@ -110,6 +110,46 @@ def _range_weaker(before: Any, after: Any, *, widening_weakens: bool) -> bool:
     return wider if widening_weakens else narrower
 
 
+def _check_differences(
+    code: str,
+    range_code: str,
+    default: Sequence[Signal | StopCondition],
+    proposed: Sequence[Signal | StopCondition],
+    *,
+    widening_weakens: bool,
+) -> list[Difference]:
+    """The differences of one list of checks; `code` names them (signal, stop_condition)."""
+    label = code.replace("_", " ")
+    out: list[Difference] = []
+    after = {c.name: c for c in proposed}
+    for check in default:
+        name = check.name
+        other = after.get(name)
+        if other is None:
+            out.append(Difference(f"{code}_removed", f"{label} {name} removed", True))
+            continue
+        if other.query != check.query or other.worse_when != check.worse_when:
+            out.append(Difference(f"{code}_changed", f"{label} {name}: query changed", True))
+            continue
+        range_key, before_range = _bounds(check)
+        _, after_range = _bounds(other)
+        if after_range != before_range:
+            weaker = _range_weaker(before_range, after_range, widening_weakens=widening_weakens)
+            wider = weaker == widening_weakens  # weaker is wider for a pass range only
+            out.append(
+                Difference(
+                    f"{range_code}_{'wider' if wider else 'narrower'}",
+                    f"{label} {name}: {range_key} range changed",
+                    weaker,
+                )
+            )
+    before_names = {c.name for c in default}
+    for check in proposed:
+        if check.name not in before_names:
+            out.append(Difference(f"{code}_added", f"{label} {check.name} added", False))
+    return out
+
+
 def verification_differences(
     default: VerificationSpec, proposed: VerificationSpec
 ) -> list[Difference]:
@@ -117,45 +157,17 @@ def verification_differences(
     order; empty when they are the same."""
     if default == proposed:
         return []
-    out = _numbers(default, proposed)
-    before_signals = {s.name: s for s in default.signals}
-    after_signals = {s.name: s for s in proposed.signals}
-    for name, signal in before_signals.items():
-        other = after_signals.get(name)
-        if other is None:
-            out.append(Difference("signal_removed", f"signal {name} removed", True))
-        elif other.query != signal.query or other.worse_when != signal.worse_when:
-            out.append(Difference("signal_changed", f"signal {name}: query changed", True))
-        elif other.pass_ != signal.pass_:
-            weaker = _range_weaker(signal.pass_, other.pass_, widening_weakens=True)
-            out.append(
-                Difference(
-                    "signal_range_wider" if weaker else "signal_range_narrower",
-                    f"signal {name}: pass range changed",
-                    weaker,
-                )
-            )
-    for name in after_signals.keys() - before_signals.keys():
-        out.append(Difference("signal_added", f"signal {name} added", False))
-    before_stops = {c.name: c for c in default.stop_conditions}
-    after_stops = {c.name: c for c in proposed.stop_conditions}
-    for name, stop in before_stops.items():
-        other_stop = after_stops.get(name)
-        if other_stop is None:
-            out.append(Difference("stop_condition_removed", f"stop condition {name} removed", True))
-        elif other_stop.query != stop.query or other_stop.worse_when != stop.worse_when:
-            out.append(
-                Difference("stop_condition_changed", f"stop condition {name}: query changed", True)
-            )
-        elif other_stop.halt != stop.halt:
-            weaker = _range_weaker(stop.halt, other_stop.halt, widening_weakens=False)
-            out.append(
-                Difference(
-                    "halt_range_narrower" if weaker else "halt_range_wider",
-                    f"stop condition {name}: halt range changed",
-                    weaker,
-                )
-            )
-    for name in after_stops.keys() - before_stops.keys():
-        out.append(Difference("stop_condition_added", f"stop condition {name} added", False))
-    return out
+    return (
+        _numbers(default, proposed)
+        # A wider pass range lets more through; a wider halt range catches more.
+        + _check_differences(
+            "signal", "signal_range", default.signals, proposed.signals, widening_weakens=True
+        )
+        + _check_differences(
+            "stop_condition",
+            "halt_range",
+            default.stop_conditions,
+            proposed.stop_conditions,
+            widening_weakens=False,
+        )
+    )

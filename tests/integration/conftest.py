@@ -1,4 +1,5 @@
-"""Integration fixtures: a fault service and a real Prometheus scraping it."""
+"""Integration fixtures: a fault service, a real Prometheus scraping it, and the execution
+rig over both."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.execution_rig import Rig
 from tests.integration.fault_service import FaultService
 from tests.integration.prom import PrometheusServer, prometheus_binary
 
@@ -75,3 +77,17 @@ def prometheus_factory(
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture
+def rig(
+    tmp_path: Path,
+    sqlite_url: str,
+    prometheus: PrometheusServer,
+    fault_service: FaultService,
+) -> Iterator[Rig]:
+    """A worker engine on SQLite and the session's Prometheus (files with their own
+    `rig` fixture override this one)."""
+    rig = Rig(tmp_path, sqlite_url, prometheus, fault_service)
+    yield rig
+    rig.close()

@@ -4,9 +4,6 @@ on SQLite and on PostgreSQL; a genuine approval runs, and records who ran it."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +18,7 @@ from opsgate.gate import Gate
 from opsgate.models import Identity
 from opsgate.policies.embedded import EmbeddedEngine
 from opsgate.store import open_store
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def opsgate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "opsgate", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from tests.integration.execution_rig import clean_env, opsgate, policies_granting
 
 
 def touch_type() -> dict[str, Any]:
@@ -77,13 +61,9 @@ def test_a_raw_state_update_then_run_is_blocked_and_runs_nothing(
     # the bundle. People propose through the gate (through `opsgate server` in team mode).
     postgres = db_url.startswith("postgresql")
     operator = (make_url(db_url).username or "postgres") if postgres else "alice"
-    policies = tmp_path / "policies"
-    shutil.copytree(ROOT / "policies", policies)
-    data = json.loads((policies / "data.json").read_text())
-    data["roles"][operator] = ["sre"]
-    (policies / "data.json").write_text(json.dumps(data))
+    policies = policies_granting(tmp_path, operator)
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")},
+        **clean_env(),
         "OPSGATE_DB": db_url,
         "OPSGATE_CATALOG": str(catalog),
         "OPSGATE_POLICIES": str(policies),

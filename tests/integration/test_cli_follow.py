@@ -17,9 +17,15 @@ from typing import Any
 import pytest
 
 from opsgate.store.sql import SqlStore
+from tests.integration.execution_rig import (
+    action_type,
+    clean_env,
+    opsgate,
+    set_fault,
+    wait_for_rate,
+)
 from tests.integration.fault_service import FaultService
 from tests.integration.prom import PrometheusServer
-from tests.integration.test_execution import action_type, opsgate, set_fault, wait_for_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +60,7 @@ def users(
     document = action_type("restart_service", run=set_fault("0"), undo=set_fault("0"), hold="6s")
     (catalog / "restart_service.yaml").write_text(json.dumps(document))
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")},
+        **clean_env(),
         "OPSGATE_DB": sqlite_url,
         "OPSGATE_CATALOG": str(catalog),
         "OPSGATE_POLICIES": str(ROOT / "policies"),

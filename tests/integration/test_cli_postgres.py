@@ -15,9 +15,9 @@ from sqlalchemy.exc import ProgrammingError
 
 from opsgate.store.sql import SqlStore
 from tests.integration.api_server import ROOT, ApiServer, run_cli
+from tests.integration.execution_rig import action_type, set_fault
 from tests.integration.fault_service import FaultService
 from tests.integration.prom import PrometheusServer
-from tests.integration.test_execution import action_type, set_fault
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,7 @@ import pytest
 
 from opsgate.demo.service import CheckoutService
 from opsgate.models import ActionState
-from tests.integration.fault_service import FaultService
-from tests.integration.prom import PrometheusServer
-from tests.integration.test_execution import (
+from tests.integration.execution_rig import (
     ALICE,
     BOB,
     ERROR_RATIO,
@@ -23,21 +21,11 @@ from tests.integration.test_execution import (
     set_fault,
     wait_for_rate,
 )
+from tests.integration.fault_service import FaultService
+from tests.integration.prom import PrometheusServer
 
 S = ActionState
 PARAMS = {"fault_url": {"type": "string", "pattern": r"^http://127\.0\.0\.1:[0-9]+$"}}
-
-
-@pytest.fixture
-def rig(
-    tmp_path: Path,
-    sqlite_url: str,
-    prometheus: PrometheusServer,
-    fault_service: FaultService,
-) -> Iterator[Rig]:
-    rig = Rig(tmp_path, sqlite_url, prometheus, fault_service)
-    yield rig
-    rig.close()
 
 
 def fix_type(*, pass_: dict[str, float], halt: dict[str, float], **extra: Any) -> dict[str, Any]:

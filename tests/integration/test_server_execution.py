@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.api_server import ApiServer, run_cli
+from tests.integration.execution_rig import action_type, set_fault, wait_for_rate
 from tests.integration.fault_service import FaultService
 from tests.integration.prom import PrometheusServer
-from tests.integration.test_execution import action_type, set_fault, wait_for_rate
 from tests.integration.test_server import Rig
 
 pytestmark = pytest.mark.integration

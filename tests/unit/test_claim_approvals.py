@@ -9,22 +9,13 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
-
 from opsgate.lifecycle import new_id
 from opsgate.models import ActionState, Approval, Identity
 from opsgate.policies.embedded import EmbeddedEngine
-from tests.unit.test_executor import ALICE, BOB, CAROL, ROOT, Rig, audit_ok, scale
+from tests.unit.executor_rig import ALICE, BOB, CAROL, ROOT, Rig, audit_ok, scale
 
 S = ActionState
 MALLORY = Identity(id="mallory", kind="human")
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Rig:
-    made = Rig(tmp_path)
-    yield made  # type: ignore[misc]
-    made.executor.close()
 
 
 def forge_approved(rig: Rig, action_id: str) -> None:

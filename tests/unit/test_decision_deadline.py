@@ -19,7 +19,7 @@ from opsgate.policies.embedded import EmbeddedEngine
 from opsgate.policies.engine import AUTHZ_RULE, PolicyResult
 from opsgate.preconditions import CheckContext, PreconditionRegistry, PreconditionResult
 from opsgate.store.sql import SqlStore
-from tests.unit.test_executor import ALICE, BOB, ROOT, Rig, scale
+from tests.unit.executor_rig import ALICE, BOB, ROOT, Rig, scale
 
 S = ActionState
 

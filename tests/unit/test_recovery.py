@@ -7,31 +7,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from opsgate.audit import verify_chain
 from opsgate.catalog import load_catalog
 from opsgate.executor.executor import RUN_RECOVERY_GRACE, Executor
 from opsgate.executor.runners import RunnerRegistry
 from opsgate.lifecycle import record_transition
 from opsgate.models import ActionState, Execution, ExecutionUpdate
 from opsgate.verification.evaluator import VerificationState
-from tests.unit.test_executor import SCALE, Rig
+from tests.unit.executor_rig import SCALE, Rig, audit_ok
 
 S = ActionState
 DEAD = "dead-host:4242:abcdef"
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path)
-    yield rig
-    rig.executor.close()
 
 
 def plant(rig: Rig, path: list[ActionState], **facts: Any) -> str:
@@ -69,8 +57,7 @@ def recover(rig: Rig, action_id: str, dead: str = DEAD) -> ActionState:
     events = [e for e in rig.store.audit_events(action_id=action_id)]
     recovered = [e for e in events if e.kind == "execution.recovered"]
     assert len(recovered) == 1 and recovered[0].data["dead_worker"] == dead
-    report = verify_chain(list(rig.store.audit_events()), head=rig.store.audit_head())
-    assert report.ok
+    audit_ok(rig.store)
     return action.state
 
 
