@@ -154,7 +154,8 @@ def plan_of(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:
     action = details.action
     action_type = catalog.types.get(action.action_type) if catalog is not None else None
     captured = details.execution.captured if details.execution is not None else {}
-    return action_plan(action, action_type, captured)
+    shown = masked(action, catalog, details.events)  # as recorded at proposal
+    return action_plan(action, action_type, captured, shown_params=shown)
 
 
 def details_json(details: ActionDetails, catalog: Catalog | None) -> dict[str, Any]:

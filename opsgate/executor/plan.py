@@ -24,15 +24,23 @@ __all__ = ["action_plan", "plan_lines"]
 
 
 def _values(
-    action: Action, action_type: ActionType | None, captured: Mapping[str, Any]
+    action: Action,
+    action_type: ActionType | None,
+    captured: Mapping[str, Any],
+    shown_params: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-    if action_type is None:
-        return step_values(action, captured)
+    if shown_params is None:
+        # Which params are secret: today's catalog, else nobody can tell, so none is shown.
+        shown_params = (
+            mask_params(action.params, action_type.params)
+            if action_type is not None
+            else {name: "***" for name in action.params}
+        )
     shown = captured
-    if action_type.capture is not None:
+    if action_type is not None and action_type.capture is not None:
         name = action_type.capture.as_ or "captured"
         shown = {name: f"<captured {name}>", **captured}
-    return step_values(action, shown, mask_params(action.params, action_type.params))
+    return step_values(action, shown, shown_params)
 
 
 def _step(step: Step | None, values: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -57,11 +65,20 @@ def _step(step: Step | None, values: Mapping[str, Any]) -> dict[str, Any] | None
 
 
 def action_plan(
-    action: Action, action_type: ActionType | None, captured: Mapping[str, Any] | None = None
+    action: Action,
+    action_type: ActionType | None,
+    captured: Mapping[str, Any] | None = None,
+    *,
+    shown_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The steps and verification of `action` as they will run (or ran)."""
+    """The steps and verification of `action` as they will run (or ran).
+
+    `shown_params` are the params as they may be shown (secrets masked as recorded when
+    the action was proposed); without them, today's catalog says which are secret, and
+    an action type it no longer has shows no param value at all.
+    """
     captured = dict(captured or {})
-    values = _values(action, action_type, captured)
+    values = _values(action, action_type, captured, shown_params)
     plan: dict[str, Any] = {}
     if action_type is None:
         plan["steps"] = None

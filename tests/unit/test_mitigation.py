@@ -340,6 +340,36 @@ def test_the_plan_renders_steps_and_masks_secrets() -> None:
     assert "S3CRET" not in repr(secret_plan)
 
 
+def test_the_plan_shows_no_param_value_nobody_can_vouch_for() -> None:
+    """An action type gone from the catalog, or one whose param stopped being secret, must
+    not reveal a value that was secret when the action was proposed."""
+    secret_type = ActionType.model_validate(
+        {
+            "name": "rotate",
+            "params": {"token": {"type": "string", "secret": True}},
+            "run": {"argv": ["rotate", "--token={token}"]},
+            "verification": {
+                "signals": [
+                    {"name": "ok", "query": 'up{job="{token}"}', "pass": {"min": 1}},
+                ]
+            },
+        }
+    )
+    action = _action(secret_type, {"token": "S3CRET"})
+    unknown = action_plan(action, None)
+    assert unknown["steps"] is None
+    assert "S3CRET" not in repr(unknown)
+    assert '"***"' in unknown["verification"]["signals"][0]["rendered"]
+    no_longer_secret = secret_type.model_copy(
+        update={
+            "params": {"token": secret_type.params["token"].model_copy(update={"secret": False})}
+        }
+    )
+    recorded = action_plan(action, no_longer_secret, shown_params={"token": "***"})
+    assert recorded["steps"]["run"]["argv"] == ["rotate", "--token=***"]
+    assert "S3CRET" not in repr(recorded)
+
+
 def test_the_plan_says_when_the_proposal_replaced_the_default() -> None:
     catalog = load_catalog(ROOT / "catalog")
     scale = catalog.get("scale_deployment")
