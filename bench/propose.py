@@ -14,24 +14,25 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from opsgate.catalog import load_catalog
-from opsgate.gate import Gate
-from opsgate.models import Identity
-from opsgate.policies.differential import InProcess
-from opsgate.policies.embedded import EmbeddedEngine, OpaEmbeddedEngine
-from opsgate.policies.engine import DECISION_RULE
-from opsgate.store import open_store
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from bench._rig import percentile, print_facts, spread  # noqa: E402
+from opsgate.catalog import load_catalog  # noqa: E402
+from opsgate.gate import Gate  # noqa: E402
+from opsgate.models import Identity  # noqa: E402
+from opsgate.policies.differential import InProcess  # noqa: E402
+from opsgate.policies.embedded import EmbeddedEngine, OpaEmbeddedEngine  # noqa: E402
+from opsgate.policies.engine import DECISION_RULE  # noqa: E402
+from opsgate.store import open_store  # noqa: E402
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+__all__ = ["document", "percentile"]  # bench/api.py reuses both
 
 
 def document(i: int) -> dict[str, object]:
@@ -92,6 +93,10 @@ def main() -> None:
         help="regopy (default) or OPA's Go evaluator, both in worker processes",
     )
     args = parser.parse_args()
+    print_facts(
+        "propose",
+        f"{args.n} proposals after 50 warm-up ones; 2,000 of each bare part",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         store = open_store(f"sqlite:///{directory / 'bench.db'}")
@@ -129,6 +134,7 @@ def main() -> None:
     print(f"proposals:                {args.n} into SQLite (WAL, synchronous=FULL)")
     print(f"propose median:           {median:.3f} ms")
     print(f"propose p99:              {percentile(latencies, 0.99):.3f} ms   (target <= 5 ms)")
+    print(f"propose spread:           {spread(latencies, 'ms', digits=3)}")
     print(f"bare evaluation:          {statistics.median(bare_evals):.3f} ms (median, in process)")
     print(f"isolated evaluation:      {isolated:.3f} ms (median, worker process + deadline)")
     print(f"worker processes:         {len(worker_rss)}, RSS {sum(worker_rss):.0f} MiB in all")
@@ -136,6 +142,8 @@ def main() -> None:
         f"isolation overhead:       {isolated - statistics.median(bare_evals):.3f} ms per decision"
     )
     print(f"bare durable commit:      {statistics.median(commits):.3f} ms (median)")
+    print(f"bare evaluation spread:   {spread(bare_evals, 'ms', digits=3)}")
+    print(f"bare commit spread:       {spread(commits, 'ms', digits=3)}")
     print(f"ratio median / bare:      {median / bare:.2f}   (target <= 3)")
     print(f"throughput:               {args.n / (sum(latencies) / 1000):.0f} proposals/s")
 

@@ -245,6 +245,7 @@ class Round:
     commits: int = 0
     head_holds: list[float] = field(default_factory=list)
     probe_cpu: float = 0.0  # workers' own CPU, first statement to last commit
+    kinds: Counter[str] = field(default_factory=Counter)
     sandbox_cpu: float = 0.0
 
     def per_action(self, value: float) -> float:
@@ -345,7 +346,8 @@ def run_round(
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
     url = database_url(name)
-    engine = create_engine(url)
+    # Autocommit: the bench's own polling must not sit idle in a transaction.
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPSGATE_")}
     env.update(
         {
@@ -379,7 +381,6 @@ def run_round(
                             f"{processes[dead[0]].returncode} (log kept in {log}):\n{tail}"
                         )
                     time.sleep(0.1)
-                    conn.rollback()
             seconds = time.perf_counter() - started
             sampler.stop()
             worker_cpu = sum(cpu_seconds(p.pid) for p in processes)
@@ -436,6 +437,7 @@ def run_round(
             head_holds=[float(h) for p in probes for h in p["head_holds"]],
             probe_cpu=sum(float(p["cpu_seconds"]) for p in probes),
             sandbox_cpu=sandbox_cpu,
+            kinds=sum((Counter(p["kinds"]) for p in probes), Counter()),
         )
     finally:
         sampler.stop()
@@ -513,6 +515,11 @@ def report(rounds: Sequence[Round], verbose: bool, ceiling: float, repeat: int) 
             f"(target >= {TARGET_RATIO}: {'met' if met else 'MISSED'})"
         )
     single = [r for r in rounds if r.workers == 1] or list(rounds)
+    if verbose:
+        first = single[0]
+        print(f"\nstatements per action by kind ({first.workers} worker(s)):")
+        for kind, count in first.kinds.most_common():
+            print(f"  {first.per_action(count):6.2f}  {kind}")
     statements = min(r.per_action(r.statements) for r in single)
     commits = min(r.per_action(r.commits) for r in single)
     cpu_ms = min(r.per_action(r.probe_cpu) for r in single) * 1000
