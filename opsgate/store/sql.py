@@ -270,7 +270,8 @@ class SqlStore:
             tx = SqlTx(self, conn)
             try:
                 yield tx
-                tx.write_audit()
+                if not tx.failed:  # else refused below, with nothing written
+                    tx.write_audit()
             except BaseException:
                 self._rollback_quietly(conn)
                 raise
@@ -775,14 +776,11 @@ class SqlTx:
     @_translate_errors
     def insert_execution(self, execution: Execution) -> None:
         """Record a claim; TargetBusy if another unfinished execution holds the target."""
-        # Checked first so the usual refusal leaves the transaction usable; the unique
-        # index only decides races the check cannot see (uncommitted PostgreSQL claims).
-        # A row that is already finished holds nothing, as in the index. The action's own
-        # unfinished row counts too: SQLite would report it as the index's violation anyway.
-        #
-        # ON CONFLICT on that index does the check and the insert in one statement: a
-        # conflict inserts nothing and leaves the transaction usable, and an uncommitted
-        # claim on the target makes it wait for that transaction, then decide.
+        # One statement checks and inserts: ON CONFLICT on the unique index of unfinished
+        # executions inserts nothing when the target is held (the action's own unfinished
+        # row included) and leaves the transaction usable; an uncommitted claim on the
+        # target makes it wait for that transaction, then decide. A finished row holds
+        # nothing, as in the index.
         try:
             row = execution_to_row(execution)
             row["segment_of"] = execution.action_id
@@ -790,7 +788,8 @@ class SqlTx:
         except IntegrityError as exc:
             if not _violates_running_index(exc):
                 raise
-            # PostgreSQL has aborted the transaction; SQLite would commit the rest.
+            # The index refused all the same (it differs from the conflict target): still
+            # a busy target, and PostgreSQL has aborted the transaction.
             self.failed = True
             raise TargetBusy(_busy_message(execution)) from None
         if inserted is None:
