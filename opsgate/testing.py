@@ -192,6 +192,9 @@ class MemoryTx:
         self._t.audit.append(_in_utc(event, "at"))
         return event
 
+    def append_audit_at_commit(self, draft: AuditDraft) -> None:
+        self.append_audit(draft)  # transactions here are serial: nothing to hold
+
     # --- execution --------------------------------------------------------------------
 
     def claim_next_approved(self, now: datetime) -> Action | None:

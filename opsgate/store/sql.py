@@ -610,6 +610,7 @@ class SqlTx:
         # the events sealed onto it that are not written yet (see `append_audit`).
         self._head: tuple[int, str] | None = None
         self._unwritten: list[dict[str, Any]] = []
+        self._at_commit: list[AuditDraft] = []  # see append_audit_at_commit
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -713,6 +714,23 @@ class SqlTx:
         and the head moved, in one go just before COMMIT (`write_audit`): one statement
         on PostgreSQL for all of a transaction's events instead of two per event.
         """
+        # Drafts queued for commit were appended first: they keep their place.
+        self._seal_queued()
+        return self._seal(draft)
+
+    @_translate_errors
+    def append_audit_at_commit(self, draft: AuditDraft) -> None:
+        """As append_audit, sealed and written when the transaction commits: the head
+        is then locked just before the write and COMMIT, and held for those alone, not
+        for whatever else the transaction does after its transition."""
+        self._at_commit.append(draft)
+
+    def _seal_queued(self) -> None:
+        queued, self._at_commit = self._at_commit, []
+        for draft in queued:
+            self._seal(draft)
+
+    def _seal(self, draft: AuditDraft) -> AuditEvent:
         if self._head is None:
             head = self._conn.execute(_HEAD_FOR_UPDATE).first()
             if head is None:
@@ -728,7 +746,9 @@ class SqlTx:
 
     @_translate_errors
     def write_audit(self) -> None:
-        """Write the events sealed since the last write and move the head past them."""
+        """Seal what waits for commit, write the events sealed since the last write and
+        move the head past them."""
+        self._seal_queued()
         if not self._unwritten:
             return
         rows, self._unwritten = self._unwritten, []
