@@ -324,10 +324,12 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     """SIGTERM, and again if the worker is still there after 15 s: a SIGTERM that lands
     inside a database call can be taken by the driver as a cancelled query, and the
     worker then keeps polling (seen with psycopg 3); a second one stops it."""
+    # Writing a profile (BENCH_PROFILE) at exit takes a while.
+    patience = 120 if os.environ.get("BENCH_PROFILE") else 15
     for _ in range(3):
         process.send_signal(signal.SIGTERM)
         with suppress(subprocess.TimeoutExpired):
-            return process.wait(timeout=15)
+            return process.wait(timeout=patience)
     process.kill()
     return process.wait(timeout=15)
 
