@@ -160,31 +160,90 @@ def pid_tag() -> str:
     return str(os.getpid())
 
 
-def run_facts() -> str:
-    """What a reader needs to reproduce a figure: commit, machine, interpreter, time."""
+def _git(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def postgres_version(url: str) -> str:
+    """The server's version string, e.g. `15.20 (Debian 15.20-0+deb12u1)`."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(text("SHOW server_version")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def run_facts(*, postgres_url: str | None = None) -> str:
+    """What a reader needs to reproduce a figure: commit (and whether the tree had
+    uncommitted changes), machine, interpreter, database, load, time."""
     import platform
     import subprocess
     from datetime import UTC, datetime
 
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        if dirty:
-            commit += " (with uncommitted changes)"
+        commit = _git("rev-parse", "--short=12", "HEAD")
+        if _git("status", "--porcelain", "--untracked-files=no"):
+            commit += " (dirty: uncommitted changes)"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown (not a git checkout)"
+    database = ""
+    if postgres_url is not None:
+        try:
+            database = f", PostgreSQL {postgres_version(postgres_url)}"
+        except Exception as exc:  # a fact line must not stop the benchmark
+            database = f", PostgreSQL version unknown ({type(exc).__name__})"
+    try:
+        load = ", load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = ""
     return (
-        f"commit {commit}; {os.cpu_count()} cores, {platform.machine()}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}; "
-        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"
+        f"commit {commit}; {_cpu_model()}, {os.cpu_count()} cores, {platform.machine()}, "
+        f"{platform.system()} {platform.release()}; Python {platform.python_version()}"
+        f"{database}{load}; {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}"
     )
+
+
+def print_facts(name: str, rounds: str, *, postgres_url: str | None = None) -> None:
+    """The header every benchmark prints before its figures."""
+    print(f"{name}: {run_facts(postgres_url=postgres_url)}")
+    print(f"{name}: rounds: {rounds}", flush=True)
+
+
+def spread(samples: Sequence[float], unit: str = "ms", scale: float = 1.0, digits: int = 2) -> str:
+    """min / median / p90 / p99 / max (nearest rank) and the count, in `unit`."""
+    if not samples:
+        return "no samples"
+    ordered = sorted(samples)
+    median = (
+        ordered[(len(ordered) - 1) // 2]
+        if len(ordered) % 2
+        else ((ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2)
+    )
+    figures = [
+        ("min", ordered[0]),
+        ("median", median),
+        ("p90", percentile(ordered, 0.9)),
+        ("p99", percentile(ordered, 0.99)),
+        ("max", ordered[-1]),
+    ]
+    text = " / ".join(f"{value * scale:.{digits}f}" for _, value in figures)
+    return f"min/median/p90/p99/max {text} {unit} (n={len(ordered)})"

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._rig import print_facts, spread  # noqa: E402
 from bench.propose import document, percentile  # noqa: E402
 from opsgate.auth.tokens import create_token  # noqa: E402
 from opsgate.catalog import load_catalog  # noqa: E402
@@ -105,9 +106,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=1, help="alternate both this often")
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    print_facts("api", f"{args.rounds} x ({args.n} in process, then {args.n} through the API)")
     local: list[float] = []
     api: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,15 +116,14 @@ def main() -> None:
             local += in_process(directory, args.n)
             api += through_api(directory, args.n)
     local_median, api_median = statistics.median(local), statistics.median(api)
-    print(f"commit {commit or '?'}, {args.rounds} round(s) of {args.n} proposals each way")
     print(f"in-process median:  {local_median:.3f} ms   p99 {percentile(local, 0.99):.3f} ms")
     print(
         f"through the API:    {api_median:.3f} ms   p99 {percentile(api, 0.99):.3f} ms"
         "   (target p99 <= 15 ms)"
     )
     print(f"ratio API / in-process (median): {api_median / local_median:.2f}   (target <= 2)")
-    spread = statistics.quantiles(api, n=10)
-    print(f"API spread p10..p90: {spread[0]:.3f} .. {spread[-1]:.3f} ms")
+    print(f"in process:  {spread(local)}")
+    print(f"through API: {spread(api)}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ from bench._rig import (  # noqa: E402
     fault_and_prometheus,
     make_gate,
     pid_tag,
+    print_facts,
     propose_approved,
-    run_facts,
     sigterm_as_interrupt,
     wait_for_values,
     write_catalog,
@@ -104,7 +104,7 @@ def main() -> int:
     services = [f"evidence-{pid_tag()}-{i}" for i in range(args.runs)]
     query = error_ratio("{target}", args.window)
     started = time.monotonic()
-    print(f"evidence: {run_facts()}")
+    print_facts("evidence", f"{args.runs} runs, {args.parallel} at a time")
     print(
         f"{args.runs} runs ({args.parallel} at a time), signal {args.window} window, hold "
         f"{args.hold:g}s, failure_limit 0, run sets the error ratio 0 -> {HARMFUL_RATIO:g}; "

@@ -44,6 +44,7 @@ from bench._rig import (  # noqa: E402
     make_gate,
     percentile,
     pid_tag,
+    print_facts,
     propose_approved,
     sigterm_as_interrupt,
     wait_for_values,
@@ -278,6 +279,11 @@ def main() -> int:
         catalog = write_catalog(tmp / "catalog", [action_type(args.hold, args.window)])
         gate = make_gate(store, catalog)
 
+        print_facts(
+            "fanout",
+            f"{args.intervals} verification intervals of {args.actions} actions",
+            postgres_url=url if url.startswith("postgresql") else None,
+        )
         print(
             f"fanout: {args.actions} actions over {args.services} services, one worker "
             f"(one hub thread, {args.concurrency} step threads), store: {where}"

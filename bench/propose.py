@@ -12,26 +12,28 @@ isolation's cost per decision (isolated evaluation minus the in-process one).
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from opsgate.catalog import load_catalog
-from opsgate.gate import Gate
-from opsgate.models import Identity
-from opsgate.policies.differential import InProcess
-from opsgate.policies.embedded import EmbeddedEngine, OpaEmbeddedEngine
-from opsgate.policies.engine import DECISION_RULE
-from opsgate.store import open_store
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
+from bench._rig import percentile, print_facts, spread  # noqa: E402
+from opsgate.catalog import load_catalog  # noqa: E402
+from opsgate.gate import Gate  # noqa: E402
+from opsgate.models import Identity  # noqa: E402
+from opsgate.policies.differential import InProcess  # noqa: E402
+from opsgate.policies.embedded import EmbeddedEngine, OpaEmbeddedEngine  # noqa: E402
+from opsgate.policies.engine import DECISION_RULE  # noqa: E402
+from opsgate.store import open_store  # noqa: E402
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+__all__ = ["document", "percentile"]  # bench/api.py reuses both
 
 
 def document(i: int) -> dict[str, object]:
@@ -64,6 +66,16 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a live process (a policy sandbox worker)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bare_commit_ms(directory: Path, n: int) -> list[float]:
     """One INSERT and a durable commit, the floor under any stored proposal."""
     conn = sqlite3.connect(directory / "bare.db", isolation_level=None)
@@ -92,6 +104,10 @@ def main() -> None:
         help="regopy (default) or OPA's Go evaluator, both in worker processes",
     )
     args = parser.parse_args()
+    print_facts(
+        "propose",
+        f"{args.n} proposals after 50 warm-up ones; 2,000 of each bare part",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         store = open_store(f"sqlite:///{directory / 'bench.db'}")
@@ -103,6 +119,8 @@ def main() -> None:
         for i in range(50):  # warm up caches and the interpreter
             gate.propose(document(i), alice)
 
+        pids = engine._pool.pids()
+        cpu_before = time.process_time(), sum(process_cpu(pid) for pid in pids)
         latencies = []
         for i in range(args.n):
             start = time.perf_counter()
@@ -110,6 +128,9 @@ def main() -> None:
             latencies.append((time.perf_counter() - start) * 1000)
             assert outcome.action.state.value == "pending_approval", outcome.decision.deny_codes
 
+        # CPU per proposal does not stretch with the machine's load as wall time does.
+        own_cpu = (time.process_time() - cpu_before[0]) * 1000 / args.n
+        sandbox_cpu = (sum(process_cpu(p) for p in pids) - cpu_before[1]) * 1000 / args.n
         sample_input = store.decisions_for(outcome.action.id)[0].input
         evals = []
         for _ in range(2000):
@@ -129,6 +150,11 @@ def main() -> None:
     print(f"proposals:                {args.n} into SQLite (WAL, synchronous=FULL)")
     print(f"propose median:           {median:.3f} ms")
     print(f"propose p99:              {percentile(latencies, 0.99):.3f} ms   (target <= 5 ms)")
+    print(f"propose spread:           {spread(latencies, 'ms', digits=3)}")
+    print(
+        f"CPU per proposal:         {own_cpu:.2f} ms in this process + {sandbox_cpu:.2f} ms "
+        "in the policy sandbox"
+    )
     print(f"bare evaluation:          {statistics.median(bare_evals):.3f} ms (median, in process)")
     print(f"isolated evaluation:      {isolated:.3f} ms (median, worker process + deadline)")
     print(f"worker processes:         {len(worker_rss)}, RSS {sum(worker_rss):.0f} MiB in all")
@@ -136,6 +162,8 @@ def main() -> None:
         f"isolation overhead:       {isolated - statistics.median(bare_evals):.3f} ms per decision"
     )
     print(f"bare durable commit:      {statistics.median(commits):.3f} ms (median)")
+    print(f"bare evaluation spread:   {spread(bare_evals, 'ms', digits=3)}")
+    print(f"bare commit spread:       {spread(commits, 'ms', digits=3)}")
     print(f"ratio median / bare:      {median / bare:.2f}   (target <= 3)")
     print(f"throughput:               {args.n / (sum(latencies) / 1000):.0f} proposals/s")
 

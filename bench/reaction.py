@@ -41,8 +41,8 @@ from bench._rig import (  # noqa: E402
     monotonic_grid_phase,
     percentile,
     pid_tag,
+    print_facts,
     propose_approved,
-    run_facts,
     scrape_phase,
     sigterm_as_interrupt,
     wait_for_values,
@@ -267,7 +267,7 @@ def main() -> int:
         executor.start()
         results: list[RunResult] = []
         try:
-            print(f"reaction: {run_facts()}")
+            print_facts("reaction", f"{args.runs} runs, one at a time")
             halt = f"baseline + {args.halt:g}" if not args.absolute else f"{args.halt:g}"
             print(
                 f"{args.runs} runs; Prometheus {prometheus.url} scraping every 1 s; "

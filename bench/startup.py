@@ -20,6 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._rig import print_facts  # noqa: E402
+
 TARGET_OVER_INTERPRETER = 0.3
 
 
@@ -49,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
+    print_facts("startup", f"{args.rounds}, the three commands interleaved, after one warm-up")
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         env = {
@@ -75,13 +81,14 @@ def main() -> None:
                 samples[name].append(timed(argv, env, directory))
     medians = {name: statistics.median(values) for name, values in samples.items()}
     base = medians["python -c pass"]
-    print(f"commit {commit()}, {args.rounds} rounds, {os.cpu_count()} cpus, {' '.join(opsgate)}")
-    print(f"{'command':<20} {'median':>8} {'min..max':>15} {'over python':>12}")
+    print(f"opsgate started as: {' '.join(opsgate)}")
+    print(f"{'command':<20} {'median':>8} {'min..max':>15} {'stdev':>7} {'over python':>12}")
     verdicts = []
     for name, values in samples.items():
         over = medians[name] - base
         spread = f"{min(values):.3f}..{max(values):.3f}"
-        print(f"{name:<20} {medians[name]:>7.3f}s {spread:>15} {over:>+11.3f}s")
+        stdev = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"{name:<20} {medians[name]:>7.3f}s {spread:>15} {stdev:>6.3f}s {over:>+11.3f}s")
         if name != "python -c pass":
             verdicts.append(over <= TARGET_OVER_INTERPRETER)
     target = f"target <= {TARGET_OVER_INTERPRETER:.1f}s over python"

@@ -218,6 +218,20 @@ class Gate:
         """Run `work` on a decision thread; (False, None) if it is not done in time."""
         return _DECISIONS.run(work, seconds)
 
+    def _warm(self, rule: str, document: Mapping[str, Any], seconds: float) -> PolicyResult | None:
+        """The engine's verdict in this thread, when the engine itself promises it within
+        `seconds` (the embedded engine, with a worker ready: its evaluation deadline
+        kills the worker past it); None otherwise, and the decision thread is used. Two
+        thread switches fewer per evaluation."""
+        warm = getattr(self.engine, "evaluate_warm", None)
+        bound = getattr(self.engine, "timeout", None)
+        if self.shadow is not None or warm is None or not isinstance(bound, float):
+            return None
+        if bound > seconds:
+            return None
+        result: PolicyResult | None = warm(rule, document)
+        return result
+
     def policy(
         self, rule: str, document: Mapping[str, Any], deadline: float
     ) -> tuple[PolicyResult, PolicyResult | None]:
@@ -229,6 +243,9 @@ class Gate:
             shadow = self.shadow.evaluate(rule, document) if self.shadow else None
             return result, shadow
 
+        warm = self._warm(rule, document, deadline - time.monotonic())
+        if warm is not None:
+            return warm, None
         finished, value = self._within(deadline - time.monotonic(), ask)
         if not finished:
             return unavailable(f"no decision within {self.decision_deadline:g}s"), None
@@ -271,11 +288,15 @@ class Gate:
             verification=spec.verification,
             phase=phase,
         )
-        answered, checks = self._within(
-            self.decision_deadline, lambda: self.preconditions.evaluate(context)
-        )
-        if not answered:  # a hung Prometheus: decide on what is known, fail closed
-            checks = self.preconditions.timed_out(context, self.decision_deadline)
+        if self.preconditions.offline(context):
+            # Built-in checks only: they cannot hang, so no hop to a decision thread.
+            checks = self.preconditions.evaluate(context)
+        else:
+            answered, checks = self._within(
+                self.decision_deadline, lambda: self.preconditions.evaluate(context)
+            )
+            if not answered:  # a hung Prometheus: decide on what is known, fail closed
+                checks = self.preconditions.timed_out(context, self.decision_deadline)
         document = build_input(
             action_type=spec.action_type,
             target=proposal.target,
@@ -795,12 +816,18 @@ class Gate:
         """`data.opsgate.authz`: may this principal perform this verb at all?"""
         document = authz_input(verb, principal, now or self.clock(), action=action, spec=spec)
         started = time.perf_counter()
-        finished, value = self._within(
-            self.decision_deadline, lambda: self.engine.evaluate(AUTHZ_RULE, document)
-        )
-        result = (
-            value if finished else unavailable(f"no decision within {self.decision_deadline:g}s")
-        )
+        warm = self._warm(AUTHZ_RULE, document, self.decision_deadline)
+        if warm is not None:
+            result = warm
+        else:
+            finished, value = self._within(
+                self.decision_deadline, lambda: self.engine.evaluate(AUTHZ_RULE, document)
+            )
+            result = (
+                value
+                if finished
+                else unavailable(f"no decision within {self.decision_deadline:g}s")
+            )
         elapsed = (time.perf_counter() - started) * 1000
         return Evaluation(result, document, [], self.engine.name, elapsed)
 

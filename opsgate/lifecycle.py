@@ -102,7 +102,9 @@ def record_transition(
     """Move a locked action to `to_state` and append its audit event, in the caller's tx."""
     check_transition(action, to_state)
     updated = tx.update_action(action.id, state=to_state, updated_at=now, **fields)
-    tx.append_audit(
+    # Sealed at commit: the chain's head, which every writer queues on, is then held
+    # for the write and COMMIT only.
+    tx.append_audit_at_commit(
         AuditDraft(
             id=new_id(),
             at=now,
@@ -164,7 +166,7 @@ def record_event(
     to_state: str | None = None,
 ) -> None:
     """An audit event outside `record_transition`: a creation, an approval, a refusal."""
-    tx.append_audit(
+    tx.append_audit_at_commit(
         AuditDraft(
             id=new_id(),
             at=now,

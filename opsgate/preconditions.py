@@ -81,6 +81,9 @@ BUILTIN_CHECKS: dict[str, Check] = {
 }
 
 
+_NONE = object()  # never a registered check: an unknown name is not offline
+
+
 class PreconditionRegistry:
     """Named checks; action types name the ones they require in `preconditions:`."""
 
@@ -90,6 +93,13 @@ class PreconditionRegistry:
 
     def register(self, name: str, check: Callable[[CheckContext], PreconditionResult]) -> None:
         self._checks[name] = check
+
+    def offline(self, ctx: CheckContext) -> bool:
+        """Whether every check `evaluate` would run for `ctx` is a built-in one: no I/O,
+        nothing that can hang, so it needs no thread and no deadline (`timed_out` runs
+        the same ones in the caller's thread)."""
+        names = set(BUILTIN_CHECKS) | set(ctx.action_type.preconditions)
+        return all(self._checks.get(name) is BUILTIN_CHECKS.get(name, _NONE) for name in names)
 
     def timed_out(self, ctx: CheckContext, seconds: float) -> list[PreconditionResult]:
         """What to decide on when the checks did not answer in time: the built-in ones

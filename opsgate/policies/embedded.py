@@ -161,11 +161,35 @@ class EmbeddedEngine:
 
     def evaluate(self, rule: str, input: Mapping[str, Any]) -> PolicyResult:
         result = self._evaluate(rule, input)
+        self._count(result)
+        return result
+
+    def _count(self, result: PolicyResult) -> None:
         with self._counter_lock:
             self.evaluations += 1
             if UNAVAILABLE in result.deny_codes:
                 self.failures += 1
                 self.last_error = result.error
+
+    def evaluate_warm(self, rule: str, input: Mapping[str, Any]) -> PolicyResult | None:
+        """The verdict within `timeout`, or None when that cannot be promised: no idle
+        worker has the current bundle loaded (a worker would have to start and compile
+        it), or the bundle is due its reload check (which may recompile here). The
+        caller then evaluates as usual, under its own deadline."""
+        compiled = self._compiled
+        if compiled.payload is None or time.monotonic() - self._checked_at >= RELOAD_CHECK_SECONDS:
+            return None
+        try:
+            answer = self._pool.evaluate_warm(compiled.payload, rule, input)
+        except SandboxError as exc:
+            result = unavailable(str(exc), compiled.revision)
+        except (TypeError, ValueError) as exc:  # an input that is not JSON
+            result = unavailable(f"{type(exc).__name__}: {exc}", compiled.revision)
+        else:
+            if answer is None:
+                return None
+            result = self._result(answer, compiled.revision)
+        self._count(result)
         return result
 
     def _evaluate(self, rule: str, input: Mapping[str, Any]) -> PolicyResult:
@@ -178,9 +202,13 @@ class EmbeddedEngine:
             return unavailable(str(exc), compiled.revision)
         except (TypeError, ValueError) as exc:  # an input that is not JSON
             return unavailable(f"{type(exc).__name__}: {exc}", compiled.revision)
+        return self._result(answer, compiled.revision)
+
+    @staticmethod
+    def _result(answer: Mapping[str, Any], revision: str) -> PolicyResult:
         if answer.get("ok") is not True:
-            return unavailable(str(answer.get("error") or "no answer"), compiled.revision)
-        return interpret(answer.get("value"), compiled.revision)
+            return unavailable(str(answer.get("error") or "no answer"), revision)
+        return interpret(answer.get("value"), revision)
 
     def describe(self) -> dict[str, Any]:
         """What doctor prints: the deadline and the counters."""

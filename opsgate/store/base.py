@@ -124,6 +124,11 @@ class StoreTx(Protocol):
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
         """Seal the draft onto the end of the chain (serialised across writers)."""
 
+    def append_audit_at_commit(self, draft: AuditDraft) -> None:
+        """As append_audit, for a caller that needs no sealed event back: the store may
+        seal it, and take the chain's head, only as the transaction commits (in the
+        order of the appends), so the head is held for the write and COMMIT alone."""
+
     # --- execution --------------------------------------------------------------------
 
     def claim_next_approved(self, now: datetime) -> Action | None:

@@ -179,6 +179,9 @@ class MemoryTx:
             self._t.outbox[entry["id"]] = OutboxItem(**entry)
         return event
 
+    def append_audit_at_commit(self, draft: AuditDraft) -> None:
+        self.append_audit(draft)  # transactions here are serial: nothing to hold
+
     # --- execution --------------------------------------------------------------------
 
     def claim_next_approved(self, now: datetime) -> Action | None:

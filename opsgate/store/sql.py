@@ -275,6 +275,8 @@ class SqlStore:
             tx = SqlTx(self, conn)
             try:
                 yield tx
+                if not tx.failed:  # else refused below, with nothing written
+                    tx.write_audit()
             except BaseException:
                 self._rollback_quietly(conn)
                 raise
@@ -645,14 +647,22 @@ class SqlTx:
         self._store = store
         self._conn = conn
         self._postgresql = store.dialect == "postgresql"
-        self._insert_action, self._upsert_worker, self._insert_segment = _dialect_statements(
-            store.dialect
-        )
+        (
+            self._insert_action,
+            self._upsert_worker,
+            self._insert_segment,
+            self._insert_execution,
+        ) = _dialect_statements(store.dialect)
         self.failed = False  # a driver error happened: the transaction must not commit
         self._segments: dict[str, int | None] = {}  # action id -> segment id, this tx
         # Actions as this transaction last wrote them: a notification's payload needs the
         # action, and the change it announces was just made here (saves a read).
         self._written: dict[str, Action] = {}
+        # The chain's head as this transaction moved it (None until it first appends), and
+        # the events sealed onto it that are not written yet (see `append_audit`).
+        self._head: tuple[int, str] | None = None
+        self._unwritten: list[dict[str, Any]] = []
+        self._at_commit: list[AuditDraft] = []  # see append_audit_at_commit
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -705,8 +715,9 @@ class SqlTx:
 
     @_translate_errors
     def insert_decision(self, decision: Decision) -> None:
+        # The action's segment is read by the INSERT itself: no round trip of its own.
         row = decision_to_row(decision)
-        row["segment_id"] = self._segment_of(decision.action_id)
+        row["segment_of"] = decision.action_id
         self._conn.execute(_INSERT_DECISION, row)
 
     def _segment_id(self, key: dict[str, str]) -> int:
@@ -723,14 +734,6 @@ class SqlTx:
             return int(found)
         self._conn.execute(self._insert_segment, key)
         return int(self._conn.execute(_SEGMENT_ID, key).scalar_one())
-
-    def _segment_of(self, action_id: str | None) -> int | None:
-        if action_id is None:
-            return None
-        if action_id not in self._segments:
-            found = self._conn.execute(_ACTION_SEGMENT, {"action_id": action_id}).first()
-            self._segments[action_id] = found[0] if found else None
-        return self._segments[action_id]
 
     @_translate_errors
     def insert_approval(self, approval: Approval) -> None:
@@ -760,24 +763,40 @@ class SqlTx:
 
     @_translate_errors
     def append_audit(self, draft: AuditDraft) -> AuditEvent:
-        """Seal the draft onto the end of the chain (serialised across writers)."""
-        # The head row lock (or SQLite's write lock) is held until commit, so concurrent
-        # appenders queue here and each sees the head its predecessor left.
-        head = self._conn.execute(_HEAD_FOR_UPDATE).first()
-        if head is None:
-            raise StoreError("the audit_head row is missing (is the schema migrated?)")
-        event = seal(draft, seq=head.seq + 1, prev_hash=head.hash)
-        try:
-            self._conn.execute(_INSERT_AUDIT_EVENT, audit_event_to_row(event))
-        except IntegrityError:
-            # opsgate moves the head with every event it appends, so a row already at
-            # head + 1 was written by someone else. It is evidence: say so, touch nothing.
-            raise StoreError(
-                f"audit event seq {event.seq} already exists though the chain's head is at "
-                f"seq {head.seq}: it was written outside opsgate, and no event can be "
-                "appended until it is dealt with; `opsgate audit verify` names it"
-            ) from None
-        self._conn.execute(_MOVE_HEAD, {"new_seq": event.seq, "new_hash": event.hash})
+        """Seal the draft onto the end of the chain (serialised across writers).
+
+        The first append of a transaction locks the head row (or SQLite's write lock is
+        already held), and the lock is held until commit, so concurrent appenders queue
+        here and each sees the head its predecessor left. The sealed events are written,
+        and the head moved, in one go just before COMMIT (`write_audit`): one statement
+        on PostgreSQL for all of a transaction's events instead of two per event.
+        """
+        # Drafts queued for commit were appended first: they keep their place.
+        self._seal_queued()
+        return self._seal(draft)
+
+    @_translate_errors
+    def append_audit_at_commit(self, draft: AuditDraft) -> None:
+        """As append_audit, sealed and written when the transaction commits: the head
+        is then locked just before the write and COMMIT, and held for those alone, not
+        for whatever else the transaction does after its transition."""
+        self._at_commit.append(draft)
+
+    def _seal_queued(self) -> None:
+        queued, self._at_commit = self._at_commit, []
+        for draft in queued:
+            self._seal(draft)
+
+    def _seal(self, draft: AuditDraft) -> AuditEvent:
+        if self._head is None:
+            head = self._conn.execute(_HEAD_FOR_UPDATE).first()
+            if head is None:
+                raise StoreError("the audit_head row is missing (is the schema migrated?)")
+            self._head = (int(head.seq), str(head.hash))
+        seq, prev_hash = self._head
+        event = seal(draft, seq=seq + 1, prev_hash=prev_hash)
+        self._unwritten.append(audit_event_to_row(event))
+        self._head = (event.seq, event.hash)
         if draft.kind in NOTIFIED_KINDS:
             # In this transaction: the notification exists exactly when the change does.
             found = self._written.get(draft.action_id) if draft.action_id else None
@@ -787,7 +806,38 @@ class SqlTx:
             entry = outbox_entry(event, found)
             if entry is not None:
                 self._conn.execute(_INSERT_OUTBOX, entry)
+        if len(self._unwritten) >= _AUDIT_PAGE:  # bounds the statement's parameters
+            self.write_audit()
         return event
+
+    @_translate_errors
+    def write_audit(self) -> None:
+        """Seal what waits for commit, write the events sealed since the last write and
+        move the head past them."""
+        self._seal_queued()
+        if not self._unwritten:
+            return
+        rows, self._unwritten = self._unwritten, []
+        assert self._head is not None
+        moved = {"new_seq": self._head[0], "new_hash": self._head[1]}
+        try:
+            if self._postgresql:
+                self._conn.execute(_insert_events_moving_head(len(rows)), _flat(rows, moved))
+            else:
+                self._conn.execute(_INSERT_AUDIT_EVENT, rows)
+                self._conn.execute(_MOVE_HEAD, moved)
+        except IntegrityError:
+            # opsgate moves the head with every event it appends, so a row already in
+            # the range this transaction sealed was written by someone else. It is
+            # evidence: say so, touch nothing.
+            first, last = int(rows[0]["seq"]), int(rows[-1]["seq"])
+            where = f"seq {first}" if first == last else f"seq {first}..{last}"
+            raise StoreError(
+                f"audit event {where} already exists "
+                f"though the chain's head is at seq {first - 1}: it was written outside "
+                "opsgate, and no event can be appended until it is dealt with; "
+                "`opsgate audit verify` names it"
+            ) from None
 
     @_translate_errors
     def claim_outbox(
@@ -846,24 +896,24 @@ class SqlTx:
     @_translate_errors
     def insert_execution(self, execution: Execution) -> None:
         """Record a claim; TargetBusy if another unfinished execution holds the target."""
-        # Checked first so the usual refusal leaves the transaction usable; the unique
-        # index only decides races the check cannot see (uncommitted PostgreSQL claims).
-        # A row that is already finished holds nothing, as in the index. The action's own
-        # unfinished row counts too: SQLite would report it as the index's violation anyway.
-        if execution.finished_at is None and self.count_running_on_target(
-            execution.target, execution.environment
-        ):
-            raise TargetBusy(_busy_message(execution))
+        # One statement checks and inserts: ON CONFLICT on the unique index of unfinished
+        # executions inserts nothing when the target is held (the action's own unfinished
+        # row included) and leaves the transaction usable; an uncommitted claim on the
+        # target makes it wait for that transaction, then decide. A finished row holds
+        # nothing, as in the index.
         try:
             row = execution_to_row(execution)
-            row["segment_id"] = self._segment_of(execution.action_id)
-            self._conn.execute(_INSERT_EXECUTION, row)
+            row["segment_of"] = execution.action_id
+            inserted = self._conn.execute(self._insert_execution, row).first()
         except IntegrityError as exc:
             if not _violates_running_index(exc):
                 raise
-            # PostgreSQL has aborted the transaction; SQLite would commit the rest.
+            # The index refused all the same (it differs from the conflict target): still
+            # a busy target, and PostgreSQL has aborted the transaction.
             self.failed = True
             raise TargetBusy(_busy_message(execution)) from None
+        if inserted is None:
+            raise TargetBusy(_busy_message(execution))
 
     @_translate_errors
     def lock_execution(self, action_id: str) -> Execution | None:
@@ -1030,7 +1080,13 @@ _INSERT_OUTBOX = insert(outbox)
 _ROW_COUNTS = select(
     *(select(func.count()).select_from(t).scalar_subquery().label(t.name) for t in _COUNTED)
 )
-_INSERT_DECISION = insert(decisions)
+# The segment of the action a row is about, read inside the INSERT that stores the row.
+_SEGMENT_OF_ACTION = (
+    select(actions.c.segment_id)
+    .where(actions.c.id == bindparam("segment_of", type_=actions.c.id.type))
+    .scalar_subquery()
+)
+_INSERT_DECISION = insert(decisions).values(segment_id=_SEGMENT_OF_ACTION)
 _STATE_FIELDS = {
     name: update(executions)
     .where(executions.c.action_id == bindparam("key"))
@@ -1043,7 +1099,6 @@ _OWNERS = select(
 _SEGMENT_ID = select(segments.c.id).where(
     *(segments.c[name] == bindparam(name) for name in SEGMENT_COLUMNS)
 )
-_ACTION_SEGMENT = select(actions.c.segment_id).where(actions.c.id == bindparam("action_id"))
 _INSERT_APPROVAL = insert(approvals)
 _INSERT_AUDIT_EVENT = insert(audit_events)
 _HEAD_FOR_UPDATE = (
@@ -1054,6 +1109,29 @@ _MOVE_HEAD = (
     .where(audit_head.c.id == 1)
     .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 )
+_AUDIT_COLUMNS = [c.name for c in audit_events.c]
+
+
+@functools.lru_cache(maxsize=16)
+def _insert_events_moving_head(count: int) -> Executable:
+    """PostgreSQL: `WITH moved AS (UPDATE audit_head ...) INSERT INTO audit_events VALUES
+    (...), ...` -- the events and the head in one statement, for `count` events."""
+    rows = [
+        {
+            name: bindparam(f"e{i}_{name}", type_=audit_events.c[name].type)
+            for name in _AUDIT_COLUMNS
+        }
+        for i in range(count)
+    ]
+    return insert(audit_events).values(rows).add_cte(_MOVE_HEAD.cte("moved_head"))
+
+
+def _flat(rows: Sequence[Mapping[str, Any]], extra: Mapping[str, Any]) -> dict[str, Any]:
+    flat = dict(extra)
+    for i, row in enumerate(rows):
+        for name in _AUDIT_COLUMNS:
+            flat[f"e{i}_{name}"] = row[name]
+    return flat
 
 
 _CLAIM_NEXT = (
@@ -1139,7 +1217,7 @@ _LIST_WORKERS = select(workers).order_by(workers.c.heartbeat_at.desc(), workers.
 
 
 @functools.cache
-def _dialect_statements(name: str) -> tuple[Executable, Executable, Executable]:
+def _dialect_statements(name: str) -> tuple[Executable, Executable, Executable, Executable]:
     """The statements whose SQL differs by dialect, built (and the dialect imported) on
     first use: a SQLite user never loads the PostgreSQL dialect and its asyncio."""
     dialect: Any = importlib.import_module(f"sqlalchemy.dialects.{name}")
@@ -1156,7 +1234,18 @@ def _dialect_statements(name: str) -> tuple[Executable, Executable, Executable]:
         set_={c.name: upsert.excluded[c.name] for c in workers.c if c.name != "id"},
     )
     insert_segment = dialect.insert(segments).on_conflict_do_nothing()
-    return insert_action, upsert_worker, insert_segment
+    # A conflict on the unfinished-executions index (the target is busy) inserts nothing;
+    # any other constraint (the action's own finished row) still raises.
+    insert_execution = (
+        dialect.insert(executions)
+        .values(segment_id=_SEGMENT_OF_ACTION)
+        .on_conflict_do_nothing(
+            index_elements=[executions.c.target, executions.c.environment],
+            index_where=executions.c.finished_at.is_(None),
+        )
+        .returning(executions.c.action_id)
+    )
+    return insert_action, upsert_worker, insert_segment, insert_execution
 
 
 def _count_running(

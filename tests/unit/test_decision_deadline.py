@@ -197,3 +197,69 @@ def test_a_slow_recheck_at_claim_holds_no_write_lock(tmp_path: Path, sqlite_url:
         engine.release.set()
         executor.close()
         store.close()
+
+
+def test_a_ready_engine_decides_in_the_callers_thread_and_a_cold_one_on_the_threads(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqlStore(sqlite_url)
+    engine = EmbeddedEngine(ROOT / "policies")
+    gate = Gate(store=store, catalog=load_catalog(ROOT / "catalog"), engine=engine)
+    hops: list[float] = []
+    within = gate._within
+
+    def counted(seconds: float, work: Any) -> tuple[bool, Any]:
+        hops.append(seconds)
+        return within(seconds, work)
+
+    monkeypatch.setattr(gate, "_within", counted)
+    try:
+        # No worker yet: authz starts one on a decision thread; the policy finds it warm.
+        cold = gate.propose(scale(), ALICE)
+        assert cold.action.state is S.PENDING_APPROVAL
+        assert len(hops) == 1
+        hops.clear()
+        warm = gate.propose(scale(target="payments"), ALICE)
+        assert warm.action.state is S.PENDING_APPROVAL
+        assert hops == []  # built-in preconditions, warm engine: no thread switch
+        assert warm.decision.bundle_revision == cold.decision.bundle_revision
+
+        # A shadow engine is evaluated beside it on the decision thread, as before.
+        gate.shadow = EmbeddedEngine(ROOT / "policies")
+        try:
+            gate.propose(scale(target="search"), ALICE)
+            assert len(hops) == 2
+        finally:
+            gate.shadow.close()
+    finally:
+        engine.close()
+        store.close()
+
+
+def test_an_engine_deadline_longer_than_the_gates_keeps_the_decision_thread(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqlStore(sqlite_url)
+    engine = EmbeddedEngine(ROOT / "policies", timeout=10.0)
+    gate = Gate(
+        store=store,
+        catalog=load_catalog(ROOT / "catalog"),
+        engine=engine,
+        decision_deadline=2.0,
+    )
+    hops: list[float] = []
+    within = gate._within
+
+    def counted(seconds: float, work: Any) -> tuple[bool, Any]:
+        hops.append(seconds)
+        return within(seconds, work)
+
+    monkeypatch.setattr(gate, "_within", counted)
+    try:
+        gate.propose(scale(), ALICE)
+        hops.clear()
+        gate.propose(scale(target="payments"), ALICE)
+        assert len(hops) == 2  # the engine cannot promise an answer within 2 s
+    finally:
+        engine.close()
+        store.close()

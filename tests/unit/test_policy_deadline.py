@@ -255,3 +255,58 @@ def test_a_worker_over_its_memory_cap_is_killed_before_the_deadline(tmp_path: Pa
         assert "exceeded its deadline" not in result.deny[0]["message"]
         assert not alive(worker) and engine.timeouts == 0
         assert engine.evaluate(DECISION_RULE, {"big": False}).allow
+
+
+ALLOWS = """package opsgate
+import rego.v1
+decision := {"allow": true, "deny": [], "required_approvals": 1, "approver_roles": ["sre"]}
+"""
+
+
+def test_a_warm_evaluation_needs_a_loaded_worker_and_never_starts_one(tmp_path: Path) -> None:
+    with EmbeddedEngine(bundle(tmp_path, HANGS_ON_EMPTY_PATTERN), timeout=TIMEOUT) as engine:
+        assert engine.evaluate_warm(DECISION_RULE, proposal("SLO")) is None
+        assert engine._pool.pids() == []  # nothing was started for it
+        usual = engine.evaluate(DECISION_RULE, proposal("SLO"))
+        warm = engine.evaluate_warm(DECISION_RULE, proposal("SLO"))
+        assert warm == usual and warm.allow
+        assert engine.evaluations == 2
+        # Busy (checked out by another evaluation): no waiting for it either.
+        [worker] = engine._pool._idle
+        engine._pool._idle.clear()
+        try:
+            assert engine.evaluate_warm(DECISION_RULE, proposal("SLO")) is None
+        finally:
+            engine._pool._checkin(worker)
+
+
+def test_a_hang_on_the_warm_path_is_cut_at_the_same_deadline(tmp_path: Path) -> None:
+    with EmbeddedEngine(bundle(tmp_path, HANGS_ON_EMPTY_PATTERN), timeout=TIMEOUT) as engine:
+        assert engine.evaluate(DECISION_RULE, proposal("SLO")).allow
+        [worker] = engine._pool.pids()
+        start = time.monotonic()
+        result = engine.evaluate_warm(DECISION_RULE, proposal(""))
+        elapsed = time.monotonic() - start
+        assert result is not None and result.deny_codes == [UNAVAILABLE]
+        assert "exceeded its deadline" in result.deny[0]["message"]
+        assert elapsed < TIMEOUT + 1.0, elapsed
+        assert not alive(worker)
+        assert engine.timeouts == 1 and engine.failures == 1
+        # The killed worker is not replaced on the warm path: the usual one does that.
+        assert engine.evaluate_warm(DECISION_RULE, proposal("SLO")) is None
+        assert engine.evaluate(DECISION_RULE, proposal("SLO")).allow
+
+
+def test_a_warm_evaluation_leaves_a_due_reload_to_the_usual_path(tmp_path: Path) -> None:
+    directory = bundle(tmp_path, HANGS_ON_EMPTY_PATTERN)
+    with EmbeddedEngine(directory, timeout=TIMEOUT) as engine:
+        before = engine.evaluate(DECISION_RULE, proposal("SLO"))
+        (directory / "opsgate.rego").write_text(ALLOWS)
+        engine._checked_at -= 60  # the reload check is due
+        assert engine.evaluate_warm(DECISION_RULE, proposal("")) is None
+        # The usual path reloads: the new bundle answers, with its own revision.
+        after = engine.evaluate(DECISION_RULE, proposal(""))
+        assert after.allow and after.revision != before.revision
+        # That evaluation loaded the new bundle into the worker: warm again, on it.
+        warm = engine.evaluate_warm(DECISION_RULE, proposal(""))
+        assert warm is not None and warm.revision == after.revision

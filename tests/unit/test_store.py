@@ -583,3 +583,102 @@ def test_sqlite_pragmas(sqlite_url: str) -> None:
         "foreign_keys": 1,
         "busy_timeout": 30000,
     }
+
+
+def test_a_transaction_writes_its_events_in_one_go(store: Store) -> None:
+    """The head is locked once per transaction and its events written together before
+    COMMIT: on PostgreSQL the head lock and one statement, however many events."""
+    if not isinstance(store, SqlStore):
+        pytest.skip("counts SQL statements")
+    from sqlalchemy import event
+
+    action = make_action()
+    with store.transaction() as tx:
+        tx.insert_action(action)
+    sent: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        sent.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        with store.transaction() as tx:
+            appended = [tx.append_audit(make_draft(action.id, data={"i": i})) for i in range(3)]
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    audit = [s for s in sent if "audit_" in s]
+    assert len(audit) == (2 if store.dialect == "postgresql" else 3), audit
+    assert list(store.audit_events()) == appended
+    assert [e.seq for e in appended] == [1, 2, 3]
+    assert store.audit_head() == (3, appended[-1].hash)
+    assert verify_chain(store.audit_events()).ok
+
+
+def test_events_of_a_failed_transaction_are_never_written(store: Store) -> None:
+    action = make_action()
+    with store.transaction() as tx:
+        tx.insert_action(action)
+        tx.append_audit(make_draft(action.id))
+    with pytest.raises(Boom), store.transaction() as tx:
+        tx.append_audit(make_draft(action.id))
+        tx.append_audit(make_draft(action.id))
+        raise Boom
+    assert [e.seq for e in store.audit_events()] == [1]
+    with store.transaction() as tx:
+        event = tx.append_audit(make_draft(action.id))
+    assert event.seq == 2
+    assert verify_chain(store.audit_events()).ok
+
+
+def test_events_appended_at_commit_take_the_head_last_and_keep_their_order(
+    store: Store,
+) -> None:
+    action = make_action()
+    with store.transaction() as tx:
+        tx.insert_action(action)
+    sent: list[str] = []
+    if isinstance(store, SqlStore):
+        from sqlalchemy import event as sa_event
+
+        def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+            sent.append(statement)
+
+        sa_event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        with store.transaction() as tx:
+            tx.append_audit_at_commit(make_draft(action.id, kind="first"))
+            tx.update_action(action.id, state=ActionState.APPROVED)
+            tx.append_audit_at_commit(make_draft(action.id, kind="second"))
+            # An event sealed now comes after those queued before it.
+            third = tx.append_audit(make_draft(action.id, kind="third"))
+            tx.append_audit_at_commit(make_draft(action.id, kind="fourth"))
+    finally:
+        if isinstance(store, SqlStore):
+            sa_event.remove(store.engine, "before_cursor_execute", count)
+    events = list(store.audit_events())
+    assert [(e.seq, e.kind) for e in events] == [
+        (1, "first"),
+        (2, "second"),
+        (3, "third"),
+        (4, "fourth"),
+    ]
+    assert third == events[2]
+    assert verify_chain(events).ok
+    if sent:
+        # The head was locked only after the action's row was changed.
+        head = next(i for i, s in enumerate(sent) if "audit_head" in s)
+        update = next(i for i, s in enumerate(sent) if s.lstrip().startswith("UPDATE actions"))
+        assert update < head
+
+
+def test_events_for_commit_of_a_failed_transaction_are_never_sealed(store: Store) -> None:
+    action = make_action()
+    with store.transaction() as tx:
+        tx.insert_action(action)
+    with pytest.raises(Boom), store.transaction() as tx:
+        tx.append_audit_at_commit(make_draft(action.id))
+        raise Boom
+    assert list(store.audit_events()) == []
+    with store.transaction() as tx:
+        tx.append_audit_at_commit(make_draft(action.id))
+    assert [e.seq for e in store.audit_events()] == [1]
