@@ -98,6 +98,17 @@ def test_propose_approve_show_queue_through_the_server(client: Client) -> None:
     assert client.json("alice", "show", action_id)["action"]["state"] == "cancelled"
 
 
+def test_show_plans_with_the_servers_catalog_not_the_clients(client: Client) -> None:
+    # The client runs in an empty directory: it has no catalog of its own.
+    action_id = client.json("agent", *PROPOSE[:9], "replicas=6", *PROPOSE[10:])["action"]["id"]
+    shown = client.json("alice", "show", action_id)
+    assert set(shown["plan"]["steps"]) == {"capture", "run", "undo"}
+    assert "--replicas=6" in shown["plan"]["steps"]["run"]["argv"]
+    code, out, err = client.run("alice", "show", action_id)
+    assert code == 0, err
+    assert "not in today's catalog" not in out and "--replicas=6" in out
+
+
 def test_exit_codes_match_local_mode(client: Client) -> None:
     action_id = client.json("alice", *PROPOSE[:9], "replicas=5", *PROPOSE[10:])["action"]["id"]
     before = client.rig.rows()
