@@ -160,7 +160,19 @@ def test_store_commands_refuse_in_client_mode(client: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://db.internal:8700", "ftp://127.0.0.1:8700", "127.0.0.1:8700", "http://"]
+    "url",
+    [
+        "http://db.internal:8700",
+        "ftp://127.0.0.1:8700",
+        "127.0.0.1:8700",
+        "http://",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:port",
+        "http://alice:secret@127.0.0.1:8700",
+        "http://127.0.0.1:8700/?next=evil",
+        "http://127.0.0.1:8700/#x",
+    ],
 )
 def test_bad_server_urls_are_refused(client: Client, url: str) -> None:
     code, _, err = client.run("alice", "whoami", OPSGATE_URL=url)
