@@ -102,4 +102,7 @@ def error_from(status: int, payload: Any) -> OpsgateError:
         return NotFound(message)
     if status == 409:
         return StateConflict(message)
+    if error.get("type") == "server_config":
+        # Named so nobody sets the variable on the client, where it changes nothing.
+        return OpsgateError(f"the server's own settings are incomplete: {message}")
     return OpsgateError(f"server error ({status}): {message}")

@@ -159,6 +159,15 @@ def test_store_commands_refuse_in_client_mode(client: Client) -> None:
     assert code == 4, err
 
 
+def test_a_server_without_prometheus_says_the_setting_is_the_servers(client: Client) -> None:
+    action_id = client.json("agent", *proposal(11))["action"]["id"]
+    client.json("alice", "approve", action_id)
+    code, _, err = client.run("alice", "run", action_id)
+    assert code == 1 and err.count("\n") == 1
+    assert "server's own settings" in err and "OPSGATE_PROMETHEUS_URL" in err
+    assert client.json("alice", "show", action_id)["action"]["state"] == "approved"
+
+
 @pytest.mark.parametrize(
     "url",
     [
