@@ -160,7 +160,7 @@ def test_store_commands_refuse_in_client_mode(client: Client) -> None:
 
 
 def test_a_server_without_prometheus_says_the_setting_is_the_servers(client: Client) -> None:
-    action_id = client.json("agent", *proposal(11))["action"]["id"]
+    action_id = client.json("agent", *proposal(21))["action"]["id"]
     client.json("alice", "approve", action_id)
     code, _, err = client.run("alice", "run", action_id)
     assert code == 1 and err.count("\n") == 1
