@@ -94,7 +94,7 @@ def test_a_revoked_token_is_refused_and_revoking_twice_is_a_conflict(store: Stor
     with pytest.raises(Unauthenticated):
         authenticate_token(store, plaintext, NOW)
     before = store.row_counts()
-    with pytest.raises(StateConflict):
+    with pytest.raises(StateConflict, match=r"already revoked at 2026-12-01T12:00:00Z$"):
         revoke_token(store, token_id, revoked_by="root", now=NOW)
     with pytest.raises(NotFound):
         revoke_token(store, "01nosuchtoken", revoked_by="root", now=NOW)
