@@ -11,7 +11,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from opsgate.auth.principal import Principal, Unauthenticated, check_groups, check_name
@@ -106,7 +106,10 @@ def revoke_token(
     existing = store.get_api_token(token_id)
     if existing is None:
         raise NotFound(f"no token {token_id}; list them with `opsgate token list`")
-    raise StateConflict(f"token {token_id} was already revoked at {existing.revoked_at}")
+    at = existing.revoked_at
+    # The CLI's own timestamp form, not Python's str() of a datetime.
+    when = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if at is not None else "some time"
+    raise StateConflict(f"token {token_id} was already revoked at {when}")
 
 
 def authenticate_token(store: Store, presented: str, now: datetime | None = None) -> Principal:

@@ -200,18 +200,27 @@ def show(config: CliConfig, action_id: str, follow: bool, as_json: bool) -> None
         click.get_current_context().invoke(watch, action_id=action_id, as_json=as_json)
         return
     catalog = config.render_catalog
-    if config.server_url is not None:  # client mode: the server reads and masks
-        config.actions.expire_due()
-        details = config.actions.details(action_id)
-    else:
-        if catalog is not None:
-            # A broken policy bundle: expiry is left to the next command that can decide.
-            with contextlib.suppress(ConfigError):
-                config.gate.expire_due()
-        from opsgate.gate import action_details
+    remote = config.remote
+    if remote is not None:
+        # Client mode: the server reads, masks and plans with its catalog; the client has
+        # none, and planning here would say the action type no longer exists.
+        remote.expire_due()
+        document = remote.details_document(action_id)
+        if as_json:
+            echo_json(document)
+        else:
+            from opsgate.client.remote import details_from_json
 
-        # From the store alone: a broken catalog file must not hide any action's history.
-        details = action_details(config.store, action_id)
+            show_details(details_from_json(document), None, plan=document["plan"])
+        return
+    if catalog is not None:
+        # A broken policy bundle: expiry is left to the next command that can decide.
+        with contextlib.suppress(ConfigError):
+            config.gate.expire_due()
+    from opsgate.gate import action_details
+
+    # From the store alone: a broken catalog file must not hide any action's history.
+    details = action_details(config.store, action_id)
     if as_json:
         echo_json(details_json(details, catalog))
     else:

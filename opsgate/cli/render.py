@@ -215,7 +215,10 @@ def kv_table(rows: Mapping[str, Any], title: str | None = None) -> None:
     console().print(table)
 
 
-def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
+def show_details(
+    details: ActionDetails, catalog: Catalog | None, *, plan: dict[str, Any] | None = None
+) -> None:
+    """`plan`: the plan as the server made it (client mode); else made here from `catalog`."""
     action = details.action
     params = ", ".join(f"{k}={v}" for k, v in masked(action, catalog, details.events).items())
     kv_table(
@@ -244,7 +247,7 @@ def show_details(details: ActionDetails, catalog: Catalog | None) -> None:
     from opsgate.executor.plan import plan_lines
 
     click.echo("\nplan:")
-    for line in plan_lines(plan_of(details, catalog)):
+    for line in plan_lines(plan if plan is not None else plan_of(details, catalog)):
         click.echo(f"  {shown(line)}")
     for decision in details.decisions:
         verdict = "allow" if decision.allow else "deny"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
+import socket
 from datetime import UTC, datetime
 from typing import Any, Literal, cast
 
@@ -27,6 +29,30 @@ def parse_listen(value: str) -> tuple[str, int]:
     except ValueError:
         raise InvalidInput("--listen", f"expected an IP address, got {host!r}") from None
     return host, int(port_text)
+
+
+class _Terminated(Exception):
+    """SIGTERM, raised where the server runs so that its shutdown runs too."""
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+def bind_listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything says it listens: a port in use is one
+    line naming --listen and exit 2, not a traceback after a false "listening"."""
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # As uvicorn would: a restart must not wait out TIME_WAIT on the old connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or type(exc).__name__
+        raise InvalidInput("--listen", f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
 
 
 @click.command()
@@ -63,14 +89,22 @@ def server(config: CliConfig, listen: str) -> None:
         # The peer address decides rate limits and proxy trust: never from X-Forwarded-For.
         proxy_headers=False,
     )
+    sock = bind_listen(host, port)
     click.echo(f"opsgate server listening on http://{listen}/api/v1", err=True)
     if config.settings.console_client_id:
         click.echo(f"web console at http://{listen}/console", err=True)
+    # uvicorn re-raises the stop signal once it has drained; under the default SIGTERM
+    # disposition that killed the process before the handover below could run.
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         app.state.start()  # notification delivery from the outbox
-        uvicorn.Server(settings).run()
+        uvicorn.Server(settings).run(sockets=[sock])
+    except (KeyboardInterrupt, _Terminated):
+        pass  # a stop asked for; uvicorn has finished the requests in flight
     finally:
         app.state.close()  # actions it runs are handed over, as a worker does
+        sock.close()
+        signal.signal(signal.SIGTERM, previous)
     click.echo("opsgate server stopped", err=True)
 
 

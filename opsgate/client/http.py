@@ -26,6 +26,17 @@ def check_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ConfigError(f"OPSGATE_URL: expected http(s)://host[:port], got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"OPSGATE_URL: {url!r} has no valid port (1 to 65535)")
+    if parts.username is not None or parts.password is not None:
+        # requests would turn them into Basic auth and drop the bearer token.
+        raise ConfigError("OPSGATE_URL: no user or password in the URL; use OPSGATE_TOKEN")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"OPSGATE_URL: expected http(s)://host[:port], got {url!r}")
     if parts.scheme == "http" and parts.hostname not in {"127.0.0.1", "::1", "localhost"}:
         # A bearer token in clear text over a network is a credential handed out.
         raise ConfigError("OPSGATE_URL: use https:// for anything but loopback")
@@ -91,4 +102,7 @@ def error_from(status: int, payload: Any) -> OpsgateError:
         return NotFound(message)
     if status == 409:
         return StateConflict(message)
+    if error.get("type") == "server_config":
+        # Named so nobody sets the variable on the client, where it changes nothing.
+        return OpsgateError(f"the server's own settings are incomplete: {message}")
     return OpsgateError(f"server error ({status}): {message}")

@@ -171,7 +171,15 @@ class RemoteGate:
         return []  # the server expires what is due before it answers
 
     def details(self, action_id: str) -> ActionDetails:
-        return details_from_json(self.client.call("GET", f"/actions/{_path_id(action_id)}"))
+        return details_from_json(self.details_document(action_id))
+
+    def details_document(self, action_id: str) -> dict[str, Any]:
+        """`show --json` as the server built it: only the server has the catalog that
+        plans the steps and masks the params."""
+        answer = self.client.call("GET", f"/actions/{_path_id(action_id)}")
+        if not isinstance(answer, dict) or not isinstance(answer.get("plan"), dict):
+            raise OpsgateError("the server's action answer is not an action document")
+        return answer
 
     def approve(self, action_id: str, approver: Identity, comment: str = "") -> ApproveOutcome:
         answer = self.client.call(

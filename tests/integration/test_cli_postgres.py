@@ -149,7 +149,16 @@ def test_server_and_worker_work_with_only_the_shipped_grants(
         done = run_cli(owner, "token", "create", "--principal", "alice", "--kind", "human")
         alice = done.stdout.strip()
         bob = run_cli(owner, "token", "create", "--principal", "bob", "--kind", "human")
-        server = ApiServer({**owner, "OPSGATE_DB": as_role[server_role], "OPSGATE_IDENTITY": "os"})
+        # The server's own executor runs too (`opsgate run` through it): its runner steps
+        # import tests.integration, so it runs from the repo root.
+        server_env = {
+            **owner,
+            "OPSGATE_DB": as_role[server_role],
+            "OPSGATE_IDENTITY": "os",
+            "OPSGATE_PROMETHEUS_URL": prometheus.url,
+            "PYTHONPATH": str(ROOT),
+        }
+        server = ApiServer(server_env)
         server.start()
         fault_service.add_service("granted")
         proposal = {
@@ -173,6 +182,19 @@ def test_server_and_worker_work_with_only_the_shipped_grants(
         assert worked.returncode == 0, worked.stderr
         status, body = server.call("GET", f"/api/v1/actions/{action_id}", alice)
         assert body["action"]["state"] == "succeeded", body["action"]
+
+        # The server's executor, a worker principal of its own, with the server's grants.
+        status, body = server.call("POST", "/api/v1/actions", alice, proposal)
+        assert status == 201, body
+        second = body["action"]["id"]
+        status, body = server.call("POST", f"/api/v1/actions/{second}/approve",
+                                   bob.stdout.strip(), {})  # fmt: skip
+        assert status == 200, body
+        client = {"OPSGATE_URL": server.url, "OPSGATE_TOKEN": bob.stdout.strip()}
+        ran = run_cli(client, "run", second, cwd=tmp_path)
+        assert ran.returncode == 0 and f"action {second} succeeded" in ran.stdout, ran.stderr
+        verified = run_cli(client, "audit", "verify", cwd=tmp_path)
+        assert verified.returncode == 0 and "audit chain ok" in verified.stdout, verified.stderr
 
         # No more than that: neither role mints tokens, deletes history or approves.
         for role, statement in [

@@ -98,6 +98,17 @@ def test_propose_approve_show_queue_through_the_server(client: Client) -> None:
     assert client.json("alice", "show", action_id)["action"]["state"] == "cancelled"
 
 
+def test_show_plans_with_the_servers_catalog_not_the_clients(client: Client) -> None:
+    # The client runs in an empty directory: it has no catalog of its own.
+    action_id = client.json("agent", *PROPOSE[:9], "replicas=6", *PROPOSE[10:])["action"]["id"]
+    shown = client.json("alice", "show", action_id)
+    assert set(shown["plan"]["steps"]) == {"capture", "run", "undo"}
+    assert "--replicas=6" in shown["plan"]["steps"]["run"]["argv"]
+    code, out, err = client.run("alice", "show", action_id)
+    assert code == 0, err
+    assert "not in today's catalog" not in out and "--replicas=6" in out
+
+
 def test_exit_codes_match_local_mode(client: Client) -> None:
     action_id = client.json("alice", *PROPOSE[:9], "replicas=5", *PROPOSE[10:])["action"]["id"]
     before = client.rig.rows()
@@ -148,8 +159,29 @@ def test_store_commands_refuse_in_client_mode(client: Client) -> None:
     assert code == 4, err
 
 
+def test_a_server_without_prometheus_says_the_setting_is_the_servers(client: Client) -> None:
+    action_id = client.json("agent", *proposal(21))["action"]["id"]
+    client.json("alice", "approve", action_id)
+    code, _, err = client.run("alice", "run", action_id)
+    assert code == 1 and err.count("\n") == 1
+    assert "server's own settings" in err and "OPSGATE_PROMETHEUS_URL" in err
+    assert client.json("alice", "show", action_id)["action"]["state"] == "approved"
+
+
 @pytest.mark.parametrize(
-    "url", ["http://db.internal:8700", "ftp://127.0.0.1:8700", "127.0.0.1:8700", "http://"]
+    "url",
+    [
+        "http://db.internal:8700",
+        "ftp://127.0.0.1:8700",
+        "127.0.0.1:8700",
+        "http://",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "http://127.0.0.1:port",
+        "http://alice:secret@127.0.0.1:8700",
+        "http://127.0.0.1:8700/?next=evil",
+        "http://127.0.0.1:8700/#x",
+    ],
 )
 def test_bad_server_urls_are_refused(client: Client, url: str) -> None:
     code, _, err = client.run("alice", "whoami", OPSGATE_URL=url)

@@ -529,3 +529,28 @@ def test_a_prefix_resolves_only_among_what_the_caller_may_read(rig: Rig) -> None
     assert status == 404
     status, answer = rig.call("GET", f"/resolve?prefix={theirs[:14]}", rig.tokens["dave"])
     assert status == 200 and answer == {"id": theirs}
+
+
+def test_sigterm_stops_the_server_through_its_shutdown(rig: Rig) -> None:
+    # Its shutdown hands over what its executor holds; the signal used to kill it first.
+    server = ApiServer(rig.env)
+    server.start()
+    process = server.process
+    assert process is not None and process.stderr is not None
+    try:
+        assert server.call("GET", "/healthz")[0] == 200
+        process.terminate()
+        code = process.wait(timeout=30)
+        stderr = process.stderr.read()
+    finally:
+        server.stop()
+    assert code == 0, stderr
+    assert stderr.rstrip().endswith("opsgate server stopped"), stderr
+
+
+def test_a_port_in_use_is_one_line_naming_listen(rig: Rig) -> None:
+    done = run_cli(rig.env, "server", "--listen", f"127.0.0.1:{rig.server.port}")
+    assert done.returncode == 2, done.stderr
+    # One error line, and no claim that it listens (the session-secret note may precede it).
+    assert done.stderr.splitlines()[-1].startswith("error: --listen: cannot listen on")
+    assert "listening" not in done.stderr and "Traceback" not in done.stderr

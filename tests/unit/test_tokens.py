@@ -11,7 +11,7 @@ import pytest
 from opsgate.auth.principal import Unauthenticated
 from opsgate.auth.tokens import authenticate_token, create_token, revoke_token
 from opsgate.cli import main
-from opsgate.cli.server import parse_listen
+from opsgate.cli.server import bind_listen, parse_listen
 from opsgate.errors import InvalidInput, NotFound, StateConflict
 from opsgate.identity import OsIdentity
 from opsgate.store.base import Store
@@ -94,7 +94,7 @@ def test_a_revoked_token_is_refused_and_revoking_twice_is_a_conflict(store: Stor
     with pytest.raises(Unauthenticated):
         authenticate_token(store, plaintext, NOW)
     before = store.row_counts()
-    with pytest.raises(StateConflict):
+    with pytest.raises(StateConflict, match=r"already revoked at 2026-12-01T12:00:00Z$"):
         revoke_token(store, token_id, revoked_by="root", now=NOW)
     with pytest.raises(NotFound):
         revoke_token(store, "01nosuchtoken", revoked_by="root", now=NOW)
@@ -150,6 +150,19 @@ def test_listen_addresses(value: str, expected: tuple[str, int]) -> None:
 def test_bad_listen_addresses(value: str) -> None:
     with pytest.raises(InvalidInput, match="--listen"):
         parse_listen(value)
+
+
+def test_a_port_in_use_is_refused_naming_listen() -> None:
+    taken = bind_listen("127.0.0.1", 0)
+    try:
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(InvalidInput, match="--listen") as refused:
+            bind_listen("127.0.0.1", port)
+        assert refused.value.field == "--listen" and str(port) in str(refused.value)
+    finally:
+        taken.close()
+    bind_listen("127.0.0.1", port).close()  # free again: bound, then released
 
 
 def test_os_identity_is_the_real_uid_not_logname(monkeypatch: pytest.MonkeyPatch) -> None:
