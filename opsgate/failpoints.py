@@ -17,8 +17,8 @@ ARMED = frozenset(
 # Where the executor can be made to die; each is after the named fact was committed.
 NAMES = (
     "after_claim",  # claimed: executing, nothing run
-    "after_capture",  # prior state captured and stored, run not started
-    "after_run_started",  # run_started_at stored; the run step is under way
+    "after_capture",  # prior state captured and stored (the baseline not yet), run not started
+    "after_run_started",  # run_started_at and the baseline stored; the run step is under way
     "verify_tick",  # a verification interval stored
     "after_rollback_decided",  # rolling_back stored, undo not started
     "rollback_tick",  # a rollback-verification interval stored

@@ -36,7 +36,9 @@ class ExecutionPhase(enum.StrEnum):
     NOT_STARTED = "not_started"  # executing, `run` not started: nothing has changed
     RUN_IN_FLIGHT = "run_in_flight"  # `run` started, its end not stored: outcome unknown
     RUN_FAILED = "run_failed"  # `run` ended with an error
-    RUN_FINISHED = "run_finished"  # `run` ended well, verification not yet started
+    # `run` ended well, verification not started: only after a run aborted by shutdown,
+    # a lost lease or a manual request, as a good run's end is stored with `verifying`.
+    RUN_FINISHED = "run_finished"
     VERIFYING = "verifying"
     UNDO_PENDING = "undo_pending"  # rollback decided, undo not finished (safe to redo)
     UNDO_FAILED = "undo_failed"

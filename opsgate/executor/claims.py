@@ -259,7 +259,12 @@ def _lock_for_claim(
 
 
 def _still_true(tx: StoreTx, action: Action, judged: _Judgement) -> bool:
-    if action != judged.action:  # any field, the state and required approvals included
+    """The judgement holds for the locked `action`. Its approvals need no second read:
+    opsgate adds them only to a pending action, under its row lock and in the
+    transaction that approves it, and never removes one. So an action judged as
+    approved, and locked unchanged (any field, the state included), has the approval
+    rows judged; the count of running actions, though, can change meanwhile."""
+    if action != judged.action or judged.action.state is not S.APPROVED:
         return False
     if judged.active is not None:
         running = tx.count_running_on_target(
@@ -267,7 +272,7 @@ def _still_true(tx: StoreTx, action: Action, judged: _Judgement) -> bool:
         )
         if running != judged.active:
             return False
-    return tx.approvals_for(action.id) == judged.approvals
+    return True
 
 
 def _principal_data(principal: Identity) -> dict[str, str]:

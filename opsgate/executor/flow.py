@@ -46,19 +46,15 @@ class ActionFlow:
 
     def start(self, held: HeldAction) -> None:
         steps = self.steps
-        if not steps.take_baseline(held) or not steps.capture(held):
-            return
-        execution = self.store.get_execution(held.action.id)
-        if execution is not None and execution.rollback_requested_by is not None:
-            why = f"rollback requested before run started: {execution.reason}"
-            steps.end(held, S.FAILED, outcome="manual", reason=one_line(why))
+        baseline = steps.take_baseline(held)
+        if baseline is None or not steps.capture(held, baseline):
             return
         if self.holdings.draining:  # nothing has run yet: the next worker starts it cleanly
             steps.hand_over(held, f"worker {self.worker_id} is shutting down")
             return
         run_started_at = self.clock()
-        # Stored before the step starts: from here on, `run` may have changed something.
-        steps.record(held, ExecutionUpdate(run_started_at=run_started_at), "execution.run_started")
+        if not steps.start_run(held, run_started_at, baseline):
+            return
         failpoint("after_run_started")
         result, guard = steps.run(held, run_started_at)
         run_finished_at = self.clock()
@@ -68,18 +64,21 @@ class ActionFlow:
             run_output=result.output,
             run_error=result.error,
         )
+        stopped = guard is not None and (guard.abort_reason is not None or guard.state.done)
+        if result.ok and not stopped:
+            # The run's end is stored with the move to verifying, in one transaction.
+            now = steps.begin_verification(held, {"exit_code": result.exit_code}, ran=finished)
+            fresh = steps.fresh_state(held, now, run_started_at, run_finished_at)
+            self.watch(held, "verify", held.action.verification, fresh)
+            return
         steps.record(held, finished, "execution.run_finished")
         if guard is not None and guard.abort_reason is not None:
             self._abandon_or_manual(held, guard)
         elif guard is not None and guard.state.done:  # a stop condition fired during run
             self._roll_back_for(held, guard.state)
-        elif not result.ok:
+        else:
             reason = one_line(f"run failed: {result.error}")
             self.roll_back(held, outcome="runner_error", reason=reason)
-        else:
-            now = steps.begin_verification(held, {"exit_code": result.exit_code})
-            fresh = steps.fresh_state(held, now, run_started_at, run_finished_at)
-            self.watch(held, "verify", held.action.verification, fresh)
 
     # --- the hub's continuation ---------------------------------------------------------
 

@@ -1,22 +1,30 @@
-"""The steps of an action's flow, each one store transaction with its audit event:
-the baseline, capture, run (its stop conditions watched), the start of verification,
-the rollback decision, the end, and handing an action over. `ActionFlow` puts them in
-order; this module says how each is done and recorded."""
+"""The steps of an action's flow, each one store transaction with its audit events:
+the baseline (stored when the run starts), capture, run (its stop conditions watched),
+the start of verification (with a good run's end), the rollback decision, the end, and
+handing an action over. `ActionFlow` puts them in order; this module says how each is
+done and recorded."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from opsgate.executor.evidence import measure_baseline
+from opsgate.executor.evidence import Baseline, measure_baseline
 from opsgate.executor.held import Emit, HeldAction, Holdings, one_line
 from opsgate.executor.runners import RunnerRegistry, StepResult, typed_capture
 from opsgate.failpoints import failpoint
 from opsgate.gate import local_decision
 from opsgate.lifecycle import record_event, record_transition
-from opsgate.models import ActionState, DenyReason, ExecutionOutcome, ExecutionUpdate, Step
+from opsgate.models import (
+    ActionState,
+    DenyReason,
+    ExecutionOutcome,
+    ExecutionUpdate,
+    Measurement,
+    Step,
+)
 from opsgate.store.base import Store
 from opsgate.verification.evaluator import VerificationState
 from opsgate.verification.hub import VerificationHub, Watch, stop_only
@@ -54,26 +62,28 @@ class Steps:
         self.clock = settings.clock
         self._emit = emit
 
-    def take_baseline(self, held: HeldAction) -> bool:
-        """False when a relative range got no value: the action is then blocked at
-        execution, having run nothing (never judged blind)."""
+    def take_baseline(self, held: HeldAction) -> Baseline | None:
+        """The baseline, measured before anything runs and stored with `run_started`
+        (`start_run`): a crash before then leaves nothing to judge by, and the next
+        owner, finding nothing started, measures it again. None when a relative range
+        got no value: the action is then blocked at execution, having run nothing
+        (never judged blind)."""
         action = held.action
         if not held.rendered:
-            return True
+            return NO_BASELINE
         baseline = measure_baseline(
             self.hub.provider, action.id, action.verification, held.rendered, self.clock
         )
         held.baseline = baseline.values
+        if not baseline.missing:
+            return baseline
         now = self.clock()
+        missing = ", ".join(baseline.missing)
+        message = f"no baseline for {missing}, whose range is relative to it; nothing ran"
         with self.store.transaction() as tx:
             locked = tx.lock_action(action.id)
             assert locked is not None
             tx.insert_measurements(baseline.measurements)
-            if not baseline.missing:
-                tx.update_execution(action.id, ExecutionUpdate(baseline=baseline.values))
-                return True
-            missing = ", ".join(baseline.missing)
-            message = f"no baseline for {missing}, whose range is relative to it; nothing ran"
             deny = [DenyReason(code="baseline_unavailable", message=message)]
             tx.insert_decision(local_decision(action, deny, now))
             tx.update_execution(
@@ -86,10 +96,11 @@ class Steps:
             )  # fmt: skip
         self._emit("blocked", action.id, message, state=S.BLOCKED_AT_EXECUTION)
         self.holdings.release(held, S.BLOCKED_AT_EXECUTION)
-        return False
+        return None
 
-    def capture(self, held: HeldAction) -> bool:
-        """The prior state the undo puts back; False (and failed) if it cannot be had."""
+    def capture(self, held: HeldAction, baseline: Baseline) -> bool:
+        """The prior state the undo puts back; False (and failed, the baseline stored as
+        evidence) if it cannot be had."""
         capture = held.action_type.capture
         if capture is None:
             return True
@@ -102,15 +113,44 @@ class Steps:
             except ValueError as exc:
                 error = str(exc)
         if not result.ok or result.value is None or error is not None:
-            self.record(held, ExecutionUpdate(capture_output=result.output))
             reason = one_line(f"capture failed before anything ran: {error}")
-            self.end(held, S.FAILED, outcome="runner_error", reason=reason)
+            facts = ExecutionUpdate(capture_output=result.output).merged(_stored(baseline))
+            self.end(
+                held, S.FAILED, outcome="runner_error", reason=reason, update=facts,
+                measurements=baseline.measurements,
+            )  # fmt: skip
             return False
         name = capture.as_ or "captured"
         held.values[name] = typed
         captured = ExecutionUpdate(captured={name: typed}, capture_output=result.output)
         self.record(held, captured, "execution.captured")
         failpoint("after_capture")
+        return True
+
+    def start_run(self, held: HeldAction, started: datetime, baseline: Baseline) -> bool:
+        """Store `run_started_at` (with the baseline) before the step starts: from then
+        on, `run` may have changed something. False, and failed with nothing run, when a
+        rollback was requested before the run could start."""
+        update = ExecutionUpdate(run_started_at=started)
+        try:
+            with self.store.transaction() as tx:
+                # The measurements first: their key lock on the action row comes before
+                # the execution row, the order every transaction takes them in.
+                tx.insert_measurements(baseline.measurements)
+                execution = tx.update_execution(held.action.id, update.merged(_stored(baseline)))
+                if execution.rollback_requested_by is not None:
+                    raise _RollbackRequested(execution.reason or "manual rollback")
+                record_event(
+                    tx, action_id=held.action.id, kind="execution.run_started",
+                    actor=self.worker_id, now=self.clock(), data=_audit_fields(update),
+                )  # fmt: skip
+        except _RollbackRequested as requested:
+            why = one_line(f"rollback requested before run started: {requested.reason}")
+            self.end(
+                held, S.FAILED, outcome="manual", reason=why, update=_stored(baseline),
+                measurements=baseline.measurements,
+            )  # fmt: skip
+            return False
         return True
 
     def run(self, held: HeldAction, started: datetime) -> tuple[StepResult, Watch | None]:
@@ -134,15 +174,24 @@ class Steps:
             self.hub.unwatch(guard)
         return result, guard
 
-    def begin_verification(self, held: HeldAction, data: dict[str, Any]) -> datetime:
-        """executing -> verifying, with the time verification starts."""
+    def begin_verification(
+        self, held: HeldAction, data: dict[str, Any], ran: ExecutionUpdate | None = None
+    ) -> datetime:
+        """executing -> verifying, with the time verification starts and, when the run
+        just ended well, its end (`ran`) with its `execution.run_finished` event."""
         now = self.clock()
+        facts = ExecutionUpdate(verify_started_at=now)
         with self.store.transaction() as tx:
             locked = tx.lock_action(held.action.id)
             assert locked is not None
             # The execution row before the audit head, as every other transaction does:
             # taking them the other way round deadlocks with the heartbeat.
-            tx.update_execution(held.action.id, ExecutionUpdate(verify_started_at=now))
+            tx.update_execution(held.action.id, ran.merged(facts) if ran else facts)
+            if ran is not None:
+                record_event(
+                    tx, action_id=held.action.id, kind="execution.run_finished",
+                    actor=self.worker_id, now=now, data=_audit_fields(ran),
+                )  # fmt: skip
             held.action = record_transition(
                 tx, locked, S.VERIFYING, actor=self.worker_id, now=now, data=data
             )
@@ -199,6 +248,7 @@ class Steps:
         outcome: ExecutionOutcome | None,
         reason: str | None,
         update: ExecutionUpdate | None = None,
+        measurements: Sequence[Measurement] = (),
     ) -> None:
         """The terminal transition and the execution's last facts, in one transaction."""
         action_id = held.action.id
@@ -217,6 +267,7 @@ class Steps:
         with self.store.transaction() as tx:
             locked = tx.lock_action(action_id)
             assert locked is not None
+            tx.insert_measurements(measurements)
             execution = tx.update_execution(action_id, facts)
             if execution.rollback_time is not None:
                 data["rollback_time"] = execution.rollback_time
@@ -291,6 +342,22 @@ class Steps:
             settled_at=settled_at,
             baseline=held.baseline,
         )
+
+
+NO_BASELINE = Baseline(values={}, measurements=[], missing=[])
+
+
+class _RollbackRequested(Exception):
+    """Rolls back the `run_started` transaction: a rollback was asked for first."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _stored(baseline: Baseline) -> ExecutionUpdate:
+    """The baseline's values for the execution row, when there were any to measure."""
+    return ExecutionUpdate(baseline=baseline.values) if baseline.measurements else ExecutionUpdate()
 
 
 def _audit_fields(update: ExecutionUpdate) -> dict[str, Any]:

@@ -9,6 +9,9 @@ import shutil
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+from opsgate.errors import StateConflict
 from opsgate.lifecycle import new_id
 from opsgate.models import ActionState, Approval, Identity
 from opsgate.policies.embedded import EmbeddedEngine
@@ -246,3 +249,15 @@ def test_an_event_for_another_spec_does_not_attest_the_row(rig: Rig) -> None:
         )
     forge_approved(rig, action_id)
     blocked_with(rig, action_id, "approval_missing")
+
+
+def test_an_approved_actions_approval_rows_are_final(rig: Rig) -> None:
+    """A claim reads an approved action's approvals once, before it locks the action,
+    and holds them if the action is unchanged: sound only because nothing adds an
+    approval to an action that is no longer pending."""
+    action_id = rig.approved()
+    with pytest.raises(StateConflict, match="only pending_approval"):
+        rig.gate.approve(action_id, CAROL)
+    assert [a.approver.id for a in rig.store.approvals_for(action_id)] == ["bob"]
+    assert rig.run(action_id) is S.SUCCEEDED
+    audit_ok(rig.store)

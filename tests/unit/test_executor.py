@@ -63,6 +63,17 @@ def test_a_good_action_runs_once_and_is_verified(rig: Rig) -> None:
     execute = [d for d in rig.store.decisions_for(action_id) if d.phase == "execute"]
     assert len(execute) == 1 and execute[0].allow
     assert execute[0].input["context"]["phase"] == "execute"
+    # The baseline is stored with `run_started`, and the run's end with `verifying`:
+    # neither of them in an event of its own.
+    assert execution.baseline == {"error_rate": 0.001, "error_spike": 0.001}
+    baseline = [m for m in measurements if m.phase == "baseline"]
+    assert sorted(m.name for m in baseline) == ["error_rate", "error_spike"]
+    events = {e.kind: e for e in rig.store.audit_events(action_id=action_id)}
+    assert set(events["execution.run_started"].data) == {"run_started_at"}
+    assert events["execution.run_finished"].data["run_exit_code"] == 0
+    assert "run_output" not in events["execution.run_finished"].data
+    assert execution.verify_started_at is not None and execution.run_finished_at is not None
+    assert execution.run_finished_at <= execution.verify_started_at
     audit_ok(rig.store)
 
 
@@ -148,6 +159,37 @@ def test_capture_failure_ends_failed_and_nothing_runs(rig: Rig) -> None:
     execution = rig.store.get_execution(action_id)
     assert execution is not None and execution.run_started_at is None
     assert "capture failed before anything ran" in execution.reason
+    assert execution.capture_output == "not found"
+    # Measured before the capture, the baseline is kept as evidence all the same.
+    assert execution.baseline == {"error_rate": 0.001, "error_spike": 0.001}
+    assert {m.phase for m in rig.store.measurements_for(action_id)} == {"baseline"}
+    audit_ok(rig.store)
+
+
+def test_a_rollback_requested_before_the_run_starts_fails_it_with_nothing_run(
+    rig: Rig,
+) -> None:
+    action_id = rig.approved()
+
+    def request_during_capture() -> None:  # the run must then never start
+        rig.executor.request_rollback(action_id, CAROL, "wrong deployment")
+
+    rig.runner.effects["get"] = request_during_capture
+    assert rig.run(action_id) is S.FAILED
+    assert rig.runner.verbs() == ["get"]
+    execution = rig.store.get_execution(action_id)
+    assert execution is not None and execution.run_started_at is None
+    assert execution.outcome == "manual" and execution.rollback_requested_by == "carol"
+    assert execution.reason == "rollback requested before run started: wrong deployment"
+    assert execution.baseline == {"error_rate": 0.001, "error_spike": 0.001}
+    assert {m.phase for m in rig.store.measurements_for(action_id)} == {"baseline"}
+    assert "execution.run_started" not in kinds(rig.store, action_id)
+    assert kinds(rig.store, action_id)[-3:] == [
+        "rollback.requested",
+        "execution.captured",
+        "action.failed",
+    ]
+    audit_ok(rig.store)
 
 
 def test_irreversible_action_that_fails_verification_fails_loudly(rig: Rig) -> None:
