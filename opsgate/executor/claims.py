@@ -73,10 +73,13 @@ class Claims:
 
     def claim(self, action_id: str | None, principal: Identity | None) -> Action | None:
         for _ in range(CLAIM_TRIES):
-            now = self.clock()
-            candidate = self._candidate(action_id, now)
+            candidate = self._candidate(action_id, self.clock())
             if candidate is None:
                 return None
+            # The judging moment is read after the candidate: its approvals were committed
+            # before it could be read as approved, so none is later than this. A moment
+            # read before would take a fresh approval for one from the future (refused).
+            now = self.clock()
             catalog = self.catalog()  # read once per action, never kept across actions
             judged = self._judge(candidate, now, None, catalog)
             with self.store.transaction() as tx:

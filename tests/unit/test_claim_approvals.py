@@ -205,6 +205,20 @@ def test_approvals_older_than_the_ttl_do_not_count(rig: Rig) -> None:
     assert "expired" in blocked_with(rig, action_id, "approval_missing")
 
 
+def test_an_approval_committed_while_the_worker_looks_for_work_counts(rig: Rig) -> None:
+    """The race four workers hit: a worker reads its clock, then an approval commits, then
+    the worker reads the action as approved. That approval is not from the future."""
+    action_id = rig.approved()
+    approvals = rig.store.approvals_for(action_id)
+    before_the_approval = min(a.created_at for a in approvals) - timedelta(milliseconds=10)
+    readings = iter([before_the_approval])
+    real = rig.executor.clock
+    rig.executor.clock = lambda: next(readings, None) or real()
+    claimed = rig.executor.claim()
+    assert claimed is not None and claimed.id == action_id
+    assert claimed.state is S.EXECUTING, rig.store.decisions_for(action_id)[-1].deny
+
+
 def test_genuine_approvals_run_and_the_foreground_principal_is_recorded(rig: Rig) -> None:
     action_id = rig.approved()
     claimed = rig.executor.claim(action_id, principal=CAROL)
