@@ -165,6 +165,14 @@ def main() -> None:
     print(f"bare evaluation spread:   {spread(bare_evals, 'ms', digits=3)}")
     print(f"bare commit spread:       {spread(commits, 'ms', digits=3)}")
     print(f"ratio median / bare:      {median / bare:.2f}   (target <= 3)")
+    # The proposer's track record is read inside every decision and grows with each
+    # proposal: a per-proposal cost that grows with the history shows here.
+    tenth = max(len(latencies) // 10, 1)
+    first, last = statistics.median(latencies[:tenth]), statistics.median(latencies[-tenth:])
+    print(
+        f"first / last tenth:       {first:.3f} ms / {last:.3f} ms (median; "
+        f"{last / first:.2f}x as the proposer's history grows to {args.n})"
+    )
     print(f"throughput:               {args.n / (sum(latencies) / 1000):.0f} proposals/s")
 
 

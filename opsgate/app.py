@@ -224,6 +224,7 @@ class App:
             catalog=catalog,
             engine=self.engine,
             approval_ttl=self.settings.approval_ttl,
+            track_record_window=self.settings.track_record_window,
             decision_deadline=self.settings.decision_deadline,
             freeze_windows=lambda: bundle_freeze_windows(policies),
             environments=lambda: None if self._external_opa() else bundle_environments(policies),

@@ -18,9 +18,12 @@ if TYPE_CHECKING:  # a type only: `queue` must not load the catalog and YAML for
 
 __all__ = ["AUTHZ_RULE", "VERBS", "Actor", "Verb", "as_principal", "authz_input"]
 # `report`: a read across every action (reports, audit trail, workers), asked without one.
-Verb = Literal["propose", "approve", "reject", "cancel", "run", "rollback", "read", "report"]
+# `trust_reset`: clears a proposer's track record for a kind (`opsgate trust reset`).
+Verb = Literal[
+    "propose", "approve", "reject", "cancel", "run", "rollback", "read", "report", "trust_reset"
+]
 VERBS: frozenset[str] = frozenset(
-    {"propose", "approve", "reject", "cancel", "run", "rollback", "read", "report"}
+    {"propose", "approve", "reject", "cancel", "run", "rollback", "read", "report", "trust_reset"}
 )
 
 Actor = Identity | Principal

@@ -29,6 +29,8 @@ _DURATION_BOUNDS = {
     "approval_ttl": (1.0, MAX_SETTING_DURATION),
     "lease": (1.0, 86400.0),
     "decision_deadline": (0.1, 300.0),
+    # The track record's window: a day at least, ten years at most.
+    "track_record_window": (86400.0, 3650 * 86400.0),
 }
 
 
@@ -94,6 +96,8 @@ class Settings:
     console_client_id: str | None = None
     session_secret: str | None = None
     cookie_secure: str = "auto"  # auto | true | false
+    # How far back a proposer's track record (policy input, trust ladder) looks.
+    track_record_window: float = 90 * 86400.0
 
     @classmethod
     def load(
@@ -168,6 +172,7 @@ class Settings:
                 "decision_deadline",
                 "policy_timeout",
                 "auth_failure_window",
+                "track_record_window",
             }:
                 try:
                     from opsgate.models import parse_duration  # pydantic: only when needed

@@ -44,6 +44,8 @@ from opsgate.preconditions import CheckContext, PreconditionRegistry, Preconditi
 from opsgate.proposals import ValidatedProposal, proposal_of, spec_hash, step_values, validate
 from opsgate.shared import utcnow
 from opsgate.store.base import DuplicateIdempotencyKey, Store, StoreTx
+from opsgate.trust import DEFAULT_WINDOW, without_record
+from opsgate.trust import attach as attach_track_record
 from opsgate.verification.promql import render_queries
 
 SYSTEM_ACTOR = "opsgate"
@@ -195,6 +197,8 @@ class Gate:
     # The environments the bundle knows (None: cannot tell, e.g. OPA holds the data). A
     # typo such as `prd` is invalid input, not a policy block that inflates block rates.
     environments: Callable[[], frozenset[str] | None] = lambda: None
+    # How far back `proposer.track_record` looks (OPSGATE_TRACK_RECORD_WINDOW).
+    track_record_window: float = DEFAULT_WINDOW
 
     def validate(self, document: Any) -> ValidatedProposal:
         """The proposal checked against the catalog and the bundle's environments."""
@@ -312,11 +316,16 @@ class Gate:
             phase=phase,
             active_on_target=active,
         )
+        unreadable = attach_track_record(
+            document, reader, now=now, window_seconds=self.track_record_window
+        )
         started = time.perf_counter()
         # Its own deadline: timed-out preconditions still get a decision that names them.
         result, shadow = self.policy(
             DECISION_RULE, document, time.monotonic() + self.decision_deadline
         )
+        if unreadable is not None:
+            result = without_record(result, unreadable)
         elapsed = (time.perf_counter() - started) * 1000
         holders: tuple[tuple[str, str], ...] = ()
         if active and "concurrent_action" in {d.get("code") for d in result.deny}:
@@ -615,7 +624,7 @@ class Gate:
         elif approver.kind != "human":
             codes, message = ["insufficient_permissions"], "agents may propose but never approve"
         else:
-            evaluation = self.approval_evaluation(action, approver, now)
+            evaluation = self.approval_evaluation(action, approver, now, tx)
             tx.insert_decision(evaluation.decision(action_id=action.id, phase="approval", at=now))
             if evaluation.result.allow:
                 return None
@@ -631,15 +640,27 @@ class Gate:
         )
         return Refused(f"approval refused: {message}", codes)
 
-    def approval_evaluation(self, action: Action, approver: Identity, now: datetime) -> Evaluation:
+    def approval_evaluation(
+        self, action: Action, approver: Identity, now: datetime, tx: StoreTx | None = None
+    ) -> Evaluation:
         """`data.opsgate.approval` over the proposal's stored input plus the approver."""
         proposed = [d for d in self.store.decisions_for(action.id) if d.phase == "propose"]
         document = dict(proposed[0].input) if proposed else {}
         document["approver"] = {"id": approver.id, "kind": approver.kind}
+        # Today's record, not the one the proposal saw (a copy: the stored input stays).
+        document["proposer"] = dict(document.get("proposer") or {})
+        unreadable = attach_track_record(
+            document,
+            tx if tx is not None else self.store,
+            now=now,
+            window_seconds=self.track_record_window,
+        )
         started = time.perf_counter()
         result, shadow = self.policy(
             APPROVAL_RULE, document, time.monotonic() + self.decision_deadline
         )
+        if unreadable is not None:
+            result = without_record(result, unreadable)
         elapsed = (time.perf_counter() - started) * 1000
         return Evaluation(result, document, [], self.engine.name, elapsed, shadow)
 

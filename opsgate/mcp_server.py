@@ -12,7 +12,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -34,10 +34,12 @@ from opsgate.models import (
     Action,
     ActionState,
     AuditEvent,
+    Decision,
     Identity,
 )
 from opsgate.policies.engine import bundle_revision
 from opsgate.store.base import StoreError
+from opsgate.trust import TRUST_REVOKED
 from opsgate.views import (
     action_json,
     approval_json,
@@ -289,6 +291,7 @@ class AgentTools:
                 "shown": [measurement_json(m) for m in shown],
             },
             "events": [_event_line(e) for e in details.events],
+            "trust": trust_view(details.decisions),
         }
 
     def explain_decision(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,6 +310,12 @@ class AgentTools:
                 "each deny says what to change; `input` is exactly what the policy saw. "
                 "Propose again with the correction: a blocked action is never retried."
             )
+            if TRUST_REVOKED in latest.deny_codes:
+                advice = (
+                    "your last run of this action type was rolled back, so the policy "
+                    "blocks the type for you until a human with the right role runs "
+                    "`opsgate trust reset`; ask one, citing that run"
+                )
         return {
             "action_id": action.id,
             "action": action.action_type,
@@ -317,6 +326,7 @@ class AgentTools:
             "current_bundle_revision": current,
             "bundle_changed_since": latest is not None and latest.bundle_revision != current,
             "advice": advice,
+            "trust": trust_view(details.decisions),
         }
 
     def list_my_actions(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -395,6 +405,31 @@ def _event_line(event: AuditEvent) -> dict[str, Any]:
         "from_state": event.from_state,
         "to_state": event.to_state,
     }
+
+
+def trust_view(decisions: Sequence[Decision]) -> dict[str, Any] | None:
+    """The proposer's own track record and trust-ladder rung, as the newest propose or
+    execute decision saw them: why it needs the approvals it needs, in the policy's words,
+    so an agent can explain itself to the human it asks."""
+    for decision in reversed(decisions):
+        if decision.phase not in ("propose", "execute"):
+            continue
+        proposer = decision.input.get("proposer")
+        record = proposer.get("track_record") if isinstance(proposer, Mapping) else None
+        result: Mapping[str, Any] = decision.result if isinstance(decision.result, Mapping) else {}
+        found = result.get("ladder")
+        ladder: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+        return {
+            "as_of": ts(decision.decided_at),
+            "phase": decision.phase,
+            "rung": ladder.get("rung"),
+            "required_approvals": decision.required_approvals,
+            "human_would_need": ladder.get("human_approvals"),
+            "why": ladder.get("reason"),
+            "revoked": TRUST_REVOKED in decision.deny_codes,
+            "track_record": record,
+        }
+    return None
 
 
 def _state_reason(events: list[AuditEvent]) -> str | None:

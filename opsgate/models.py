@@ -674,6 +674,17 @@ MUTABLE_EXECUTION_FIELDS = frozenset(Execution.model_fields) - EXECUTION_KEY_FIE
 # --- API credentials ----------------------------------------------------------------------
 
 
+class TrustReset(Frozen):
+    """A human lifting `trust_revoked` for one proposer and action type."""
+
+    id: str
+    proposer_id: str = Field(min_length=1, max_length=128)
+    action_type: str = Field(min_length=1, max_length=128)
+    reset_by: str = Field(min_length=1, max_length=128)
+    reason: str = Field(min_length=1, max_length=2000)
+    at: datetime
+
+
 class ApiToken(Frozen):
     """An opaque API token for `opsgate server`; only the secret's SHA-256 is kept."""
 

@@ -479,8 +479,177 @@ else := 1
 required_approvals := 1 if {
 	max_required_approvals < 1
 } else := max_required_approvals if {
-	wanted_approvals > max_required_approvals
+	ladder_approvals > max_required_approvals
+} else := ladder_approvals
+
+# ---------------------------------------------------------------------------
+# The trust ladder: a proposer earns or loses approvals by its track record
+# (input.proposer.track_record, computed by opsgate from the store over a window; see
+# the README, "The trust ladder"). Tunables in data.trust_ladder:
+#   kinds                 who is on the ladder (shipped: agents only)
+#   min_verified_passes   N: below N verified passes of a type, one approval more
+#   trusted_pass_rate     at least N finished runs of the type here at this pass rate ...
+#   trusted_risks         ... of a type this risky (and reversible) ...
+#   trusted_environments  ... in one of these (never prod): one approval fewer
+# A proposer whose last run of a type was rolled back (or whose rollback failed) may not
+# propose or run that type (trust_revoked) until `opsgate trust reset` records a human
+# lifting it. Required approvals never go below 1: opsgate runs nothing without a human.
+
+default ladder_table := {}
+
+ladder_table := data.trust_ladder if is_object(data.trust_ladder)
+
+default ladder_kinds := ["agent"]
+
+ladder_kinds := ladder_table.kinds if is_array(ladder_table.kinds)
+
+default ladder_min_passes := 5
+
+ladder_min_passes := ladder_table.min_verified_passes if is_number(ladder_table.min_verified_passes)
+
+default ladder_pass_rate := 0.95
+
+ladder_pass_rate := ladder_table.trusted_pass_rate if is_number(ladder_table.trusted_pass_rate)
+
+default ladder_trusted_risks := ["low"]
+
+ladder_trusted_risks := ladder_table.trusted_risks if is_array(ladder_table.trusted_risks)
+
+default ladder_trusted_environments := ["dev", "staging"]
+
+ladder_trusted_environments := ladder_table.trusted_environments if {
+	is_array(ladder_table.trusted_environments)
+}
+
+on_ladder if object.get(proposer, "kind", "") in ladder_kinds
+
+default track_record := {}
+
+track_record := proposer.track_record if is_object(proposer.track_record)
+
+record_scope(name) := track_record[name] if {
+	is_object(track_record[name])
+} else := {}
+
+type_record := record_scope("action_type")
+
+here_record := record_scope("action_type_in_environment")
+
+figure(scope, name) := scope[name] if {
+	is_number(scope[name])
+} else := 0
+
+type_passes := figure(type_record, "verified_passes")
+
+here_finished := figure(here_record, "finished")
+
+has_track_record if is_object(proposer.track_record)
+
+# No record for a proposer on the ladder: its rung cannot be known, so deny. (`not` over
+# a rule, not over a built-in call on a missing field: OPA and regopy agree on this.)
+deny contains violation("track_record_unavailable", msg) if {
+	on_ladder
+	not has_track_record
+	msg := sprintf(
+		"no track record for %s in the input, so its place on the trust ladder is unknown",
+		[proposer_id],
+	)
+}
+
+revoking_run(last) if last.rolled_back == true
+
+revoking_run(last) if last.rollback_failed == true
+
+reset_since(last) if {
+	is_number(track_record.trust_reset_ns)
+	is_number(last.finished_ns)
+	track_record.trust_reset_ns > last.finished_ns
+}
+
+default last_type_run := {}
+
+last_type_run := type_record.last_run if is_object(type_record.last_run)
+
+trust_revoked if {
+	on_ladder
+	revoking_run(last_type_run)
+	not reset_since(last_type_run)
+}
+
+deny contains violation("trust_revoked", msg) if {
+	trust_revoked
+	msg := sprintf(
+		"the last run of %s by %s (finished %v) was rolled back%s; it may not propose or run %s until someone with one of the roles %s resets its trust (opsgate trust reset)",
+		[
+			action_type, proposer_id, last_type_run.finished_at,
+			rollback_failed_text(last_type_run), action_type, list_text(trust_reset_roles),
+		],
+	)
+}
+
+rollback_failed_text(last) := " and the rollback failed" if last.rollback_failed == true
+
+else := ""
+
+default trust_reset_roles := ["sre-lead"]
+
+trust_reset_roles := data.trust_reset_roles if is_array(data.trust_reset_roles)
+
+trusted_here if {
+	environment != "prod"
+	environment in ladder_trusted_environments
+	risk in ladder_trusted_risks
+	not irreversible
+	here_finished >= ladder_min_passes
+	is_number(here_record.pass_rate)
+	here_record.pass_rate >= ladder_pass_rate
+}
+
+ladder_rung := "off" if {
+	not on_ladder
+} else := "revoked" if {
+	trust_revoked
+} else := "probation" if {
+	type_passes < ladder_min_passes
+} else := "trusted" if {
+	trusted_here
+} else := "standard"
+
+ladder_approvals := wanted_approvals + 1 if {
+	ladder_rung == "probation"
+} else := wanted_approvals - 1 if {
+	ladder_rung == "trusted"
+	wanted_approvals > 1
 } else := wanted_approvals
+
+ladder_reason := "not on the trust ladder" if {
+	ladder_rung == "off"
+} else := sprintf("trust revoked for %s", [action_type]) if {
+	ladder_rung == "revoked"
+} else := sprintf(
+	"probation: %v verified passes of %s, fewer than %v, so one approval more than a human needs",
+	[type_passes, action_type, ladder_min_passes],
+) if {
+	ladder_rung == "probation"
+} else := sprintf(
+	"trusted: %v of %v finished runs of %s in %s passed verification (at least %v at %v needed), so one approval fewer, never below 1",
+	[
+		figure(here_record, "verified_passes"), here_finished, action_type,
+		environment, ladder_min_passes, ladder_pass_rate,
+	],
+) if {
+	ladder_rung == "trusted"
+} else := sprintf(
+	"standard: %v verified passes of %s, as many approvals as a human needs",
+	[type_passes, action_type],
+)
+
+ladder := {
+	"rung": ladder_rung,
+	"human_approvals": wanted_approvals,
+	"approvals": ladder_approvals,
+	"reason": ladder_reason,
+}
 
 # ---------------------------------------------------------------------------
 # decision
@@ -492,6 +661,7 @@ decision := {
 	"deny": deny_list,
 	"required_approvals": required_approvals,
 	"approver_roles": approver_roles,
+	"ladder": ladder,
 }
 
 # ---------------------------------------------------------------------------
@@ -539,7 +709,10 @@ approval := {
 # "target", "environment", "state"} and input.proposer (the action's proposer).
 # A principal's roles are data.roles[id] plus the groups its credential carries.
 
-authz_verbs := {"propose", "approve", "reject", "cancel", "run", "rollback", "read", "report"}
+authz_verbs := {
+	"propose", "approve", "reject", "cancel", "run", "rollback", "read", "report",
+	"trust_reset",
+}
 
 default principal := {}
 
@@ -579,7 +752,7 @@ authz_deny contains violation("unknown_verb", msg) if {
 authz_deny contains violation("unauthenticated", "no principal") if principal_id == ""
 
 authz_deny contains violation("insufficient_permissions", msg) if {
-	verb in {"approve", "reject", "run", "rollback"}
+	verb in {"approve", "reject", "run", "rollback", "trust_reset"}
 	principal_kind != "human"
 	msg := sprintf("%s is an agent (kind %s); only humans may %s", [principal_id, principal_kind, input.verb])
 }
@@ -630,6 +803,23 @@ authz_deny contains violation("insufficient_permissions", msg) if {
 		"reports and the audit trail are for the roles %s; %s has %s",
 		[list_text(report_roles), principal_id, list_text(principal_roles)],
 	)
+}
+
+# `opsgate trust reset`: input.action.type is the action type, input.proposer the
+# proposer whose trust is reset.
+authz_deny contains violation("insufficient_permissions", msg) if {
+	verb == "trust_reset"
+	not has_any_role(principal_roles, trust_reset_roles)
+	msg := sprintf(
+		"resetting trust needs one of the roles %s; %s has %s",
+		[list_text(trust_reset_roles), principal_id, list_text(principal_roles)],
+	)
+}
+
+authz_deny contains violation("self_approval", msg) if {
+	verb == "trust_reset"
+	is_proposer
+	msg := sprintf("%s cannot reset its own trust; ask someone else", [principal_id])
 }
 
 authz := {

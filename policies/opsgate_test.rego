@@ -39,6 +39,60 @@ dave := {"id": "dave", "kind": "human"}
 
 sre_agent := {"id": "sre-agent", "kind": "agent"}
 
+# Track records (input.proposer.track_record) for the trust ladder.
+runs(passes, finished, rate) := {
+	"proposals": finished,
+	"blocked": 0,
+	"blocked_by_code": {},
+	"approved": finished,
+	"rejected": 0,
+	"executed": finished,
+	"finished": finished,
+	"verified_passes": passes,
+	"failed_verifications": finished - passes,
+	"stop_conditions": 0,
+	"automatic_rollbacks": 0,
+	"rollbacks_failed": 0,
+	"pass_rate": rate,
+	"seconds_since_last_failure": null,
+	"last_run": null,
+}
+
+record(of_type, here) := {
+	"window_days": 90,
+	"since": "2026-08-25T10:00:00.000000+00:00",
+	"overall": of_type,
+	"action_type": of_type,
+	"action_type_in_environment": here,
+	"trust_reset_at": null,
+	"trust_reset_ns": null,
+}
+
+agent_with(rec) := merge(sre_agent, {"track_record": rec})
+
+novice_agent := agent_with(record(runs(0, 0, null), runs(0, 0, null)))
+
+seasoned_agent := agent_with(record(runs(10, 10, 1), runs(10, 10, 1)))
+
+# 2026-11-22T10:00:00+00:00, a day before base_context's now.
+yesterday_ns := 1795341600000000000
+
+last_run(rolled_back, rollback_failed) := {
+	"finished_at": "2026-11-22T10:00:00.000000+00:00",
+	"finished_ns": yesterday_ns,
+	"failed_or_rolled_back": true,
+	"rolled_back": rolled_back,
+	"rollback_failed": rollback_failed,
+}
+
+# seasoned_agent whose last run of the type ended as given, reset at `reset_ns` (or null).
+agent_after(last, reset_ns) := agent_with(merge(
+	record(merge(runs(10, 11, 0.9), {"last_run": last}), runs(10, 11, 0.9)),
+	{"trust_reset_ns": reset_ns},
+))
+
+in_staging(c) := merge(c, {"action": merge(c.action, {"environment": "staging", "risk": "low"})})
+
 base_incident := {"id": "INC-42", "severity": "sev2", "class": "deploy-related", "tier": "standard"}
 
 good_verification := {"defined": true, "signals": 1, "stop_conditions": 1}
@@ -332,7 +386,7 @@ test_insufficient_permissions_roles_come_from_data if {
 }
 
 test_agent_may_propose_reversible_in_prod if {
-	d := decide(proposed_by(sre_agent))
+	d := decide(proposed_by(seasoned_agent))
 	d.allow == true
 }
 
@@ -364,8 +418,130 @@ test_human_may_propose_irreversible_critical_in_prod if {
 
 test_agent_drain_node_in_prod_is_not_allowlisted_and_not_permitted if {
 	drain := {"type": "drain_node", "params": {"node": "node-1"}, "risk": "high", "reversible": false}
-	c := merge(proposed_by(sre_agent), {"action": merge(base_action, drain)})
+	c := merge(proposed_by(seasoned_agent), {"action": merge(base_action, drain)})
 	codes(decide(c)) == {"not_allowlisted", "insufficient_permissions"}
+}
+
+# ---------------------------------------------------------------------------
+# The trust ladder (data.trust_ladder; input.proposer.track_record)
+
+test_ladder_agent_without_a_track_record_is_denied if {
+	d := decide(proposed_by(sre_agent))
+	d.allow == false
+	messages(d, "track_record_unavailable") == {
+		"no track record for sre-agent in the input, so its place on the trust ladder is unknown",
+	}
+}
+
+test_ladder_probation_one_approval_more_than_a_human if {
+	human := decide(base_case)
+	d := decide(proposed_by(novice_agent))
+	d.allow == true
+	human.required_approvals == 1
+	d.required_approvals == 2
+	d.ladder.rung == "probation"
+	d.ladder.human_approvals == 1
+	d.ladder.reason == "probation: 0 verified passes of scale_deployment, fewer than 5, so one approval more than a human needs"
+}
+
+test_ladder_probation_until_n_verified_passes_of_the_type if {
+	four := agent_with(record(runs(4, 4, 1), runs(4, 4, 1)))
+	decide(proposed_by(four)).required_approvals == 2
+	five := agent_with(record(runs(5, 5, 1), runs(5, 5, 1)))
+	decide(proposed_by(five)).required_approvals == 1
+	decide(proposed_by(five)).ladder.rung == "standard"
+}
+
+test_ladder_probation_is_capped_by_max_required_approvals if {
+	c := merge(proposed_by(novice_agent), {"action": merge(base_action, {"risk": "high"})})
+	decide(c).required_approvals == 3
+	d := decide(c) with data.max_required_approvals as 2
+	d.required_approvals == 2
+}
+
+test_ladder_standard_in_prod_however_good_the_record if {
+	d := decide(proposed_by(seasoned_agent)) with data.trust_ladder.trusted_environments as ["prod", "staging"]
+	d.ladder.rung == "standard"
+	d.required_approvals == 1
+}
+
+test_ladder_trusted_in_staging_never_below_one if {
+	d := decide(in_staging(proposed_by(seasoned_agent)))
+	d.ladder.rung == "trusted"
+	d.required_approvals == 1
+	d.ladder.human_approvals == 1
+}
+
+test_ladder_trusted_one_fewer_where_a_human_needs_two if {
+	c := merge(proposed_by(seasoned_agent), {"action": merge(base_action, {"environment": "staging", "risk": "high"})})
+	human := decide(merge(c, {"proposer": alice})) with data.trust_ladder.trusted_risks as ["low", "high"]
+	human.required_approvals == 2
+	d := decide(c) with data.trust_ladder.trusted_risks as ["low", "high"]
+	d.ladder.rung == "trusted"
+	d.required_approvals == 1
+}
+
+test_ladder_trusted_needs_the_pass_rate if {
+	patchy := agent_with(record(runs(9, 10, 0.9), runs(9, 10, 0.9)))
+	d := decide(in_staging(proposed_by(patchy)))
+	d.ladder.rung == "standard"
+}
+
+test_ladder_trusted_needs_n_finished_runs_here if {
+	elsewhere := agent_with(record(runs(10, 10, 1), runs(3, 3, 1)))
+	d := decide(in_staging(proposed_by(elsewhere)))
+	d.ladder.rung == "standard"
+}
+
+test_ladder_trusted_needs_a_low_risk_reversible_type if {
+	c := in_staging(proposed_by(seasoned_agent))
+	decide(merge(c, {"action": merge(c.action, {"risk": "medium"})})).ladder.rung == "standard"
+	decide(merge(c, {"action": merge(c.action, {"reversible": false})})).ladder.rung == "standard"
+}
+
+test_trust_revoked_after_a_rollback if {
+	d := decide(proposed_by(agent_after(last_run(true, false), null)))
+	d.allow == false
+	d.ladder.rung == "revoked"
+	messages(d, "trust_revoked") == {"the last run of scale_deployment by sre-agent (finished 2026-11-22T10:00:00.000000+00:00) was rolled back; it may not propose or run scale_deployment until someone with one of the roles [\"sre-lead\"] resets its trust (opsgate trust reset)"}
+}
+
+test_trust_revoked_after_a_failed_rollback if {
+	d := decide(proposed_by(agent_after(last_run(true, true), null)))
+	some m in messages(d, "trust_revoked")
+	contains(m, "was rolled back and the rollback failed")
+}
+
+test_trust_not_revoked_by_a_failed_run_that_was_not_rolled_back if {
+	d := decide(proposed_by(agent_after(last_run(false, false), null)))
+	not "trust_revoked" in codes(d)
+}
+
+test_trust_reset_after_the_rollback_lifts_it if {
+	d := decide(proposed_by(agent_after(last_run(true, false), yesterday_ns + 1)))
+	d.allow == true
+	d.ladder.rung == "standard"
+}
+
+test_trust_reset_before_the_rollback_does_not_lift_it if {
+	d := decide(proposed_by(agent_after(last_run(true, false), yesterday_ns - 1)))
+	"trust_revoked" in codes(d)
+}
+
+test_ladder_humans_are_off_it_in_the_shipped_bundle if {
+	novice_human := merge(alice, {"track_record": novice_agent.track_record})
+	d := decide(proposed_by(novice_human))
+	d.required_approvals == 1
+	d.ladder.rung == "off"
+	reverted := merge(alice, {"track_record": agent_after(last_run(true, false), null).track_record})
+	decide(proposed_by(reverted)).allow == true
+}
+
+test_ladder_humans_on_it_by_policy if {
+	novice_human := merge(alice, {"track_record": novice_agent.track_record})
+	d := decide(proposed_by(novice_human)) with data.trust_ladder.kinds as ["agent", "human"]
+	d.required_approvals == 2
+	d.ladder.rung == "probation"
 }
 
 # ---------------------------------------------------------------------------
@@ -889,4 +1065,17 @@ test_authz_report_roles_from_data if {
 		with input.proposer as {}
 		with data.report_roles as ["developer"]
 	not b.allow
+}
+
+test_authz_trust_reset_needs_a_reset_role if {
+	authz("trust_reset", carol, sre_agent).allow
+	authz_codes("trust_reset", alice, sre_agent) == {"insufficient_permissions"}
+	some m in {d.message | some d in authz("trust_reset", alice, sre_agent).deny}
+	m == "resetting trust needs one of the roles [\"sre-lead\"]; alice has [\"sre\"]"
+	authz("trust_reset", alice, sre_agent).allow with data.trust_reset_roles as ["sre"]
+}
+
+test_authz_trust_reset_never_by_an_agent_nor_by_its_subject if {
+	authz_codes("trust_reset", grouped(sre_agent, ["sre-lead"]), alice) == {"insufficient_permissions"}
+	authz_codes("trust_reset", carol, carol) == {"self_approval"}
 }

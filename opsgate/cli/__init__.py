@@ -48,6 +48,7 @@ COMMANDS = {
     "completion": "completion:completion",
     "server": "server:server",
     "token": "server:token",
+    "trust": "trust:trust",
     "whoami": "auth:whoami",
     "login": "auth:login",
 }

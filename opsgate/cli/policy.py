@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -13,6 +14,9 @@ from opsgate.cli.context import CliConfig, echo_json, json_format, json_option, 
 from opsgate.cli.render import decision_json, deny_lines
 from opsgate.errors import InvalidInput, OpsgateError
 from opsgate.safe_text import shown, shown_block
+
+if TYPE_CHECKING:
+    from opsgate.models import Decision
 
 
 @click.group()
@@ -201,6 +205,27 @@ def _print_differential(result: dict[str, Any]) -> None:
         click.echo(f"    OPA:    {json.dumps(item['opa'], sort_keys=True)}")
 
 
+def _track_record_then(config: CliConfig) -> Callable[[Decision], dict[str, Any] | None]:
+    """For a decision stored before inputs carried a track record: its input with the
+    proposer's record as of the decision (None if it cannot be read)."""
+    from opsgate.trust import attach
+
+    def fill(decision: Decision) -> dict[str, Any] | None:
+        document = dict(decision.input)
+        if not isinstance(document.get("proposer"), dict):
+            return None
+        document["proposer"] = dict(document["proposer"])
+        error = attach(
+            document,
+            config.store,
+            now=decision.decided_at,
+            window_seconds=config.settings.track_record_window,
+        )
+        return None if error is not None else document
+
+    return fill
+
+
 @policy.command("replay")
 @click.option(
     "--policies",
@@ -243,7 +268,11 @@ def policy_replay(
     if start >= end:
         raise InvalidInput("--since", "must be before --until")
     candidate = EmbeddedEngine(directory)
-    result = replay(config.store.decisions_between(start, end, ["propose"]), candidate)
+    result = replay(
+        config.store.decisions_between(start, end, ["propose"]),
+        candidate,
+        fill=_track_record_then(config),
+    )
     if fmt == "json":
         echo_json(result.as_json())
         return
@@ -264,6 +293,12 @@ def policy_replay(
     for code in codes:
         before, after = result.codes_before[code], result.codes_after[code]
         click.echo(f"  {shown(code)}: {before} -> {after} ({after - before:+d})")
+    for proposer, tally in sorted(result.per_proposer.items()):
+        click.echo(
+            f"  {shown(proposer)}: {tally['decisions']} decisions, approvals "
+            f"+{tally['approvals_added']} / -{tally['approvals_saved']}, newly blocked "
+            f"{tally['newly_blocked']}, newly allowed {tally['newly_allowed']}"
+        )
     for row in result.newly_blocked:
         codes_text = shown(", ".join(row["codes"]))
         click.echo(f"  newly blocked {row['action_id']} {row['action']}: {codes_text}")

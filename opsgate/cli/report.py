@@ -9,9 +9,7 @@ import click
 
 from opsgate.cli.context import CliConfig, json_format, json_option, pass_config
 from opsgate.errors import ConfigError
-from opsgate.reports.build import (
-    DEFAULT_MIN_RUNS,
-)
+from opsgate.reports.build import DEFAULT_MIN_RUNS
 from opsgate.reports.queries import SEGMENTS
 from opsgate.reports.render import FORMATS, print_table, render
 from opsgate.reports.request import KINDS, ReportRequest, build_report
@@ -54,6 +52,12 @@ from opsgate.store.sql import SqlStore
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file."
 )
+@click.option(
+    "--kind",
+    "proposer_kind",
+    type=click.Choice(["agent", "human"]),
+    help="`proposers` only: just agents or just humans.",
+)
 @pass_config
 def report(
     config: CliConfig,
@@ -67,13 +71,17 @@ def report(
     table_name: str | None,
     min_runs: int,
     as_json: bool,
+    proposer_kind: str | None,
 ) -> None:
     """Pass rates, rollback times, policy blocks and approvals, segment by segment.
 
-    KIND is summary (default: one screen), verification, blocks, rollbacks or approvals.
+    KIND is summary (default: one screen), verification, blocks, rollbacks, approvals or
+    proposers (a scorecard per proposer, per action type with --by action).
     """
     fmt = json_format(fmt, as_json, default="table")
-    request = ReportRequest(kind, since, until, by, where_pairs, min_runs, table_name)
+    request = ReportRequest(
+        kind, since, until, by, where_pairs, min_runs, table_name, proposer_kind
+    )
     if config.server_url is not None:  # client mode: the server builds and renders it
         wanted = "markdown" if fmt == "table" and output is not None else fmt
         text = config.remote.report(request, wanted)
@@ -81,7 +89,9 @@ def report(
         store = config.store
         if not isinstance(store, SqlStore):
             raise ConfigError("reports need a SQL store (sqlite:// or postgresql://)")
-        built = build_report(store, request, datetime.now(UTC))
+        # The scorecard's rungs ask the bundle, so only it builds the gate (and catalog).
+        gate = config.gate if kind == "proposers" else None
+        built = build_report(store, request, datetime.now(UTC), gate=gate)
         if fmt == "table" and output is None:
             print_table(built)
             return

@@ -112,7 +112,7 @@ class RemoteGate:
     def report(self, request: ReportRequest, fmt: str) -> str:
         """`opsgate report` built and rendered by the server, in `fmt`."""
         query: list[tuple[str, str]] = [("format", fmt), ("min_runs", str(request.min_runs))]
-        for name in ("since", "until", "by", "table"):
+        for name in ("since", "until", "by", "table", "proposer_kind"):
             value = getattr(request, name)
             if value is not None:
                 query.append((name, value))

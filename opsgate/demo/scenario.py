@@ -39,6 +39,7 @@ FLAG = "new-pricing"
 URL_PATTERN = r"^http://127\.0\.0\.1:[0-9]{1,5}$"  # the demo only ever acts on loopback
 AGENT = ("demo-agent", "agent")
 APPROVER = ("bob", "human")
+SECOND_APPROVER = ("carol", "human")
 ENGINEER = ("alice", "human")
 _ACTION_ID = re.compile(r"\baction ([0-9A-HJKMNP-TV-Z]{26})\b")
 
@@ -561,6 +562,13 @@ class Scenario:
     def fix(self, rollback_id: str) -> None:
         self.scene(3, "A human approves the rollback; opsgate runs and verifies it")
         self.opsgate("approve", rollback_id, "--comment", f"roll back to {GOOD_VERSION}")
+        self.say(
+            "  the agent has no verified passes of rollback_deploy yet, so the trust ladder "
+            "asks one approval more than a human would need: a second one"
+        )
+        self.opsgate(
+            "approve", rollback_id, "--comment", "second approval", identity=SECOND_APPROVER
+        )
         self.say(
             "  a mitigation, judged against its baseline (the error rate just before it runs):"
         )

@@ -17,17 +17,19 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Float,
     and_,
     case,
     cast,
     func,
     literal,
+    or_,
     select,
 )
 from sqlalchemy.exc import SQLAlchemyError
@@ -128,6 +130,8 @@ class RollbackRow:
     p90: float | None = None
     max: float | None = None
     durations: list[float] = field(default_factory=list)
+    failed: int = 0  # finished without the rollback verifying: rollback_failed
+    automatic: int = 0  # decided by opsgate, not requested by someone
 
 
 @dataclass
@@ -245,24 +249,46 @@ class ReportQueries:
     read from a covering index; the small `segments` table gives the labels.
     """
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(
+        self, store: SqlStore, conn: Connection | None = None, *, proposer: str | None = None
+    ) -> None:
         self.store = store
         self.dialect = store.dialect
         self._labels: dict[int, Dims] = {}
+        # A decision reads its proposer's track record inside its own transaction.
+        self._conn = conn
+        # Set when every query here is narrowed to one proposer (the track record): only
+        # its segments need labels, not every proposer's.
+        self._labels_of = proposer
 
     # --- helpers --------------------------------------------------------------------------
 
     def _rows(self, statement: Any) -> Sequence[Any]:
         try:
+            if self._conn is not None:
+                return self._conn.execute(statement).all()
             with self.store.engine.connect() as conn:
                 return conn.execute(statement).all()
         except SQLAlchemyError as exc:
             raise self.store.store_error(exc) from None
 
+    @staticmethod
+    def _of_proposer(segment_id: Any, proposer: str | None) -> list[ColumnElement[bool]]:
+        """Facts of one proposer's actions (the track record and `report proposers`): the
+        proposer is part of the segment, so this is a few ids, not a set of its actions."""
+        if proposer is None:
+            return []
+        return [segment_id.in_(select(segments.c.id).where(segments.c.proposer_id == proposer))]
+
     def _dims(self, segment_id: int | None) -> Dims:
-        """The labels of a segment id (read once per report, a few hundred rows)."""
+        """The labels of a segment id (read once per report: a few rows per proposer)."""
         if segment_id not in self._labels:
-            rows = self._rows(select(segments.c.id, *SEGMENTS.values()))
+            statement = select(segments.c.id, *SEGMENTS.values())
+            if self._labels_of is not None:
+                statement = statement.where(segments.c.proposer_id == self._labels_of)
+                # A segment of someone else (a query not narrowed): every label from now on.
+                self._labels_of = None
+            rows = self._rows(statement)
             self._labels = {row[0]: tuple(v or NONE_LABEL for v in row[1:]) for row in rows}
         return self._labels.get(segment_id or -1, (NONE_LABEL,) * len(SEGMENTS))
 
@@ -294,7 +320,11 @@ class ReportQueries:
     # --- verification -------------------------------------------------------------------
 
     def verification_cube(
-        self, window: Window, where: Mapping[str, str] | None = None
+        self,
+        window: Window,
+        where: Mapping[str, str] | None = None,
+        *,
+        proposer: str | None = None,
     ) -> list[tuple[Dims, str | None, str | None, int]]:
         """Runs started in the window at the finest grain: (segment, outcome, trigger)
         -> n. Any cut or rollup is a sum in Python, so one query serves the report, its
@@ -306,6 +336,7 @@ class ReportQueries:
                 e.c.run_started_at >= window.since,
                 e.c.run_started_at < window.until,
                 *self._filters(e.c.segment_id, where or {}),
+                *self._of_proposer(e.c.segment_id, proposer),
             )
             .group_by(e.c.segment_id, e.c.outcome, e.c.trigger_name)
         )
@@ -356,6 +387,60 @@ class ReportQueries:
         by_keys(by)
         return SEGMENTS[by]
 
+    def _rollbacks_in(
+        self,
+        window: Window,
+        where: Mapping[str, str] | None,
+        *,
+        manual: bool | None = None,
+        proposer: str | None = None,
+    ) -> list[ColumnElement[bool]]:
+        """Rollbacks decided in the window (the filter every rollback figure uses)."""
+        e = executions
+        base = [
+            e.c.rollback_decided_at >= window.since,
+            e.c.rollback_decided_at < window.until,
+            *self._filters(e.c.segment_id, where or {}),
+            *self._of_proposer(e.c.segment_id, proposer),
+        ]
+        if manual is not None:
+            requested = e.c.rollback_requested_by
+            base.append(requested.is_not(None) if manual else requested.is_(None))
+        return base
+
+    @staticmethod
+    def _rollback_counts() -> list[Any]:
+        """decided, verified, failed (finished without verifying), automatic."""
+        e = executions
+        failed = and_(e.c.finished_at.is_not(None), e.c.rollback_verified_at.is_(None))
+        return [
+            func.count(),
+            func.count(e.c.rollback_verified_at),
+            func.sum(case((failed, 1), else_=0)),
+            func.sum(case((e.c.rollback_requested_by.is_(None), 1), else_=0)),
+        ]
+
+    def rollbacks_cube(
+        self, window: Window, *, proposer: str | None = None
+    ) -> list[tuple[Dims, RollbackRow]]:
+        """The rollback counts at the finest grain (segment), for cuts in Python: the
+        same filter and counts as `rollbacks`, one query for every scope."""
+        e = executions
+        statement = (
+            select(e.c.segment_id, *self._rollback_counts())
+            .where(*self._rollbacks_in(window, None, proposer=proposer))
+            .group_by(e.c.segment_id)
+        )
+        return [
+            (
+                self._dims(seg),
+                RollbackRow(
+                    ALL, int(d), int(v), int(d) - int(v), failed=int(f or 0), automatic=int(a or 0)
+                ),
+            )
+            for seg, d, v, f, a in self._rows(statement)
+        ]
+
     def rollbacks(
         self,
         window: Window,
@@ -364,6 +449,8 @@ class ReportQueries:
         *,
         keep_durations: bool = False,
         manual: bool | None = None,
+        proposer: str | None = None,
+        counts_only: bool = False,
     ) -> list[RollbackRow]:
         """Rollback time (decision -> rollback verified): p50, p90, max per segment; only
         manual ones (someone ran `opsgate rollback`) or only automatic ones if asked."""
@@ -371,24 +458,26 @@ class ReportQueries:
         segment = self._by_column(by).label("segment")
         duration = self._seconds(e.c.rollback_verified_at, e.c.rollback_decided_at)
         joined = e.join(segments, segments.c.id == e.c.segment_id) if by else e
-        base = [
-            e.c.rollback_decided_at >= window.since,
-            e.c.rollback_decided_at < window.until,
-            *self._filters(e.c.segment_id, where or {}),
-        ]
-        if manual is not None:
-            requested = e.c.rollback_requested_by
-            base.append(requested.is_not(None) if manual else requested.is_(None))
+        base = self._rollbacks_in(window, where, manual=manual, proposer=proposer)
         counts = (
-            select(segment, func.count(), func.count(e.c.rollback_verified_at))
+            select(segment, *self._rollback_counts())
             .select_from(joined)
             .where(*base)
             .group_by(segment)
         )
         rows = {
-            _label(seg or None): RollbackRow(_label(seg or None), int(d), int(v), int(d) - int(v))
-            for seg, d, v in self._rows(counts)
+            _label(seg or None): RollbackRow(
+                _label(seg or None),
+                int(d),
+                int(v),
+                int(d) - int(v),
+                failed=int(f or 0),
+                automatic=int(auto or 0),
+            )
+            for seg, d, v, f, auto in self._rows(counts)
         }
+        if counts_only:
+            return sorted(rows.values(), key=lambda r: (-r.decided, r.segment))
         verified = [*base, e.c.rollback_verified_at.is_not(None)]
         if self.dialect == "postgresql" and not keep_durations:
             stats = (
@@ -426,7 +515,12 @@ class ReportQueries:
     # --- policy blocks ------------------------------------------------------------------
 
     def blocks_cube(
-        self, window: Window, where: Mapping[str, str] | None = None, *, phase: str = "propose"
+        self,
+        window: Window,
+        where: Mapping[str, str] | None = None,
+        *,
+        phase: str = "propose",
+        proposer: str | None = None,
     ) -> BlocksCube:
         """Decisions at `phase` in the window at the finest grain, with their deny codes."""
         d = decisions
@@ -435,6 +529,7 @@ class ReportQueries:
             d.c.decided_at >= window.since,
             d.c.decided_at < window.until,
             *self._filters(d.c.segment_id, where or {}),
+            *self._of_proposer(d.c.segment_id, proposer),
         ]
         # One pass over the covering index: totals, first codes and codes per decision,
         # from the few distinct code lists (parsed once per list, not once per row).
@@ -478,30 +573,70 @@ class ReportQueries:
 
     # --- approvals ----------------------------------------------------------------------
 
+    def _approvals_in(
+        self, window: Window, where: Mapping[str, str] | None, proposer: str | None
+    ) -> list[ColumnElement[bool]]:
+        """Actions proposed in the window that were not blocked (every approval figure)."""
+        a = actions
+        return [
+            a.c.created_at >= window.since,
+            a.c.created_at < window.until,
+            a.c.state != "blocked",
+            *self._filters(a.c.segment_id, where or {}),
+            *self._of_proposer(a.c.segment_id, proposer),
+        ]
+
+    @staticmethod
+    def _approval_counts() -> list[Any]:
+        """waited, approved, rejected, expired and cancelled unapproved, pending."""
+        a = actions
+        unapproved = a.c.approved_at.is_(None)
+        return [
+            func.count(),
+            func.count(a.c.approved_at),
+            func.sum(case((a.c.state == "rejected", 1), else_=0)),
+            func.sum(case((and_(a.c.state == "expired", unapproved), 1), else_=0)),
+            func.sum(case((and_(a.c.state == "cancelled", unapproved), 1), else_=0)),
+            func.sum(case((a.c.state == "pending_approval", 1), else_=0)),
+        ]
+
+    def approvals_cube(
+        self, window: Window, *, proposer: str | None = None
+    ) -> list[tuple[Dims, ApprovalRow]]:
+        """The approval counts at the finest grain (segment), for cuts in Python: the
+        same filter and counts as `approvals`, one query for every scope."""
+        a = actions
+        statement = (
+            select(a.c.segment_id, *self._approval_counts())
+            .where(*self._approvals_in(window, None, proposer))
+            .group_by(a.c.segment_id)
+        )
+        return [
+            (
+                self._dims(seg),
+                ApprovalRow(
+                    ALL, int(w), int(a), int(r or 0), int(e or 0), int(c or 0), int(p or 0)
+                ),
+            )
+            for seg, w, a, r, e, c, p in self._rows(statement)
+        ]
+
     def approvals(
-        self, window: Window, by: str | None = None, where: Mapping[str, str] | None = None
+        self,
+        window: Window,
+        by: str | None = None,
+        where: Mapping[str, str] | None = None,
+        *,
+        proposer: str | None = None,
+        counts_only: bool = False,
     ) -> list[ApprovalRow]:
         """Time to approval p50/p90 and what became of actions that waited for approval."""
         a = actions
         segment = self._by_column(by).label("segment")
         joined = a.join(segments, segments.c.id == a.c.segment_id) if by else a
-        base = [
-            a.c.created_at >= window.since,
-            a.c.created_at < window.until,
-            a.c.state != "blocked",
-            *self._filters(a.c.segment_id, where or {}),
-        ]
-        unapproved = a.c.approved_at.is_(None)
+        base = self._approvals_in(window, where, proposer)
         counts = (
-            select(
-                segment,
-                func.count(),
-                func.count(a.c.approved_at),
-                func.sum(case((a.c.state == "rejected", 1), else_=0)),
-                func.sum(case((and_(a.c.state == "expired", unapproved), 1), else_=0)),
-                func.sum(case((and_(a.c.state == "cancelled", unapproved), 1), else_=0)),
-                func.sum(case((a.c.state == "pending_approval", 1), else_=0)),
-            )
+            select(segment, *self._approval_counts())
             .select_from(joined)
             .where(*base)
             .group_by(segment)
@@ -518,6 +653,8 @@ class ReportQueries:
                 int(cancelled or 0),
                 int(pending or 0),
             )
+        if counts_only:
+            return sorted(rows.values(), key=lambda r: (-r.waited, r.segment))
         wait = self._seconds(a.c.approved_at, a.c.created_at)
         approved_only = [*base, a.c.approved_at.is_not(None)]
         if self.dialect == "postgresql":
@@ -579,3 +716,68 @@ class ReportQueries:
     def count_actions(self) -> int:
         """A bare count over the actions table: the yardstick in bench/report.py."""
         return int(self._rows(select(func.count()).select_from(actions))[0][0])
+
+    # --- run history (the track record) -------------------------------------------------
+
+    def run_history(
+        self, proposer: str, until: datetime | None = None
+    ) -> list[tuple[Dims, RunHistory]]:
+        """Per segment, over all time before `until`: when the proposer's last run
+        finished, and its last failed or rolled-back run, last rollback, last failed
+        rollback."""
+        e = executions
+        rolled_back = e.c.rollback_decided_at.is_not(None)
+        bad = or_(e.c.outcome != "succeeded", rolled_back)
+        rollback_failed = and_(rolled_back, e.c.rollback_verified_at.is_(None))
+        statement = (
+            select(
+                e.c.segment_id,
+                func.max(e.c.finished_at),
+                func.max(case((bad, e.c.finished_at))),
+                func.max(case((rolled_back, e.c.finished_at))),
+                func.max(case((rollback_failed, e.c.finished_at))),
+            )
+            .where(
+                e.c.finished_at.is_not(None),
+                *([e.c.finished_at < until] if until is not None else []),
+                *self._of_proposer(e.c.segment_id, proposer),
+            )
+            .group_by(e.c.segment_id)
+        )
+        return [
+            (self._dims(seg), RunHistory(*(_utc(v) for v in values)))
+            for seg, *values in self._rows(statement)
+        ]
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    last_finished: datetime | None = None
+    last_failed_or_rolled_back: datetime | None = None
+    last_rolled_back: datetime | None = None
+    last_rollback_failed: datetime | None = None
+
+
+def _utc(value: Any) -> datetime | None:
+    """An aggregate's timestamp: SQLite hands back its text, PostgreSQL a datetime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def proposers_in(
+    q: ReportQueries, window: Window, kind: str | None = None
+) -> list[tuple[str, str]]:
+    """(id, kind) of everyone who proposed in the window, by id."""
+    a = actions
+    statement = (
+        select(a.c.proposer_id, a.c.proposer_kind)
+        .where(a.c.created_at >= window.since, a.c.created_at < window.until)
+        .distinct()
+        .order_by(a.c.proposer_id, a.c.proposer_kind)
+    )
+    if kind is not None:
+        statement = statement.where(a.c.proposer_kind == kind)
+    return [(str(p), str(k)) for p, k in q._rows(statement)]

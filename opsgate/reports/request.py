@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from opsgate.errors import InvalidInput, did_you_mean
 from opsgate.models import parse_duration
@@ -19,7 +20,11 @@ from opsgate.reports.build import (
 from opsgate.reports.queries import SEGMENTS, ReportQueries, Window
 from opsgate.store.sql import SqlStore
 
-KINDS = ("summary", *BUILDERS)
+if TYPE_CHECKING:
+    from opsgate.gate import Gate
+
+KINDS = ("summary", *BUILDERS, "proposers")
+PROPOSER_KINDS = ("agent", "human")
 # Reports whose figures rest on runs, and so say when there are too few to judge.
 JUDGED = {"verification": verification_report, "rollbacks": rollbacks_report}
 
@@ -76,10 +81,17 @@ class ReportRequest:
     where: tuple[str, ...] = ()
     min_runs: int = DEFAULT_MIN_RUNS
     table: str | None = None
+    proposer_kind: str | None = None  # `proposers` only: agent or human
 
 
-def build_report(store: SqlStore, request: ReportRequest, now: datetime) -> Report:
-    """The report a request names; InvalidInput naming the option for anything wrong."""
+def build_report(
+    store: SqlStore, request: ReportRequest, now: datetime, *, gate: Gate | None = None
+) -> Report:
+    """The report a request names; InvalidInput naming the option for anything wrong.
+
+    `gate`: asked for each proposer's trust-ladder rung in `proposers`; None leaves the
+    rungs out.
+    """
     kind, by, min_runs, table_name = request.kind, request.by, request.min_runs, request.table
     if kind not in KINDS:
         raise InvalidInput("kind", f"expected one of {', '.join(KINDS)}")
@@ -95,12 +107,35 @@ def build_report(store: SqlStore, request: ReportRequest, now: datetime) -> Repo
         raise InvalidInput("--since", "must be before --until")
     if by == "code" and kind != "blocks":
         raise InvalidInput("--by", "code applies to `opsgate report blocks` only")
+    if kind == "proposers" and by not in (None, "action"):
+        raise InvalidInput("--by", "`opsgate report proposers` is cut by action only")
+    proposer_kind = request.proposer_kind
+    if proposer_kind is not None:
+        if kind != "proposers":
+            raise InvalidInput("--kind", "applies to `opsgate report proposers` only")
+        if proposer_kind not in PROPOSER_KINDS:
+            raise InvalidInput("--kind", f"expected one of {', '.join(PROPOSER_KINDS)}")
     where = parse_where(request.where)
     queries = ReportQueries(store)
     check_where_values(queries, where)
     window = Window(start, end)
     if kind == "summary":
         built = summary_report(queries, window, where, min_runs=min_runs)
+    elif kind == "proposers":
+        from opsgate.reports.proposers import RungOf, proposers_report
+
+        rung_of: RungOf | None = None
+        if gate is not None:
+            from opsgate.trust import rung_today
+
+            judge = gate
+
+            def rung_of(proposer: str, who: str, action: str, environment: str) -> str | None:
+                return rung_today(judge, proposer, who, action, environment, end)
+
+        built = proposers_report(
+            queries, window, by, where, kind=proposer_kind, min_runs=min_runs, rung_of=rung_of
+        )
     elif kind in JUDGED:
         built = JUDGED[kind](queries, window, by, where, min_runs=min_runs)
     else:

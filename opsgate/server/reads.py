@@ -41,6 +41,7 @@ FIELDS = {
     "all": "--all",
     "mine_to_approve": "--mine-to-approve",
     "prefix": "action_id",
+    "proposer_kind": "--kind",
 }
 
 
@@ -131,6 +132,7 @@ class Reads:
             where=where,
             min_runs=int(min_runs_text) if min_runs_text is not None else ReportRequest.min_runs,
             table=one(params, "table"),
+            proposer_kind=one(params, "proposer_kind"),
         )
         store = self.app.store
         if not isinstance(store, SqlStore):
@@ -138,7 +140,8 @@ class Reads:
         # Authorized before the request is judged: an unauthorized caller learns nothing,
         # not even which segment values exist.
         self._reader_of_everything(principal)
-        built = build_report(store, request, datetime.now(UTC))
+        gate = self.app.gate if request.kind == "proposers" else None
+        built = build_report(store, request, datetime.now(UTC), gate=gate)
         if fmt == "table":
             from rich.console import Console
 

@@ -25,8 +25,10 @@ if TYPE_CHECKING:  # annotations only: `except StoreError` must not load pydanti
         Execution,
         ExecutionUpdate,
         Measurement,
+        TrustReset,
         WorkerInfo,
     )
+    from opsgate.trust import Facts
 
 # Fields of an action that may change after it is created.
 MUTABLE_ACTION_FIELDS = frozenset(
@@ -160,6 +162,22 @@ class StoreTx(Protocol):
     def register_worker(self, worker: WorkerInfo) -> None:
         """Insert or replace a worker's row (with its `worker.registered` event)."""
 
+    # --- trust ------------------------------------------------------------------------
+
+    def insert_trust_reset(self, reset: TrustReset) -> None:
+        """Record `opsgate trust reset` (its audit event goes in the same transaction)."""
+
+    def last_trust_reset(
+        self, proposer_id: str, action_type: str, before: datetime | None = None
+    ) -> datetime | None:
+        """When trust was last reset for this proposer and action type (by `before`)."""
+
+    def track_record_facts(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
+    ) -> Facts:
+        """The report figures of one proposer's actions in [since, until), in this
+        transaction (opsgate.trust cuts them into the track record)."""
+
     # --- API tokens ---------------------------------------------------------------------
 
     def insert_api_token(self, token: ApiToken) -> None: ...
@@ -277,6 +295,14 @@ class Store(Protocol):
         """The database's authenticated user (PostgreSQL), or None where there is none."""
 
     def get_api_token(self, token_id: str) -> ApiToken | None: ...
+
+    def last_trust_reset(
+        self, proposer_id: str, action_type: str, before: datetime | None = None
+    ) -> datetime | None: ...
+
+    def track_record_facts(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
+    ) -> Facts: ...
 
     def list_api_tokens(self) -> list[ApiToken]:
         """Oldest first."""

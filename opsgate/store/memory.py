@@ -9,7 +9,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -27,6 +27,7 @@ from opsgate.models import (
     Execution,
     ExecutionUpdate,
     Measurement,
+    TrustReset,
     WorkerInfo,
 )
 from opsgate.notify.events import outbox_entry
@@ -39,6 +40,9 @@ from opsgate.store.base import (
     TargetBusy,
     refuse_immutable,
 )
+
+if TYPE_CHECKING:
+    from opsgate.trust import Facts
 
 __all__ = ["MemoryStore", "MemoryTx"]
 
@@ -72,6 +76,7 @@ class _Tables:
     api_tokens: dict[str, ApiToken] = field(default_factory=dict)
     checkpoints: list[AuditCheckpoint] = field(default_factory=list)
     outbox: dict[str, OutboxItem] = field(default_factory=dict)
+    trust_resets: list[TrustReset] = field(default_factory=list)
 
     def copy(self) -> _Tables:
         # Models are frozen and replaced, never changed, so copying the containers suffices.
@@ -86,6 +91,7 @@ class _Tables:
             dict(self.api_tokens),
             list(self.checkpoints),
             dict(self.outbox),
+            list(self.trust_resets),
         )
 
 
@@ -306,6 +312,19 @@ class MemoryTx:
         if token.id in self._t.api_tokens:
             raise self._fail(f"api token {token.id} already exists")
         self._t.api_tokens[token.id] = _in_utc(token, "created_at", "expires_at")
+
+    def insert_trust_reset(self, reset: TrustReset) -> None:
+        self._t.trust_resets.append(reset)
+
+    def last_trust_reset(
+        self, proposer_id: str, action_type: str, before: datetime | None = None
+    ) -> datetime | None:
+        return _last_trust_reset(self._t, proposer_id, action_type, before)
+
+    def track_record_facts(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
+    ) -> Facts:
+        return _memory_facts(self._t, proposer_id, action_type, environment, since, until)
 
     def revoke_api_token(self, token_id: str, at: datetime, by: str) -> ApiToken | None:
         token = self._t.api_tokens.get(token_id)
@@ -555,6 +574,7 @@ class MemoryStore:
                 "api_tokens": len(t.api_tokens),
                 "audit_checkpoints": len(t.checkpoints),
                 "outbox": len(t.outbox),
+                "trust_resets": len(t.trust_resets),
             }
 
     def session_user(self) -> str | None:
@@ -564,6 +584,19 @@ class MemoryStore:
         with self._lock:
             token = self._tables.api_tokens.get(token_id)
         return token.model_copy(deep=True) if token is not None else None
+
+    def last_trust_reset(
+        self, proposer_id: str, action_type: str, before: datetime | None = None
+    ) -> datetime | None:
+        with self._lock:
+            return _last_trust_reset(self._tables, proposer_id, action_type, before)
+
+    def track_record_facts(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
+    ) -> Facts:
+        with self._lock:
+            tables = self._tables
+            return _memory_facts(tables, proposer_id, action_type, environment, since, until)
 
     def list_api_tokens(self) -> list[ApiToken]:
         with self._lock:
@@ -630,6 +663,118 @@ class MemoryStore:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _last_trust_reset(
+    tables: _Tables, proposer_id: str, action_type: str, before: datetime | None
+) -> datetime | None:
+    times = [
+        r.at
+        for r in tables.trust_resets
+        if r.proposer_id == proposer_id
+        and r.action_type == action_type
+        and (before is None or r.at <= before)
+    ]
+    return max(times) if times else None
+
+
+def _dims_of(action: Action) -> tuple[str, ...]:
+    """The report segment labels of an action, as ReportQueries labels them."""
+    from opsgate.reports.queries import NONE_LABEL
+
+    incident = action.incident
+    values = (
+        incident.severity,
+        incident.class_,
+        incident.tier,
+        action.environment,
+        action.action_type,
+        action.proposer.kind,
+    )
+    return tuple(v or NONE_LABEL for v in values)
+
+
+def _memory_facts(
+    tables: _Tables,
+    proposer_id: str,
+    action_type: str,
+    environment: str,
+    since: datetime,
+    until: datetime,
+) -> Facts:
+    """The SQL store's track-record facts, for tests: the same definitions as the report
+    queries (a parity test holds the two together)."""
+    from opsgate.reports.queries import NONE_LABEL, RunHistory
+    from opsgate.trust import SCOPES, Facts, in_scope
+
+    mine = {i: a for i, a in tables.actions.items() if a.proposer.id == proposer_id}
+    facts = Facts()
+    runs: dict[tuple[Any, ...], int] = {}
+    for action_id, e in tables.executions.items():
+        action = mine.get(action_id)
+        if action is None or e.run_started_at is None:
+            continue
+        if since <= e.run_started_at < until:
+            key = (_dims_of(action), e.outcome, e.trigger_name)
+            runs[key] = runs.get(key, 0) + 1
+    facts.verification = [(*key, n) for key, n in runs.items()]
+    totals: dict[tuple[str, ...], list[int]] = {}
+    with_code: dict[tuple[tuple[str, ...], str], int] = {}
+    first_code: dict[tuple[tuple[str, ...], str], int] = {}
+    for d in tables.decisions:
+        action = mine.get(d.action_id or "")
+        if action is None or d.phase != "propose" or not since <= d.decided_at < until:
+            continue
+        dims = _dims_of(action)
+        total = totals.setdefault(dims, [0, 0])
+        total[0] += 1
+        if d.allow:
+            continue
+        total[1] += 1
+        codes = d.deny_codes
+        first = (dims, codes[0] if codes else NONE_LABEL)
+        first_code[first] = first_code.get(first, 0) + 1
+        for code in dict.fromkeys(codes):
+            with_code[(dims, code)] = with_code.get((dims, code), 0) + 1
+    facts.blocks.totals = [(dims, t[0], t[1]) for dims, t in totals.items()]
+    facts.blocks.with_code = [(dims, c, n) for (dims, c), n in with_code.items()]
+    facts.blocks.first_code = [(dims, c, n) for (dims, c), n in first_code.items()]
+    for scope in SCOPES:
+        approved = rejected = automatic = failed = 0
+        for action_id, action in mine.items():
+            if not in_scope(_dims_of(action), scope, action_type, environment):
+                continue
+            if since <= action.created_at < until and action.state is not ActionState.BLOCKED:
+                approved += action.approved_at is not None
+                rejected += action.state is ActionState.REJECTED
+            run = tables.executions.get(action_id)
+            decided = run.rollback_decided_at if run is not None else None
+            if run is not None and decided is not None and since <= decided < until:
+                automatic += run.rollback_requested_by is None
+                failed += run.finished_at is not None and run.rollback_verified_at is None
+        facts.approvals[scope] = (approved, rejected)
+        facts.rollbacks[scope] = (automatic, failed)
+    history: dict[tuple[str, ...], list[datetime | None]] = {}
+    for action_id, e in tables.executions.items():
+        action = mine.get(action_id)
+        if action is None or e.finished_at is None or e.finished_at >= until:
+            continue
+        rolled_back = e.rollback_decided_at is not None
+        marks = (
+            e.finished_at,
+            # SQL's `outcome != 'succeeded'` is not true for a NULL outcome.
+            e.finished_at
+            if (e.outcome is not None and e.outcome != "succeeded") or rolled_back
+            else None,
+            e.finished_at if rolled_back else None,
+            e.finished_at if rolled_back and e.rollback_verified_at is None else None,
+        )
+        latest = history.setdefault(_dims_of(action), [None] * 4)
+        for i, mark in enumerate(marks):
+            if mark is not None and (latest[i] is None or mark > latest[i]):  # type: ignore[operator]
+                latest[i] = mark
+    facts.history = [(dims, RunHistory(*marks)) for dims, marks in history.items()]
+    return facts
 
 
 def _in_utc(model: M, *names: str) -> M:

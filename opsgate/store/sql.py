@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -46,6 +46,7 @@ from opsgate.models import (
     Execution,
     ExecutionUpdate,
     Measurement,
+    TrustReset,
     WorkerInfo,
 )
 from opsgate.notify.events import NOTIFIED_KINDS, outbox_entry
@@ -72,11 +73,14 @@ from opsgate.store.tables import (
     metadata,
     outbox,
     segments,
+    trust_resets,
     workers,
 )
 
 if TYPE_CHECKING:  # alembic loads only to migrate: every command opens a store
     from alembic.config import Config
+
+    from opsgate.trust import Facts
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -98,7 +102,15 @@ _AUDIT_PAGE = 500
 _ACTIVE = sorted(s.value for s in ACTIVE_STATES)
 _EXPIRABLE = [ActionState.PENDING_APPROVAL.value, ActionState.APPROVED.value]
 # Tables that `row_counts` reports; audit_head is bookkeeping, not data.
-SEGMENT_COLUMNS = ("severity", "incident_class", "tier", "environment", "action", "proposer_kind")
+SEGMENT_COLUMNS = (
+    "severity",
+    "incident_class",
+    "tier",
+    "environment",
+    "action",
+    "proposer_kind",
+    "proposer_id",
+)
 # audit_head and segments (a dimension table for reports) are bookkeeping, not data.
 _COUNTED = [t for t in metadata.sorted_tables if t.name not in {"audit_head", "segments"}]
 
@@ -236,6 +248,11 @@ class SqlStore:
 
     def __repr__(self) -> str:
         return f"SqlStore({self._display_url!r})"
+
+    @property
+    def read_engine(self) -> Engine:
+        """For reads outside a transaction (SQLite: no write lock taken)."""
+        return self._read_engine
 
     @property
     def engine(self) -> Engine:
@@ -636,6 +653,30 @@ class SqlStore:
             statement = statement.where(outbox.c.action_id == action_id)
         return [outbox_item_from_row(row._mapping) for row in self._all(statement)]
 
+    def last_trust_reset(
+        self, proposer_id: str, action_type: str, before: datetime | None = None
+    ) -> datetime | None:
+        rows = self._all(
+            _LAST_TRUST_RESET,
+            {
+                "proposer_id": proposer_id,
+                "action_type": action_type,
+                "before": before or _FAR_FUTURE,
+            },
+        )
+        return rows[0][0] if rows else None
+
+    def track_record_facts(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
+    ) -> Facts:
+        from opsgate.trust import sql_facts
+
+        try:
+            with self._read_engine.connect() as conn:
+                return sql_facts(self, conn, proposer_id, action_type, environment, since, until)
+        except SQLAlchemyError as exc:
+            raise self.store_error(exc) from None
+
     def close(self) -> None:
         self._engine.dispose()
 
@@ -1009,6 +1050,34 @@ class SqlTx:
         self._conn.execute(insert(api_tokens), api_token_to_row(token))
 
     @_translate_errors
+    def insert_trust_reset(self, reset: TrustReset) -> None:
+        self._conn.execute(insert(trust_resets), reset.model_dump())
+
+    @_translate_errors
+    def last_trust_reset(
+        self, proposer_id: str, action_type: str, before: datetime | None = None
+    ) -> datetime | None:
+        row = self._conn.execute(
+            _LAST_TRUST_RESET,
+            {
+                "proposer_id": proposer_id,
+                "action_type": action_type,
+                "before": before or _FAR_FUTURE,
+            },
+        ).first()
+        return row[0] if row is not None else None
+
+    def track_record_facts(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
+    ) -> Facts:
+        """In this transaction: a decision sees what its own transaction sees."""
+        from opsgate.trust import sql_facts
+
+        return sql_facts(
+            self._store, self._conn, proposer_id, action_type, environment, since, until
+        )
+
+    @_translate_errors
     def revoke_api_token(self, token_id: str, at: datetime, by: str) -> ApiToken | None:
         row = self._conn.execute(
             _REVOKE_API_TOKEN, {"token_id": token_id, "at": at, "by": by}
@@ -1087,6 +1156,17 @@ _SEGMENT_OF_ACTION = (
     .scalar_subquery()
 )
 _INSERT_DECISION = insert(decisions).values(segment_id=_SEGMENT_OF_ACTION)
+_FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+_LAST_TRUST_RESET = (
+    select(trust_resets.c.at)
+    .where(
+        trust_resets.c.proposer_id == bindparam("proposer_id"),
+        trust_resets.c.action_type == bindparam("action_type"),
+        trust_resets.c.at <= bindparam("before", type_=trust_resets.c.at.type),
+    )
+    .order_by(trust_resets.c.at.desc())
+    .limit(1)
+)
 _STATE_FIELDS = {
     name: update(executions)
     .where(executions.c.action_id == bindparam("key"))
@@ -1345,6 +1425,7 @@ def segment_key(action: Action) -> dict[str, str]:
         "environment": action.environment,
         "action": action.action_type,
         "proposer_kind": action.proposer.kind,
+        "proposer_id": action.proposer.id,
     }
 
 

@@ -105,6 +105,8 @@ actions = Table(
     Index("ix_actions_target_environment_state", "target", "environment", "state"),
     Index("ix_actions_proposer_id", "proposer_id"),
     Index("ix_actions_report", "created_at", "segment_id", "state", "approved_at"),
+    # One proposer's facts (its segments) in a window: the track record's approvals.
+    Index("ix_actions_segment", "segment_id", "created_at", "state", "approved_at"),
 )
 
 decisions = Table(
@@ -133,6 +135,7 @@ decisions = Table(
     Index("ix_decisions_action_id_decided_at", "action_id", "decided_at"),
     Index("ix_decisions_decided_at", "decided_at"),
     Index("ix_decisions_report", "phase", "decided_at", "segment_id", "allow", "deny_key"),
+    Index("ix_decisions_segment", "segment_id", "phase", "decided_at", "allow", "deny_key"),
 )
 
 approvals = Table(
@@ -238,6 +241,24 @@ executions = Table(
         "segment_id",
         "rollback_verified_at",
     ),
+    # The same, led by segment: one proposer's runs, rollbacks and run history.
+    Index("ix_executions_segment_runs", "segment_id", "run_started_at", "outcome", "trigger_name"),
+    Index(
+        "ix_executions_segment_finished",
+        "segment_id",
+        "finished_at",
+        "outcome",
+        "rollback_decided_at",
+        "rollback_verified_at",
+    ),
+    Index(
+        "ix_executions_segment_rollbacks",
+        "segment_id",
+        "rollback_decided_at",
+        "rollback_verified_at",
+        "finished_at",
+        "rollback_requested_by",
+    ),
 )
 
 # At most one unfinished execution per target: the database, not a check-then-insert in
@@ -264,9 +285,19 @@ segments = Table(
     Column("environment", String, nullable=False),
     Column("action", String, nullable=False),
     Column("proposer_kind", String, nullable=False),
+    # The proposer is part of the segment so its track record, read inside every
+    # decision, is a range count over segment-led indexes, not a join to its actions.
+    Column("proposer_id", String, nullable=False),
     UniqueConstraint(
-        "severity", "incident_class", "tier", "environment", "action", "proposer_kind"
+        "severity",
+        "incident_class",
+        "tier",
+        "environment",
+        "action",
+        "proposer_kind",
+        "proposer_id",
     ),
+    Index("ix_segments_proposer_id", "proposer_id"),
 )
 
 # Shadow verdicts are rare next to all decisions: the report finds them without a scan.
@@ -305,6 +336,20 @@ workers = Table(
     Column("started_at", UTCDateTime, nullable=False),
     Column("heartbeat_at", UTCDateTime, nullable=False),
     Column("stopped_at", UTCDateTime, nullable=True),
+)
+
+# `opsgate trust reset`: a human lifts `trust_revoked` for one proposer and action type.
+# Read once per decision (the newest for the pair), hence the index.
+trust_resets = Table(
+    "trust_resets",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("proposer_id", String, nullable=False),
+    Column("action_type", String, nullable=False),
+    Column("reset_by", String, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_trust_resets_proposer_id_action_type_at", "proposer_id", "action_type", "at"),
 )
 
 # Opaque API tokens for `opsgate server`: the secret itself is never stored, only its hash.

@@ -29,6 +29,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     rig.tokens = {
         "alice": rig.token("alice", "--kind", "human"),
         "dave": rig.token("dave", "--kind", "human"),
+        "bob": rig.token("bob", "--kind", "human"),
         "agent": rig.token("sre-agent", "--kind", "agent"),
         "gina": rig.token("gina", "--kind", "human", "--group", "governance"),
     }
@@ -87,10 +88,14 @@ def test_propose_approve_show_queue_through_the_server(client: Client) -> None:
     assert action_id in [a["id"] for a in client.json("alice", "queue")]
     code, out, _ = client.run("alice", "queue")
     assert code == 0 and "1 waiting for approval" in out
-    approved = client.json("alice", "approve", action_id, "--comment", "ok")
+    # The agent has no verified passes of the type: one approval more than a human needs.
+    assert proposed["action"]["required_approvals"] == 2
+    first = client.json("alice", "approve", action_id, "--comment", "ok")
+    assert first["counted"] is True and first["action"]["state"] == "pending_approval"
+    approved = client.json("bob", "approve", action_id, "--comment", "ok too")
     assert approved["counted"] is True and approved["action"]["state"] == "approved"
     shown = client.json("alice", "show", action_id)
-    assert [a["approver"]["id"] for a in shown["approvals"]] == ["alice"]
+    assert [a["approver"]["id"] for a in shown["approvals"]] == ["alice", "bob"]
     code, out, _ = client.run("alice", "show", action_id)
     assert code == 0 and action_id in out and "approved" in out
     code, out, err = client.run("alice", "cancel", action_id, "--reason", "not needed")
@@ -162,6 +167,7 @@ def test_store_commands_refuse_in_client_mode(client: Client) -> None:
 def test_a_server_without_prometheus_says_the_setting_is_the_servers(client: Client) -> None:
     action_id = client.json("agent", *proposal(21))["action"]["id"]
     client.json("alice", "approve", action_id)
+    client.json("bob", "approve", action_id)  # the agent is on the trust ladder's probation
     code, _, err = client.run("alice", "run", action_id)
     assert code == 1 and err.count("\n") == 1
     assert "server's own settings" in err and "OPSGATE_PROMETHEUS_URL" in err
@@ -211,6 +217,14 @@ def test_reports_through_the_server_print_what_local_mode_prints(client: Client)
             local = run_cli(client.rig.env, "report", kind, *WINDOW, "--format", fmt)
             assert local.returncode == 0, local.stderr
             assert remote == local.stdout, (kind, fmt)
+    # The scorecard's rungs come from the server's gate: the same bundle, the same words.
+    scorecard = ["report", "proposers", *WINDOW, "--kind", "agent", "--by", "action", "--json"]
+    code, remote, err = client.run("gina", *scorecard)
+    assert code == 0, err
+    local = run_cli(client.rig.env, *scorecard)
+    assert local.returncode == 0, local.stderr
+    assert remote == local.stdout
+    assert {r["proposer"] for r in json.loads(remote)["tables"][0]["rows"]} == {"sre-agent"}
     code, out, err = client.run("alice", "report", "approvals", *WINDOW, "--json",
                                 "--by", "environment", "--table", "approvals")  # fmt: skip
     assert code == 0, err
@@ -246,6 +260,8 @@ def test_reports_and_trails_are_refused_to_agents_and_people_without_the_role(
         (["--since", "1d", "--until", "2d"], "--since"),
         (["--by", "code"], "--by"),
         (["--table", "nosuch"], "--table"),
+        (["--kind", "agent"], "--kind"),
+        (["proposers", "--by", "severity"], "--by"),
     ],
 )
 def test_bad_report_requests_exit_2_naming_the_option(

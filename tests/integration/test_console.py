@@ -413,7 +413,8 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
     requested_urls(alice)  # drop the login's requests: they go to the provider by design
     alice.get(rig.server.url + "/console")
     row = alice.find_element(By.CSS_SELECTOR, f"tr[data-action-id='{shared}']")
-    assert "yours to approve" in row.text and "0 of 2" in row.text
+    # Two for the critical tier, one more: the agent is on the trust ladder's probation.
+    assert "yours to approve" in row.text and "0 of 3" in row.text
     first = alice.find_element(By.CSS_SELECTOR, "#queue tbody tr")
     assert "yours to approve" in first.text  # what waits for the viewer comes first
     own_row = alice.find_element(By.CSS_SELECTOR, f"tr[data-action-id='{own}']")
@@ -435,7 +436,7 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
     )
     alice.find_element(By.ID, "approve").click()
     WebDriverWait(alice, 30).until(ec.presence_of_element_located((By.ID, "notice")))
-    assert alice.find_element(By.ID, "progress").text.startswith("1 of 2")
+    assert alice.find_element(By.ID, "progress").text.startswith("1 of 3")
     assert "<b>looks right</b>" in alice.find_element(By.ID, "approvals").text
 
     # Her own proposal: the Gate refuses, and the page says why.
@@ -450,6 +451,11 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
     errors = [e for e in alice.get_log("browser") if "Content Security Policy" in e["message"]]
     assert errors == []
 
+    # The probation's extra approval, through the API: the browser gives the last one.
+    carol = rig.token("carol", "--kind", "human", "--group", "sre")
+    status, body = rig.call("POST", f"/actions/{shared}/approve", carol, {})
+    assert status == 200, body
+
     bob = driver_factory()
     browser_login(bob, rig, "bob", f"/console/actions/{shared}")
     assert bob.current_url.endswith(f"/console/actions/{shared}")  # back where he started
@@ -460,7 +466,8 @@ def test_approvers_log_in_see_open_and_approve_in_the_browser(
     try:
         action = stored.get_action(shared)
         assert action is not None and action.state.value == "approved"
-        assert [a.approver.id for a in stored.approvals_for(shared)] == ["alice", "bob"]
+        approvers = [a.approver.id for a in stored.approvals_for(shared)]
+        assert approvers == ["alice", "carol", "bob"]
     finally:
         stored.close()
     announced = receiver.wait_for(2, about=shared)  # the webhook's; Slack's carry no id

@@ -119,7 +119,9 @@ def test_the_agents_rollback_was_approved_and_verified(demo_run: DemoRun, store:
     action = by_type(store)["rollback_deploy"]
     assert action.state is ActionState.SUCCEEDED
     assert (action.proposer.id, action.proposer.kind) == ("demo-agent", "agent")
-    assert [a.approver.id for a in store.approvals_for(action.id)] == ["bob"]
+    # Two: the agent is on the trust ladder's probation for rollback_deploy.
+    assert [a.approver.id for a in store.approvals_for(action.id)] == ["bob", "carol"]
+    assert action.required_approvals == 2
     execution = store.get_execution(action.id)
     assert execution is not None and execution.outcome == "succeeded"
     assert execution.captured == {"previous_version": "v2.5.0"}

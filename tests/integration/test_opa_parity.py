@@ -51,6 +51,8 @@ DENY_CODES = {
     "change_freeze",
     "concurrent_action",
     "verification_weakened",
+    "track_record_unavailable",
+    "trust_revoked",
 }
 APPROVAL_CODES = {"insufficient_permissions", "self_approval"}
 
@@ -74,6 +76,40 @@ FREEZE = {
     "environments": ["prod"],
     "exempt_severities": ["sev1"],
 }
+
+
+def record(passes: int, last_run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A track record (input.proposer.track_record) with `passes` verified passes of
+    every run, in every scope."""
+    figures = {
+        "proposals": passes, "blocked": 0, "blocked_by_code": {}, "approved": passes,
+        "rejected": 0, "executed": passes, "finished": passes, "verified_passes": passes,
+        "failed_verifications": 0, "stop_conditions": 0, "automatic_rollbacks": 0,
+        "rollbacks_failed": 0, "pass_rate": 1.0 if passes else None,
+        "seconds_since_last_failure": None, "last_run": last_run,
+    }  # fmt: skip
+    return {
+        "window_days": 90,
+        "since": "2026-08-25T10:00:00.000000+00:00",
+        "overall": figures,
+        "action_type": figures,
+        "action_type_in_environment": figures,
+        "trust_reset_at": None,
+        "trust_reset_ns": None,
+    }
+
+
+SEASONED = record(10)
+ROLLED_BACK = record(
+    10,
+    {
+        "finished_at": "2026-11-22T10:00:00.000000+00:00",
+        "finished_ns": 1795341600000000000,
+        "failed_or_rolled_back": True,
+        "rolled_back": True,
+        "rollback_failed": False,
+    },
+)
 
 
 def precondition(name: str, ok: bool, value: Any = None, **kwargs: Any) -> PreconditionResult:
@@ -105,6 +141,9 @@ class Case:
     expect: set[str] = field(default_factory=set)  # deny codes the embedded engine gives
     # The action type's own verification; by default the proposal's (so not `custom`).
     default_verification: VerificationSpec | None = None
+    # proposer.track_record, as opsgate adds it (default: an agent with a clean record)
+    track_record: dict[str, Any] | None = None
+    no_track_record: bool = False
 
     def action_type(self) -> ActionType:
         action_type = CATALOG.get(self.action)
@@ -140,6 +179,8 @@ class Case:
             active_on_target=self.active_on_target,
             approver=self.approver,
         )
+        if not self.no_track_record:
+            document["proposer"]["track_record"] = self.track_record or SEASONED
         if self.patch is not None:
             self.patch(document)
         return document
@@ -163,6 +204,15 @@ CASES = [
     Case("allow-agent-restart-prod", action="restart_service", params={}, replicas=None,
          proposer=AGENT),
     Case("allow-execute-phase", phase="execute"),
+    Case("allow-agent-on-probation-staging", action="restart_service", params={},
+         replicas=None, environment="staging", proposer=AGENT, track_record=record(1)),
+    Case("allow-agent-trusted-staging", action="restart_service", params={}, replicas=None,
+         environment="staging", proposer=AGENT, risk="low"),
+    # --- the trust ladder ----------------------------------------------------------------
+    Case("agent-trust-revoked", action="restart_service", params={}, replicas=None,
+         proposer=AGENT, track_record=ROLLED_BACK, expect={"trust_revoked"}),
+    Case("agent-without-track-record", action="restart_service", params={}, replicas=None,
+         proposer=AGENT, no_track_record=True, expect={"track_record_unavailable"}),
     Case("allow-freeze-exempt-sev1", bundle="freeze", severity="sev1"),
     Case("allow-freeze-other-env", bundle="freeze", environment="staging"),
     # --- not_allowlisted ---------------------------------------------------------------

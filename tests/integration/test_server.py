@@ -462,6 +462,14 @@ def test_reads_across_actions_are_for_governance_and_approvers(rig: Rig) -> None
     status, answer = rig.call("GET", "/reports/summary?format=json", rig.tokens["alice"])
     assert status == 200 and answer["format"] == "json"
     assert json.loads(answer["text"])["kind"] == "summary"
+    # The scorecard through the server, narrowed as `opsgate report proposers --kind` does.
+    path = "/reports/proposers?format=json&proposer_kind=agent&by=action"
+    status, answer = rig.call("GET", path, rig.tokens["alice"])
+    assert status == 200, answer
+    scorecard = json.loads(answer["text"])
+    assert scorecard["kind"] == "proposers" and scorecard["by"] == "action"
+    status, answer = rig.call("GET", path, rig.tokens["agent"])
+    assert status == 403 and answer["error"]["codes"] == ["insufficient_permissions"]
     status, answer = rig.call("GET", "/workers?all=1", rig.tokens["carol"])
     assert status == 200 and answer["workers"] == [] and answer["lease"] > 0
 
@@ -480,6 +488,12 @@ def test_reads_across_actions_are_for_governance_and_approvers(rig: Rig) -> None
         ("/reports/summary?min_runs=99999999999", "--min-runs"),
         ("/reports/summary?by=proposer", "--by"),
         ("/reports/nosuch", "kind"),
+        ("/reports/proposers?proposer_kind=robot", "--kind"),
+        ("/reports/proposers?proposer_kind=agent%27%20OR%201%3D1", "--kind"),
+        ("/reports/proposers?proposer_kind=agent&proposer_kind=human", "--kind"),
+        ("/reports/proposers?proposer_kind=" + "a" * 300, "--kind"),
+        ("/reports/summary?proposer_kind=agent", "--kind"),
+        ("/reports/proposers?by=severity", "--by"),
         ("/reports/summary?x=" + "a" * 5000, "query"),
         ("/resolve?prefix=%27%20OR%201%3D1%20--", "action_id"),
         ("/resolve?prefix=01AB", "action_id"),

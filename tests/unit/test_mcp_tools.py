@@ -217,7 +217,16 @@ def test_propose_allowed_and_blocked_then_explain(harness: Harness) -> None:
         assert decision["phase"] == "propose" and decision["allow"] is False
         assert [d["code"] for d in decision["deny"]] == ["param_out_of_bounds"]
         policy_input = decision["input"]
-        assert policy_input["proposer"] == {"id": "sre-agent", "kind": "agent"}
+        assert {k: policy_input["proposer"][k] for k in ("id", "kind")} == {
+            "id": "sre-agent",
+            "kind": "agent",
+        }
+        # The agent's own record as the decision saw it: one earlier proposal, allowed.
+        record = policy_input["proposer"]["track_record"]
+        assert record["overall"]["proposals"] == 1 and record["overall"]["blocked"] == 0
+        assert explained["trust"]["track_record"] == record
+        assert explained["trust"]["rung"] == "probation"
+        assert "fewer than 5" in explained["trust"]["why"]
         assert policy_input["action"]["params"]["replicas"] == 60
         assert policy_input["context"]["phase"] == "propose"
         assert explained["current_bundle_revision"] == decision["bundle_revision"]
@@ -404,17 +413,23 @@ def test_get_action_follows_approvals_execution_and_rollback(
         nonlocal action_id
         proposed = await call(client, "propose_action", scale(6, incident={"tier": "critical"}))
         action_id = proposed["id"]
-        assert proposed["required_approvals"] == 2
+        # Two for a critical-tier incident in prod, one more: the agent has no verified
+        # passes of this type yet (the trust ladder's probation).
+        assert proposed["required_approvals"] == 3
         waiting = await call(client, "get_action", {"action_id": action_id})
         assert waiting["state"] == "pending_approval" and waiting["terminal"] is False
-        assert waiting["approvals"]["count"] == 0 and waiting["approvals"]["required"] == 2
+        assert waiting["approvals"]["count"] == 0 and waiting["approvals"]["required"] == 3
+        trust = waiting["trust"]
+        assert trust["rung"] == "probation" and trust["human_would_need"] == 2
+        assert trust["required_approvals"] == 3 and trust["revoked"] is False
+        assert trust["track_record"]["action_type"]["verified_passes"] == 0
         assert waiting["execution"] is None and waiting["rollback"] is None
 
     async def follow(client: Client) -> None:
         got = await call(client, "get_action", {"action_id": action_id, "measurements": 3})
         assert got["state"] == "rolled_back" and got["terminal"] is True
-        assert got["approvals"]["count"] == 2
-        assert {a["approver"]["id"] for a in got["approvals"]["by"]} == {"bob", "carol"}
+        assert got["approvals"]["count"] == 3
+        assert {a["approver"]["id"] for a in got["approvals"]["by"]} == {"alice", "bob", "carol"}
         execution = got["execution"]
         assert execution["outcome"] == "stopped"
         assert "verify_state" not in execution and "rollback_verify_state" not in execution
@@ -433,11 +448,21 @@ def test_get_action_follows_approvals_execution_and_rollback(
         assert "propose" in phases and "execute" in phases
         mine = await call(client, "list_my_actions", {})
         assert mine["actions"][0]["state"] == "rolled_back"
+        # Rolled back: the type is closed to this agent until a human resets its trust.
+        again = await call(client, "propose_action", scale(6))
+        assert [d["code"] for d in again["deny"]] == ["trust_revoked"]
+        why = await call(client, "explain_decision", {"action_id": again["id"]})
+        assert why["trust"]["revoked"] is True and why["trust"]["rung"] == "revoked"
+        assert "opsgate trust reset" in why["advice"]
+        record = why["trust"]["track_record"]["action_type_in_environment"]
+        assert record["automatic_rollbacks"] == 1 and record["stop_conditions"] == 1
+        assert record["last_run"]["rolled_back"] is True
 
     try:
         harness.session(propose)
         harness.app.gate.approve(action_id, BOB)
         harness.app.gate.approve(action_id, CAROL)
+        harness.app.gate.approve(action_id, ALICE)
         claimed = executor.claim(action_id)
         assert claimed is not None and claimed.state is ActionState.EXECUTING
         executor.launch(action_id)

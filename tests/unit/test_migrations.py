@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -45,7 +46,7 @@ def _tables(store: SqlStore) -> set[str]:
 
 def test_one_linear_history() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0009"]
+    assert script.get_heads() == ["0011"]
 
 
 def test_upgrade_head_matches_the_models(fresh: SqlStore) -> None:
@@ -138,3 +139,74 @@ def test_segments_are_backfilled_for_rows_written_before_0004(fresh: SqlStore) -
         ).one()
     assert json.loads(row[0]) == ["not_allowlisted", "change_freeze"]
     assert bool(row[1]) and bool(row[2])
+
+
+def _action_at_0010(conn: Any, action_id: str, proposer: str) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO actions (id, action_type, target, environment, params, reason, "
+            "incident_severity, incident_class, incident_tier, verification, risk, "
+            "reversible, spec_hash, proposer_id, proposer_kind, state, required_approvals, "
+            "approver_roles, created_at, updated_at, segment_id) VALUES (:id, "
+            "'scale_deployment', 'checkout', 'prod', '{}', 'r', 'sev2', NULL, 'critical', "
+            "'{}', 'medium', true, 'h', :proposer, 'agent', 'blocked', 1, '[]', :now, :now, "
+            "(SELECT id FROM segments))"
+        ),
+        {"id": action_id, "proposer": proposer, "now": "2026-11-01 10:00:00"},
+    )
+    conn.execute(
+        text(
+            "INSERT INTO decisions (id, action_id, phase, allow, deny, deny_codes, deny_key, "
+            "required_approvals, approver_roles, engine, bundle_revision, input, result, "
+            "decided_at, duration_ms, segment_id) VALUES (:id, :action_id, 'propose', false, "
+            """'[]', '["not_allowlisted"]', '["not_allowlisted"]', 1, '[]', 'embedded', 'r', """
+            "'{}', NULL, :now, 1.0, (SELECT id FROM segments))"
+        ),
+        {"id": "d-" + action_id, "action_id": action_id, "now": "2026-11-01 10:00:00"},
+    )
+
+
+def _segments_of_facts(conn: Any) -> list[tuple[str, str, bool]]:
+    return [
+        (str(a), str(p), bool(same))
+        for a, p, same in conn.execute(
+            text(
+                "SELECT a.id, s.proposer_id, d.segment_id = a.segment_id FROM actions a "
+                "JOIN segments s ON s.id = a.segment_id "
+                "JOIN decisions d ON d.action_id = a.id ORDER BY a.id"
+            )
+        ).all()
+    ]
+
+
+def test_0011_gives_each_proposer_its_own_segments_and_downgrade_merges_them(
+    fresh: SqlStore,
+) -> None:
+    """Two proposers who shared a segment before 0011 get one each, facts included; a
+    downgrade puts them back in one."""
+    with fresh.engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "0010")
+        conn.execute(
+            text(
+                "INSERT INTO segments (severity, incident_class, tier, environment, action, "
+                "proposer_kind) VALUES ('sev2', '', 'critical', 'prod', 'scale_deployment', "
+                "'agent')"
+            )
+        )
+        _action_at_0010(conn, "a1", "alice")
+        _action_at_0010(conn, "a2", "bob")
+    fresh.migrate()
+    with fresh.engine.connect() as conn:
+        assert _segments_of_facts(conn) == [("a1", "alice", True), ("a2", "bob", True)]
+        assert conn.execute(text("SELECT COUNT(*) FROM segments")).scalar_one() == 2
+    with fresh.engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0010")
+    with fresh.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT COUNT(DISTINCT a.segment_id), COUNT(DISTINCT d.segment_id), "
+                "(SELECT COUNT(*) FROM segments) FROM actions a "
+                "JOIN decisions d ON d.action_id = a.id"
+            )
+        ).one()
+    assert tuple(rows) == (1, 1, 1)

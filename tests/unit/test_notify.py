@@ -102,6 +102,9 @@ def test_a_proposal_and_its_approval_are_enqueued_with_their_change(
     assert payload["action"]["id"] == action.id and payload["actor"] == "sre-agent"
     assert "params" not in payload["action"]  # secrets never leave in a notification
     gate.approve(action.id, ALICE, "ok")
+    # The agent is on the trust ladder's probation: one approval more, and none is news.
+    assert [i.kind for i in store.outbox_items(action_id=action.id)] == ["pending_approval"]
+    gate.approve(action.id, BOB, "ok")
     assert [i.kind for i in store.outbox_items(action_id=action.id)] == [
         "pending_approval",
         "approved",

@@ -253,6 +253,12 @@ def test_decision_allowed_prod_scale(decide: Any) -> None:
         "deny": [],
         "required_approvals": 1,
         "approver_roles": ["sre-lead", "sre"],
+        "ladder": {
+            "rung": "off",
+            "human_approvals": 1,
+            "approvals": 1,
+            "reason": "not on the trust ladder",
+        },
     }
 
 
@@ -265,12 +271,13 @@ def test_decision_agent_drain_node_in_prod(decide: Any) -> None:
                 "risk": "high",
                 "reversible": False,
             },
-            proposer={"id": "sre-agent", "kind": "agent"},
+            proposer={"id": "sre-agent", "kind": "agent", "track_record": {}},
         )
     )
     assert decision["allow"] is False
     assert _codes(decision) == ["insufficient_permissions", "not_allowlisted"]
-    assert decision["required_approvals"] == 2
+    # Two for a high-risk type, one more: no verified passes of it (trust ladder).
+    assert decision["required_approvals"] == 3
 
 
 def test_decision_replicas_out_of_bounds(decide: Any) -> None:

@@ -206,3 +206,74 @@ def test_decision_log_bundles_follow_opa_in_every_mode(
     )
     assert event.get("bundles") == bundles
     assert event.get("revision") == legacy
+
+
+def ladder_candidate(tmp_path: Path, **ladder: Any) -> Path:
+    bundle = tmp_path / "ladder"
+    shutil.copytree(ROOT / "policies", bundle)
+    data = json.loads((bundle / "data.json").read_text())
+    data["trust_ladder"].update(ladder)
+    (bundle / "data.json").write_text(json.dumps(data))
+    return bundle
+
+
+def test_replay_counts_approvals_a_ladder_adds_or_saves_per_proposer(
+    history: tuple[str, Store], tmp_path: Path
+) -> None:
+    url, store = history
+    gate = Gate(
+        store=store,
+        catalog=load_catalog(ROOT / "catalog"),
+        engine=EmbeddedEngine(ROOT / "policies"),
+    )
+    agent = Identity(id="sre-agent", kind="agent")
+    for i in range(3):
+        outcome = gate.propose(
+            {
+                "action": "restart_service",
+                "target": f"agent-svc-{i}",
+                "environment": "staging",
+                "params": {"deployment": f"agent-svc-{i}"},
+                "reason": "replay history",
+            },
+            agent,
+        )
+        assert outcome.decision.allow and outcome.action.required_approvals == 2
+    # One stored before inputs carried a track record: replay reads it as of its time.
+    old = outcome.decision.model_copy(
+        update={
+            "id": "01OLDDECISION0000000000000",
+            "input": {**outcome.decision.input, "proposer": {"id": "sre-agent", "kind": "agent"}},
+        }
+    )
+    with store.transaction() as tx:
+        tx.insert_decision(old)
+    counts = store.row_counts()
+
+    def run(bundle: Path, fmt: str) -> Any:
+        result = CliRunner().invoke(
+            cli,
+            ["--db", url, "policy", "replay", "--policies", str(bundle), "--since", "1d",
+             "--format", fmt],
+            catch_exceptions=False,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    # No probation: each of the agent's 4 decisions needs one approval fewer.
+    document = json.loads(run(ladder_candidate(tmp_path, min_verified_passes=0), "json"))
+    assert document["track_records_filled"] == 1
+    per = document["per_proposer"]
+    assert per["sre-agent"]["approvals_saved"] == 4 and per["sre-agent"]["decisions"] == 4
+    assert per["sre-agent"]["approvals_added"] == 0
+    assert per["alice"]["approvals_saved"] == 0 and per["alice"]["approvals_added"] == 0
+    # Humans on the ladder too: each allowed proposal of alice's needs one more.
+    shutil.rmtree(tmp_path / "ladder")
+    humans = ladder_candidate(tmp_path, kinds=["agent", "human"])
+    document = json.loads(run(humans, "json"))
+    allowed = sum(1 for r in REPLICAS if r <= 50)
+    assert document["per_proposer"]["alice"]["approvals_added"] == allowed
+    assert document["per_proposer"]["sre-agent"]["approvals_added"] == 0
+    assert "| alice | 12 |" in run(humans, "markdown")
+    assert "alice: 12 decisions, approvals +11 / -0" in run(humans, "table")
+    assert store.row_counts() == counts  # read-only

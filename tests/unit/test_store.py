@@ -411,6 +411,7 @@ def test_row_counts(store: Store) -> None:
         "api_tokens": 0,
         "audit_checkpoints": 0,
         "outbox": 0,
+        "trust_resets": 0,
     }
     assert store.row_counts() == empty
     action = make_action()
