@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from opsgate.errors import InvalidInput
@@ -29,6 +29,7 @@ from opsgate.reports.queries import (
     rollup_blocks,
     rollup_verification,
 )
+from opsgate.store.track_summary import ANY, COUNTERS, WITH_CODE, window_days, window_start
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -63,11 +64,15 @@ class Facts:
 
 
 class TrackRecordReader(Protocol):
-    """The two store operations a track record needs (Store and StoreTx have both)."""
+    """The store operations a track record needs (Store and StoreTx have them all)."""
 
     def track_record_facts(
         self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
     ) -> Facts: ...
+
+    def track_record_figures(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime
+    ) -> dict[str, Figures]: ...
 
     def last_trust_reset(
         self, proposer_id: str, action_type: str, before: datetime | None = None
@@ -139,11 +144,12 @@ class TrackRecord:
     window: Window
     scopes: dict[str, Figures]
     reset_at: datetime | None = None  # the last `opsgate trust reset` for this type
+    days: int = 90  # the window's length in whole UTC days, today included
 
     def as_input(self) -> dict[str, Any]:
         now = self.window.until
         return {
-            "window_days": round(self.window.length.total_seconds() / 86400, 6),
+            "window_days": self.days,
             "since": _rfc3339(self.window.since),
             **{scope: self.scopes[scope].as_input(now) for scope in SCOPES},
             "trust_reset_at": _rfc3339(self.reset_at) if self.reset_at else None,
@@ -212,7 +218,9 @@ def rollup(facts: Facts, action_type: str, environment: str) -> dict[str, Figure
 
 
 def window_ending(now: datetime, seconds: float) -> Window:
-    return Window(now - timedelta(seconds=seconds), now)
+    """Whole UTC days: from midnight, N - 1 days before `now`'s day (N: `seconds` in days,
+    rounded up), to `now`."""
+    return Window(window_start(now, window_days(seconds)), now)
 
 
 def track_record(
@@ -222,20 +230,77 @@ def track_record(
     environment: str,
     now: datetime,
     window_seconds: float = DEFAULT_WINDOW,
+    *,
+    as_of: bool = False,
 ) -> TrackRecord:
-    """Read and cut one proposer's record; raises (StoreError, ...) if it cannot."""
+    """Read and cut one proposer's record; raises (StoreError, ...) if it cannot.
+
+    A decision reads the store's summary: everything recorded since the window's first
+    midnight. `as_of` (a replay, at a past `now`) counts the facts before `now` instead,
+    with the reports' queries: the summary has no past."""
     window = window_ending(now, window_seconds)
-    facts = reader.track_record_facts(
-        proposer_id, action_type, environment, window.since, window.until
-    )
+    if as_of:
+        facts = reader.track_record_facts(
+            proposer_id, action_type, environment, window.since, window.until
+        )
+        scopes = rollup(facts, action_type, environment)
+    else:
+        scopes = reader.track_record_figures(proposer_id, action_type, environment, window.since)
     return TrackRecord(
         proposer_id,
         action_type,
         environment,
         window,
-        rollup(facts, action_type, environment),
+        scopes,
         reader.last_trust_reset(proposer_id, action_type, now),
+        window_days(window_seconds),
     )
+
+
+def summary_figures(
+    days: Iterable[Any], latest: Iterable[Any], action_type: str, environment: str
+) -> dict[str, Figures]:
+    """The store summary's rows (opsgate/store/summary_sql.read) as the record's scopes."""
+    scope_of = {
+        (ANY, ANY): "overall",
+        (action_type, ANY): "action_type",
+        (action_type, environment): "action_type_in_environment",
+    }
+    out = {scope: Figures() for scope in SCOPES}
+    for row_type, row_environment, code, *sums in days:
+        scope = scope_of.get((row_type, row_environment))
+        if scope is None:
+            continue
+        n = dict(zip((*COUNTERS, WITH_CODE), (int(v or 0) for v in sums), strict=True))
+        figures = out[scope]
+        if code:
+            if n[WITH_CODE]:
+                figures.blocked_by_code[code] = figures.blocked_by_code.get(code, 0) + n[WITH_CODE]
+            continue
+        figures.proposals += n["proposals"]
+        figures.blocked += n["blocked"]
+        figures.approved += n["approved"]
+        figures.rejected += n["rejected"]
+        figures.executed += n["executed"]
+        figures.finished += n["finished"]
+        figures.verified_passes += n["verified_passes"]
+        figures.failed_verifications += n["failed_verifications"]
+        figures.stop_conditions += n["stop_conditions"]
+        figures.automatic_rollbacks += n["automatic_rollbacks"]
+        figures.rollbacks_failed += n["rollbacks_failed"]
+    for row_type, row_environment, *values in latest:
+        scope = scope_of.get((row_type, row_environment))
+        if scope is not None:
+            out[scope].history = RunHistory(*(_aware(v) for v in values))
+    return out
+
+
+def _aware(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def attach(
@@ -244,6 +309,7 @@ def attach(
     *,
     now: datetime,
     window_seconds: float,
+    as_of: bool = False,
 ) -> str | None:
     """Put `proposer.track_record` into a policy input; the reason if it could not be
     read (the caller then denies with TRACK_RECORD_UNAVAILABLE: fail closed)."""
@@ -259,6 +325,7 @@ def attach(
             str(action.get("environment", "")),
             now,
             window_seconds,
+            as_of=as_of,
         )
     except Exception as exc:  # any failure denies, naming its reason
         proposer["track_record"] = None

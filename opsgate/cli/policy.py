@@ -220,6 +220,7 @@ def _track_record_then(config: CliConfig) -> Callable[[Decision], dict[str, Any]
             config.store,
             now=decision.decided_at,
             window_seconds=config.settings.track_record_window,
+            as_of=True,
         )
         return None if error is not None else document
 

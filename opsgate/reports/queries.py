@@ -12,7 +12,6 @@ the action was proposed.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from opsgate.store.sql import SqlStore
 from opsgate.store.tables import actions, decisions, executions, segments
+from opsgate.store.track_summary import NONE_LABEL, decision_codes
 
 # Every figure can be cut by these (the `--by` and `--where` keys).
 SEGMENTS: dict[str, Any] = {
@@ -55,7 +55,6 @@ CAUSES = (
     "manual",
 )
 ALL = "all"
-NONE_LABEL = "(none)"
 
 
 @dataclass(frozen=True)
@@ -84,17 +83,6 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
         return float(sorted_values[low])
     fraction = position - low
     return float(sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction)
-
-
-def _codes(key: str | None) -> list[str]:
-    """The deny codes stored in a decision's `deny_key` (JSON text)."""
-    if not key:
-        return []
-    try:
-        codes = json.loads(key)
-    except ValueError:
-        return [NONE_LABEL]
-    return [str(c) for c in codes] if isinstance(codes, list) else [NONE_LABEL]
 
 
 def _label(value: Any) -> str:
@@ -550,7 +538,7 @@ class ReportQueries:
                 continue
             totals[dims][1] += int(n)
             if key not in parsed:
-                parsed[key] = _codes(key)
+                parsed[key] = decision_codes(key)
             codes = parsed[key]
             first[(dims, codes[0] if codes else NONE_LABEL)] += int(n)
             for code in dict.fromkeys(codes):

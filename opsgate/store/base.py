@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # annotations only: `except StoreError` must not load pydanti
         TrustReset,
         WorkerInfo,
     )
-    from opsgate.trust import Facts
+    from opsgate.trust import Facts, Figures
 
 # Fields of an action that may change after it is created.
 MUTABLE_ACTION_FIELDS = frozenset(
@@ -178,6 +178,12 @@ class StoreTx(Protocol):
         """The report figures of one proposer's actions in [since, until), in this
         transaction (opsgate.trust cuts them into the track record)."""
 
+    def track_record_figures(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime
+    ) -> dict[str, Figures]:
+        """One proposer's record since `since` (a UTC midnight), cut into its scopes: what
+        every decision reads (the SQL store keeps a summary for it)."""
+
     # --- API tokens ---------------------------------------------------------------------
 
     def insert_api_token(self, token: ApiToken) -> None: ...
@@ -303,6 +309,10 @@ class Store(Protocol):
     def track_record_facts(
         self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
     ) -> Facts: ...
+
+    def track_record_figures(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime
+    ) -> dict[str, Figures]: ...
 
     def list_api_tokens(self) -> list[ApiToken]:
         """Oldest first."""

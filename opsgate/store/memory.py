@@ -42,7 +42,7 @@ from opsgate.store.base import (
 )
 
 if TYPE_CHECKING:
-    from opsgate.trust import Facts
+    from opsgate.trust import Facts, Figures
 
 __all__ = ["MemoryStore", "MemoryTx"]
 
@@ -326,6 +326,11 @@ class MemoryTx:
     ) -> Facts:
         return _memory_facts(self._t, proposer_id, action_type, environment, since, until)
 
+    def track_record_figures(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime
+    ) -> dict[str, Figures]:
+        return _memory_figures(self._t, proposer_id, action_type, environment, since)
+
     def revoke_api_token(self, token_id: str, at: datetime, by: str) -> ApiToken | None:
         token = self._t.api_tokens.get(token_id)
         if token is None or token.revoked_at is not None:
@@ -598,6 +603,13 @@ class MemoryStore:
             tables = self._tables
             return _memory_facts(tables, proposer_id, action_type, environment, since, until)
 
+    def track_record_figures(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime
+    ) -> dict[str, Figures]:
+        with self._lock:
+            tables = self._tables
+            return _memory_figures(tables, proposer_id, action_type, environment, since)
+
     def list_api_tokens(self) -> list[ApiToken]:
         with self._lock:
             found = list(self._tables.api_tokens.values())
@@ -692,6 +704,20 @@ def _dims_of(action: Action) -> tuple[str, ...]:
         action.proposer.kind,
     )
     return tuple(v or NONE_LABEL for v in values)
+
+
+def _memory_figures(
+    tables: _Tables, proposer_id: str, action_type: str, environment: str, since: datetime
+) -> dict[str, Figures]:
+    """Everything recorded since `since`, counted from the facts (the SQL store reads its
+    summary; tests/unit/test_track_summary.py holds the two together)."""
+    from opsgate.trust import rollup
+
+    facts = _memory_facts(tables, proposer_id, action_type, environment, since, _FAR_FUTURE)
+    return rollup(facts, action_type, environment)
+
+
+_FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def _memory_facts(

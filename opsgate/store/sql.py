@@ -50,6 +50,7 @@ from opsgate.models import (
     WorkerInfo,
 )
 from opsgate.notify.events import NOTIFIED_KINDS, outbox_entry
+from opsgate.store import summary_sql
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
     ActionQuery,
@@ -76,11 +77,22 @@ from opsgate.store.tables import (
     trust_resets,
     workers,
 )
+from opsgate.store.track_summary import (
+    NO_LATEST,
+    Counts,
+    Latest,
+    SummaryChanges,
+    Who,
+    action_counts,
+    decision_counts,
+    execution_counts,
+    execution_latest,
+)
 
 if TYPE_CHECKING:  # alembic loads only to migrate: every command opens a store
     from alembic.config import Config
 
-    from opsgate.trust import Facts
+    from opsgate.trust import Facts, Figures
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -112,7 +124,9 @@ SEGMENT_COLUMNS = (
     "proposer_id",
 )
 # audit_head and segments (a dimension table for reports) are bookkeeping, not data.
-_COUNTED = [t for t in metadata.sorted_tables if t.name not in {"audit_head", "segments"}]
+# Derived tables (segments, the track record's summary) follow the facts: not counted.
+_DERIVED = {"audit_head", "segments", "track_record_days", "track_record_latest"}
+_COUNTED = [t for t in metadata.sorted_tables if t.name not in _DERIVED]
 
 
 def normalize_url(url: str) -> URL:
@@ -294,6 +308,7 @@ class SqlStore:
                 yield tx
                 if not tx.failed:  # else refused below, with nothing written
                     tx.write_audit()
+                    tx.write_track_summary()
             except BaseException:
                 self._rollback_quietly(conn)
                 raise
@@ -666,6 +681,21 @@ class SqlStore:
         )
         return rows[0][0] if rows else None
 
+    def track_record_figures(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime
+    ) -> dict[str, Figures]:
+        """Everything recorded for the proposer since `since` (a UTC midnight): the summary."""
+        from opsgate.trust import summary_figures
+
+        try:
+            with self._read_engine.connect() as conn:
+                days, latest = summary_sql.read(
+                    conn, self.dialect, proposer_id, action_type, environment, since
+                )
+        except SQLAlchemyError as exc:
+            raise self.store_error(exc) from None
+        return summary_figures(days, latest, action_type, environment)
+
     def track_record_facts(
         self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
     ) -> Facts:
@@ -704,6 +734,12 @@ class SqlTx:
         self._head: tuple[int, str] | None = None
         self._unwritten: list[dict[str, Any]] = []
         self._at_commit: list[AuditDraft] = []  # see append_audit_at_commit
+        # The track record's summary moves with the facts it counts (see write_track_summary):
+        # the rows as this transaction last read or wrote them are the "before" of a change.
+        self._summary = SummaryChanges()
+        self._who: dict[str, Who] = {}
+        self._actions_seen: dict[str, Action] = {}
+        self._executions_seen: dict[str, Execution] = {}
 
     def store_error(self, exc: BaseException) -> StoreError:
         self.failed = True
@@ -717,7 +753,31 @@ class SqlTx:
         """
         statement = _LOCK_ACTION if self._postgresql else _SELECT_ACTION
         row = self._conn.execute(statement, {"action_id": action_id}).first()
-        return action_from_row(row._mapping) if row is not None else None
+        return self._saw_action(action_from_row(row._mapping)) if row is not None else None
+
+    def _saw_action(self, action: Action) -> Action:
+        self._actions_seen[action.id] = action
+        self._who[action.id] = (action.proposer.id, action.action_type, action.environment)
+        return action
+
+    def _who_of(self, action_id: str) -> Who | None:
+        """Whose track record a row of this action counts in (None: no such action)."""
+        who = self._who.get(action_id)
+        if who is None:
+            row = self._conn.execute(_WHO_OF, {"action_id": action_id}).first()
+            if row is None:
+                return None
+            who = self._who[action_id] = (row[0], row[1], row[2])
+        return who
+
+    @_translate_errors
+    def write_track_summary(self) -> None:
+        """Write what this transaction changed in the track record's summary. Called as it
+        commits, after the audit events: whoever takes summary rows holds nothing else it
+        could wait for, so two writers never deadlock on them."""
+        if self._summary:
+            changes, self._summary = self._summary, SummaryChanges()
+            summary_sql.write(self._conn, self._store.dialect, changes)
 
     @_translate_errors
     def insert_action(self, action: Action) -> None:
@@ -730,6 +790,8 @@ class SqlTx:
         if inserted is not None:
             self._segments[action.id] = row["segment_id"]
             self._written[action.id] = action
+            self._saw_action(action)
+            self._summary.count(self._who[action.id], {}, _action_counts(action))
         if inserted is None:
             raise DuplicateIdempotencyKey(
                 f"idempotency key {action.idempotency_key!r} is already used by another action"
@@ -744,14 +806,21 @@ class SqlTx:
             if found is None:
                 raise StoreError(f"no action {action_id}")
             return found
+        before = None
+        if _ACTION_COUNTED & values.keys():
+            before = self._actions_seen.get(action_id) or self.lock_action(action_id)
         statement = (
             update(actions).where(actions.c.id == action_id).values(**values).returning(actions)
         )
         row = self._conn.execute(statement).first()
         if row is None:
             raise StoreError(f"no action {action_id}")
-        updated = action_from_row(row._mapping)
+        updated = self._saw_action(action_from_row(row._mapping))
         self._written[action_id] = updated
+        if before is not None:
+            self._summary.count(
+                self._who[action_id], _action_counts(before), _action_counts(updated)
+            )
         return updated
 
     @_translate_errors
@@ -760,6 +829,13 @@ class SqlTx:
         row = decision_to_row(decision)
         row["segment_of"] = decision.action_id
         self._conn.execute(_INSERT_DECISION, row)
+        counts = decision_counts(
+            decision.phase, decision.decided_at, decision.allow, row["deny_key"]
+        )
+        if counts and decision.action_id is not None:
+            who = self._who_of(decision.action_id)
+            if who is not None:
+                self._summary.count(who, {}, counts)
 
     def _segment_id(self, key: dict[str, str]) -> int:
         """The id of a report segment, created on first use (races resolve by the key)."""
@@ -924,7 +1000,7 @@ class SqlTx:
         """
         statement = _CLAIM_NEXT_SKIP_LOCKED if self._postgresql else _CLAIM_NEXT
         row = self._conn.execute(statement, {"now": now}).first()
-        return action_from_row(row._mapping) if row is not None else None
+        return self._saw_action(action_from_row(row._mapping)) if row is not None else None
 
     @_translate_errors
     def count_running_on_target(
@@ -955,13 +1031,35 @@ class SqlTx:
             raise TargetBusy(_busy_message(execution)) from None
         if inserted is None:
             raise TargetBusy(_busy_message(execution))
+        self._ran(execution.action_id, None, execution)
 
     @_translate_errors
     def lock_execution(self, action_id: str) -> Execution | None:
         """Read an execution and lock it until the transaction ends (FOR UPDATE)."""
         statement = _LOCK_EXECUTION if self._postgresql else _SELECT_EXECUTION
         row = self._conn.execute(statement, {"action_id": action_id}).first()
-        return execution_from_row(row._mapping) if row is not None else None
+        if row is None:
+            return None
+        found = execution_from_row(row._mapping)
+        self._executions_seen[action_id] = found
+        return found
+
+    def _ran(self, action_id: str, before: Execution | None, after: Execution) -> None:
+        """Count an execution's change in its proposer's summary."""
+        self._executions_seen[action_id] = after
+        who = self._who_of(action_id)
+        if who is None:
+            return
+        self._summary.count(
+            who,
+            _execution_counts(before) if before is not None else {},
+            _execution_counts(after),
+        )
+        self._summary.run_ended(
+            who,
+            _execution_latest(before) if before is not None else NO_LATEST,
+            _execution_latest(after),
+        )
 
     @_translate_errors
     def update_execution(self, action_id: str, changes: ExecutionUpdate) -> Execution:
@@ -972,6 +1070,9 @@ class SqlTx:
             if found is None:
                 raise StoreError(f"no execution of action {action_id}")
             return found
+        before = None
+        if _EXECUTION_COUNTED & values.keys():
+            before = self._executions_seen.get(action_id) or self.lock_execution(action_id)
         statement = (
             update(executions)
             .where(executions.c.action_id == action_id)
@@ -981,7 +1082,12 @@ class SqlTx:
         row = self._conn.execute(statement).first()
         if row is None:
             raise StoreError(f"no execution of action {action_id}")
-        return execution_from_row(row._mapping)
+        updated = execution_from_row(row._mapping)
+        if before is not None:
+            self._ran(action_id, before, updated)
+        else:
+            self._executions_seen[action_id] = updated
+        return updated
 
     @_translate_errors
     def save_verification_states(
@@ -1066,6 +1172,24 @@ class SqlTx:
             },
         ).first()
         return row[0] if row is not None else None
+
+    @_translate_errors
+    def track_record_figures(
+        self, proposer_id: str, action_type: str, environment: str, since: datetime
+    ) -> dict[str, Figures]:
+        """From the summary, with what this transaction has counted but not yet written."""
+        from opsgate.trust import summary_figures
+
+        days, latest = summary_sql.read(
+            self._conn,
+            self._store.dialect,
+            proposer_id,
+            action_type,
+            environment,
+            since,
+            self._summary,
+        )
+        return summary_figures(days, latest, action_type, environment)
 
     def track_record_facts(
         self, proposer_id: str, action_type: str, environment: str, since: datetime, until: datetime
@@ -1156,6 +1280,44 @@ _SEGMENT_OF_ACTION = (
     .scalar_subquery()
 )
 _INSERT_DECISION = insert(decisions).values(segment_id=_SEGMENT_OF_ACTION)
+_WHO_OF = select(actions.c.proposer_id, actions.c.action_type, actions.c.environment).where(
+    actions.c.id == bindparam("action_id")
+)
+# The columns whose change can change a track record's count.
+_ACTION_COUNTED = frozenset({"state", "approved_at", "created_at"})
+_EXECUTION_COUNTED = frozenset(
+    {
+        "run_started_at",
+        "outcome",
+        "rollback_decided_at",
+        "rollback_requested_by",
+        "finished_at",
+        "rollback_verified_at",
+    }
+)
+
+
+def _action_counts(action: Action) -> Counts:
+    return action_counts(action.created_at, action.state, action.approved_at)
+
+
+def _execution_counts(execution: Execution) -> Counts:
+    e = execution
+    return execution_counts(
+        e.run_started_at,
+        e.outcome,
+        e.rollback_decided_at,
+        e.rollback_requested_by,
+        e.finished_at,
+        e.rollback_verified_at,
+    )
+
+
+def _execution_latest(execution: Execution) -> Latest:
+    e = execution
+    return execution_latest(e.finished_at, e.outcome, e.rollback_decided_at, e.rollback_verified_at)
+
+
 _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 _LAST_TRUST_RESET = (
     select(trust_resets.c.at)

@@ -352,6 +352,52 @@ trust_resets = Table(
     Index("ix_trust_resets_proposer_id_action_type_at", "proposer_id", "action_type", "at"),
 )
 
+# The track record's summary (opsgate/store/track_summary.py): per proposer, action type
+# ('' for all), environment ('' for all), UTC day or block of days (first day, as days
+# since 1970-01-01) and deny code
+# ('' but for `with_code`), the counts a decision reads; written in the transactions that
+# write the facts they count.
+track_record_days = Table(
+    "track_record_days",
+    metadata,
+    Column("proposer_id", String, primary_key=True),
+    Column("action_type", String, primary_key=True),
+    Column("environment", String, primary_key=True),
+    Column("span", Integer, primary_key=True, autoincrement=False),  # 1 or BLOCK days
+    Column("day", Integer, primary_key=True, autoincrement=False),  # the span's first
+    Column("code", String, primary_key=True),
+    *(
+        Column(name, Integer, nullable=False, server_default="0")
+        for name in (
+            "proposals",
+            "blocked",
+            "with_code",
+            "approved",
+            "rejected",
+            "executed",
+            "finished",
+            "verified_passes",
+            "failed_verifications",
+            "stop_conditions",
+            "automatic_rollbacks",
+            "rollbacks_failed",
+        )
+    ),
+)
+
+# ... and when the proposer's runs of a type in an environment last ended, and how.
+track_record_latest = Table(
+    "track_record_latest",
+    metadata,
+    Column("proposer_id", String, primary_key=True),
+    Column("action_type", String, primary_key=True),
+    Column("environment", String, primary_key=True),
+    Column("last_finished", UTCDateTime, nullable=True),
+    Column("last_failed_or_rolled_back", UTCDateTime, nullable=True),
+    Column("last_rolled_back", UTCDateTime, nullable=True),
+    Column("last_rollback_failed", UTCDateTime, nullable=True),
+)
+
 # Opaque API tokens for `opsgate server`: the secret itself is never stored, only its hash.
 api_tokens = Table(
     "api_tokens",

@@ -46,7 +46,7 @@ def _tables(store: SqlStore) -> set[str]:
 
 def test_one_linear_history() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0011"]
+    assert script.get_heads() == ["0012"]
 
 
 def test_upgrade_head_matches_the_models(fresh: SqlStore) -> None:
@@ -79,13 +79,22 @@ def test_downgrade_base_then_upgrade_head(fresh: SqlStore) -> None:
 
 
 def test_offline_sql_renders(capsys: pytest.CaptureFixture[str]) -> None:
-    """`alembic upgrade --sql` works (it needs the dialect, not a server)."""
+    """`alembic upgrade --sql` works up to 0011 (it needs the dialect, not a server)."""
     config = alembic_config()
     config.set_main_option("sqlalchemy.url", "postgresql+psycopg://u@localhost/x")
-    command.upgrade(config, "head", sql=True)
+    command.upgrade(config, "0011", sql=True)
     script = capsys.readouterr().out
     assert "CREATE TABLE actions" in script
     assert "INSERT INTO audit_head" in script
+
+
+def test_0012_refuses_to_render_offline() -> None:
+    """Its backfill counts history in Python: rendered as SQL it would leave the summary
+    empty and every track record clean, so it says so instead."""
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", "postgresql+psycopg://u@localhost/x")
+    with pytest.raises(RuntimeError, match="cannot be rendered as SQL"):
+        command.upgrade(config, "0011:0012", sql=True)
 
 
 def test_a_database_newer_than_the_code_is_a_store_error(fresh: SqlStore) -> None:

@@ -28,6 +28,7 @@ from opsgate.testing import (
     make_decision,
     make_execution,
 )
+from opsgate.store.track_summary import window_start
 from opsgate.trust import SCOPES, TRACK_RECORD_UNAVAILABLE, reset, track_record
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,7 +144,7 @@ def expected(
     specs: list[Spec], proposer: str, action_type: str, environment: str
 ) -> dict[str, Any]:
     """The figures, counted straight from the generated history."""
-    since = NOW - timedelta(seconds=WINDOW)
+    since = window_start(NOW, 90)  # whole UTC days
     out: dict[str, Any] = {}
     for scope in SCOPES:
         mine = [
@@ -231,7 +232,7 @@ def test_the_figures_are_the_reports_figures(sqlite_url: str) -> None:
     store = SqlStore(sqlite_url)
     specs = generate(3, 120)
     load(store, specs)
-    window = Window(NOW - timedelta(seconds=WINDOW), NOW)
+    window = Window(window_start(NOW, 90), NOW)  # the record's window: whole UTC days
     q = ReportQueries(store)
     [verification] = q.verification(window)
     [blocks] = q.blocks(window)
@@ -262,7 +263,7 @@ def test_the_scope_cuts_are_the_reports_where_filters(store: Store, seed: int) -
 
     assert isinstance(store, SqlStore)
     load(store, generate(seed, 160))
-    window = Window(NOW - timedelta(seconds=WINDOW), NOW)
+    window = Window(window_start(NOW, 90), NOW)  # the record's window: whole UTC days
     q = ReportQueries(store)
     for proposer, action_type, environment in [
         ("agent-a", "scale_deployment", "staging"),
@@ -354,6 +355,9 @@ def test_an_agent_without_verified_passes_needs_one_approval_more() -> None:
 
 class BrokenRecord(MemoryStore):
     def track_record_facts(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the reports index is gone")
+
+    def track_record_figures(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the reports index is gone")
 
 
