@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from opsgate.models import Action, Approval, AuditEvent, Decision, Execution, Measurement
+from opsgate.models import (
+    Action,
+    Approval,
+    AuditEvent,
+    Decision,
+    Execution,
+    Measurement,
+    TrustReset,
+)
 
 if TYPE_CHECKING:  # types only: listing and queue load no catalog, gate or engine
     from opsgate.catalog import Catalog
@@ -106,6 +114,18 @@ def approval_json(approval: Approval) -> dict[str, Any]:
         "spec_hash": approval.spec_hash,
         "comment": approval.comment,
         "created_at": ts(approval.created_at),
+    }
+
+
+def trust_reset_json(record: TrustReset) -> dict[str, Any]:
+    """`opsgate trust reset --json`; the API adds `at_precise` (what the client reads)."""
+    return {
+        "id": record.id,
+        "proposer": record.proposer_id,
+        "action_type": record.action_type,
+        "reset_by": record.reset_by,
+        "reason": record.reason,
+        "at": ts(record.at),
     }
 
 

@@ -7,17 +7,17 @@
 
 -- The API server: reads everything, writes what the gate writes (proposals, decisions,
 -- approvals, expiry, the audit chain) and reads, never writes, the API tokens (an
--- administrator issues them with `opsgate token` as the owner) and the trust resets
--- (every decision reads the proposer's track record; a lead resets trust with
--- `opsgate trust reset` on the store). Its own executor carries out `run` and `rollback`,
--- registered as a worker: so it writes what a worker writes.
+-- administrator issues them with `opsgate token` as the owner). Every decision reads the
+-- trust resets (the proposer's track record); a lead's `opsgate trust reset` through the
+-- server appends one. Its own executor carries out `run` and `rollback`, registered as a
+-- worker: so it writes what a worker writes.
 GRANT SELECT ON actions, decisions, approvals, audit_events, audit_head, audit_checkpoints,
     segments, executions, measurements, workers, api_tokens, outbox, trust_resets
     TO opsgate_server;
 GRANT INSERT, UPDATE ON actions, decisions, approvals, audit_events, audit_head, segments,
     executions, measurements, workers, outbox TO opsgate_server;
--- Signed checkpoints (OPSGATE_AUDIT_KEY) are appended, never changed.
-GRANT INSERT ON audit_checkpoints TO opsgate_server;
+-- Signed checkpoints (OPSGATE_AUDIT_KEY) and trust resets are appended, never changed.
+GRANT INSERT ON audit_checkpoints, trust_resets TO opsgate_server;
 
 -- A worker: claims approved actions, runs, verifies and rolls them back, heartbeats.
 -- It never approves (no write on approvals) and never sees the API tokens; it reads the

@@ -6,8 +6,9 @@ import click
 
 from opsgate.cli.context import CliConfig, echo_json, json_option, pass_config
 from opsgate.cli.render import ts
-from opsgate.errors import ConfigError
+from opsgate.models import TrustReset
 from opsgate.safe_text import shown
+from opsgate.views import trust_reset_json
 
 
 @click.group()
@@ -23,26 +24,17 @@ def trust() -> None:
 @pass_config
 def reset(config: CliConfig, proposer: str, action_type: str, reason: str, as_json: bool) -> None:
     """Lift trust_revoked after a rolled-back run: the proposer may propose the type again
-    (back on the ladder where its record puts it). Needs a reset role; recorded and audited."""
+    (back on the ladder where its record puts it). Needs a reset role; recorded and audited.
+    With OPSGATE_URL set the server does it, as the principal of your token."""
+    record: TrustReset
     if config.server_url is not None:
-        raise ConfigError(
-            "opsgate trust reset runs against the store, not through OPSGATE_URL; "
-            "run it where the store is reachable"
-        )
-    from opsgate.trust import reset as reset_trust
+        record = config.remote.trust_reset(proposer, action_type, reason)
+    else:
+        from opsgate.trust import reset as reset_trust
 
-    record = reset_trust(config.gate, proposer, action_type, reason, config.identity())
+        record = reset_trust(config.gate, proposer, action_type, reason, config.identity())
     if as_json:
-        echo_json(
-            {
-                "id": record.id,
-                "proposer": record.proposer_id,
-                "action_type": record.action_type,
-                "reset_by": record.reset_by,
-                "reason": record.reason,
-                "at": ts(record.at),
-            }
-        )
+        echo_json(trust_reset_json(record))
         return
     click.echo(
         f"trust reset for {shown(record.proposer_id)} on {shown(record.action_type)} "

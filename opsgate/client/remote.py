@@ -23,6 +23,7 @@ from opsgate.models import (
     Execution,
     Identity,
     Measurement,
+    TrustReset,
 )
 
 
@@ -213,6 +214,31 @@ class RemoteGate:
         return action_from_json(
             self.client.call("POST", f"/actions/{_path_id(action_id)}/cancel", {"reason": reason})
         )
+
+    def trust_reset(self, proposer: str, action_type: str, reason: str) -> TrustReset:
+        """`opsgate trust reset` on the server, as the token's principal."""
+        answer = self.client.call(
+            "POST",
+            "/trust/reset",
+            {"proposer": proposer, "action_type": action_type, "reason": reason},
+        )
+        if not isinstance(answer, dict):
+            raise OpsgateError("the server's trust reset answer is not an object")
+        return trust_reset_from_json(answer)
+
+
+def trust_reset_from_json(d: dict[str, Any]) -> TrustReset:
+    return _model(
+        TrustReset,
+        {
+            "id": d.get("id"),
+            "proposer_id": d.get("proposer"),
+            "action_type": d.get("action_type"),
+            "reset_by": d.get("reset_by"),
+            "reason": d.get("reason"),
+            "at": d.get("at_precise") or d.get("at"),
+        },
+    )
 
 
 __all__ = ["RemoteGate", "details_from_json"]

@@ -12,6 +12,7 @@ import json
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -51,7 +52,14 @@ from opsgate.server.execution import ServerExecutor
 from opsgate.server.openapi import openapi_document
 from opsgate.server.reads import Reads, flag, query_params
 from opsgate.store.base import StoreError
-from opsgate.views import action_json, approval_json, catalog_json, decision_json, details_json
+from opsgate.views import (
+    action_json,
+    approval_json,
+    catalog_json,
+    decision_json,
+    details_json,
+    trust_reset_json,
+)
 
 log = logging.getLogger("opsgate.server")
 
@@ -181,6 +189,32 @@ def text_field(body: Any, name: str, *, required: bool = False) -> str:
     if required and not value.strip():
         raise InvalidInput(name, "required")
     return value
+
+
+RESET_FIELDS = ("proposer", "action_type", "reason")
+
+
+def reset_body(body: Any) -> dict[str, str]:
+    """The three strings of a trust reset. Anything else is refused, naming it: a body
+    cannot say who resets (`reset_by`, `actor`), the token does."""
+    if not isinstance(body, dict):
+        raise InvalidInput("body", "expected a JSON object")
+    unknown = sorted(str(name) for name in set(body) - set(RESET_FIELDS))
+    if unknown:
+        raise InvalidInput(unknown[0][:64], f"unknown field (allowed: {', '.join(RESET_FIELDS)})")
+    out: dict[str, str] = {}
+    for name in RESET_FIELDS:
+        if name not in body:
+            raise InvalidInput(name, "required")
+        value = body[name]
+        if not isinstance(value, str):
+            raise InvalidInput(name, "expected a string")
+        out[name] = value
+    return out
+
+
+def precise(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 # A handler runs in a worker thread (the gate and the store are synchronous), once the
@@ -412,6 +446,16 @@ class Api:
         action = self.app.gate.cancel(params["action_id"], principal, reason)
         return 200, action_json(action, self.catalog)
 
+    def trust_reset(self, principal: Principal, params: dict[str, str], raw: bytes | None) -> Any:
+        """`opsgate trust reset`: who resets is the authenticated principal, never a field."""
+        from opsgate.trust import reset
+
+        body = reset_body(parse_json(raw))
+        record = reset(
+            self.app.gate, body["proposer"], body["action_type"], body["reason"], principal
+        )
+        return 201, {**trust_reset_json(record), "at_precise": precise(record.at)}
+
 
 def oidc_settings(settings: Settings) -> OidcSettings | None:
     if settings.oidc_issuer is None and settings.oidc_audience is None:
@@ -479,6 +523,7 @@ def create_app(app: App, metrics: Metrics | None = None) -> Starlette:
             methods=["GET"],
         ),
         Route(API + "/workers", api.route("workers", api.workers), methods=["GET"]),
+        Route(API + "/trust/reset", api.route("trust_reset", api.trust_reset), methods=["POST"]),
         Route(API + "/resolve", api.route("resolve", api.resolve), methods=["GET"]),
     ]
     routes += console_routes(app, oidc, api.oidc)

@@ -75,6 +75,19 @@ def _text_body(name: str, required: bool) -> dict[str, Any]:
     }
 
 
+# Who resets is the authenticated principal: any other field (`reset_by`, `actor`) is a 400.
+_NAME = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[^\\s\\x00-\\x1f\\x7f]+$"}
+_TRUST_RESET = {
+    "type": "object",
+    "properties": {
+        "proposer": _NAME,
+        "action_type": _NAME,
+        "reason": {"type": "string", "minLength": 1, "maxLength": 2000},
+    },
+    "required": ["proposer", "action_type", "reason"],
+    "additionalProperties": False,
+}
+
 _ID = [{"name": "action_id", "in": "path", "required": True, "schema": {"type": "string"}}]
 
 
@@ -210,6 +223,22 @@ def openapi_document(version: str) -> dict[str, Any]:
                 }
             },
             **_read_paths(),
+            "/trust/reset": {
+                "post": {
+                    "operationId": "trustReset",
+                    "summary": "`opsgate trust reset`: lift `trust_revoked` for one proposer "
+                    "and action type (authz `trust_reset`; the caller is who resets, never "
+                    "the proposer itself).",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _TRUST_RESET}},
+                    },
+                    "responses": {
+                        "201": _ok("The reset, recorded with its `trust.reset` audit event"),
+                        **_errors(400, 401, 403),
+                    },
+                }
+            },
             "/actions/{action_id}/cancel": {
                 "post": {
                     "operationId": "cancel",

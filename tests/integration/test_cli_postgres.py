@@ -193,6 +193,14 @@ def test_server_and_worker_work_with_only_the_shipped_grants(
         client = {"OPSGATE_URL": server.url, "OPSGATE_TOKEN": bob.stdout.strip()}
         ran = run_cli(client, "run", second, cwd=tmp_path)
         assert ran.returncode == 0 and f"action {second} succeeded" in ran.stdout, ran.stderr
+        # A lead resets trust through the server: the server role appends the reset.
+        carol = run_cli(owner, "token", "create", "--principal", "carol", "--kind", "human")
+        lead = {**client, "OPSGATE_TOKEN": carol.stdout.strip()}
+        reset = ["trust", "reset", "--proposer", "alice", "--action-type", "restart_service",
+                 "--reason", "grants test", "--json"]  # fmt: skip
+        done = run_cli(lead, *reset, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["reset_by"] == "carol"
         verified = run_cli(client, "audit", "verify", cwd=tmp_path)
         assert verified.returncode == 0 and "audit chain ok" in verified.stdout, verified.stderr
 

@@ -4,6 +4,7 @@ the same exit codes, no database on the client, and no identity it can assert.""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         "bob": rig.token("bob", "--kind", "human"),
         "agent": rig.token("sre-agent", "--kind", "agent"),
         "gina": rig.token("gina", "--kind", "human", "--group", "governance"),
+        "carol": rig.token("carol", "--kind", "human"),  # sre-lead in the shipped data
     }
     rig.server.start()
     try:
@@ -358,3 +360,97 @@ def test_queue_mine_to_approve_through_the_server(client: Client) -> None:
     assert code == 0 and "nothing you may approve waits" in out
     client.json("alice", "approve", action_id)
     assert action_id not in [a["id"] for a in client.json("alice", "queue", "--mine-to-approve")]
+
+
+# --- trust reset through the server ------------------------------------------------------
+
+RESET = ["trust", "reset", "--proposer", "sre-agent", "--action-type", "restart_service"]
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def local(client: Client, user: str, *args: str) -> tuple[int, str, str]:
+    """The same command on the server's own store, as `user` (OPSGATE_IDENTITY=env: SQLite)."""
+    env = {**client.rig.env, "OPSGATE_IDENTITY": "env", "OPSGATE_USER": user,
+           "OPSGATE_USER_KIND": "human"}  # fmt: skip
+    done = run_cli(env, *args)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_trust_reset_through_the_server_prints_what_local_mode_prints(client: Client) -> None:
+    store = client.rig.store
+    before = store.row_counts()
+    reason = ["--reason", "postmortem INC-7: ratio fixed"]
+    remote = client.json("carol", *RESET, *reason)
+    code, out, err = local(client, "carol", *RESET, *reason, "--json")
+    assert code == 0, err
+    here = json.loads(out)
+    assert list(remote) == list(here)  # the same keys, in the same order
+    assert {k: v for k, v in remote.items() if k not in ("id", "at")} == {
+        k: v for k, v in here.items() if k not in ("id", "at")
+    }
+    assert remote["reset_by"] == "carol" and STAMP.fullmatch(remote["at"])
+    code, remote_text, err = client.run("carol", *RESET, *reason)
+    assert code == 0, err
+    code, local_text, err = local(client, "carol", *RESET, *reason)
+    assert code == 0, err
+    assert STAMP.sub("T", remote_text) == STAMP.sub("T", local_text)
+    assert remote_text.startswith("trust reset for sre-agent on restart_service by carol at ")
+    assert remote_text.count("\n") == 1
+
+    # Stored as the token's principal, with its audit event; the chain still verifies.
+    assert store.row_counts()["trust_resets"] == before["trust_resets"] + 4
+    [event] = [e for e in store.audit_events()
+               if e.kind == "trust.reset" and e.data["reset_id"] == remote["id"]]  # fmt: skip
+    assert event.actor == "carol" and event.data["reason"] == reason[1]
+    code, out, err = client.run("carol", "audit", "verify")
+    assert code == 0 and out.startswith("audit chain ok: "), err
+    done = run_cli(client.rig.env, "audit", "verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("who", "proposer"),
+    [("agent", "sre-agent"), ("alice", "sre-agent"), ("dave", "sre-agent"), ("carol", "carol")],
+)
+def test_trust_reset_refusals_match_local_mode(client: Client, who: str, proposer: str) -> None:
+    before = client.rig.rows()
+    args = [*RESET[:3], proposer, *RESET[4:], "--reason", "let me"]
+    code, out, err = client.run(who, *args)
+    assert code == 3 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("error: trust_reset refused: ")
+    if who != "agent":  # locally, OPSGATE_USER_KIND=human: the same words
+        local_code, _, local_err = local(client, proposer if who == "carol" else who, *args)
+        assert (local_code, local_err) == (code, err)
+    assert client.rig.rows()["trust_resets"] == before["trust_resets"]
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ([*RESET, "--reason", ""], "reason"),
+        ([*RESET, "--reason", "  "], "reason"),
+        ([*RESET, "--reason", "r" * 2001], "reason"),
+        ([*RESET[:3], "sre agent", *RESET[4:], "--reason", "r"], "proposer"),
+        ([*RESET[:3], "sre-agent\x1b[2J", *RESET[4:], "--reason", "r"], "proposer"),
+        ([*RESET[:3], "", *RESET[4:], "--reason", "r"], "proposer"),
+        ([*RESET[:5], "restart_servcie", "--reason", "r"], "action_type"),
+        ([*RESET[:5], "restart\tservice", "--reason", "r"], "action_type"),
+    ],
+)
+def test_bad_trust_resets_exit_2_naming_the_field_as_local_mode_does(
+    client: Client, args: list[str], field: str
+) -> None:
+    before = client.rig.rows()
+    code, out, err = client.run("carol", *args)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"error: {field}: "), err
+    assert (code, err) == local(client, "carol", *args)[::2]
+    assert client.rig.rows() == before
+
+
+def test_trust_reset_with_a_bad_token_is_refused_in_one_line(client: Client) -> None:
+    before = client.rig.rows()
+    for token in ("ogt_nope", client.rig.tokens["carol"][:-2] + "zz"):
+        code, _, err = client.run("carol", *RESET, "--reason", "r", OPSGATE_TOKEN=token)
+        assert code == 3 and "invalid or expired credentials" in err and err.count("\n") == 1
+    assert client.rig.rows() == before

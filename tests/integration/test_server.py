@@ -123,6 +123,10 @@ def test_openapi_document_is_served(rig: Rig) -> None:
     status, body = rig.call("GET", "/openapi.json")
     assert status == 200 and body["openapi"].startswith("3.")
     assert {"/actions", "/actions/{action_id}/approve", "/whoami"} <= set(body["paths"])
+    reset = body["paths"]["/trust/reset"]["post"]
+    schema = reset["requestBody"]["content"]["application/json"]["schema"]
+    assert schema["required"] == ["proposer", "action_type", "reason"]
+    assert schema["additionalProperties"] is False and "403" in reset["responses"]
     assert "Proposal" in body["components"]["schemas"]
 
 
@@ -568,3 +572,160 @@ def test_a_port_in_use_is_one_line_naming_listen(rig: Rig) -> None:
     # One error line, and no claim that it listens (the session-secret note may precede it).
     assert done.stderr.splitlines()[-1].startswith("error: --listen: cannot listen on")
     assert "listening" not in done.stderr and "Traceback" not in done.stderr
+
+
+# --- trust reset: the token's principal resets, nobody else -------------------------------
+
+RESET = {"proposer": "sre-agent", "action_type": "restart_service",
+         "reason": "postmortem INC-42 done"}  # fmt: skip
+
+
+def trust_events(rig: Rig, kind: str) -> list[Any]:
+    return [e for e in rig.store.audit_events() if e.kind == kind]
+
+
+def test_a_lead_resets_trust_as_the_principal_of_the_token(rig: Rig) -> None:
+    before = rig.rows()
+    status, body = rig.call("POST", "/trust/reset", rig.tokens["carol"], RESET)
+    assert status == 201, body
+    assert body["reset_by"] == "carol" and body["proposer"] == "sre-agent"
+    assert body["action_type"] == "restart_service" and body["reason"] == RESET["reason"]
+    assert body["at"].endswith("Z") and body["at_precise"].startswith(body["at"][:19])
+    after = rig.rows()
+    assert after["trust_resets"] == before["trust_resets"] + 1
+    assert after["audit_events"] == before["audit_events"] + 1
+    [event] = [e for e in trust_events(rig, "trust.reset") if e.data["reset_id"] == body["id"]]
+    assert event.actor == "carol" and event.action_id is None
+    assert event.data["proposer"] == "sre-agent" and event.data["reason"] == RESET["reason"]
+    status, verified = rig.call("POST", "/audit/verify", rig.tokens["alice"], {})
+    assert status == 200 and verified["ok"] is True, verified
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"reset_by": "alice"}, "reset_by"),
+        ({"actor": "alice"}, "actor"),
+        ({"principal": {"id": "carol", "kind": "human"}}, "principal"),
+        ({"reset_by": "carol", "actor": "carol"}, "actor"),
+    ],
+)
+def test_a_body_naming_who_resets_is_refused(rig: Rig, extra: dict[str, Any], field: str) -> None:
+    # dave (no reset role) naming carol, and carol naming alice: neither is believed.
+    for who in ("dave", "carol"):
+        before = rig.rows()
+        status, body = rig.call("POST", "/trust/reset", rig.tokens[who], {**RESET, **extra})
+        assert status == 400, body
+        assert body["error"]["type"] == "invalid_input" and body["error"]["field"] == field
+        assert "unknown field" in body["error"]["message"]
+        unchanged(rig, before)
+
+
+def test_a_forged_identity_header_does_not_change_who_resets(rig: Rig) -> None:
+    before, spoofs = rig.rows(), metric(rig, "opsgate_api_proxy_header_spoofs_total")
+    status, body = rig.call("POST", "/trust/reset", rig.tokens["dave"], RESET,
+                            headers={"X-Forwarded-User": "carol"})  # fmt: skip
+    assert status == 403 and body["error"]["codes"] == ["insufficient_permissions"], body
+    assert metric(rig, "opsgate_api_proxy_header_spoofs_total") == spoofs + 1
+    assert rig.rows()["trust_resets"] == before["trust_resets"]
+    refusal = trust_events(rig, "authz.refused")[-1]
+    assert refusal.actor == "dave" and refusal.data["verb"] == "trust_reset"
+    status, body = rig.call("POST", "/trust/reset", rig.tokens["carol"], RESET,
+                            headers={"X-Forwarded-User": "alice"})  # fmt: skip
+    assert status == 201 and body["reset_by"] == "carol", body
+
+
+@pytest.mark.parametrize(
+    ("who", "body", "code", "says"),
+    [
+        ("agent", RESET, "insufficient_permissions", "only humans may trust_reset"),
+        ("other_agent", {**RESET, "proposer": "demo-agent"}, "insufficient_permissions",
+         "only humans"),
+        ("alice", RESET, "insufficient_permissions", "needs one of the roles"),
+        ("dave", RESET, "insufficient_permissions", "needs one of the roles"),
+        ("carol", {**RESET, "proposer": "carol"}, "self_approval", "cannot reset its own"),
+    ],
+)  # fmt: skip
+def test_trust_reset_refusals_are_403_and_recorded(
+    rig: Rig, who: str, body: dict[str, str], code: str, says: str
+) -> None:
+    before = rig.rows()
+    status, answer = rig.call("POST", "/trust/reset", rig.tokens[who], body)
+    assert status == 403, answer
+    assert answer["error"]["type"] == "refused" and code in answer["error"]["codes"]
+    assert answer["error"]["message"].startswith("trust_reset refused: ")
+    assert says in answer["error"]["message"] and "\n" not in answer["error"]["message"]
+    after = rig.rows()
+    assert after["trust_resets"] == before["trust_resets"]
+    # The refusal is stored like any other: one authz decision, one audit event.
+    assert after["decisions"] == before["decisions"] + 1
+    assert after["audit_events"] == before["audit_events"] + 1
+    refusal = trust_events(rig, "authz.refused")[-1]
+    assert refusal.data["verb"] == "trust_reset" and refusal.data["method"] == "token"
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        (b"{not json", "body"),
+        (b"\xff\xfe\x00", "body"),
+        (b"[" * 100_000 + b"]" * 100_000, "body"),
+        (b" " * 1_000_001, "body"),
+        (b"[1, 2]", "body"),
+        (b'"reset it"', "body"),
+        (b"{}", "proposer"),
+        (json.dumps({**RESET, "proposer": 7}).encode(), "proposer"),
+        (json.dumps({**RESET, "action_type": ["restart_service"]}).encode(), "action_type"),
+        (json.dumps({**RESET, "reason": None}).encode(), "reason"),
+        (json.dumps({k: v for k, v in RESET.items() if k != "action_type"}).encode(),
+         "action_type"),
+        (json.dumps({k: v for k, v in RESET.items() if k != "reason"}).encode(), "reason"),
+        (json.dumps({**RESET, "nosuch": 1}).encode(), "nosuch"),
+        (json.dumps({**RESET, "reason": "r" * 2001}).encode(), "reason"),
+        (json.dumps({**RESET, "reason": "   "}).encode(), "reason"),
+        (json.dumps({**RESET, "proposer": ""}).encode(), "proposer"),
+        (json.dumps({**RESET, "proposer": "sre agent"}).encode(), "proposer"),
+        (json.dumps({**RESET, "proposer": "sre-agent\u001b[2J"}).encode(), "proposer"),
+        (json.dumps({**RESET, "proposer": "sre-agent\u0000"}).encode(), "proposer"),
+        (json.dumps({**RESET, "proposer": "a" * 129}).encode(), "proposer"),
+        (json.dumps({**RESET, "action_type": "restart service"}).encode(), "action_type"),
+        (json.dumps({**RESET, "action_type": "restart_service\n"}).encode(), "action_type"),
+        (json.dumps({**RESET, "action_type": "restart_servcie"}).encode(), "action_type"),
+        (json.dumps({**RESET, "action_type": "x'; DROP TABLE trust_resets; --"}).encode(),
+         "action_type"),
+    ],
+)  # fmt: skip
+def test_malformed_trust_resets_are_400_naming_the_field_and_store_nothing(
+    rig: Rig, data: bytes, field: str
+) -> None:
+    before = rig.rows()
+    status, body = rig.call("POST", "/trust/reset", rig.tokens["carol"], data=data,
+                            headers={"Content-Type": "application/json"})  # fmt: skip
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_input" and body["error"]["field"] == field, body
+    assert body["error"]["message"].startswith(f"{field}: ")
+    assert "\n" not in body["error"]["message"]
+    unchanged(rig, before)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-Forwarded-User": "carol"},
+        {"Authorization": "Bearer ogt_nope"},
+        {"Authorization": "Bearer ogt_01aaaaaaaaaaaaaaaaaaaaaaaa_" + "A" * 43},
+        {"Authorization": "Basic Y2Fyb2w6eA=="},
+    ],
+)
+def test_a_trust_reset_without_valid_credentials_is_401(rig: Rig, headers: dict[str, str]) -> None:
+    before = rig.rows()
+    status, body = rig.call("POST", "/trust/reset", None, RESET, headers=headers)
+    assert status == 401 and body["error"]["type"] == "unauthenticated", body
+    unchanged(rig, before)
+    # A real token of a lead with its secret changed is no better.
+    forged = rig.tokens["carol"][:-4] + ("AAAA" if not rig.tokens["carol"].endswith("AAAA")
+                                         else "BBBB")  # fmt: skip
+    status, body = rig.call("POST", "/trust/reset", forged, RESET)
+    assert status == 401
+    unchanged(rig, before)
