@@ -12,20 +12,24 @@
 -- server appends one. Its own executor carries out `run` and `rollback`, registered as a
 -- worker: so it writes what a worker writes.
 GRANT SELECT ON actions, decisions, approvals, audit_events, audit_head, audit_checkpoints,
-    segments, executions, measurements, workers, api_tokens, outbox, trust_resets
-    TO opsgate_server;
+    segments, executions, measurements, workers, api_tokens, outbox, trust_resets,
+    track_record_days, track_record_latest TO opsgate_server;
 GRANT INSERT, UPDATE ON actions, decisions, approvals, audit_events, audit_head, segments,
-    executions, measurements, workers, outbox TO opsgate_server;
+    executions, measurements, workers, outbox, track_record_days, track_record_latest
+    TO opsgate_server;
 -- Signed checkpoints (OPSGATE_AUDIT_KEY) and trust resets are appended, never changed.
 GRANT INSERT ON audit_checkpoints, trust_resets TO opsgate_server;
 
 -- A worker: claims approved actions, runs, verifies and rolls them back, heartbeats.
 -- It never approves (no write on approvals) and never sees the API tokens; it reads the
--- trust resets (the execution re-check reads the proposer's track record).
+-- trust resets (the execution re-check reads the proposer's track record). Both roles
+-- keep the track record's summary (track_record_*) in the transactions that write the
+-- facts it counts.
 GRANT SELECT ON actions, decisions, approvals, audit_events, audit_head, audit_checkpoints,
-    segments, executions, measurements, workers, trust_resets TO opsgate_worker;
+    segments, executions, measurements, workers, trust_resets, track_record_days,
+    track_record_latest TO opsgate_worker;
 GRANT INSERT, UPDATE ON actions, decisions, audit_events, audit_head, segments, executions,
-    measurements, workers TO opsgate_worker;
+    measurements, workers, track_record_days, track_record_latest TO opsgate_worker;
 GRANT INSERT ON audit_checkpoints TO opsgate_worker;
 -- Notifications are enqueued in the transaction of the change (rolled back, blocked...);
 -- only the server delivers them.
