@@ -22,13 +22,13 @@ from opsgate.models import ActionState, DenyReason, Identity
 from opsgate.policies.embedded import EmbeddedEngine
 from opsgate.store import Store
 from opsgate.store.sql import SqlStore
+from opsgate.store.track_summary import window_start
 from opsgate.testing import (
     MemoryStore,
     make_action,
     make_decision,
     make_execution,
 )
-from opsgate.store.track_summary import window_start
 from opsgate.trust import SCOPES, TRACK_RECORD_UNAVAILABLE, reset, track_record
 
 ROOT = Path(__file__).resolve().parents[2]
