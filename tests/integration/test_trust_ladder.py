@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from opsgate.gate import Gate
 from opsgate.models import ActionState, Identity
 from opsgate.policies.embedded import EmbeddedEngine
 from opsgate.preconditions import PreconditionRegistry, prometheus_checks
+from opsgate.shared import utcnow
 from opsgate.store import open_store
 from opsgate.store.base import Store
-from opsgate.trust import reset
+from opsgate.trust import reset, track_record
 from opsgate.verification.prometheus import PrometheusProvider
 from tests.integration.fault_service import FaultService
 from tests.integration.prom import PrometheusServer
@@ -184,3 +186,13 @@ def test_an_agent_climbs_the_ladder_by_verified_passes_and_a_rollback_takes_it_d
         "trust.reset"
     ]
     audit_ok(ladder.store)
+
+    # What every decision above read (the summary the worker and the gate kept as they
+    # wrote) is what the reports' queries count from these real runs.
+    now = utcnow() + timedelta(seconds=1)
+    for action, environment in (("restart_service", "staging"), ("toggle_feature_flag", "staging")):
+        kept = track_record(ladder.store, AGENT.id, action, environment, now)
+        counted = track_record(ladder.store, AGENT.id, action, environment, now, as_of=True)
+        assert kept.scopes == counted.scopes
+    assert kept.scopes["overall"].verified_passes >= N
+    assert kept.scopes["overall"].automatic_rollbacks == 1
