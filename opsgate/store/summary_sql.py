@@ -12,9 +12,23 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, literal, or_, select
+from sqlalchemy import (
+    Connection,
+    Integer,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    union_all,
+)
 
 from opsgate.store.tables import (
+    UTCDateTime,
     actions,
     decisions,
     executions,
@@ -83,12 +97,16 @@ def _levels_filter(table: Any) -> list[Any]:
     ]
 
 
+# One statement, one round trip: the day sums (part 0) and the 'last ...' rows (part 1)
+# as one union, each padded with typed NULLs where the other has columns.
 _READ_DAYS = (
     select(
+        literal(0).label("part"),
         track_record_days.c.action_type,
         track_record_days.c.environment,
         track_record_days.c.code,
         *(func.sum(track_record_days.c[name]) for name in _NUMBERS),
+        *(cast(null(), UTCDateTime) for _ in LATEST),
     )
     .where(
         *_levels_filter(track_record_days),
@@ -111,10 +129,16 @@ _READ_DAYS = (
     )
 )
 _READ_LATEST = select(
+    literal(1),
     track_record_latest.c.action_type,
     track_record_latest.c.environment,
+    literal(ANY),
+    *(cast(null(), Integer) for _ in _NUMBERS),
     *(track_record_latest.c[name] for name in LATEST),
 ).where(*_levels_filter(track_record_latest))
+_READ = union_all(_READ_DAYS, _READ_LATEST)
+_SUMS = slice(1, 4 + len(_NUMBERS))  # type, environment, code, sums
+_LAST = slice(4 + len(_NUMBERS), None)
 
 # A proposer's finished runs, for counting its 'last ...' again (see SummaryChanges.recount).
 _RUNS_OF = (
@@ -197,13 +221,16 @@ def read(
     its own transaction wrote)."""
     params = {"proposer_id": proposer_id, "action_type": action_type, "environment": environment}
     since_day = day_of(since)
-    days: list[Any] = list(
-        conn.execute(
-            _READ_DAYS,
-            {**params, "since_day": since_day, "first_block": first_block(since_day)},
-        )
-    )
-    latest: list[Any] = list(conn.execute(_READ_LATEST, params))
+    days: list[Any] = []
+    latest: list[Any] = []
+    row: Any
+    for row in conn.execute(
+        _READ, {**params, "since_day": since_day, "first_block": first_block(since_day)}
+    ):
+        if row[0] == 0:
+            days.append(tuple(row[_SUMS]))
+        else:
+            latest.append((row[1], row[2], *row[_LAST]))
     if not pending:
         return days, latest
     wanted = {
@@ -223,8 +250,10 @@ def read(
                 _later(_aware(a), _aware(b)) for a, b in zip(known, values, strict=True)
             )
     if recount_here:
-        for row in recount(conn, dialect_name, recount_here, lock=False):
-            merged[(row["action_type"], row["environment"])] = tuple(row[name] for name in LATEST)
+        for recounted in recount(conn, dialect_name, recount_here, lock=False):
+            merged[(recounted["action_type"], recounted["environment"])] = tuple(
+                recounted[name] for name in LATEST
+            )
     return days, [(key[0], key[1], *values) for key, values in merged.items()]
 
 
