@@ -56,53 +56,37 @@ _KEY = ("proposer_id", "action_type", "environment")
 _DAY_KEY = (*_KEY, "span", "day", "code")
 _NUMBERS = (*COUNTERS, WITH_CODE)
 _PAGE = 5_000
-# Rows of one multi-row upsert: 17 parameters each, well under SQLite's 32,766.
-_ROWS_PER_STATEMENT = 500
 
 
 @functools.cache
 def _statements(dialect_name: str) -> tuple[Any, Any, Any]:
     """Add to day rows; take the later of each 'last ...'; overwrite 'last ...' rows."""
-    return (
-        _upsert(dialect_name, "add"),
-        _upsert(dialect_name, "later"),
-        _upsert(dialect_name, "overwrite"),
-    )
-
-
-def _upsert(dialect_name: str, kind: str, rows: list[dict[str, Any]] | None = None) -> Any:
-    """One of the three upserts; with `rows`, one statement for all of them (one round
-    trip, where executemany would send one per row)."""
     dialect: Any = importlib.import_module(f"sqlalchemy.dialects.{dialect_name}")
     d, t = track_record_days, track_record_latest
-    if kind == "add":
-        add = dialect.insert(d)
-        if rows is not None:
-            add = add.values(rows)
-        return add.on_conflict_do_update(
-            index_elements=[d.c[name] for name in _DAY_KEY],
-            set_={name: d.c[name] + add.excluded[name] for name in _NUMBERS},
-        )
-    upsert = dialect.insert(t)
-    if rows is not None:
-        upsert = upsert.values(rows)
-    if kind == "overwrite":
-        return upsert.on_conflict_do_update(
-            index_elements=[t.c[name] for name in _KEY],
-            set_={name: upsert.excluded[name] for name in LATEST},
-        )
+    add = dialect.insert(d)
+    add = add.on_conflict_do_update(
+        index_elements=[d.c[name] for name in _DAY_KEY],
+        set_={name: d.c[name] + add.excluded[name] for name in _NUMBERS},
+    )
     # GREATEST skips NULLs on PostgreSQL; SQLite's max() of NULL is NULL, hence coalesce.
     greatest = func.greatest if dialect_name == "postgresql" else func.max
-    return upsert.on_conflict_do_update(
+    later = dialect.insert(t)
+    later = later.on_conflict_do_update(
         index_elements=[t.c[name] for name in _KEY],
         set_={
             name: greatest(
-                func.coalesce(t.c[name], upsert.excluded[name]),
-                func.coalesce(upsert.excluded[name], t.c[name]),
+                func.coalesce(t.c[name], later.excluded[name]),
+                func.coalesce(later.excluded[name], t.c[name]),
             )
             for name in LATEST
         },
     )
+    overwrite = dialect.insert(t)
+    overwrite = overwrite.on_conflict_do_update(
+        index_elements=[t.c[name] for name in _KEY],
+        set_={name: overwrite.excluded[name] for name in LATEST},
+    )
+    return add, later, overwrite
 
 
 def _levels_filter(table: Any) -> list[Any]:
@@ -183,16 +167,16 @@ _LOCK_LATEST = (
 def write(conn: Connection, dialect_name: str, changes: SummaryChanges) -> None:
     """Apply a transaction's changes: day rows, then the 'last ...' rows, each in key order
     (every writer locks them in the same order: no deadlock between two)."""
+    add, later, overwrite = _statements(dialect_name)
     rows = changes.day_rows()
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        conn.execute(_upsert(dialect_name, "add", rows[start : start + _ROWS_PER_STATEMENT]))
+    if rows:
+        conn.execute(add, rows)
     latest = changes.latest_rows()
-    for start in range(0, len(latest), _ROWS_PER_STATEMENT):
-        chunk = latest[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(_upsert(dialect_name, "later", chunk))
+    if latest:
+        conn.execute(later, latest)
     if changes.recount:
         recounted = recount(conn, dialect_name, sorted(changes.recount))
-        conn.execute(_upsert(dialect_name, "overwrite", recounted))
+        conn.execute(overwrite, recounted)
 
 
 def recount(
