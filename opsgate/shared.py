@@ -16,6 +16,10 @@ PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 FileSignature = tuple[tuple[str, int, int], ...]
 
 
+# "No upper bound" for a store query that takes one: later than any stored instant.
+FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
+
+
 def utcnow() -> datetime:
     """Now, timezone-aware UTC: the default clock of everything that stamps a record."""
     return datetime.now(UTC)

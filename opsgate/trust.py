@@ -29,7 +29,14 @@ from opsgate.reports.queries import (
     rollup_blocks,
     rollup_verification,
 )
-from opsgate.store.track_summary import ANY, COUNTERS, WITH_CODE, window_days, window_start
+from opsgate.store.track_summary import (
+    ANY,
+    COUNTERS,
+    WITH_CODE,
+    as_utc,
+    window_days,
+    window_start,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -291,16 +298,8 @@ def summary_figures(
     for row_type, row_environment, *values in latest:
         scope = scope_of.get((row_type, row_environment))
         if scope is not None:
-            out[scope].history = RunHistory(*(_aware(v) for v in values))
+            out[scope].history = RunHistory(*(as_utc(v) for v in values))
     return out
-
-
-def _aware(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def attach(

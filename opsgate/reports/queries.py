@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from opsgate.store.sql import SqlStore
 from opsgate.store.tables import actions, decisions, executions, segments
-from opsgate.store.track_summary import NONE_LABEL, decision_codes
+from opsgate.store.track_summary import NONE_LABEL, as_utc, decision_codes
 
 # Every figure can be cut by these (the `--by` and `--where` keys).
 SEGMENTS: dict[str, Any] = {
@@ -733,7 +733,7 @@ class ReportQueries:
             .group_by(e.c.segment_id)
         )
         return [
-            (self._dims(seg), RunHistory(*(_utc(v) for v in values)))
+            (self._dims(seg), RunHistory(*(as_utc(v) for v in values)))
             for seg, *values in self._rows(statement)
         ]
 
@@ -744,15 +744,6 @@ class RunHistory:
     last_failed_or_rolled_back: datetime | None = None
     last_rolled_back: datetime | None = None
     last_rollback_failed: datetime | None = None
-
-
-def _utc(value: Any) -> datetime | None:
-    """An aggregate's timestamp: SQLite hands back its text, PostgreSQL a datetime."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def proposers_in(

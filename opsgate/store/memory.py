@@ -31,6 +31,7 @@ from opsgate.models import (
     WorkerInfo,
 )
 from opsgate.notify.events import outbox_entry
+from opsgate.shared import FAR_FUTURE
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
     ActionQuery,
@@ -713,11 +714,8 @@ def _memory_figures(
     summary; tests/unit/test_track_summary.py holds the two together)."""
     from opsgate.trust import rollup
 
-    facts = _memory_facts(tables, proposer_id, action_type, environment, since, _FAR_FUTURE)
+    facts = _memory_facts(tables, proposer_id, action_type, environment, since, FAR_FUTURE)
     return rollup(facts, action_type, environment)
-
-
-_FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def _memory_facts(

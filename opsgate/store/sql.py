@@ -8,7 +8,7 @@ import json
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -50,6 +50,7 @@ from opsgate.models import (
     WorkerInfo,
 )
 from opsgate.notify.events import NOTIFIED_KINDS, outbox_entry
+from opsgate.shared import FAR_FUTURE
 from opsgate.store import summary_sql
 from opsgate.store.base import (
     MUTABLE_ACTION_FIELDS,
@@ -676,7 +677,7 @@ class SqlStore:
             {
                 "proposer_id": proposer_id,
                 "action_type": action_type,
-                "before": before or _FAR_FUTURE,
+                "before": before or FAR_FUTURE,
             },
         )
         return rows[0][0] if rows else None
@@ -1168,7 +1169,7 @@ class SqlTx:
             {
                 "proposer_id": proposer_id,
                 "action_type": action_type,
-                "before": before or _FAR_FUTURE,
+                "before": before or FAR_FUTURE,
             },
         ).first()
         return row[0] if row is not None else None
@@ -1318,7 +1319,6 @@ def _execution_latest(execution: Execution) -> Latest:
     return execution_latest(e.finished_at, e.outcome, e.rollback_decided_at, e.rollback_verified_at)
 
 
-_FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 _LAST_TRUST_RESET = (
     select(trust_resets.c.at)
     .where(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -48,6 +48,7 @@ from opsgate.store.track_summary import (
     day_of,
     execution_row_latest,
     first_block,
+    later_of,
     latest_by_level,
     rebuilt,
 )
@@ -245,30 +246,13 @@ def read(
     merged: dict[tuple[str, str], Latest] = {(row[0], row[1]): tuple(row[2:]) for row in latest}
     for who, values in pending.latest.items():
         if who in wanted:
-            known = merged.get((who[1], who[2]), NO_LATEST)
-            merged[(who[1], who[2])] = tuple(  # type: ignore[assignment]
-                _later(_aware(a), _aware(b)) for a, b in zip(known, values, strict=True)
-            )
+            merged[(who[1], who[2])] = later_of(merged.get((who[1], who[2]), NO_LATEST), values)
     if recount_here:
         for recounted in recount(conn, dialect_name, recount_here, lock=False):
             merged[(recounted["action_type"], recounted["environment"])] = tuple(
                 recounted[name] for name in LATEST
             )
     return days, [(key[0], key[1], *values) for key, values in merged.items()]
-
-
-def _aware(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _later(a: datetime | None, b: datetime | None) -> datetime | None:
-    if a is None or b is None:
-        return a if b is None else b
-    return max(a, b)
 
 
 def _paged(conn: Connection, statement: Any, key: Any) -> Iterator[dict[str, Any]]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -207,12 +207,22 @@ def execution_row_latest(row: Mapping[str, Any]) -> Latest:
     )
 
 
-def _later(a: datetime | None, b: datetime | None) -> datetime | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
+def as_utc(value: Any) -> datetime | None:
+    """A stored or aggregated timestamp: SQLite hands back its text, PostgreSQL a datetime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def later_of(known: Sequence[Any], new: Sequence[Any]) -> Latest:
+    """Each 'last ...' the later of the two (None: not yet)."""
+    out = []
+    for a, b in zip(known, new, strict=True):
+        a, b = as_utc(a), as_utc(b)
+        out.append(b if a is None else a if b is None else max(a, b))
+    return tuple(out)  # type: ignore[return-value]
 
 
 @dataclass
@@ -250,10 +260,7 @@ class SummaryChanges:
         if after == NO_LATEST:
             return
         for level in levels(who):
-            known = self.latest.get(level, NO_LATEST)
-            self.latest[level] = tuple(  # type: ignore[assignment]
-                _later(a, b) for a, b in zip(known, after, strict=True)
-            )
+            self.latest[level] = later_of(self.latest.get(level, NO_LATEST), after)
 
     def day_rows(self) -> list[dict[str, Any]]:
         """Upsert parameters in key order (rows are locked in one order: no deadlock)."""
@@ -296,12 +303,8 @@ def latest_by_level(
     out: dict[Who, Latest] = {}
     for who, values in runs:
         for level in levels(who):
-            if keep is not None and level not in keep:
-                continue
-            known = out.get(level, NO_LATEST)
-            out[level] = tuple(  # type: ignore[assignment]
-                _later(a, b) for a, b in zip(known, values, strict=True)
-            )
+            if keep is None or level in keep:
+                out[level] = later_of(out.get(level, NO_LATEST), values)
     return out
 
 
